@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny random-weight model, synthetic scans, and the shared real data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tumorseg.model import Architecture, InputSpec, ModelCard, Weights, build_network, save_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when that data set is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{'/'.join(parts)} (absent in a fresh clone; present in CI)")
+    return path
+
+
+def make_tiny_model(directory: Path, sequences=("flair", "t1", "t1gd", "t2"), required=(), min_sequences=1,
+                    spacing=(1.0, 1.0, 1.0), seed: int = 0) -> Path:
+    """A small random-weight DynUNet: fine for geometry and mechanics, says nothing of quality."""
+    card = ModelCard(
+        name="tiny-test",
+        version="0",
+        input=InputSpec(sequences=tuple(sequences), required=tuple(required), min_sequences=min_sequences,
+                        spacing_mm=spacing, patch_size=(32, 32, 32)),
+        labels="msd",
+        architecture=Architecture(filters=(4, 8, 16), strides=(1, 2, 2)),
+        weights=Weights("weights.safetensors", "0" * 64),
+    )
+    torch.manual_seed(seed)
+    save_model(directory, card, build_network(card))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 1) -> Path:
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_qform(affine, code=qform_code)
+    image.header.set_sform(affine, code=sform_code)
+    nib.save(image, str(path))
+    return path
+
+
+def brain_phantom(shape=(40, 44, 36), seed: int = 0) -> np.ndarray:
+    """An ellipsoidal 'brain' with smooth texture on a zero background, float32."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = sum(g**2 for g in grid) < 0.8
+    image = 100 + 20 * grid[0] + 10 * np.sin(3 * grid[1]) + rng.normal(0, 5, shape)
+    return np.where(inside, image, 0).astype(np.float32)

@@ -1,0 +1,140 @@
+"""The ``tumorseg`` command line: a thin layer over :mod:`tumorseg.pipeline`.
+
+Exit codes are listed in :data:`tumorseg.errors.EXIT_CODES` and docs/cli.md.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_CODES, TumorsegError
+
+log = logging.getLogger("tumorseg")
+
+_EXIT_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if not verbose:
+        for noisy in ("monai", "torch", "nibabel"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Group(click.Group):
+    """Turns tumorseg's own errors into one line on stderr and their exit code, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TumorsegError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug: say so, keep the traceback for --verbose
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --verbose for details)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, epilog=_EXIT_HELP)
+@click.version_option(__version__, prog_name="tumorseg")
+def main() -> None:
+    """Brain tumour segmentation of 3D MRI: label map, volumes and report from one command.
+
+    Research software, not a medical device: check every contour before clinical use.
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--flair", type=click.Path(path_type=Path), help="FLAIR image (T2-weighted FLAIR).")
+@click.option("--t1", type=click.Path(path_type=Path), help="Native T1-weighted image.")
+@click.option("--t1gd", "--t1c", "t1gd", type=click.Path(path_type=Path), help="T1-weighted image after gadolinium contrast.")
+@click.option("--t2", type=click.Path(path_type=Path), help="T2-weighted image.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("tumorseg-output"), show_default=True, help="Folder for the label map, report and resolved configuration.")
+@click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]")
+@click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]")
+@click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]")
+@click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
+def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, tta, overlap, quiet, verbose):
+    """Segment one study and write segmentation.nii.gz, report.json and the resolved configuration.
+
+    INPUTS are image files (NIfTI, NRRD, MHA) whose names say their sequence (BraTS names such as
+    *-t2f, *-t1n, *-t1c, *-t2w, or flair, t1, t1ce/t1gd, t2), a folder of such files, or one 4D
+    Decathlon file (channels FLAIR, T1w, T1gd, T2w). Name files explicitly with --flair, --t1,
+    --t1gd and --t2. The label map has exactly the input's shape and affine.
+
+    \b
+    Examples:
+      tumorseg predict BraTS-GLI-00001-000/
+      tumorseg predict --flair flair.nii.gz --t1gd t1c.nii.gz -o out/
+    """
+    _setup_logging(quiet, verbose)
+    from .config import load_pipeline
+    from .pipeline import Segmenter, write_outputs
+    from .sequences import assign_sequences
+    from .stages.read import volume_count
+
+    explicit = {k: v for k, v in {"flair": flair, "t1": t1, "t1gd": t1gd, "t2": t2}.items() if v is not None}
+    if not inputs and not explicit:
+        raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
+    config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap)
+    if model is not None:
+        from dataclasses import replace
+
+        config = replace(config, model=model)
+    study = assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
+    start = time.perf_counter()
+    segmenter = Segmenter(config.model, config, progress=not quiet)
+    log.info("model %s; sequences %s", segmenter.card.name, ", ".join(study.sequences))
+    result = segmenter.segment_files(study)
+    paths = write_outputs(result, segmenter, output)
+    regions = result.report["results"]["regions"]
+    summary = ", ".join(f"{r} {v['volume_ml']:.1f} mL" for r, v in regions.items())
+    if result.report["empty"]:
+        summary = "no tumour found"
+    click.echo(f"{summary}; wrote {paths['label_map']} and {paths['report']} in {time.perf_counter() - start:.1f} s")
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the installed models and the sequences each takes."""
+    from .model import list_model_dirs, load_card
+
+    dirs = list_model_dirs()
+    if not dirs:
+        click.echo("no models installed")
+        return
+    for model_dir in dirs:
+        try:
+            card = load_card(model_dir)
+        except TumorsegError as e:
+            click.echo(f"{model_dir.name}: unusable model card ({e})")
+            continue
+        spec = card.input
+        required = ", ".join(spec.required) or "none"
+        click.echo(
+            f"{model_dir.name}  {card.name} {card.version}  labels: {card.labels}\n"
+            f"  sequences (channel order): {', '.join(spec.sequences)}\n"
+            f"  required: {required}; at least {spec.min_sequences} of them\n"
+            f"  spacing {spec.spacing_mm} mm, patch {spec.patch_size}, weights sha256 {card.weights.sha256[:16]}..."
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

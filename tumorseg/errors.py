@@ -1,0 +1,67 @@
+"""The exception hierarchy and the exit codes the CLI maps them to.
+
+Every error a user can cause is a :class:`TumorsegError`; its message names the file (or option)
+and the offending value, and says what to do next where that is known.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TumorsegError(Exception):
+    """Base class of the errors tumorseg reports to users (never a bug)."""
+
+    exit_code = 1
+    code = "error"
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(TumorsegError):
+    """An input scan cannot be read or is unfit for segmentation (missing, corrupt, NaN, constant)."""
+
+    exit_code = 3
+    code = "input"
+
+
+class GeometryError(TumorsegError):
+    """An input's geometry is unusable or inconsistent (2D, shapes or affines that disagree)."""
+
+    exit_code = 4
+    code = "geometry"
+
+
+class ModelError(TumorsegError):
+    """A model card or its weights are missing, malformed, or fail the checksum."""
+
+    exit_code = 5
+    code = "model"
+
+
+class ConfigError(TumorsegError):
+    """A pipeline file or option value is invalid."""
+
+    exit_code = 6
+    code = "config"
+
+
+class SequenceError(TumorsegError):
+    """Inputs cannot be mapped to the model's sequences unambiguously."""
+
+    exit_code = 7
+    code = "sequence"
+
+
+#: Exit codes of the command-line interface, documented in docs/cli.md.
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "internal error (a bug: please report it with the log)",
+    2: "usage error (unknown option, missing argument)",
+    InputError.exit_code: "input error: a scan is missing, unreadable, corrupt, NaN/inf or constant",
+    GeometryError.exit_code: "geometry error: 2D image, non-channel 4D file, channels that disagree",
+    ModelError.exit_code: "model error: model card or weights missing, malformed or checksum mismatch",
+    ConfigError.exit_code: "configuration error: invalid pipeline file or option value",
+    SequenceError.exit_code: "sequence error: inputs cannot be mapped to the model's sequences",
+}

@@ -1,0 +1,284 @@
+"""Model cards (``models/<name>/model.toml``), the network they describe, and safe weight loading.
+
+Weights are safetensors files: loading them runs no code. Their sha256 is checked against the
+card before anything is loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .configio import from_dict, read_toml
+from .errors import ModelError
+from .labels import LabelScheme, get_scheme
+from .sequences import SEQUENCES
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "model.toml"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network takes: sequences in channel order, which may be absent, and the grid."""
+
+    sequences: tuple[str, ...]
+    #: Sequences that must be present; the others may be missing (their channel is zeros).
+    required: tuple[str, ...] = ()
+    #: Fewest sequences a prediction may be based on.
+    min_sequences: int = 1
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+
+    def __post_init__(self) -> None:
+        for seq in self.sequences:
+            if seq not in SEQUENCES:
+                raise ValueError(f"unknown sequence {seq!r} in sequences (known: {SEQUENCES})")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ValueError(f"sequences repeat: {self.sequences}")
+        missing = set(self.required) - set(self.sequences)
+        if missing:
+            raise ValueError(f"required sequences {sorted(missing)} are not in sequences")
+        if not 1 <= self.min_sequences <= len(self.sequences):
+            raise ValueError(f"min_sequences must be 1..{len(self.sequences)}, got {self.min_sequences}")
+        if any(s <= 0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        if any(p < 8 or p % 8 for p in self.patch_size):
+            raise ValueError(f"patch_size entries must be multiples of 8, got {self.patch_size}")
+
+    def check_available(self, available: tuple[str, ...]) -> None:
+        from .errors import SequenceError
+
+        extra = [s for s in available if s not in self.sequences]
+        if extra:
+            raise SequenceError(
+                f"the model does not take {', '.join(extra)} (it takes {', '.join(self.sequences)})"
+            )
+        missing = [s for s in self.required if s not in available]
+        if missing:
+            raise SequenceError(
+                f"the model needs {', '.join(missing)} as well; add "
+                + " ".join(f"--{s} FILE" for s in missing)
+            )
+        if len(available) < self.min_sequences:
+            absent = [s for s in self.sequences if s not in available]
+            raise SequenceError(
+                f"the model needs at least {self.min_sequences} of {', '.join(self.sequences)}; "
+                f"got {', '.join(available) or 'none'}; add one of "
+                + ", ".join(f"--{s}" for s in absent)
+            )
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel z-score inside the non-zero (brain) region after percentile clipping."""
+
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
+            raise ValueError(
+                "need 0 <= lower_percentile < upper_percentile <= 100, got "
+                f"{self.lower_percentile}, {self.upper_percentile}"
+            )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A MONAI DynUNet (nnU-Net's 3D U-Net): one entry of filters/strides per resolution level."""
+
+    name: str = "DynUNet"
+    filters: tuple[int, ...] = (32, 64, 128, 256, 320)
+    strides: tuple[int, ...] = (1, 2, 2, 2, 2)
+    kernel_size: int = 3
+    norm: str = "instance"
+    deep_supervision: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name != "DynUNet":
+            raise ValueError(f"architecture name must be 'DynUNet', got {self.name!r}")
+        if len(self.filters) != len(self.strides) or len(self.filters) < 2:
+            raise ValueError("filters and strides need the same length (at least 2)")
+        if self.strides[0] != 1:
+            raise ValueError(f"the first stride must be 1, got {self.strides[0]}")
+
+    @property
+    def divisor(self) -> int:
+        """Patch sides must be multiples of this (the product of the strides)."""
+        out = 1
+        for s in self.strides:
+            out *= s
+        return out
+
+
+@dataclass(frozen=True)
+class Weights:
+    file: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not self.file.endswith(".safetensors"):
+            raise ValueError(f"weights must be a .safetensors file, got {self.file!r}")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    input: InputSpec
+    labels: str
+    architecture: Architecture
+    weights: Weights
+    version: str = "0"
+    description: str = ""
+    normalization: Normalization = field(default_factory=Normalization)
+    #: Provenance: command, data sets and their licenses, date. Free-form, recorded in reports.
+    training: dict[str, Any] = field(default_factory=dict)
+    license: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_scheme(self.labels)
+        bad = [p for p in self.input.patch_size if p % self.architecture.divisor]
+        if bad:
+            raise ValueError(
+                f"patch_size {self.input.patch_size} must be multiples of {self.architecture.divisor}"
+            )
+
+    @property
+    def scheme(self) -> LabelScheme:
+        return get_scheme(self.labels)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.scheme.labels) + 1
+
+
+def build_network(card: ModelCard):  # -> torch.nn.Module
+    """The untrained network the card describes (MONAI DynUNet, output = logits per class)."""
+    from monai.networks.nets import DynUNet
+
+    arch = card.architecture
+    strides = list(arch.strides)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=len(card.input.sequences),
+        out_channels=card.out_channels,
+        kernel_size=[arch.kernel_size] * len(strides),
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=list(arch.filters),
+        norm_name=arch.norm,
+        deep_supervision=arch.deep_supervision,
+        deep_supr_num=1,
+        res_block=False,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    directory: Path
+    network: Any  # torch.nn.Module in eval mode, on the CPU
+
+    @property
+    def sha256(self) -> str:
+        return self.card.weights.sha256
+
+
+def bundled_models_dir() -> Path:
+    """``models/`` of a source checkout, or the copy inside an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_bundled" / "models", package.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    return package.parent / "models"
+
+
+def find_model_dir(name_or_path: str) -> Path:
+    """A model folder given as a path, or by name among the bundled models."""
+    path = Path(name_or_path)
+    if (path / CARD_NAME).is_file():
+        return path
+    if path.name == CARD_NAME and path.is_file():
+        return path.parent
+    candidate = bundled_models_dir() / name_or_path
+    if (candidate / CARD_NAME).is_file():
+        return candidate
+    known = ", ".join(sorted(p.name for p in list_model_dirs())) or "none installed"
+    raise ModelError(f"no model {name_or_path!r} (a folder with {CARD_NAME}, or one of: {known})")
+
+
+def list_model_dirs() -> list[Path]:
+    root = bundled_models_dir()
+    return sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file()) if root.is_dir() else []
+
+
+def load_card(model_dir: Path) -> ModelCard:
+    path = model_dir / CARD_NAME
+    return from_dict(ModelCard, read_toml(path, ModelError), str(path), ModelError)
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    """Find a model, verify its weights' checksum, and load them into its network."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as load_safetensors
+
+    model_dir = find_model_dir(name_or_path)
+    card = load_card(model_dir)
+    weights_path = model_dir / card.weights.file
+    if not weights_path.is_file():
+        raise ModelError("weights file not found", weights_path)
+    actual = sha256_file(weights_path)
+    if actual != card.weights.sha256:
+        raise ModelError(
+            f"checksum mismatch: sha256 is {actual}, the model card says {card.weights.sha256}; "
+            "the file is corrupt or not the one the card describes",
+            weights_path,
+        )
+    network = build_network(card)
+    try:
+        load_safetensors(network, str(weights_path), strict=True, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"cannot read weights: {e}", weights_path) from None
+    except RuntimeError as e:
+        raise ModelError(f"weights do not fit the architecture in the card: {e}", weights_path) from None
+    network.eval()
+    log.info("model %s %s (sha256 %s...)", card.name, card.version, actual[:12])
+    return LoadedModel(card=card, directory=model_dir, network=network)
+
+
+def save_model(directory: Path, card: ModelCard, network) -> ModelCard:
+    """Write weights (safetensors) and a card carrying their sha256 into ``directory``.
+
+    Returns the card as written. Both files are written atomically, weights first.
+    """
+    import dataclasses
+
+    import tomli_w
+    from safetensors.torch import save_model as save_safetensors
+
+    from .atomic import atomic_path, write_bytes_atomic
+    from .configio import to_dict
+
+    directory = Path(directory)
+    weights_path = directory / card.weights.file
+    with atomic_path(weights_path) as tmp:
+        # save_model (not save_file): DynUNet's skip_layers alias other layers' tensors.
+        save_safetensors(network, str(tmp))
+    card = dataclasses.replace(card, weights=Weights(card.weights.file, sha256_file(weights_path)))
+    write_bytes_atomic(directory / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
+    return card

@@ -1,0 +1,84 @@
+"""The one in-memory type that carries a scan between stages.
+
+Convention: ``array`` is indexed ``[channel, i, j, k]`` in the voxel order of the file it came
+from, and ``affine`` maps voxel indices ``(i, j, k, 1)`` to RAS+ world millimetres (nibabel's
+convention). DICOM/ITK LPS is converted once, at the reading edge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .labels import LabelScheme
+
+
+@dataclass(frozen=True)
+class SourceGeometry:
+    """What the writer needs to put a result back on the input's exact grid.
+
+    ``shape`` is the spatial shape (i, j, k); ``affine`` the RAS affine; ``nifti_header`` the
+    reference NIfTI header (bytes) when the reference input was NIfTI, so that qform/sform and
+    their codes are copied bit for bit; None for other formats.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    nifti_header: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A multi-channel image: ``array`` float32 of shape (C, I, J, K), one channel per sequence."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    channels: tuple[str, ...]
+    source: SourceGeometry
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 4:
+            raise ValueError(f"Scan.array must be (C, I, J, K), got shape {self.array.shape}")
+        if len(self.channels) != self.array.shape[0]:
+            raise ValueError(
+                f"{len(self.channels)} channel names for {self.array.shape[0]} channels"
+            )
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along (i, j, k): the column norms of the affine."""
+        return voxel_spacing(self.affine)
+
+    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> "Scan":
+        return replace(self, array=array, affine=self.affine if affine is None else affine)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """An integer label map of shape (I, J, K) with its RAS affine and label scheme."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    scheme: LabelScheme
+    source: SourceGeometry
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return voxel_spacing(self.affine)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each voxel axis (column norms of the 3x3 part)."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))

@@ -1,0 +1,139 @@
+"""MR sequences: canonical names, file-name recognition, and mapping inputs to a model's channels.
+
+Canonical names are ``flair``, ``t1``, ``t1gd`` and ``t2``; the Decathlon 4D layout stores them
+as channels 0-3 in that order. A file name is recognised only when exactly one sequence's alias
+appears among its tokens; anything else is refused, never guessed.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SequenceError
+
+SEQUENCES: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
+DESCRIPTIONS = {
+    "flair": "T2-weighted FLAIR",
+    "t1": "native T1-weighted",
+    "t1gd": "T1-weighted after gadolinium contrast",
+    "t2": "T2-weighted",
+}
+#: Order of the channels in a Medical Segmentation Decathlon Task01_BrainTumour 4D image.
+DECATHLON_ORDER: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
+
+# File-name tokens (lower case) for each sequence: BraTS 2023 (t2f, t1n, t1c, t2w), earlier
+# BraTS (flair, t1, t1ce, t2) and common spellings.
+ALIASES: dict[str, frozenset[str]] = {
+    "flair": frozenset({"flair", "t2f", "t2flair", "fla"}),
+    "t1": frozenset({"t1", "t1n", "t1w", "t1native"}),
+    "t1gd": frozenset({"t1gd", "t1c", "t1ce", "t1post", "t1contrast", "t1wce"}),
+    "t2": frozenset({"t2", "t2w"}),
+}
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def strip_image_suffix(name: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sequence_from_filename(path: Path) -> str | None:
+    """The sequence a file name names, or None when it names none.
+
+    Raises SequenceError when the name matches several sequences. nnU-Net's ``_0000`` channel
+    suffixes are deliberately not read: ``patient_0001.nii.gz`` would turn into a T1 by accident.
+    """
+    stem = strip_image_suffix(path.name)
+    tokens = {t for t in re.split(r"[^a-z0-9]+", stem.lower()) if t}
+    found = [seq for seq in SEQUENCES if ALIASES[seq] & tokens]
+    if len(found) > 1:
+        raise SequenceError(
+            f"the file name matches several sequences ({', '.join(found)}); "
+            f"name it with {' or '.join('--' + s.replace('_', '-') for s in found)}",
+            path,
+        )
+    return found[0] if found else None
+
+
+def parse_sequence(name: str) -> str:
+    key = name.strip().lower()
+    for seq in SEQUENCES:
+        if key == seq or key in ALIASES[seq]:
+            return seq
+    raise SequenceError(
+        f"unknown sequence name {name!r}; known: {', '.join(SEQUENCES)} "
+        f"(or aliases such as t2f, t1n, t1c, t1ce, t2w)"
+    )
+
+
+@dataclass(frozen=True)
+class StudyInputs:
+    """Which file holds which sequence: either one file per sequence or one 4D Decathlon file."""
+
+    files: tuple[tuple[str, Path], ...] = ()
+    decathlon_4d: Path | None = None
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        return DECATHLON_ORDER if self.decathlon_4d else tuple(s for s, _ in self.files)
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files named directly, plus the image files directly inside any folder named."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(
+                p for p in path.iterdir()
+                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+            )
+            if not inside:
+                raise SequenceError("folder holds no NIfTI, NRRD or MHA image", path)
+            files.extend(inside)
+        else:
+            files.append(path)
+    return files
+
+
+def assign_sequences(
+    positional: list[Path], explicit: dict[str, Path], is_multi_volume: Callable[[Path], bool]
+) -> StudyInputs:
+    """Map the user's inputs to sequences.
+
+    ``explicit`` holds files given by option (``--flair`` ...); ``positional`` files are
+    recognised by name, or as one 4D Decathlon file (``is_multi_volume``).
+    """
+    files = expand_inputs(positional)
+    if len(files) == 1 and not explicit and is_multi_volume(files[0]):
+        return StudyInputs(decathlon_4d=files[0])
+    assigned: dict[str, Path] = dict(explicit)
+    unknown: list[Path] = []
+    for path in files:
+        if is_multi_volume(path):
+            raise SequenceError(
+                "a 4D multi-sequence file must be the only input (Decathlon layout)", path
+            )
+        seq = sequence_from_filename(path)
+        if seq is None:
+            unknown.append(path)
+            continue
+        if seq in assigned and assigned[seq] != path:
+            raise SequenceError(
+                f"two inputs for {seq}: {assigned[seq]} and {path}; "
+                f"name the one to use with --{seq}"
+            )
+        assigned[seq] = path
+    if unknown:
+        names = ", ".join(str(p) for p in unknown)
+        raise SequenceError(
+            f"cannot tell which sequence {names} is from its name; give it with one of "
+            f"--flair, --t1, --t1gd, --t2 (names tumorseg recognises: *-t2f/*flair*, "
+            f"*-t1n/*t1*, *-t1c/*t1ce*/*t1gd*, *-t2w/*t2*)"
+        )
+    if not assigned:
+        raise SequenceError("no input scan given")
+    return StudyInputs(files=tuple((s, assigned[s]) for s in SEQUENCES if s in assigned))

@@ -1,0 +1,133 @@
+"""Geometry stage: from the input grid to the model's grid and back, exactly invertible.
+
+Forward, in order: crop to the bounding box of non-zero voxels (plus a margin), reorder and flip
+axes to the closest RAS orientation (no interpolation), and resample to the model's spacing
+(trilinear, ``align_corners=False``). The inverse undoes each step on the class probabilities,
+so the label map is decided on the input's own voxels and lands on exactly its grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import inv_ornt_aff, io_orientation
+
+from ..scan import Scan, voxel_spacing
+
+#: Spacing within this fraction of the model's is used as it is, without resampling.
+SPACING_TOLERANCE = 0.05
+#: Voxels kept around the non-zero bounding box.
+CROP_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class GridTransform:
+    """How the model grid was made from the input grid (all shapes are spatial, 3 entries)."""
+
+    input_shape: tuple[int, int, int]
+    crop: tuple[tuple[int, int], ...]  # (start, stop) per input axis
+    #: ``orientation[i] = (output_axis, flip)`` for input axis i (nibabel's ornt, as ints).
+    orientation: tuple[tuple[int, int], ...]
+    oriented_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+    model_affine: np.ndarray
+
+    @property
+    def resampled(self) -> bool:
+        return self.oriented_shape != self.model_shape
+
+
+def plan_transform(scan: Scan, spacing_mm: tuple[float, float, float]) -> GridTransform:
+    """Plan the forward transform for ``scan`` onto a grid of ``spacing_mm`` (RAS axes)."""
+    crop = _foreground_box(scan.array)
+    crop_affine = scan.affine.copy()
+    crop_affine[:3, 3] = scan.affine[:3, :3] @ [c[0] for c in crop] + scan.affine[:3, 3]
+    cropped_shape = tuple(stop - start for start, stop in crop)
+    ornt = io_orientation(scan.affine)
+    oriented_shape = tuple(int(cropped_shape[i]) for i in np.argsort(ornt[:, 0]))
+    oriented_affine = crop_affine @ inv_ornt_aff(ornt, cropped_shape)
+    spacing = voxel_spacing(oriented_affine)
+    target = np.asarray(spacing_mm, dtype=np.float64)
+    model_shape = tuple(
+        n if abs(s - t) <= SPACING_TOLERANCE * t else max(1, int(round(n * s / t)))
+        for n, s, t in zip(oriented_shape, spacing, target)
+    )
+    # Voxel i' of the new grid sits at continuous index (i' + 0.5) * n / n' - 0.5 of the old one.
+    ratio = np.array(oriented_shape, dtype=np.float64) / np.array(model_shape, dtype=np.float64)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(ratio)
+    scale[:3, 3] = 0.5 * ratio - 0.5
+    return GridTransform(
+        input_shape=scan.spatial_shape,
+        crop=crop,
+        orientation=tuple((int(a), int(f)) for a, f in ornt),
+        oriented_shape=oriented_shape,  # type: ignore[arg-type]
+        model_shape=model_shape,  # type: ignore[arg-type]
+        model_affine=oriented_affine @ scale,
+    )
+
+
+def to_model_grid(scan: Scan, transform: GridTransform) -> Scan:
+    """A new Scan on the model grid (float32, channels first); ``scan`` is left untouched."""
+    box = tuple(slice(a, b) for a, b in transform.crop)
+    array = _orient(scan.array[(slice(None),) + box], transform.orientation)
+    if transform.resampled:
+        array = _resize(array, transform.model_shape)
+    return scan.with_array(np.ascontiguousarray(array, dtype=np.float32), transform.model_affine)
+
+
+def probabilities_to_input_grid(probs: np.ndarray, transform: GridTransform) -> np.ndarray:
+    """Class probabilities (L, *model_shape) back on the input grid (L, *input_shape).
+
+    Outside the cropped box every voxel is background (channel 0 = 1).
+    """
+    if probs.shape[1:] != transform.model_shape:
+        raise ValueError(f"probabilities of shape {probs.shape} for model grid {transform.model_shape}")
+    if transform.resampled:
+        probs = _resize(probs, transform.oriented_shape)
+    probs = _unorient(probs, transform.orientation)
+    full = np.zeros((probs.shape[0],) + transform.input_shape, dtype=np.float32)
+    full[0] = 1.0
+    box = tuple(slice(a, b) for a, b in transform.crop)
+    full[(slice(None),) + box] = probs
+    return full
+
+
+def _foreground_box(array: np.ndarray) -> tuple[tuple[int, int], ...]:
+    nonzero = np.any(array != 0, axis=0)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(nonzero.any(axis=other))
+        n = nonzero.shape[axis]
+        if hits.size == 0:
+            box.append((0, n))
+        else:
+            box.append((max(0, int(hits[0]) - CROP_MARGIN), min(n, int(hits[-1]) + 1 + CROP_MARGIN)))
+    return tuple(box)
+
+
+def _orient(array: np.ndarray, ornt: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Flip input axes marked -1, then move input axis i to output axis ornt[i][0]."""
+    for axis, (_, flip) in enumerate(ornt):
+        if flip == -1:
+            array = np.flip(array, axis=axis + 1)
+    order = [0] + [1 + i for i in np.argsort([a for a, _ in ornt])]
+    return np.transpose(array, order)
+
+
+def _unorient(array: np.ndarray, ornt: tuple[tuple[int, int], ...]) -> np.ndarray:
+    order = [0] + [1 + a for a, _ in ornt]
+    array = np.transpose(array, order)
+    for axis, (_, flip) in enumerate(ornt):
+        if flip == -1:
+            array = np.flip(array, axis=axis + 1)
+    return np.ascontiguousarray(array)
+
+
+def _resize(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    out = F.interpolate(tensor, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0].numpy()

@@ -1,0 +1,236 @@
+"""Read stage: NIfTI (nibabel), NRRD and MHA (SimpleITK) into a :class:`~tumorseg.scan.Scan`.
+
+Every failure names the file. Geometry is never guessed: a NIfTI with neither qform nor sform
+set is refused. NaN/inf voxels and constant images are refused (not cleaned): an image with
+them is damaged, and silently replacing values would hide that.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, InputError, SequenceError
+from ..scan import Scan, SourceGeometry
+from ..sequences import DECATHLON_ORDER, StudyInputs
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+#: Largest image accepted, in voxels per file (guards against headers that declare absurd sizes).
+MAX_VOXELS = 1024**3
+#: Affines of channels may differ by this much (mm, per entry) and still count as one grid.
+AFFINE_TOLERANCE_MM = 1e-3
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One file's voxels: float32 (I, J, K) or (I, J, K, T), its RAS affine and NIfTI header."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    nifti_header: bytes | None
+    path: Path
+
+
+def _suffix_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
+    raise InputError(
+        f"unsupported file type; tumorseg reads {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} "
+        "(DICOM folders: see `tumorseg predict --help`)",
+        path,
+    )
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError("file not found", path)
+    if not path.is_file():
+        raise InputError("not a file", path)
+
+
+def volume_count(path: Path) -> int:
+    """Volumes along the 4th axis (1 for a 3D image), read from the header only."""
+    _check_exists(path)
+    if _suffix_kind(path) == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception as e:  # nibabel raises many types for a bad header
+            raise InputError(f"not a readable NIfTI image ({e})", path) from None
+    else:
+        shape = tuple(_itk_reader(path).GetSize())
+    return int(shape[3]) if len(shape) >= 4 else 1
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:
+        raise InputError(f"not a readable NIfTI image ({e})", path) from None
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        raise GeometryError(
+            "the NIfTI header sets neither qform nor sform (both codes are 0), so the scan's "
+            "orientation in the patient is unknown; fix the header before segmenting",
+            path,
+        )
+    _check_size(img.shape, path)
+    try:
+        array = np.asarray(img.get_fdata(dtype=np.float32))
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+        raise InputError(f"truncated or corrupt image data ({e})", path) from None
+    return Volume(array, np.asarray(img.affine, dtype=np.float64), header.binaryblock, path)
+
+
+def _itk_reader(path: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"not a readable image ({_first_line(e)})", path) from None
+    return reader
+
+
+def _read_itk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    reader = _itk_reader(path)
+    _check_size(reader.GetSize(), path)
+    if reader.GetNumberOfComponents() != 1:
+        raise GeometryError(
+            f"{reader.GetNumberOfComponents()} components per voxel; give one sequence per file", path
+        )
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"truncated or corrupt image data ({_first_line(e)})", path) from None
+    dim = image.GetDimension()
+    if dim < 3:
+        raise GeometryError(f"a {dim}D image; tumorseg segments 3D volumes", path)
+    # GetArrayFromImage is indexed [k, j, i]; reverse to (i, j, k) to match the affine below.
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = np.ascontiguousarray(np.transpose(array, tuple(range(array.ndim))[::-1]))
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.array(image.GetSpacing(), dtype=np.float64)[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction @ np.diag(spacing)
+    lps[:3, 3] = np.array(image.GetOrigin(), dtype=np.float64)[:3]
+    return Volume(array, _LPS_TO_RAS @ lps, None, path)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _check_size(shape: tuple[int, ...], path: Path) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if shape else 0
+    if n > MAX_VOXELS:
+        raise InputError(f"image of shape {tuple(shape)} exceeds {MAX_VOXELS} voxels", path)
+
+
+def read_volume(path: Path) -> Volume:
+    """Read one image file; a singleton 4th (and 5th) axis is dropped."""
+    path = Path(path)
+    _check_exists(path)
+    volume = _read_nifti(path) if _suffix_kind(path) == "nifti" else _read_itk(path)
+    array = volume.array
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim < 3 or min(array.shape[:3]) < 2:
+        raise GeometryError(
+            f"image of shape {array.shape} is 2D (or a single slice); tumorseg segments 3D volumes",
+            path,
+        )
+    if array.ndim > 4:
+        raise GeometryError(f"image of shape {array.shape} has more than 4 dimensions", path)
+    if abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
+        raise GeometryError(f"the affine is singular:\n{volume.affine}", path)
+    _check_values(array, path)
+    return Volume(array, volume.affine, volume.nifti_header, path)
+
+
+def _check_values(array: np.ndarray, path: Path) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InputError(f"{bad} voxels are NaN or infinite; the image is damaged", path)
+    volumes = array.reshape(array.shape[:3] + (-1,))
+    for t in range(volumes.shape[-1]):
+        v = volumes[..., t]
+        if v.min() == v.max():
+            where = f" (volume {t})" if volumes.shape[-1] > 1 else ""
+            raise InputError(f"constant image{where}: every voxel is {v.flat[0]:g}", path)
+
+
+def read_study(inputs: StudyInputs) -> Scan:
+    """Read the study's files into one Scan whose channels share one grid.
+
+    Channels must have equal shapes and affines (within AFFINE_TOLERANCE_MM); files on other
+    grids are refused rather than resampled.
+    """
+    if inputs.decathlon_4d is not None:
+        vol = read_volume(inputs.decathlon_4d)
+        if vol.array.ndim != 4 or vol.array.shape[3] != len(DECATHLON_ORDER):
+            raise GeometryError(
+                f"a 4D image with {vol.array.shape[3] if vol.array.ndim == 4 else 1} volumes is not "
+                f"a Decathlon study ({len(DECATHLON_ORDER)} channels: "
+                f"{', '.join(DECATHLON_ORDER)})",
+                vol.path,
+            )
+        array = np.ascontiguousarray(np.moveaxis(vol.array, 3, 0))
+        return _make_scan(array, DECATHLON_ORDER, vol, {s: vol.path for s in DECATHLON_ORDER})
+    if not inputs.files:
+        raise SequenceError("no input scan given")
+    volumes = {seq: read_volume(path) for seq, path in inputs.files}
+    reference_seq, reference = next(iter(volumes.items()))
+    for seq, vol in volumes.items():
+        if vol.array.ndim != 3:
+            raise GeometryError(
+                f"a 4D image with {vol.array.shape[3]} volumes given as the {seq} sequence; "
+                "give one 3D volume per sequence",
+                vol.path,
+            )
+        if vol.array.shape != reference.array.shape:
+            raise GeometryError(
+                f"shape {vol.array.shape} ({seq}) differs from {reference.array.shape} "
+                f"({reference_seq}, {reference.path}); co-register the sequences first",
+                vol.path,
+            )
+        if not np.allclose(vol.affine, reference.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+            raise GeometryError(
+                f"affine of {seq} differs from that of {reference_seq} ({reference.path}) by "
+                f"{np.abs(vol.affine - reference.affine).max():.4g} mm; the sequences are not on "
+                "one grid (co-register and resample them first)",
+                vol.path,
+            )
+    array = np.stack([v.array for v in volumes.values()])
+    return _make_scan(array, tuple(volumes), reference, {s: v.path for s, v in volumes.items()})
+
+
+def _make_scan(array: np.ndarray, channels: tuple[str, ...], reference: Volume, paths: dict) -> Scan:
+    source = SourceGeometry(
+        shape=tuple(int(s) for s in array.shape[1:4]),  # type: ignore[arg-type]
+        affine=reference.affine,
+        nifti_header=reference.nifti_header,
+    )
+    return Scan(
+        array=array.astype(np.float32, copy=False),
+        affine=reference.affine,
+        channels=channels,
+        source=source,
+        meta={"paths": {s: Path(p) for s, p in paths.items()}},
+    )
