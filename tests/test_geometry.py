@@ -1,0 +1,182 @@
+"""The label map lands on exactly the input's voxels, for every orientation and spacing.
+
+A pointwise "threshold" network stands in for a trained model: it labels voxels whose first
+channel is bright, so an object painted into the input must come back at the same place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import brain_phantom, save_nifti, shared_data
+from tumorseg.config import PipelineConfig, PostprocessConfig
+from tumorseg.model import LoadedModel, load_card
+from tumorseg.pipeline import Segmenter, write_outputs
+from tumorseg.sequences import StudyInputs
+from tumorseg.stages import geometry
+from tumorseg.stages.read import read_volume
+
+
+class ThresholdNet(torch.nn.Module):
+    """Logits for the MSD scheme: label 1 where channel 0 > 2.5 (normalised units)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = 10.0 * (x[:, :1] - 2.5)
+        low = torch.full_like(bright, -100.0)
+        return torch.cat([torch.zeros_like(bright), bright, low, low], dim=1)
+
+
+@pytest.fixture(scope="module")
+def threshold_segmenter(tiny_model: Path) -> Segmenter:
+    card = load_card(tiny_model)
+    model = LoadedModel(card=card, directory=tiny_model, network=ThresholdNet())
+    config = PipelineConfig(postprocess=PostprocessConfig(tumour_min_component_ml=0.0))
+    return Segmenter(model, config)
+
+
+def asymmetric_object(shape, spacing_along_axes=(1, 1, 1), size_mm: float = 6.0) -> np.ndarray:
+    """An L-shaped block off-centre: its centroid moves under any flip or axis swap."""
+    obj = np.zeros(shape, bool)
+    i, j, k = (np.array(shape) * [0.3, 0.55, 0.35]).astype(int)
+    a, b, c = [max(2, int(round(size_mm / s))) for s in spacing_along_axes]
+    obj[i:i + 2 * a, j:j + b, k:k + c] = True
+    obj[i:i + a, j:j + 2 * b, k:k + 2 * c] = True
+    return obj
+
+
+def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return affine[:3, :3] @ np.argwhere(mask).mean(axis=0) + affine[:3, 3]
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    c, s = np.cos(t), np.sin(t)
+    r = np.eye(3)
+    a, b = [x for x in range(3) if x != axis]
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+def affine_from(matrix: np.ndarray, origin) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = matrix
+    affine[:3, 3] = origin
+    return affine
+
+
+AFFINES = {
+    "ras": affine_from(np.diag([1.0, 1.0, 1.0]), [-20, -22, -18]),
+    "lps": affine_from(np.diag([-1.0, -1.0, 1.0]), [20, 22, -18]),
+    "permuted": affine_from(np.array([[0, 0, 1.0], [1.0, 0, 0], [0, -1.0, 0]]), [-18, -20, 22]),
+    "oblique": affine_from(rotation(0, 20) @ rotation(2, -15) @ np.diag([1.0, 1.1, 0.9]), [5, -30, 12]),
+    "anisotropic": affine_from(np.diag([-0.8, 0.8, 3.0]), [16, -18, -50]),
+}
+
+
+@pytest.mark.parametrize("name", list(AFFINES))
+def test_label_map_lands_on_input_voxels(name, tmp_path, threshold_segmenter):
+    affine = AFFINES[name]
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    shape = (48, 52, 40) if name != "anisotropic" else (50, 56, 16)
+    image = brain_phantom(shape, seed=1)
+    obj = asymmetric_object(shape, spacing) & (image > 0)
+    image[obj] = 400.0
+    path = save_nifti(tmp_path / "scan-t2f.nii.gz", image, affine, qform_code=1, sform_code=2)
+
+    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    out_paths = write_outputs(result, threshold_segmenter, tmp_path / "out")
+    source, written = nib.load(str(path)), nib.load(str(out_paths["label_map"]))
+
+    assert written.shape == source.shape
+    assert np.array_equal(written.affine, source.affine)
+    for key in ("qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c",
+                "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim"):
+        assert np.array_equal(written.header[key], source.header[key]), key
+    assert written.get_data_dtype() == np.uint8
+    predicted = np.asarray(written.dataobj) == 1
+    if not threshold_segmenter_resamples(threshold_segmenter, spacing):
+        # Pointwise network, no interpolation: the object comes back voxel for voxel.
+        assert np.array_equal(predicted, obj)
+    else:
+        dice = 2 * (predicted & obj).sum() / (predicted.sum() + obj.sum())
+        assert dice > 0.85, dice
+    error_vox = np.linalg.solve(affine[:3, :3], world_centroid(predicted, affine) - world_centroid(obj, affine))
+    assert np.all(np.abs(error_vox) < 0.5), error_vox
+
+
+def threshold_segmenter_resamples(segmenter: Segmenter, spacing: np.ndarray) -> bool:
+    target = np.array(segmenter.card.input.spacing_mm)
+    return bool(np.any(np.abs(np.sort(spacing) - np.sort(target)) > geometry.SPACING_TOLERANCE * target))
+
+
+def test_real_anisotropic_nrrd(tmp_path, threshold_segmenter):
+    """lesion-t1c (0.78 x 0.78 x 6.5 mm, NRRD): object in a real scan returns to its place."""
+    source = shared_data("lesion-t1c", "brain1_image.nrrd")
+    itk = sitk.ReadImage(str(source))
+    image = sitk.GetArrayFromImage(itk).astype(np.float32)  # (k, j, i)
+    # Large enough (> 0.5 % of the image) to stand above the 99.5th-percentile clip.
+    obj_kji = np.transpose(asymmetric_object(image.shape[::-1], itk.GetSpacing(), size_mm=20), (2, 1, 0))
+    image[obj_kji] = float(image.max()) * 4
+    painted = sitk.GetImageFromArray(image)
+    painted.CopyInformation(itk)
+    path = tmp_path / "painted-t1c.nrrd"
+    sitk.WriteImage(painted, str(path))
+
+    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    out = write_outputs(result, threshold_segmenter, tmp_path / "out")["label_map"]
+
+    # Independent check with SimpleITK: same grid in LPS physical space, object at the same place.
+    written = sitk.ReadImage(str(out))
+    assert written.GetSize() == itk.GetSize()
+    np.testing.assert_allclose(written.GetOrigin(), itk.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), itk.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(written.GetDirection(), itk.GetDirection(), atol=1e-6)
+    predicted = sitk.GetArrayFromImage(written) == 1
+    assert predicted.any()
+    def centroid_lps(mask):
+        idx = np.argwhere(mask).mean(axis=0)[::-1]  # (i, j, k)
+        return np.array(itk.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
+    error_mm = centroid_lps(predicted) - centroid_lps(obj_kji)
+    direction = np.array(itk.GetDirection()).reshape(3, 3)
+    error_vox = np.linalg.solve(direction @ np.diag(itk.GetSpacing()), error_mm)
+    assert np.all(np.abs(error_vox) < 0.5), error_vox
+
+
+def test_nrrd_affine_matches_simpleitk_physical_points():
+    path = shared_data("lesion-t1c", "brain2_image.nrrd")
+    volume = read_volume(path)
+    itk = sitk.ReadImage(str(path))
+    for index in [(0, 0, 0), (10, 200, 5), (255, 3, 22)]:
+        lps = np.array(itk.TransformIndexToPhysicalPoint(index))
+        ras = volume.affine[:3, :3] @ index + volume.affine[:3, 3]
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-4)
+    assert volume.array.shape == itk.GetSize()
+    assert volume.array[10, 200, 5] == sitk.GetArrayViewFromImage(itk)[5, 200, 10]
+
+
+def test_transform_round_trip_is_exact_without_resampling():
+    from tumorseg.scan import Scan, SourceGeometry
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(2, 20, 24, 18)).astype(np.float32)
+    array[:, :3] = 0  # something to crop
+    affine = AFFINES["permuted"]
+    scan = Scan(array, affine, ("flair", "t1"), SourceGeometry((20, 24, 18), affine))
+    transform = geometry.plan_transform(scan, (1.0, 1.0, 1.0))
+    on_grid = geometry.to_model_grid(scan, transform)
+    assert not transform.resampled
+    # The model-grid affine is close to RAS-aligned (positive diagonal) and maps voxels to the same place.
+    assert np.all(np.diag(on_grid.affine)[:3] > 0)
+    back = geometry.probabilities_to_input_grid(on_grid.array, transform)
+    box = tuple(slice(a, b) for a, b in transform.crop)
+    np.testing.assert_array_equal(back[(slice(None),) + box], array[(slice(None),) + box])
+    idx = np.array([5, 7, 9])
+    world = affine[:3, :3] @ idx + affine[:3, 3]
+    model_idx = np.linalg.solve(on_grid.affine[:3, :3], world - on_grid.affine[:3, 3])
+    np.testing.assert_allclose(on_grid.array[(0,) + tuple(np.round(model_idx).astype(int))], array[(0,) + tuple(idx)])
+    assert array.sum() == scan.array.sum()  # input untouched

@@ -1,0 +1,99 @@
+"""End to end on real scans: CLI predict writes label map, report and configuration."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import brain_phantom, save_nifti, shared_data
+from tumorseg.cli import main
+from tumorseg.model import sha256_file
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_predict_real_brats_case_four_sequences(tmp_path, tiny_model):
+    case = shared_data("brats-gli-00001-000")
+    files = {seq: next(case.glob(f"*-{suffix}.nii.gz")) for seq, suffix in
+             [("flair", "t2f"), ("t1", "t1n"), ("t1gd", "t1c"), ("t2", "t2w")]}
+    out = tmp_path / "out"
+    result = run_cli("predict", "--flair", str(files["flair"]), "--t1", str(files["t1"]), "--t1gd",
+                     str(files["t1gd"]), "--t2", str(files["t2"]), "--model", str(tiny_model), "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    source = nib.load(str(files["flair"]))
+    labels = nib.load(str(out / "segmentation.nii.gz"))
+    assert labels.shape == source.shape == (240, 240, 155)
+    assert np.array_equal(labels.affine, source.affine)
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"]
+    assert report["model"]["weights_sha256"] == sha256_file(tiny_model / "weights.safetensors")
+    data = np.asarray(labels.dataobj)
+    voxel_ml = abs(np.linalg.det(source.affine[:3, :3])) / 1000
+    assert report["results"]["regions"]["WT"]["volume_ml"] == pytest.approx(np.count_nonzero(data) * voxel_ml, abs=1e-3)
+    assert report["results"]["labels"]["edema"]["voxels"] == int((data == 1).sum())
+    for stage in ("read", "geometry", "normalize", "infer", "postprocess", "write"):
+        assert stage in report["timings_s"]
+    assert set(report["inputs"]) == {"flair", "t1", "t1gd", "t2"}
+    resolved = tomllib.loads((out / "pipeline.resolved.toml").read_text())
+    assert resolved["model_sha256"] == report["model"]["weights_sha256"]
+    assert resolved["inference"]["overlap"] == 0.5
+    # Privacy: the report names no input path.
+    assert str(case) not in (out / "report.json").read_text()
+
+
+def test_same_input_twice_gives_identical_bytes(tmp_path, tiny_model):
+    image = brain_phantom((40, 44, 36), seed=3)
+    path = save_nifti(tmp_path / "x-t2f.nii.gz", image, np.diag([1.0, 1.0, 1.0, 1.0]))
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        result = run_cli("predict", str(path), "--model", str(tiny_model), "-o", str(out), "-q")
+        assert result.exit_code == 0, result.output
+        outs.append((out / "segmentation.nii.gz").read_bytes())
+    assert outs[0] == outs[1]
+    assert np.asarray(nib.load(str(tmp_path / "out0" / "segmentation.nii.gz")).dataobj).any()
+
+
+def test_decathlon_4d_input_and_missing_sequence_report(tmp_path, tiny_model):
+    channels = np.stack([brain_phantom((40, 44, 36), seed=s) for s in range(4)], axis=-1)
+    path = save_nifti(tmp_path / "BRATS_001.nii.gz", channels, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    out = tmp_path / "out"
+    assert run_cli("predict", str(path), "--model", str(tiny_model), "-o", str(out), "-q").exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"]
+    assert nib.load(str(out / "segmentation.nii.gz")).shape == (40, 44, 36)
+
+    flair = save_nifti(tmp_path / "study_flair.nii.gz", channels[..., 0], np.eye(4))
+    out2 = tmp_path / "out2"
+    assert run_cli("predict", str(flair), "--model", str(tiny_model), "-o", str(out2), "-q").exit_code == 0
+    report = json.loads((out2 / "report.json").read_text())
+    assert report["sequences_used"] == ["flair"]
+    assert report["sequences_missing"] == ["t1", "t1gd", "t2"]
+
+
+def test_models_command_lists_sequences(tiny_model, monkeypatch):
+    import tumorseg.model as model_module
+
+    monkeypatch.setattr(model_module, "bundled_models_dir", lambda: tiny_model.parent)
+    result = run_cli("models")
+    assert result.exit_code == 0
+    assert tiny_model.name in result.output
+    assert "flair, t1, t1gd, t2" in result.output
+
+
+def test_tta_is_accepted_and_deterministic(tmp_path, tiny_model):
+    image = brain_phantom((36, 40, 32), seed=5)
+    path = save_nifti(tmp_path / "x-t1c.nii.gz", image, np.eye(4))
+    out = tmp_path / "out"
+    assert run_cli("predict", str(path), "--tta", "--overlap", "0.25", "--model", str(tiny_model), "-o", str(out), "-q").exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["configuration"]["inference"]["tta"] is True
+    assert report["configuration"]["inference"]["overlap"] == 0.25
