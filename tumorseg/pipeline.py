@@ -81,10 +81,12 @@ class Segmenter:
         card.input.check_available(scan.channels)
         timings: dict[str, float] = {}
         with _timed(timings, "geometry"):
-            transform = geometry.plan_transform(scan, card.input.spacing_mm)
+            brain = normalize.brain_mask(scan.array)
+            transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
             on_grid = geometry.to_model_grid(scan, transform)
+            brain_on_grid = geometry.labels_to_model_grid(brain, transform)
         with _timed(timings, "normalize"):
-            normalized = normalize.normalize(on_grid, card.normalization)
+            normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
             image = _model_channels(normalized, card.input.sequences)
         with _timed(timings, "infer"):
             probs = infer.predict_probabilities(

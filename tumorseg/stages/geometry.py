@@ -1,6 +1,6 @@
 """Geometry stage: from the input grid to the model's grid and back, exactly invertible.
 
-Forward, in order: crop to the bounding box of non-zero voxels (plus a margin), reorder and flip
+Forward, in order: crop to the bounding box of the brain region (plus a margin), reorder and flip
 axes to the closest RAS orientation (no interpolation), and resample to the model's spacing
 (trilinear, ``align_corners=False``). The inverse undoes each step on the class probabilities,
 so the label map is decided on the input's own voxels and lands on exactly its grid.
@@ -39,9 +39,14 @@ class GridTransform:
         return self.oriented_shape != self.model_shape
 
 
-def plan_transform(scan: Scan, spacing_mm: tuple[float, float, float]) -> GridTransform:
-    """Plan the forward transform for ``scan`` onto a grid of ``spacing_mm`` (RAS axes)."""
-    crop = _foreground_box(scan.array)
+def plan_transform(
+    scan: Scan, spacing_mm: tuple[float, float, float], brain: np.ndarray | None = None
+) -> GridTransform:
+    """Plan the forward transform for ``scan`` onto a grid of ``spacing_mm`` (RAS axes).
+
+    ``brain`` (I, J, K) bool is the region to keep; None keeps the whole image.
+    """
+    crop = _bounding_box(brain) if brain is not None else tuple((0, n) for n in scan.spatial_shape)
     crop_affine = scan.affine.copy()
     crop_affine[:3, 3] = scan.affine[:3, :3] @ [c[0] for c in crop] + scan.affine[:3, 3]
     cropped_shape = tuple(stop - start for start, stop in crop)
@@ -95,8 +100,19 @@ def probabilities_to_input_grid(probs: np.ndarray, transform: GridTransform) -> 
     return full
 
 
-def _foreground_box(array: np.ndarray) -> tuple[tuple[int, int], ...]:
-    nonzero = np.any(array != 0, axis=0)
+def labels_to_model_grid(labels: np.ndarray, transform: GridTransform) -> np.ndarray:
+    """An integer (or boolean) array (I, J, K) on the model grid, by nearest neighbour."""
+    box = tuple(slice(a, b) for a, b in transform.crop)
+    array = _orient(labels[box][None], transform.orientation)
+    if transform.resampled:
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+        # nearest-exact samples voxel centres as trilinear with align_corners=False does.
+        array = F.interpolate(tensor, size=transform.model_shape, mode="nearest-exact")[0].numpy()
+    return np.ascontiguousarray(array[0]).astype(labels.dtype)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    nonzero = mask
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

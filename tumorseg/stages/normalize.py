@@ -1,8 +1,9 @@
 """Normalize stage: per-channel z-score inside the brain, after percentile clipping.
 
-The brain region is where any channel is non-zero (skull-stripped scans have a zero
-background); for scans with no zero background it is the whole image. Outside it, every
-channel is set to 0, which is also the value a missing sequence's channel gets.
+The brain region is where any channel differs from its constant background. Skull-stripped
+scans have one: the value (0, or -3.16 in z-scored BraTS 2015 files) that fills most of the
+image border. Scans with skull and noise have none, and the region is the whole image.
+Outside it every channel is set to 0, the value a missing sequence's channel also gets.
 """
 from __future__ import annotations
 
@@ -13,14 +14,34 @@ from ..model import Normalization
 from ..scan import Scan
 
 
+#: A border value is the background when at least this fraction of border voxels hold it.
+BACKGROUND_BORDER_FRACTION = 0.5
+
+
+def background_value(channel: np.ndarray) -> float | None:
+    """The constant background of one channel (I, J, K), or None when it has none."""
+    faces = [channel[0], channel[-1], channel[:, 0], channel[:, -1], channel[:, :, 0], channel[:, :, -1]]
+    border = np.concatenate([f.ravel() for f in faces])
+    values, counts = np.unique(border, return_counts=True)
+    best = int(np.argmax(counts))
+    return float(values[best]) if counts[best] >= BACKGROUND_BORDER_FRACTION * border.size else None
+
+
 def brain_mask(array: np.ndarray) -> np.ndarray:
-    """Voxels where any channel of ``array`` (C, I, J, K) is non-zero."""
-    return np.any(array != 0, axis=0)
+    """Voxels where any channel of ``array`` (C, I, J, K) differs from its constant background."""
+    mask = np.zeros(array.shape[1:], dtype=bool)
+    for channel in array:
+        background = background_value(channel)
+        if background is None:
+            return np.ones(array.shape[1:], dtype=bool)
+        mask |= channel != background
+    return mask
 
 
-def normalize(scan: Scan, params: Normalization) -> Scan:
-    """A new Scan with every channel clipped to its percentiles and z-scored in the brain."""
-    mask = brain_mask(scan.array)
+def normalize(scan: Scan, params: Normalization, mask: np.ndarray) -> Scan:
+    """A new Scan with every channel clipped to its percentiles and z-scored inside ``mask``."""
+    if not mask.any():
+        raise InputError("the brain region is empty: every voxel is background")
     out = np.zeros_like(scan.array, dtype=np.float32)
     for c, name in enumerate(scan.channels):
         values = scan.array[c][mask]
