@@ -136,5 +136,82 @@ def models_command() -> None:
         )
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {text!r}") from None
+
+
+@main.command()
+@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
+@click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
+@click.option("--name", default="tumorseg-model", show_default=True, help="Model name written into the card.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--iterations", type=int, default=100, show_default=True, help="Iterations per epoch.")
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--patch-size", default="96,96,96", show_default=True, help="Training and inference window, voxels.")
+@click.option("--spacing", default="1,1,1", show_default=True, help="Model voxel size in mm.")
+@click.option("--filters", default="16,32,64,128,256", show_default=True, help="DynUNet filters per level (network size).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate (polynomial decay).")
+@click.option("--validation-fraction", type=float, default=0.1, show_default=True)
+@click.option("--sequence-dropout", type=float, default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def train(dataset, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing, filters, lr,
+          validation_fraction, sequence_dropout, seed, device, resume, quiet, verbose):
+    """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
+
+    \b
+    Example:
+      tumorseg synth -o synth/ --cases 100 --seed 1
+      tumorseg train --dataset synth/ -o models/mine --epochs 40
+      tumorseg predict scan-t1c.nii.gz --model models/mine
+    """
+    _setup_logging(quiet, verbose)
+    import dataclasses as dc
+
+    from .augment import AugmentConfig
+    from .errors import ConfigError
+    from .train import TrainConfig, train as run_training
+
+    filter_t = _ints(filters)
+    try:
+        cfg = TrainConfig(
+            name=name, epochs=epochs, iterations_per_epoch=iterations, batch_size=batch_size,
+            patch_size=_ints(patch_size), spacing_mm=tuple(float(v) for v in spacing.split(",")),
+            filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
+            validation_fraction=validation_fraction, seed=seed,
+            augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout),
+        )
+        cfg.card()  # validates patch size against the network depth
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    command = "tumorseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tumorseg train"
+    card = run_training(dataset, output, cfg, label_scheme, resume, device, progress=not quiet, command=command)
+    click.echo(f"wrote {output / 'model.toml'} (weights sha256 {card.weights.sha256[:16]}...); "
+               f"validation Dice {card.metrics.get('validation_dice', {})}")
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the Decathlon-layout data set.")
+@click.option("--cases", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+def synth(output, cases, seed, quiet):
+    """Make a Decathlon-layout data set of synthetic tumour cases on real healthy anatomy."""
+    _setup_logging(quiet, False)
+    from .synth import write_synth_dataset
+
+    if cases < 1:
+        raise click.BadParameter("--cases must be >= 1")
+    path = write_synth_dataset(output, cases, seed)
+    click.echo(f"wrote {cases} cases to {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

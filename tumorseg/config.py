@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -33,6 +34,11 @@ class InferenceConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
 
+def _check_finite_non_negative(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class LabelPostprocess:
     """Clean-up of one label's mask, in this order: smoothing, small components, largest, holes."""
@@ -47,8 +53,8 @@ class LabelPostprocess:
     fill_holes: bool = False
 
     def __post_init__(self) -> None:
-        if self.smoothing_radius_mm < 0 or self.min_component_ml < 0:
-            raise ValueError("smoothing_radius_mm and min_component_ml must be >= 0")
+        for name in ("smoothing_radius_mm", "min_component_ml"):
+            _check_finite_non_negative(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,7 @@ class PostprocessConfig:
     labels: Mapping[str, LabelPostprocess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tumour_min_component_ml < 0:
-            raise ValueError(f"tumour_min_component_ml must be >= 0, got {self.tumour_min_component_ml}")
+        _check_finite_non_negative("tumour_min_component_ml", self.tumour_min_component_ml)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .configio import from_dict, read_toml
 from .errors import ModelError
-from .labels import LabelScheme, get_scheme
+from .labels import SCHEMES, LabelScheme, get_scheme
 from .sequences import SEQUENCES
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        get_scheme(self.labels)
+        if self.labels not in SCHEMES:
+            raise ValueError(f"unknown label scheme {self.labels!r}; known: {', '.join(SCHEMES)}")
         bad = [p for p in self.input.patch_size if p % self.architecture.divisor]
         if bad:
             raise ValueError(
@@ -269,7 +270,7 @@ def save_model(directory: Path, card: ModelCard, network) -> ModelCard:
     import dataclasses
 
     import tomli_w
-    from safetensors.torch import save_model as save_safetensors
+    from safetensors.torch import save_file
 
     from .atomic import atomic_path, write_bytes_atomic
     from .configio import to_dict
@@ -277,8 +278,22 @@ def save_model(directory: Path, card: ModelCard, network) -> ModelCard:
     directory = Path(directory)
     weights_path = directory / card.weights.file
     with atomic_path(weights_path) as tmp:
-        # save_model (not save_file): DynUNet's skip_layers alias other layers' tensors.
-        save_safetensors(network, str(tmp))
+        save_file(_unaliased_state(network), str(tmp))
     card = dataclasses.replace(card, weights=Weights(card.weights.file, sha256_file(weights_path)))
     write_bytes_atomic(directory / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
     return card
+
+
+def _unaliased_state(network) -> dict:
+    """The state dict with each shared tensor once, under its first name in sorted order.
+
+    DynUNet's ``skip_layers`` alias other layers' tensors; safetensors refuses aliases, and its
+    own ``save_model`` picks among them in set order, which makes the file differ between runs.
+    """
+    state = network.state_dict()
+    kept: dict[tuple, str] = {}
+    for name in sorted(state):
+        tensor = state[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        kept.setdefault(key, name)
+    return {name: state[name].detach().cpu().contiguous() for name in sorted(kept.values())}

@@ -31,6 +31,8 @@ ALIASES: dict[str, frozenset[str]] = {
     "t1gd": frozenset({"t1gd", "t1c", "t1ce", "t1post", "t1contrast", "t1wce"}),
     "t2": frozenset({"t2", "t2w"}),
 }
+#: Tokens that mark a T1 as contrast-enhanced (BIDS ``ce-`` entity values, common spellings).
+CONTRAST_TOKENS = frozenset({"ce", "gd", "gad", "gado", "gadolinium", "contrast", "post", "postcontrast"})
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -50,6 +52,11 @@ def sequence_from_filename(path: Path) -> str | None:
     stem = strip_image_suffix(path.name)
     tokens = {t for t in re.split(r"[^a-z0-9]+", stem.lower()) if t}
     found = [seq for seq in SEQUENCES if ALIASES[seq] & tokens]
+    if found == ["flair", "t2"]:
+        found = ["flair"]  # T2_FLAIR, t2-flair: FLAIR is a T2-weighted sequence
+    if "t1" in found and tokens & CONTRAST_TOKENS:
+        found = [s for s in found if s != "t1"] + (["t1gd"] if "t1gd" not in found else [])
+        found = [s for s in SEQUENCES if s in found]  # T1w with ce-gadolinium (BIDS) is T1gd
     if len(found) > 1:
         raise SequenceError(
             f"the file name matches several sequences ({', '.join(found)}); "

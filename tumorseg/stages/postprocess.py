@@ -27,9 +27,11 @@ def postprocess(
     if config.tumour_min_component_ml > 0:
         keep = remove_small_components(out > 0, config.tumour_min_component_ml / voxel_ml)
         out[~keep] = 0
-    for name, settings in config.labels.items():
-        value = scheme.label(name).value
-        _clean_label(out, value, settings, spacing_mm, voxel_ml)
+    for name in config.labels:
+        scheme.label(name)  # unknown names are errors
+    for label in scheme.labels:  # label order, whatever the order of the pipeline file
+        if label.name in config.labels:
+            _clean_label(out, label.value, config.labels[label.name], spacing_mm, voxel_ml)
     return out
 
 

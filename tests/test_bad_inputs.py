@@ -1,0 +1,240 @@
+"""Bad inputs through the CLI: the documented exit code, a message naming the file and the
+problem, no traceback, and no output written."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tumorseg.cli import main
+from tumorseg.errors import (
+    EXIT_CODES,
+    ConfigError,
+    GeometryError,
+    InputError,
+    ModelError,
+    SequenceError,
+)
+
+from conftest import brain_phantom, make_tiny_model, save_nifti
+
+SHAPE = (40, 40, 40)
+AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def test_exit_codes_are_distinct_and_documented():
+    codes = [InputError.exit_code, GeometryError.exit_code, ModelError.exit_code,
+             ConfigError.exit_code, SequenceError.exit_code]
+    assert codes == [3, 4, 5, 6, 7]
+    assert set(codes) <= set(EXIT_CODES)
+
+
+@pytest.fixture
+def image():
+    return brain_phantom(SHAPE)
+
+
+@pytest.fixture
+def flair(tmp_path, image):
+    return save_nifti(tmp_path / "case-t2f.nii.gz", image, AFFINE)
+
+
+def invoke(tmp_path: Path, model: Path | str, *args) -> tuple:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["predict", "--model", str(model), "-o", str(out), "-q", *map(str, args)]
+    )
+    return result, out
+
+
+def assert_refused(result, out: Path, code: int, *needles: str) -> None:
+    text = result.output
+    assert result.exit_code == code, text
+    assert "Traceback" not in text
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "internal error" not in text
+    for needle in needles:
+        assert needle.lower() in text.lower(), f"{needle!r} not in {text!r}"
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+# --- input errors (exit 3) ---------------------------------------------------------------
+
+def test_missing_file(tmp_path, tiny_model):
+    missing = tmp_path / "nowhere-t2f.nii.gz"
+    result, out = invoke(tmp_path, tiny_model, missing)
+    assert_refused(result, out, 3, "nowhere-t2f.nii.gz", "not found")
+
+
+def test_missing_file_given_by_option(tmp_path, tiny_model):
+    missing = tmp_path / "nowhere.nii.gz"
+    result, out = invoke(tmp_path, tiny_model, "--flair", missing)
+    assert_refused(result, out, 3, "nowhere.nii.gz", "not found")
+
+
+def test_text_file_with_nifti_name(tmp_path, tiny_model):
+    fake = tmp_path / "x-t1c.nii.gz"
+    fake.write_text("this is not an image\n")
+    result, out = invoke(tmp_path, tiny_model, fake)
+    assert_refused(result, out, 3, "x-t1c.nii.gz", "not a readable")
+
+
+def test_truncated_gzip_nifti(tmp_path, tiny_model, image):
+    path = save_nifti(tmp_path / "cut-t2f.nii.gz", image, AFFINE)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert nib.load(str(path)).shape == SHAPE  # the header still reads: only the data is cut
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 3, "cut-t2f.nii.gz", "truncated or corrupt")
+
+
+@pytest.mark.parametrize("value, needle", [(np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")])
+def test_non_finite_voxels(tmp_path, tiny_model, image, value, needle):
+    image = image.copy()
+    image[20, 20, 20] = value
+    image[21, 20, 20] = value
+    path = save_nifti(tmp_path / "bad-t2f.nii.gz", image, AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 3, "bad-t2f.nii.gz", needle, "2 voxels")
+
+
+def test_constant_image(tmp_path, tiny_model):
+    path = save_nifti(tmp_path / "flat-t2f.nii.gz", np.full(SHAPE, 7.0, np.float32), AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 3, "flat-t2f.nii.gz", "constant", "7")
+
+
+# --- geometry errors (exit 4) ------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 40, 1)], ids=["2d", "single-slice"])
+def test_two_dimensional_images(tmp_path, tiny_model, shape):
+    rng = np.random.default_rng(1)
+    path = save_nifti(tmp_path / "slice-t2f.nii.gz", rng.random(shape).astype(np.float32), AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 4, "slice-t2f.nii.gz", "2D", str(shape))
+
+
+def test_4d_three_volumes_as_only_input(tmp_path, tiny_model, image):
+    path = save_nifti(tmp_path / "study.nii.gz", np.stack([image] * 3, axis=-1), AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 4, "study.nii.gz", "3 volumes", "Decathlon")
+
+
+def test_4d_three_volumes_given_as_flair(tmp_path, tiny_model, image):
+    path = save_nifti(tmp_path / "series.nii.gz", np.stack([image] * 3, axis=-1), AFFINE)
+    result, out = invoke(tmp_path, tiny_model, "--flair", path)
+    assert_refused(result, out, 4, "series.nii.gz", "3 volumes", "flair")
+
+
+def test_shapes_disagree(tmp_path, tiny_model, flair):
+    other = save_nifti(tmp_path / "case-t1c.nii.gz", brain_phantom((40, 40, 38)), AFFINE)
+    result, out = invoke(tmp_path, tiny_model, flair, other)
+    assert_refused(result, out, 4, "case-t1c.nii.gz", "shape", "(40, 40, 38)")
+
+
+def test_affines_disagree(tmp_path, tiny_model, flair, image):
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 3.0
+    other = save_nifti(tmp_path / "case-t1c.nii.gz", image, shifted)
+    result, out = invoke(tmp_path, tiny_model, flair, other)
+    assert_refused(result, out, 4, "case-t1c.nii.gz", "affine", "3 mm")
+
+
+def test_nifti_without_qform_or_sform(tmp_path, tiny_model, image):
+    # conftest.save_nifti(qform_code=0, sform_code=0) cannot make this file: nibabel resets the
+    # sform code to 2 when it saves an image that has an affine. Build the header by hand.
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header.set_data_dtype(np.float32)
+    header["qform_code"] = 0
+    header["sform_code"] = 0
+    path = tmp_path / "nogeo-t2f.nii.gz"
+    nib.save(nib.Nifti1Image(image, None, header=header), str(path))
+    saved = nib.load(str(path)).header
+    assert int(saved["qform_code"]) == 0 and int(saved["sform_code"]) == 0
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 4, "nogeo-t2f.nii.gz", "qform", "sform")
+
+
+# --- sequence errors (exit 7) ------------------------------------------------------------
+
+def test_name_matching_no_sequence(tmp_path, tiny_model, image):
+    path = save_nifti(tmp_path / "scan.nii.gz", image, AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 7, "scan.nii.gz", "--flair", "--t1", "--t1gd", "--t2")
+
+
+def test_name_matching_two_sequences(tmp_path, tiny_model, image):
+    path = save_nifti(tmp_path / "x_t1_t2.nii.gz", image, AFFINE)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 7, "x_t1_t2.nii.gz", "several sequences", "--t1", "--t2")
+
+
+def test_two_files_for_one_sequence(tmp_path, tiny_model, flair, image):
+    other = save_nifti(tmp_path / "other_flair.nii.gz", image, AFFINE)
+    result, out = invoke(tmp_path, tiny_model, flair, other)
+    assert_refused(result, out, 7, "case-t2f.nii.gz", "other_flair.nii.gz", "two inputs for flair")
+
+
+def test_explicit_and_positional_for_one_sequence(tmp_path, tiny_model, flair, image):
+    other = save_nifti(tmp_path / "other.nii.gz", image, AFFINE)
+    result, out = invoke(tmp_path, tiny_model, "--flair", other, flair)
+    assert_refused(result, out, 7, "case-t2f.nii.gz", "other.nii.gz", "two inputs for flair")
+
+
+def test_required_sequence_missing(tmp_path, flair):
+    model = make_tiny_model(tmp_path / "needs-t1gd", required=("t1gd",))
+    result, out = invoke(tmp_path, model, flair)
+    assert_refused(result, out, 7, "t1gd", "--t1gd")
+
+
+# --- model errors (exit 5) ---------------------------------------------------------------
+
+def test_weights_checksum_mismatch(tmp_path, tiny_model, flair):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    result, out = invoke(tmp_path, model, flair)
+    assert_refused(result, out, 5, "weights.safetensors", "checksum")
+
+
+def test_unknown_model_name(tmp_path, flair):
+    result, out = invoke(tmp_path, "no-such-model-xyz", flair)
+    assert_refused(result, out, 5, "no-such-model-xyz", "no model")
+
+
+# --- configuration errors (exit 6) -------------------------------------------------------
+
+def test_unknown_key_in_pipeline_file(tmp_path, tiny_model, flair):
+    pipeline = tmp_path / "mine.toml"
+    pipeline.write_text("[inference]\noverlapp = 0.25\n")
+    result, out = invoke(tmp_path, tiny_model, "--pipeline", pipeline, flair)
+    assert_refused(result, out, 6, "mine.toml", "overlapp", "did you mean 'overlap'")
+
+
+@pytest.mark.parametrize("value", ["1.5", "1.0", "-0.1"])
+def test_overlap_out_of_range(tmp_path, tiny_model, flair, value):
+    result, out = invoke(tmp_path, tiny_model, "--overlap", value, flair)
+    assert_refused(result, out, 6, "overlap", value)
+
+
+# --- accepted edge cases -----------------------------------------------------------------
+
+def test_4d_file_with_singleton_fourth_axis_is_3d(tmp_path, tiny_model, image):
+    affine = np.array([[0.9, 0, 0, -20.0], [0, 1.1, 0, -22.0], [0, 0, 1.0, -18.0], [0, 0, 0, 1]])
+    path = save_nifti(tmp_path / "one-t2f.nii.gz", image[..., None], affine)
+    assert nib.load(str(path)).shape == SHAPE + (1,)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert result.exit_code == 0, result.output
+    seg = nib.load(str(out / "segmentation.nii.gz"))
+    assert seg.shape == SHAPE
+    assert int(seg.header["dim"][0]) == 3
+    np.testing.assert_allclose(seg.affine, nib.load(str(path)).affine, atol=1e-5)
+    assert (out / "report.json").is_file()

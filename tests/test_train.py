@@ -1,0 +1,128 @@
+"""Training: data set discovery, label conversion, and exact resumption after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import brain_phantom, save_nifti, shared_data
+from tumorseg.errors import ConfigError
+from tumorseg.model import load_model
+from tumorseg.train import TrainConfig, discover_cases, prepare_case, region_dice
+
+
+def make_folder_dataset(root: Path, cases: int = 3) -> Path:
+    """BraTS-2023-named case folders: a bright 'tumour' with core (1), edema (2), rim (3)."""
+    for n in range(cases):
+        folder = root / f"case{n}"
+        folder.mkdir(parents=True)
+        shape = (36, 40, 32)
+        grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+        r = np.linalg.norm(grid - np.array([15 + n, 20, 14]), axis=-1)
+        labels = np.select([r < 3, r < 5, r < 8], [1, 3, 2], 0).astype(np.uint8)
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+        for seq, gain in (("t2f", 3.0), ("t1c", 2.0)):
+            image = brain_phantom(shape, seed=n + 10 * len(seq))
+            image[labels > 0] *= gain
+            save_nifti(folder / f"case{n}-{seq}.nii.gz", image, affine)
+        save_nifti(folder / f"case{n}-seg.nii.gz", labels, affine)
+    return root
+
+
+def test_discover_folder_dataset_needs_label_scheme(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds")
+    with pytest.raises(ConfigError, match="--label-scheme"):
+        discover_cases(root, None)
+    cases = discover_cases(root, "brats2023")
+    assert [c.case_id for c in cases] == ["case0", "case1", "case2"]
+    assert cases[0].inputs.sequences == ("flair", "t1gd")
+
+
+def test_prepare_case_converts_labels_to_model_classes(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", cases=1)
+    case = discover_cases(root, "brats2023")[0]
+    cfg = TrainConfig(patch_size=(32, 32, 32), filters=(4, 8, 16), strides=(1, 2, 2))
+    prepared = prepare_case(case, cfg.card())
+    assert prepared.present == [0, 2]  # flair and t1gd in (flair, t1, t1gd, t2)
+    assert not prepared.image[1].any() and not prepared.image[3].any()
+    # BraTS 2023 (1 NCR, 2 ED, 3 ET) -> MSD classes (1 edema, 2 core, 3 enhancing)
+    import nibabel as nib
+    truth = np.asarray(nib.load(str(case.label_path)).dataobj)
+    counts = {v: int((truth == v).sum()) for v in (1, 2, 3)}
+    assert int((prepared.labels == 2).sum()) == counts[1]
+    assert int((prepared.labels == 1).sum()) == counts[2]
+    assert int((prepared.labels == 3).sum()) == counts[3]
+
+
+def test_region_dice_counts_empty_as_perfect():
+    from tumorseg.labels import get_scheme
+
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[1, 1, 1] = 3
+    pred = truth.copy()
+    pred[2, 2, 2] = 1
+    dice = region_dice(pred, truth, get_scheme("msd"))
+    assert dice["ET"] == 1.0 and dice["TC"] == 1.0
+    assert dice["WT"] == pytest.approx(2 / 3)
+
+
+def _train_cmd(dataset: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tumorseg.cli", "train", "--dataset", str(dataset), "-o", str(output),
+            "--label-scheme", "brats2023", "--epochs", "3", "--iterations", "8", "--patch-size", "32,32,32",
+            "--filters", "4,8,16", "--validation-fraction", "0.34", "--seed", "3", "-q", *extra]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
+    dataset = make_folder_dataset(tmp_path / "ds")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(dataset, straight), check=True, env=env, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(dataset, killed), env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2
+    assert proc.poll() is None, "training ended before it could be killed mid-epoch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.toml").exists()
+    subprocess.run(_train_cmd(dataset, killed, "--resume"), check=True, env=env, timeout=600)
+
+    a = json.loads((straight / "training.json").read_text())
+    b = json.loads((killed / "training.json").read_text())
+    assert a["history"][-1]["validation_dice"] == b["history"][-1]["validation_dice"]
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert load_model(str(straight)).sha256 == load_model(str(killed)).sha256
+    assert a["split"]["validation"] == ["case1"] or len(a["split"]["validation"]) == 1
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
+    out = tmp_path / "m"
+    cmd = _train_cmd(dataset, out)
+    cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = "1"
+    subprocess.run(cmd, check=True, timeout=300)
+    other = [*cmd, "--resume"]
+    other[other.index("--seed") + 1] = "4"
+    result = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    assert result.returncode == ConfigError.exit_code
+    assert "other training settings" in result.stderr
+
+
+def test_brats2015_folder_discovered():
+    root = shared_data("brats2015-dev")
+    cases = discover_cases(root, "brats2015")
+    assert len(cases) == 4
+    assert all(c.label_path.name == "OTMultiClass.nii.gz" for c in cases)
+    assert all(c.inputs.sequences == ("flair", "t1gd") for c in cases)

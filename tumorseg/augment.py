@@ -1,0 +1,91 @@
+"""Training augmentation on one patch. Pure: new tensors out, driven by a numpy Generator.
+
+Every random draw comes from the Generator passed in, so an iteration's augmentation depends
+only on its seed: training resumed from a checkpoint repeats it exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: float = 0.5  # per axis
+    rotate_scale: float = 0.3
+    max_rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    intensity: float = 0.3  # per-channel scale and shift
+    gamma: float = 0.3
+    noise: float = 0.15
+    blur: float = 0.15
+    #: Probability of keeping only a random non-empty subset of the sequences present.
+    sequence_dropout: float = 0.5
+
+
+def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: np.random.Generator,
+            cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels."""
+    if rng.random() < cfg.rotate_scale:
+        image, labels = _rotate_scale(image, labels, rng, cfg)
+    for axis in range(3):
+        if rng.random() < cfg.flip:
+            image, labels = image.flip(axis + 1), labels.flip(axis)
+    image = image.clone()
+    for c in present:
+        channel = image[c]
+        if rng.random() < cfg.intensity:
+            channel.mul_(float(rng.uniform(0.8, 1.2))).add_(float(rng.uniform(-0.2, 0.2)))
+        if rng.random() < cfg.gamma:
+            lo, hi = channel.min(), channel.max()
+            span = (hi - lo).clamp_min(1e-6)
+            channel.copy_(((channel - lo) / span) ** float(rng.uniform(0.7, 1.5)) * span + lo)
+        if rng.random() < cfg.noise:
+            noise = torch.from_numpy(rng.normal(0, rng.uniform(0, 0.15), channel.shape).astype(np.float32))
+            channel.add_(noise)
+        if rng.random() < cfg.blur:
+            channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
+    if len(present) > 1 and rng.random() < cfg.sequence_dropout:
+        keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
+        for c in present:
+            if c not in keep:
+                image[c] = 0.0
+    return image, labels
+
+
+def _rotate_scale(image, labels, rng, cfg):
+    angles = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg, 3))
+    scale = rng.uniform(*cfg.scale_range)
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = np.cos(angle), np.sin(angle)
+        r = np.eye(3)
+        a, b = [x for x in range(3) if x != axis]
+        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+        matrix = matrix @ r
+    theta = torch.zeros(1, 3, 4)
+    theta[0, :, :3] = torch.from_numpy(matrix / scale).float()
+    size = (1, 1) + tuple(image.shape[1:])
+    grid = F.affine_grid(theta, list(size), align_corners=False)
+    # grid_sample's grid is (x, y, z) = (W, H, D): sample in reversed axis order consistently.
+    img = F.grid_sample(image[None].permute(0, 1, 4, 3, 2), grid, mode="bilinear", align_corners=False)
+    lab = F.grid_sample(labels[None, None].float().permute(0, 1, 4, 3, 2), grid, mode="nearest", align_corners=False)
+    return img.permute(0, 1, 4, 3, 2)[0], lab.permute(0, 1, 4, 3, 2)[0, 0].long()
+
+
+def _blur(channel: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    out = channel[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape))
+    return out[0, 0]

@@ -1,0 +1,350 @@
+"""``tumorseg train``: fit a DynUNet on a Decathlon-layout data set or a folder of BraTS cases.
+
+Determinism and resumption: the network is initialised from the seed, and every iteration
+draws its patches and augmentation from a generator seeded by (seed, epoch, iteration). A
+checkpoint is written atomically after each epoch; ``--resume`` restarts the interrupted
+epoch from it and so repeats exactly what an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import atomic_path, write_bytes_atomic
+from .augment import AugmentConfig, augment
+from .config import InferenceConfig
+from .configio import to_dict
+from .errors import ConfigError, InputError
+from .labels import LabelScheme, conversion_table, get_scheme
+from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
+from .sequences import DECATHLON_ORDER, SEQUENCES, StudyInputs, parse_sequence, sequence_from_filename, strip_image_suffix
+from .stages import geometry, infer, normalize, read
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "training.json"
+_LABEL_TOKENS = {"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "tumorseg-model"
+    sequences: tuple[str, ...] = SEQUENCES
+    label_scheme: str = "msd"
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    filters: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (1, 2, 2, 2, 2)
+    epochs: int = 50
+    iterations_per_epoch: int = 100
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    foreground_fraction: float = 0.5
+    validation_fraction: float = 0.1
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.iterations_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError("epochs, iterations_per_epoch and batch_size must be >= 1")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for s in self.sequences:
+            if s not in SEQUENCES:
+                raise ValueError(f"unknown sequence {s!r}")
+
+    def card(self, weights_file: str = "model.safetensors") -> ModelCard:
+        return ModelCard(
+            name=self.name,
+            input=InputSpec(sequences=self.sequences, spacing_mm=self.spacing_mm, patch_size=self.patch_size,
+                            min_sequences=1),
+            labels=self.label_scheme,
+            architecture=Architecture(filters=self.filters, strides=self.strides),
+            weights=Weights(weights_file, "0" * 64),
+            normalization=Normalization(),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    case_id: str
+    inputs: StudyInputs
+    label_path: Path
+    scheme: LabelScheme
+
+
+def discover_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
+    """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders."""
+    root = Path(root)
+    if (root / "dataset.json").is_file():
+        return _decathlon_cases(root, label_scheme)
+    if not root.is_dir():
+        raise InputError("data set folder not found", root)
+    if label_scheme is None:
+        raise ConfigError(
+            f"{root} has no dataset.json, so its label scheme is unknown; "
+            "name it with --label-scheme (msd, brats2015, brats2021, brats2023)"
+        )
+    cases = [c for c in (_folder_case(d, get_scheme(label_scheme)) for d in sorted(root.iterdir()) if d.is_dir()) if c]
+    if not cases:
+        raise InputError("no case folders with images and a label file", root)
+    return cases
+
+
+def _decathlon_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
+    spec = json.loads((root / "dataset.json").read_text())
+    modality = spec.get("modality") or spec.get("channel_names") or {}
+    order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
+    if order != DECATHLON_ORDER:
+        raise ConfigError(f"{root / 'dataset.json'}: modalities {order} are not in Decathlon order {DECATHLON_ORDER}")
+    scheme = get_scheme(label_scheme or "msd")
+    cases = []
+    for entry in spec.get("training", []):
+        image, label = root / entry["image"], root / entry["label"]
+        cases.append(TrainingCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, scheme))
+    if not cases:
+        raise InputError("dataset.json lists no training cases", root / "dataset.json")
+    return cases
+
+
+def _folder_case(folder: Path, scheme: LabelScheme) -> TrainingCase | None:
+    files, labels = {}, []
+    for path in sorted(folder.iterdir()):
+        if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+            continue
+        tokens = set(re.split(r"[^a-z0-9]+", strip_image_suffix(path.name).lower()))
+        if tokens & _LABEL_TOKENS:
+            labels.append(path)
+        elif (seq := sequence_from_filename(path)) is not None:
+            files[seq] = path
+    if not files or len(labels) != 1:
+        log.warning("skipping %s: %d label files, sequences %s", folder.name, len(labels), sorted(files))
+        return None
+    inputs = StudyInputs(files=tuple((s, files[s]) for s in SEQUENCES if s in files))
+    return TrainingCase(folder.name, inputs, labels[0], scheme)
+
+
+@dataclass
+class PreparedCase:
+    case_id: str
+    image: np.ndarray  # (C, X, Y, Z) float32, normalised, model channel order, zeros for missing
+    labels: np.ndarray  # (X, Y, Z) uint8 class indices 0..L
+    present: list[int]
+    foreground: np.ndarray  # (N, 3) indices of tumour voxels
+
+
+def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
+    """Read, move to the model grid and normalise exactly as ``predict`` does."""
+    scan = read.read_study(case.inputs)
+    label_volume = read.read_volume(case.label_path)
+    if label_volume.array.shape != scan.source.shape or not np.allclose(
+        label_volume.affine, scan.affine, atol=read.AFFINE_TOLERANCE_MM
+    ):
+        raise InputError(f"label map is not on the grid of the images of case {case.case_id}", case.label_path)
+    values = np.rint(label_volume.array).astype(np.int64)
+    case.scheme.validate_array(values, f"label map {case.label_path}")
+    target = card.scheme
+    lut = conversion_table(case.scheme, target)  # scheme value -> target value
+    to_index = np.zeros(target.max_label + 1, dtype=np.uint8)
+    for index, label in enumerate(target.labels, start=1):
+        to_index[label.value] = index
+    indices = to_index[lut[values]]
+    brain = normalize.brain_mask(scan.array)
+    transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+    image = normalize.normalize(
+        geometry.to_model_grid(scan, transform), card.normalization, geometry.labels_to_model_grid(brain, transform)
+    )
+    order = card.input.sequences
+    channels = np.zeros((len(order),) + image.spatial_shape, dtype=np.float32)
+    for c, seq in enumerate(order):
+        if seq in image.channels:
+            channels[c] = image.array[image.channels.index(seq)]
+    labels = geometry.labels_to_model_grid(indices.astype(np.uint8), transform)
+    return PreparedCase(
+        case.case_id, channels, labels, [c for c, s in enumerate(order) if s in image.channels],
+        np.argwhere(labels > 0),
+    )
+
+
+def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[list, list]:
+    if fraction == 0 or len(cases) < 2:
+        return cases, []
+    order = np.random.default_rng([seed, 7]).permutation(len(cases))
+    n_val = max(1, int(round(fraction * len(cases))))
+    val = {int(i) for i in order[:n_val]}
+    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
+
+
+def sample_batch(cases: list[PreparedCase], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    patch = np.array(cfg.patch_size)
+    for _ in range(cfg.batch_size):
+        case = cases[int(rng.integers(len(cases)))]
+        shape = np.array(case.labels.shape)
+        if len(case.foreground) and rng.random() < cfg.foreground_fraction:
+            centre = case.foreground[int(rng.integers(len(case.foreground)))] + rng.integers(-patch // 4, patch // 4 + 1)
+        else:
+            centre = np.array([int(rng.integers(0, n)) for n in shape])
+        start = centre - patch // 2
+        img = _crop(case.image, start, patch, channel_axis=True)
+        lab = _crop(case.labels, start, patch, channel_axis=False)
+        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng, cfg.augment)
+        images.append(img_t)
+        labels.append(lab_t)
+    return torch.stack(images), torch.stack(labels)[:, None]
+
+
+def _crop(array: np.ndarray, start: np.ndarray, size: np.ndarray, channel_axis: bool) -> np.ndarray:
+    """A zero-padded crop of ``size`` from ``start`` (may reach outside the array)."""
+    spatial = array.shape[1:] if channel_axis else array.shape
+    out = np.zeros(((array.shape[0],) if channel_axis else ()) + tuple(size), dtype=array.dtype)
+    src, dst = [], []
+    for s, n, z in zip(start, spatial, size):
+        a, b = max(0, s), min(n, s + z)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    lead = (slice(None),) if channel_axis else ()
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out
+
+
+def region_dice(pred: np.ndarray, truth: np.ndarray, scheme: LabelScheme) -> dict[str, float]:
+    """Dice of WT, TC, ET for class-index maps; 1.0 when both are empty."""
+    values = np.array([0] + [l.value for l in scheme.labels])
+    pred_v, truth_v = values[pred], values[truth]
+    out = {}
+    for region, labels in scheme.regions.items():
+        p, t = np.isin(pred_v, labels), np.isin(truth_v, labels)
+        denom = p.sum() + t.sum()
+        out[region] = 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+    return out
+
+
+def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> dict[str, Any]:
+    per_case = {}
+    for case in cases:
+        probs = infer.predict_probabilities(network, case.image, card.input.patch_size, InferenceConfig(), device)
+        per_case[case.case_id] = region_dice(np.argmax(probs, axis=0), case.labels, card.scheme)
+    if not per_case:
+        return {}
+    mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in ("WT", "TC", "ET")}
+    return {"mean": mean, "cases": per_case}
+
+
+def train(dataset: Path, output: Path, cfg: TrainConfig, label_scheme: str | None = None, resume: bool = False,
+          device_name: str = "auto", progress: bool = True, command: str = "") -> ModelCard:
+    """Train, checkpointing every epoch; returns the card of the model written to ``output``."""
+    from monai.losses import DiceCELoss
+    from tqdm import tqdm
+
+    output = Path(output)
+    device = infer.select_device(device_name)
+    card = cfg.card()
+    cases = discover_cases(dataset, label_scheme)
+    train_cases, val_cases = split_cases(cases, cfg.validation_fraction, cfg.seed)
+    log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
+    prepared = [prepare_case(c, card) for c in tqdm(train_cases, desc="preparing", disable=not progress)]
+    prepared_val = [prepare_case(c, card) for c in val_cases]
+
+    torch.manual_seed(cfg.seed)
+    network = build_network(card).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * cfg.iterations_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    checkpoint_path = output / CHECKPOINT_NAME
+    if resume:
+        start_epoch, history = _load_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler)
+        log.info("resuming after epoch %d", start_epoch)
+    elif checkpoint_path.exists():
+        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
+
+    network.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        started, losses = time.perf_counter(), []
+        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for it in bar:
+            rng = np.random.default_rng([cfg.seed, epoch, it])
+            images, labels = sample_batch(prepared, cfg, rng)
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                loss = loss_fn(network(images), labels)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        network.eval()
+        val = validate(network, prepared_val, card, device)
+        network.train()
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
+                        "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})
+        log.info("epoch %d: loss %.4f, validation Dice %s", epoch + 1, np.mean(losses), val.get("mean"))
+        _save_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, epoch + 1, history)
+
+    network.eval()
+    card = dataclasses.replace(
+        card,
+        description=f"DynUNet trained by tumorseg {__version__} train",
+        training={
+            "command": command,
+            "dataset": Path(dataset).name,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "iterations_per_epoch": cfg.iterations_per_epoch,
+            "training_cases": [c.case_id for c in train_cases],
+            "validation_cases": [c.case_id for c in val_cases],
+            "config": to_dict(cfg),
+        },
+        metrics={"validation_dice": history[-1]["validation_dice"] or {}} if history else {},
+    )
+    card = save_model(output, card, network.cpu())
+    split = {"training": [c.case_id for c in train_cases], "validation": [c.case_id for c in val_cases]}
+    write_bytes_atomic(output / LOG_NAME, json.dumps({"split": split, "history": history}, indent=2).encode())
+    return card
+
+
+def _save_checkpoint(path, cfg, network, optimizer, scheduler, epoch, history) -> None:
+    state = {
+        "config": json.dumps(to_dict(cfg), sort_keys=True),
+        "epoch": epoch,
+        "history": json.dumps(history),
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, str(tmp))
+
+
+def _load_checkpoint(path, cfg, network, optimizer, scheduler) -> tuple[int, list]:
+    if not path.is_file():
+        raise ConfigError("--resume given but there is no checkpoint", path)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if state["config"] != json.dumps(to_dict(cfg), sort_keys=True):
+        raise ConfigError("the checkpoint was made with other training settings; resume with the same options", path)
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), json.loads(state["history"])
