@@ -144,7 +144,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 @main.command()
-@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names.")
+@click.option("--dataset", "datasets", required=True, multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names; repeat to train on several, each contributing an equal share of the patches.")
+@click.option("--exclude", multiple=True, help="Case id to leave out entirely (repeatable; for leave-one-out).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
 @click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--name", default="tumorseg-model", show_default=True, help="Model name written into the card.")
@@ -155,15 +156,16 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--spacing", default="1,1,1", show_default=True, help="Model voxel size in mm.")
 @click.option("--filters", default="16,32,64,128,256", show_default=True, help="DynUNet filters per level (network size).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate (polynomial decay).")
-@click.option("--validation-fraction", type=float, default=0.1, show_default=True)
+@click.option("--validation-fraction", type=float, default=0.1, show_default=True, help="Share of each data set's cases held out for validation.")
+@click.option("--validate-every", type=int, default=1, show_default=True, help="Validate after every this many epochs (and after the last).")
 @click.option("--sequence-dropout", type=float, default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def train(dataset, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing, filters, lr,
-          validation_fraction, sequence_dropout, seed, device, resume, quiet, verbose):
+def train(datasets, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing, filters, lr,
+          validation_fraction, validate_every, sequence_dropout, seed, device, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -185,14 +187,15 @@ def train(dataset, output, label_scheme, name, epochs, iterations, batch_size, p
             name=name, epochs=epochs, iterations_per_epoch=iterations, batch_size=batch_size,
             patch_size=_ints(patch_size), spacing_mm=tuple(float(v) for v in spacing.split(",")),
             filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
-            validation_fraction=validation_fraction, seed=seed,
+            validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout),
         )
         cfg.card()  # validates patch size against the network depth
     except ValueError as e:
         raise ConfigError(str(e)) from None
     command = "tumorseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tumorseg train"
-    card = run_training(dataset, output, cfg, label_scheme, resume, device, progress=not quiet, command=command)
+    card = run_training(list(datasets), output, cfg, label_scheme, resume, device, progress=not quiet,
+                        command=command, exclude=tuple(exclude))
     click.echo(f"wrote {output / 'model.toml'} (weights sha256 {card.weights.sha256[:16]}...); "
                f"validation Dice {card.metrics.get('validation_dice', {})}")
 

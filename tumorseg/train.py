@@ -53,12 +53,14 @@ class TrainConfig:
     weight_decay: float = 1e-5
     foreground_fraction: float = 0.5
     validation_fraction: float = 0.1
+    #: Validate after every this many epochs (and after the last).
+    validate_every: int = 1
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.iterations_per_epoch < 1 or self.batch_size < 1:
-            raise ValueError("epochs, iterations_per_epoch and batch_size must be >= 1")
+        if min(self.epochs, self.iterations_per_epoch, self.batch_size, self.validate_every) < 1:
+            raise ValueError("epochs, iterations, batch size and validate_every must be >= 1")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         for s in self.sequences:
@@ -187,11 +189,13 @@ def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
 
-def sample_batch(cases: list[PreparedCase], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of augmented patches; each data set (group) is drawn from equally often."""
     images, labels = [], []
     patch = np.array(cfg.patch_size)
     for _ in range(cfg.batch_size):
-        case = cases[int(rng.integers(len(cases)))]
+        group = groups[int(rng.integers(len(groups)))]
+        case = group[int(rng.integers(len(group)))]
         shape = np.array(case.labels.shape)
         if len(case.foreground) and rng.random() < cfg.foreground_fraction:
             centre = case.foreground[int(rng.integers(len(case.foreground)))] + rng.integers(-patch // 4, patch // 4 + 1)
@@ -245,20 +249,37 @@ def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.
     return {"mean": mean, "cases": per_case}
 
 
-def train(dataset: Path, output: Path, cfg: TrainConfig, label_scheme: str | None = None, resume: bool = False,
-          device_name: str = "auto", progress: bool = True, command: str = "") -> ModelCard:
-    """Train, checkpointing every epoch; returns the card of the model written to ``output``."""
+def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: str | None = None, resume: bool = False,
+          device_name: str = "auto", progress: bool = True, command: str = "",
+          exclude: tuple[str, ...] = ()) -> ModelCard:
+    """Train, checkpointing every epoch; returns the card of the model written to ``output``.
+
+    Each data set in ``datasets`` is split into training and validation cases on its own and
+    contributes the same share of the patches; ``exclude`` names cases left out entirely
+    (for leave-one-out evaluation).
+    """
     from monai.losses import DiceCELoss
     from tqdm import tqdm
 
     output = Path(output)
     device = infer.select_device(device_name)
     card = cfg.card()
-    cases = discover_cases(dataset, label_scheme)
-    train_cases, val_cases = split_cases(cases, cfg.validation_fraction, cfg.seed)
+    train_groups, val_cases = [], []
+    for dataset in datasets:
+        cases = [c for c in discover_cases(dataset, label_scheme) if c.case_id not in exclude]
+        if not cases:
+            raise InputError("no training cases left after --exclude", dataset)
+        train_part, val_part = split_cases(cases, cfg.validation_fraction, cfg.seed)
+        train_groups.append(train_part)
+        val_cases += val_part
+    train_cases = [c for group in train_groups for c in group]
     log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
-    prepared = [prepare_case(c, card) for c in tqdm(train_cases, desc="preparing", disable=not progress)]
-    prepared_val = [prepare_case(c, card) for c in val_cases]
+    with tqdm(total=len(train_cases) + len(val_cases), desc="preparing", disable=not progress) as bar:
+        def prep(case: TrainingCase) -> PreparedCase:
+            bar.update()
+            return prepare_case(case, card)
+        prepared = [[prep(c) for c in group] for group in train_groups]
+        prepared_val = [prep(c) for c in val_cases]
 
     torch.manual_seed(cfg.seed)
     network = build_network(card).to(device)
@@ -295,9 +316,11 @@ def train(dataset: Path, output: Path, cfg: TrainConfig, label_scheme: str | Non
             scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        network.eval()
-        val = validate(network, prepared_val, card, device)
-        network.train()
+        val = {}
+        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
+            network.eval()
+            val = validate(network, prepared_val, card, device)
+            network.train()
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
                         "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})
         log.info("epoch %d: loss %.4f, validation Dice %s", epoch + 1, np.mean(losses), val.get("mean"))
@@ -309,7 +332,8 @@ def train(dataset: Path, output: Path, cfg: TrainConfig, label_scheme: str | Non
         description=f"DynUNet trained by tumorseg {__version__} train",
         training={
             "command": command,
-            "dataset": Path(dataset).name,
+            "datasets": [Path(d).name for d in datasets],
+            "excluded_cases": list(exclude),
             "seed": cfg.seed,
             "epochs": cfg.epochs,
             "iterations_per_epoch": cfg.iterations_per_epoch,
