@@ -63,9 +63,9 @@ _MEANS: dict[str, tuple[float, float, float, float]] = {
     "wm": (0.55, 1.00, 1.00, 0.45),
     "gm": (0.75, 0.68, 0.70, 0.65),
     "csf": (0.10, 0.25, 0.27, 1.45),
-    "edema": (1.10, 0.60, 0.62, 1.15),
+    "edema": (1.20, 0.55, 0.57, 1.15),
     "necrosis": (0.70, 0.35, 0.38, 1.30),  # FLAIR is redrawn per case: necrosis is variable there
-    "enhancing": (0.95, 0.62, 1.55, 0.85),
+    "enhancing": (0.95, 0.62, 1.70, 0.85),
     "bone": (0.05, 0.08, 0.08, 0.06),
     "marrow": (0.35, 0.65, 0.70, 0.45),
     "scalp": (0.75, 1.15, 1.20, 0.80),
@@ -138,6 +138,8 @@ def _anatomy() -> _Anatomy:
     raw_t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
     gm = np.asarray(nib.load(str(paths["gm"])).dataobj, dtype=np.float32) / 255.0
     wm = np.asarray(nib.load(str(paths["wm"])).dataobj, dtype=np.float32) / 255.0
+    if not np.allclose(affine[:3, :3], np.eye(3)):  # the code below counts mm in template voxels
+        raise ValueError(f"{paths['t1']}: expected a 1 mm RAS template grid, got affine {affine.tolist()}")
     mask = raw_t1 > 0  # the template is skull-stripped
     total = gm + wm
     over = total > 1.0
@@ -151,8 +153,7 @@ def _anatomy() -> _Anatomy:
     band = np.flatnonzero((outside > 0) & (outside < 25))
     # Depth only chooses tumour centres: a 2 mm grid is precise enough and 8x cheaper.
     depth = ndi.distance_transform_edt(mask[::2, ::2, ::2], sampling=2.0).astype(np.float32)
-    depth = ndi.zoom(depth, 2, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
-    depth = np.pad(depth, [(0, s - d) for s, d in zip(mask.shape, depth.shape)], mode="edge")
+    depth = ndi.affine_transform(depth, np.full(3, 0.5), output_shape=mask.shape, order=1, mode="nearest")
     z_mm = affine[2, 2] * np.arange(mask.shape[2]) + affine[2, 3]
     x_mm = affine[0, 0] * np.arange(mask.shape[0]) + affine[0, 3]
     # Hemispheres only: above the cerebellum and brainstem, off the midline.
@@ -213,15 +214,15 @@ def _plan_tumour(rng: np.random.Generator, anat: _Anatomy) -> _TumourPlan:
         pick = (anat.centre_depth >= need) & (anat.centre_in_wm if in_wm else True)
         if pick.any():
             break
-    flat = anat.centres[pick][rng.integers(int(pick.sum()))]
-    radius = min(radius, float(anat.centre_depth.ravel()[np.searchsorted(anat.centres, flat)]) + 4)
-    enhancing = rng.random() >= 0.1
+    chosen = np.flatnonzero(pick)[rng.integers(int(pick.sum()))]
+    radius = min(radius, float(anat.centre_depth[chosen]) + 4)
+    enhancing = rng.random() >= 0.1  # ~10 % non-enhancing tumours
     return _TumourPlan(
-        centre=np.array(np.unravel_index(flat, anat.mask.shape)),
+        centre=np.array(np.unravel_index(anat.centres[chosen], anat.mask.shape)),
         whole_ml=whole_ml,
         core_radius=radius,
-        rim_mm=float(min(rng.uniform(2.0, 5.0), 0.45 * radius)) if enhancing else 0.0,
-        rim_gap=float(rng.choice([0.0, rng.uniform(0.05, 0.35)])),
+        rim_mm=float(min(rng.uniform(2.5, 5.0), 0.45 * radius)) if enhancing else 0.0,
+        rim_gap=float(rng.choice([0.0, rng.uniform(0.05, 0.35)])),  # half the rims are incomplete
         mass_effect=rng.uniform(0.1, 0.45),
     )
 
@@ -321,7 +322,7 @@ def _rim(rng, plan: _TumourPlan, core: np.ndarray) -> np.ndarray:
 def _edema(rng, plan: _TumourPlan, core, gm, wm, brain) -> tuple[np.ndarray, np.ndarray]:
     """Edema grown from the core along a white-matter-weighted geodesic distance (2 mm grid).
 
-    Crossing white matter is cheap, grey matter is ~12x dearer and CSF (ventricles, sulci) and the
+    Crossing white matter is cheap, grey matter is ~25x dearer and CSF (ventricles, sulci) and the
     outside of the brain are impassable, so edema fingers along the white-matter tracts and spares the
     cortex, as vasogenic edema does. Returns the edema mask and a 0..1 strength (1 at the core).
     """
@@ -329,7 +330,7 @@ def _edema(rng, plan: _TumourPlan, core, gm, wm, brain) -> tuple[np.ndarray, np.
 
     csf = brain & (gm + wm < 0.45)
     passable = brain & ~csf
-    cost = np.where(passable, 1.0 / (0.08 + wm), -1.0)[::2, ::2, ::2]
+    cost = np.where(passable, 1.0 / (0.04 + wm), -1.0)[::2, ::2, ::2]
     core2 = core[::2, ::2, ::2]
     starts = np.argwhere(core2 & ~ndi.binary_erosion(core2))
     if len(starts) == 0:
@@ -351,7 +352,7 @@ def _edema(rng, plan: _TumourPlan, core, gm, wm, brain) -> tuple[np.ndarray, np.
         edema = _largest_component(edema | core) & ~core
     else:
         threshold = 1.0
-    strength = np.clip(1 - 0.5 * score / max(float(threshold), 1e-3), 0.4, 1.0).astype(np.float32)
+    strength = np.clip(1 - 0.5 * score / max(float(threshold), 1e-3), 0.5, 1.0).astype(np.float32)
     return edema, strength
 
 
@@ -459,9 +460,10 @@ def _draw_geometry(rng: np.random.Generator, anat: _Anatomy, look: _Look) -> _Ge
     direction = np.zeros((3, 3))
     for voxel_axis, world_axis in enumerate(order):
         direction[world_axis, voxel_axis] = rng.choice([-1.0, 1.0])
+    head_tilted = not np.allclose(pose[:3, :3], np.eye(3))
     if rng.random() < 0.35:  # oblique slices, often aligned to the (tilted) head as technologists do
-        tilt = pose[:3, :3] if rng.random() < 0.5 else _random_rotation(rng, 10.0)
-        direction = tilt @ direction
+        aligned = head_tilted and rng.random() < 0.5
+        direction = (pose[:3, :3] if aligned else _random_rotation(rng, 10.0)) @ direction
 
     mode = rng.choice(3, p=[0.3, 0.4, 0.3])
     in_plane = 1.0 if mode == 0 else rng.uniform(0.9, 1.3 if mode == 1 else 1.5)
@@ -493,46 +495,58 @@ def _acquire(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Loo
     to_template = np.linalg.inv(anat.affine) @ np.linalg.inv(geom.head_pose) @ geom.affine
     matrix, offset = to_template[:3, :3], to_template[:3, 3]
     footprint = np.abs(matrix).max(axis=1)  # template voxels per output voxel, per template axis
-    sharp = rng.uniform(0.3, 0.7)
-    sigma = np.sqrt(sharp**2 + 0.42**2 * np.maximum(footprint**2 - 1, 0))
+    # A slight blur, plus the slice profile (FWHM ~ voxel size) where output voxels exceed 1 mm.
+    base_blur = rng.uniform(0.3, 0.7)
+    sigma = np.sqrt(base_blur**2 + 0.42**2 * np.maximum(footprint**2 - 1, 0))
     labels = ndi.affine_transform(scene.labels, matrix, offset, output_shape=geom.shape, order=0)
-    bias = _bias_fields(rng, geom.shape)
     image = np.empty((4, *geom.shape), np.float32)
-    for c, ch in enumerate(channels):
+    for c, (ch, bias) in enumerate(zip(channels, _bias_profiles(rng, geom.shape))):
         ch = ndi.gaussian_filter(ch, sigma)
         if not look.skull:
             ch *= anat.mask
         clean = ndi.affine_transform(ch, matrix, offset, output_shape=geom.shape, order=1)
-        noise_sd = np.float32(rng.uniform(0.01, 0.04) * 0.5 * (look.means["wm"][c] + look.means["gm"][c]))
-        signal = clean * bias[c]
-        real = signal + noise_sd * rng.standard_normal(geom.shape, dtype=np.float32)
-        imag = noise_sd * rng.standard_normal(geom.shape, dtype=np.float32)
-        noisy = np.sqrt(real * real + imag * imag)
-        if not look.skull:
-            noisy[clean <= 0] = 0
-        noisy *= np.float32(np.exp(rng.uniform(np.log(50.0), np.log(5000.0))))
-        image[c] = noisy
+        del ch
+        image[c] = _rician(rng, clean, bias, 0.5 * (look.means["wm"][c] + look.means["gm"][c]))
+        if not look.skull:  # clean only got positive factors: its zeros are still the outside
+            image[c][clean <= 0] = 0
+        image[c] *= np.float32(np.exp(rng.uniform(np.log(50.0), np.log(5000.0))))
     return image, labels
 
 
-def _bias_fields(rng: np.random.Generator, shape: tuple[int, int, int]) -> list[np.ndarray]:
-    """Four smooth multiplicative fields, separable along the voxel axes (shared coil + per sequence)."""
+def _bias_profiles(rng: np.random.Generator, shape: tuple[int, int, int]) -> list[list[np.ndarray]]:
+    """Four smooth multiplicative bias fields (shared coil part + per sequence part).
 
-    def axis_profiles(amplitude: float) -> list[np.ndarray]:
+    Each is separable along the voxel axes: three 1D float32 profiles whose outer product is the field,
+    which costs one multiplication per voxel and axis instead of a full 3D field per channel.
+    """
+
+    def log_profiles(amplitude: float) -> list[np.ndarray]:
         out = []
         for n in shape:
-            x = np.linspace(-1, 1, n, dtype=np.float32)
+            x = np.linspace(-1, 1, n)
             a = rng.normal(0, amplitude, 3)
             out.append(a[0] * x + a[1] * (x * x - 1 / 3) + a[2] * np.cos(np.pi * x + rng.uniform(0, 2 * np.pi)))
         return out
 
-    shared = axis_profiles(rng.uniform(0.04, 0.12))
-    fields = []
-    for _ in range(4):
-        own = axis_profiles(0.04)
-        f = [np.exp(s + o).astype(np.float32) for s, o in zip(shared, own)]
-        fields.append(f[0][:, None, None] * f[1][None, :, None] * f[2][None, None, :])
-    return fields
+    shared = log_profiles(rng.uniform(0.04, 0.12))
+    return [[np.exp(s + o).astype(np.float32) for s, o in zip(shared, log_profiles(0.04))] for _ in range(4)]
+
+
+def _rician(rng: np.random.Generator, clean: np.ndarray, bias: list[np.ndarray], level: float) -> np.ndarray:
+    """|clean * bias + complex Gaussian noise|, noise sd 1-4 % of ``level``; reuses ``clean``'s memory."""
+    clean *= bias[0][:, None, None]
+    clean *= bias[1][None, :, None]
+    clean *= bias[2][None, None, :]
+    sd = np.float32(rng.uniform(0.01, 0.04) * level)
+    real = rng.standard_normal(clean.shape, dtype=np.float32)
+    real *= sd
+    real += clean
+    real *= real
+    imag = rng.standard_normal(clean.shape, dtype=np.float32)
+    imag *= sd
+    imag *= imag
+    real += imag
+    return np.sqrt(real, out=real)
 
 
 # --------------------------------------------------------------------------- public API
@@ -594,6 +608,21 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         nib.save(image, str(tmp))
 
 
+def _check_previous_seed(output: Path, seed: int) -> None:
+    """Refuse to mix cases of two seeds in one folder (existing cases are kept, not regenerated)."""
+    previous = output / "dataset.json"
+    if not previous.is_file():
+        return
+    try:
+        old = json.loads(previous.read_text())["tumorseg_synth"]["seed"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError("exists but is not a tumorseg synthetic dataset; choose an empty output folder",
+                          path=previous) from None
+    if old != seed:
+        raise ConfigError(f"holds a synthetic dataset made with seed {old}, not {seed}; rerun with seed {old} "
+                          "to resume or extend it, or choose another output folder", path=previous)
+
+
 def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
     """Write ``cases`` synthetic cases as a Decathlon (Task01) dataset under ``output``; return ``output``.
 
@@ -601,7 +630,8 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
     and ``labelsTr/synth_NNNN.nii.gz`` (uint8), qform and sform code 1. Case ``i`` is
     ``synth_case(s_i)`` with ``s_i`` drawn from ``SeedSequence([seed, i])`` (recorded in dataset.json).
     Files are written atomically; a case whose two files both exist is skipped, so an interrupted run
-    can be resumed.
+    can be resumed (or a dataset extended with more cases). Raises ConfigError for cases < 1, seed < 0,
+    or an ``output`` whose dataset.json records another seed.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ConfigError(f"number of synthetic cases must be a positive integer, got {cases!r}")
@@ -609,6 +639,7 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
         raise ConfigError(f"synthetic dataset seed must be a non-negative integer, got {seed!r}")
     output = Path(output)
     _template_paths()  # fail before creating anything when nilearn is missing
+    _check_previous_seed(output, int(seed))
     seeds = _case_seeds(int(seed), int(cases))
     training = []
     for i, case_seed in enumerate(seeds):

@@ -1,0 +1,221 @@
+"""tumorseg.synth: determinism, label anatomy, contrasts, geometry and the Decathlon writer.
+
+One small dataset (3 cases, seed 2: two cases with a skull and one skull-stripped, all small grids to
+keep the module fast) is generated once per module; most tests read it back from disk, so they also
+check what the files hold.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from tumorseg import synth
+from tumorseg.errors import ConfigError
+
+CASES, SEED = 3, 2
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return synth.write_synth_dataset(tmp_path_factory.mktemp("synth") / "Task01_Synth", CASES, SEED)
+
+
+@pytest.fixture(scope="module")
+def loaded(dataset):
+    """[(image (I, J, K, 4) float32, labels uint8, image affine, label affine, image header)] per case."""
+    out = []
+    for i in range(CASES):
+        image = nib.load(str(dataset / "imagesTr" / f"synth_{i:04d}.nii.gz"))
+        label = nib.load(str(dataset / "labelsTr" / f"synth_{i:04d}.nii.gz"))
+        out.append((np.asanyarray(image.dataobj), np.asanyarray(label.dataobj), image.affine, label.affine,
+                    image.header, label.header))
+    return out
+
+
+def _ring(labels: np.ndarray, affine: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """Label-0 voxels between ``inner`` and ``outer`` mm from the whole tumour (anisotropic voxels)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    dist = ndi.distance_transform_edt(labels == 0, sampling=spacing)
+    return (dist > inner) & (dist <= outer)
+
+
+def test_dataset_json_lists_every_case(dataset):
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+    assert meta["labels"] == {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+    assert meta["numTraining"] == CASES == len(meta["training"])
+    for key in ("name", "description", "licence"):
+        assert meta[key]
+    for i, entry in enumerate(meta["training"]):
+        assert entry == {"image": f"./imagesTr/synth_{i:04d}.nii.gz", "label": f"./labelsTr/synth_{i:04d}.nii.gz"}
+        assert (dataset / entry["image"]).is_file() and (dataset / entry["label"]).is_file()
+    record = meta["tumorseg_synth"]
+    assert record["seed"] == SEED and record["cases"] == CASES
+    assert record["case_seeds"] == synth._case_seeds(SEED, CASES)
+    assert len(set(record["case_seeds"])) == CASES
+    assert "McGill" in record["templates"][0]["licence"]
+    assert not list(dataset.rglob("*.partial*")), "temporary files left behind"
+
+
+def test_files_share_one_grid(loaded):
+    for image, labels, image_affine, label_affine, image_header, label_header in loaded:
+        assert image.dtype == np.float32 and labels.dtype == np.uint8
+        assert image.ndim == 4 and image.shape[3] == 4 and image.shape[:3] == labels.shape
+        assert max(labels.shape) <= 256
+        np.testing.assert_array_equal(image_affine, label_affine)
+        for header in (image_header, label_header):
+            assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+            np.testing.assert_allclose(header.get_qform(), header.get_sform(), atol=1e-4)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+        assert np.isfinite(image).all() and (image >= 0).all()
+
+
+def test_same_seed_gives_identical_case_and_world_positions_survive(loaded):
+    seed = synth._case_seeds(SEED, CASES)[0]
+    case, scene, geometry = synth._synthesise(seed)
+    image, labels, affine = loaded[0][0], loaded[0][1], loaded[0][2]
+    # The file was written by an earlier, separate call: byte-identical arrays.
+    assert case.image.dtype == np.float32 and case.labels.dtype == np.uint8 and case.affine.dtype == np.float64
+    np.testing.assert_array_equal(np.moveaxis(case.image, 0, -1), image)
+    np.testing.assert_array_equal(case.labels, labels)
+    np.testing.assert_allclose(case.affine, affine, atol=1e-4)
+    # Each compartment sits at the same world position before and after acquisition.
+    anatomy = synth._anatomy()
+    for value in (1, 2, 3):
+        before = np.argwhere(scene.labels == value).mean(axis=0)
+        world_before = (geometry.head_pose @ anatomy.affine @ np.r_[before, 1.0])[:3]
+        after = np.argwhere(case.labels == value).mean(axis=0)
+        world_after = (affine @ np.r_[after, 1.0])[:3]
+        assert np.linalg.norm(world_before - world_after) < 1.0, value
+
+
+def test_different_seeds_differ(loaded):
+    (a, la, *_), (b, lb, *_) = loaded[0], loaded[1]
+    assert a.shape != b.shape or not np.array_equal(a, b)
+    assert la.shape != lb.shape or not np.array_equal(la, lb)
+    assert not np.allclose(loaded[0][2], loaded[1][2])
+
+
+def test_three_compartments_and_plausible_volumes(loaded):
+    complete = 0
+    for _, labels, affine, *_ in loaded:
+        present = set(np.unique(labels)) - {0}
+        assert {1, 2} <= present  # edema and core always; the enhancing rim is absent in ~10 %
+        complete += present == {1, 2, 3}
+        whole_ml = (labels > 0).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000
+        assert 5 < whole_ml < 200, whole_ml
+    assert complete >= 2
+
+
+def test_edema_surrounds_the_core(loaded):
+    for _, labels, affine, *_ in loaded:
+        core = labels >= 2
+        edema = labels == 1
+        assert (ndi.binary_dilation(core, iterations=2) & edema).any(), "edema does not touch the core"
+        centre = np.argwhere(core).mean(axis=0)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        core_r = np.linalg.norm((np.argwhere(core) - centre) * spacing, axis=1)
+        edema_r = np.linalg.norm((np.argwhere(edema) - centre) * spacing, axis=1)
+        assert np.median(edema_r) > np.median(core_r) + 3
+
+
+def test_sequence_contrasts(loaded):
+    flair, t1, t1gd, t2 = range(4)
+    for image, labels, affine, *_ in loaded:
+        ring = _ring(labels, affine, 3.0, 12.0) & (image[..., t1] > 0)
+        normal = {c: np.median(image[..., c][ring]) for c in range(4)}
+        edema, enhancing = labels == 1, labels == 3
+        assert image[..., flair][edema].mean() > 1.2 * normal[flair]
+        assert image[..., t2][edema].mean() > 1.2 * normal[t2]
+        # "slightly dark on T1": darker than the white matter around it (the ring's brighter part)
+        assert image[..., t1][edema].mean() < np.percentile(image[..., t1][ring], 75)
+        if enhancing.any():
+            assert image[..., t1gd][enhancing].mean() > 1.2 * normal[t1gd]
+            # enhancement is a T1gd effect: on plain T1 the rim is not brighter than brain
+            assert image[..., t1][enhancing].mean() < normal[t1]
+        necrosis = (labels == 2) & (ndi.distance_transform_edt(labels == 2) > 2)
+        if necrosis.any():
+            assert image[..., t1gd][necrosis].mean() < normal[t1gd]
+
+
+def test_skull_and_skull_stripped_backgrounds(loaded):
+    kinds = []
+    for image, labels, *_ in loaded:
+        zero = (image == 0).all(axis=3)
+        corners = [image[i, j, k] for i in (0, -1) for j in (0, -1) for k in (0, -1)]
+        if zero.mean() > 0.3:  # skull-stripped: exact zeros outside the brain, the tumour inside
+            kinds.append("stripped")
+            assert all((c == 0).all() for c in corners)
+            assert not zero[labels > 0].any()
+        else:  # skull kept: noise everywhere, a bright scalp outside the dark skull
+            kinds.append("skull")
+            assert zero.mean() < 0.01
+            assert all((c > 0).all() for c in corners)
+    assert sorted(set(kinds)) == ["skull", "stripped"], kinds
+
+
+def test_mass_effect_and_white_matter_edema():
+    anatomy = synth._anatomy()
+    rng = np.random.default_rng(np.random.SeedSequence(3))
+    plan = synth._plan_tumour(rng, anatomy)
+    scene = synth._build_scene(rng, anatomy, plan)
+    moved = np.abs(scene.wm - anatomy.wm)
+    outside = np.ones(anatomy.mask.shape, bool)
+    outside[scene.box] = False
+    assert moved[outside].max() == 0 and moved[scene.box].max() > 0.3
+    # Edema follows white matter: more WM under it than in the brain at the same distances.
+    local = scene.labels[scene.box]
+    dist = ndi.distance_transform_edt(local < 2)
+    edema = local == 1
+    reach = (dist > 0) & (dist <= np.percentile(dist[edema], 90)) & anatomy.mask[scene.box]
+    assert scene.wm[scene.box][edema].mean() > scene.wm[scene.box][reach].mean() + 0.1
+
+
+def test_rerun_skips_existing_and_resumes_missing(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    files = sorted(copy.rglob("synth_*.nii.gz"))
+    before = {f: f.stat().st_mtime_ns for f in files}
+    synth.write_synth_dataset(copy, CASES, SEED)
+    assert {f: f.stat().st_mtime_ns for f in files} == before
+    # An interrupted run left case 2's image but not its label: only that case is redone.
+    missing = copy / "labelsTr" / "synth_0002.nii.gz"
+    missing.unlink()
+    synth.write_synth_dataset(copy, CASES, SEED)
+    assert missing.is_file()
+    for f in files:
+        if f.name != "synth_0002.nii.gz":
+            assert f.stat().st_mtime_ns == before[f], f
+    original = np.asanyarray(nib.load(str(dataset / "labelsTr" / "synth_0002.nii.gz")).dataobj)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(missing)).dataobj), original)
+    # Another seed into the same folder would mix two datasets: refused before touching anything.
+    with pytest.raises(ConfigError, match=f"seed {SEED}"):
+        synth.write_synth_dataset(copy, CASES + 1, SEED + 1)
+    assert not (copy / "labelsTr" / f"synth_{CASES:04d}.nii.gz").exists()
+
+
+def test_invalid_arguments_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="-1"):
+        synth.synth_case(-1)
+    with pytest.raises(ConfigError, match="0"):
+        synth.write_synth_dataset(tmp_path, 0, 1)
+    with pytest.raises(ConfigError, match="seed"):
+        synth.write_synth_dataset(tmp_path, 2, -3)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_nilearn_is_named(monkeypatch, tmp_path):
+    real_find_spec = synth.importlib.util.find_spec
+    monkeypatch.setattr(synth.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nilearn" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install nilearn"):
+        synth._template_paths()
+    with pytest.raises(ModuleNotFoundError, match="nilearn"):
+        synth.write_synth_dataset(tmp_path / "out", 1, 0)
+    assert not (tmp_path / "out").exists()
