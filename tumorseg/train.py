@@ -25,6 +25,7 @@ from .augment import AugmentConfig, augment
 from .config import InferenceConfig
 from .configio import to_dict
 from .errors import ConfigError, InputError
+from .evaluate import region_scores
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
 from .sequences import DECATHLON_ORDER, SEQUENCES, StudyInputs, parse_sequence, sequence_from_filename, strip_image_suffix
@@ -150,7 +151,7 @@ class PreparedCase:
 def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
     """Read, move to the model grid and normalise exactly as ``predict`` does."""
     scan = read.read_study(case.inputs)
-    label_volume = read.read_volume(case.label_path)
+    label_volume = read.read_volume(case.label_path, allow_constant=True)
     if label_volume.array.shape != scan.source.shape or not np.allclose(
         label_volume.affine, scan.affine, atol=read.AFFINE_TOLERANCE_MM
     ):
@@ -184,7 +185,7 @@ def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[
     if fraction == 0 or len(cases) < 2:
         return cases, []
     order = np.random.default_rng([seed, 7]).permutation(len(cases))
-    n_val = max(1, int(round(fraction * len(cases))))
+    n_val = int(round(fraction * len(cases)))  # a small data set may give no validation case
     val = {int(i) for i in order[:n_val]}
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
@@ -227,15 +228,9 @@ def _crop(array: np.ndarray, start: np.ndarray, size: np.ndarray, channel_axis: 
 
 
 def region_dice(pred: np.ndarray, truth: np.ndarray, scheme: LabelScheme) -> dict[str, float]:
-    """Dice of WT, TC, ET for class-index maps; 1.0 when both are empty."""
+    """Dice of WT, TC, ET for two class-index maps (0..L) of ``scheme``."""
     values = np.array([0] + [l.value for l in scheme.labels])
-    pred_v, truth_v = values[pred], values[truth]
-    out = {}
-    for region, labels in scheme.regions.items():
-        p, t = np.isin(pred_v, labels), np.isin(truth_v, labels)
-        denom = p.sum() + t.sum()
-        out[region] = 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
-    return out
+    return region_scores(values[pred], scheme, values[truth], scheme)
 
 
 def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> dict[str, Any]:

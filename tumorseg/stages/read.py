@@ -142,8 +142,11 @@ def _check_size(shape: tuple[int, ...], path: Path) -> None:
         raise InputError(f"image of shape {tuple(shape)} exceeds {MAX_VOXELS} voxels", path)
 
 
-def read_volume(path: Path) -> Volume:
-    """Read one image file; a singleton 4th (and 5th) axis is dropped."""
+def read_volume(path: Path, allow_constant: bool = False) -> Volume:
+    """Read one image file; a singleton 4th (and 5th) axis is dropped.
+
+    ``allow_constant`` accepts a constant volume (an empty label map); scans never are.
+    """
     path = Path(path)
     _check_exists(path)
     volume = _read_nifti(path) if _suffix_kind(path) == "nifti" else _read_itk(path)
@@ -159,15 +162,17 @@ def read_volume(path: Path) -> Volume:
         raise GeometryError(f"image of shape {array.shape} has more than 4 dimensions", path)
     if abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
         raise GeometryError(f"the affine is singular:\n{volume.affine}", path)
-    _check_values(array, path)
+    _check_values(array, path, allow_constant)
     return Volume(array, volume.affine, volume.nifti_header, path)
 
 
-def _check_values(array: np.ndarray, path: Path) -> None:
+def _check_values(array: np.ndarray, path: Path, allow_constant: bool) -> None:
     finite = np.isfinite(array)
     if not finite.all():
         bad = int(array.size - np.count_nonzero(finite))
         raise InputError(f"{bad} voxels are NaN or infinite; the image is damaged", path)
+    if allow_constant:
+        return
     volumes = array.reshape(array.shape[:3] + (-1,))
     for t in range(volumes.shape[-1]):
         v = volumes[..., t]

@@ -1,0 +1,47 @@
+"""Scoring label maps against ground truth, region by region (WT, TC, ET).
+
+Prediction and ground truth may use different label schemes: each is turned into region masks
+through its own scheme, so no label conversion (and no guess) is needed. Dice is 1.0 when
+both masks are empty and 0.0 when exactly one is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GeometryError
+from .labels import LabelScheme
+from .stages.read import AFFINE_TOLERANCE_MM, read_volume
+
+REGIONS = ("WT", "TC", "ET")
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    denom = int(pred.sum()) + int(truth.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.count_nonzero(pred & truth)) / denom
+
+
+def region_scores(pred: np.ndarray, pred_scheme: LabelScheme, truth: np.ndarray, truth_scheme: LabelScheme) -> dict[str, float]:
+    """Dice per region for two label maps on one grid, each in its own scheme."""
+    if pred.shape != truth.shape:
+        raise GeometryError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+    truth_scheme.validate_array(truth, "ground truth")
+    return {r: dice(pred_scheme.region_mask(pred, r), truth_scheme.region_mask(truth, r)) for r in REGIONS}
+
+
+@dataclass(frozen=True)
+class Truth:
+    labels: np.ndarray
+    affine: np.ndarray
+
+
+def read_truth(path: Path) -> Truth:
+    volume = read_volume(path, allow_constant=True)
+    return Truth(np.rint(volume.array).astype(np.int64), volume.affine)
+
+
+def check_same_grid(pred_affine: np.ndarray, truth: Truth, path: Path) -> None:
+    if not np.allclose(pred_affine, truth.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        raise GeometryError("ground truth is not on the grid of the scan it belongs to", path)
