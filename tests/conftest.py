@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random-weight model, synthetic scans, and the shared real data."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -22,8 +24,11 @@ def shared_data(*parts: str) -> Path:
 
 
 def make_tiny_model(directory: Path, sequences=("flair", "t1", "t1gd", "t2"), required=(), min_sequences=1,
-                    spacing=(1.0, 1.0, 1.0), seed: int = 0) -> Path:
-    """A small random-weight DynUNet: fine for geometry and mechanics, says nothing of quality."""
+                    spacing=(1.0, 1.0, 1.0), seed: int = 0, background_bias: float | None = None) -> Path:
+    """A small random-weight DynUNet: fine for geometry and mechanics, says nothing of quality.
+
+    ``background_bias`` added to the background logit makes a model that finds nothing.
+    """
     card = ModelCard(
         name="tiny-test",
         version="0",
@@ -34,13 +39,23 @@ def make_tiny_model(directory: Path, sequences=("flair", "t1", "t1gd", "t2"), re
         weights=Weights("weights.safetensors", "0" * 64),
     )
     torch.manual_seed(seed)
-    save_model(directory, card, build_network(card))
+    network = build_network(card)
+    if background_bias is not None:
+        with torch.no_grad():
+            network.output_block.conv.conv.bias[0] += background_bias
+    save_model(directory, card, network)
     return directory
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def empty_model(tmp_path_factory) -> Path:
+    """A tiny model that labels every voxel background."""
+    return make_tiny_model(tmp_path_factory.mktemp("empty-model"), spacing=(4.0, 4.0, 4.0), background_bias=100.0)
 
 
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 1) -> Path:
@@ -58,3 +73,16 @@ def brain_phantom(shape=(40, 44, 36), seed: int = 0) -> np.ndarray:
     inside = sum(g**2 for g in grid) < 0.8
     image = 100 + 20 * grid[0] + 10 * np.sin(3 * grid[1]) + rng.normal(0, 5, shape)
     return np.where(inside, image, 0).astype(np.float32)
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    """Run a Debian tool (dciodvfy, dcentvfy, dcm2niix); skip where it is not installed (CI has it)."""
+    if shutil.which(args[0]) is None:
+        pytest.skip(f"needs {args[0]} (Debian packages dicom3tools / dcm2niix; .ci/run installs them)")
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def dicom3tools_findings(result: subprocess.CompletedProcess) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of a dciodvfy / dcentvfy run."""
+    lines = (result.stdout + result.stderr).splitlines()
+    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]

@@ -67,22 +67,29 @@ def main() -> None:
 @click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]")
 @click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]")
+@click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT.")
 @click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]")
 @click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
-def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, tta, overlap, quiet, verbose):
+def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, quiet, verbose):
     """Segment one study and write segmentation.nii.gz, report.json and the resolved configuration.
 
     INPUTS are image files (NIfTI, NRRD, MHA) whose names say their sequence (BraTS names such as
-    *-t2f, *-t1n, *-t1c, *-t2w, or flair, t1, t1ce/t1gd, t2), a folder of such files, or one 4D
-    Decathlon file (channels FLAIR, T1w, T1gd, T2w). Name files explicitly with --flair, --t1,
-    --t1gd and --t2. The label map has exactly the input's shape and affine.
+    *-t2f, *-t1n, *-t1c, *-t2w, or flair, t1, t1ce/t1gd, t2), a folder of such files, one 4D
+    Decathlon file (channels FLAIR, T1w, T1gd, T2w), or DICOM folders. Name files explicitly with
+    --flair, --t1, --t1gd and --t2. The label map has exactly the input's shape and affine.
+
+    DICOM: every series under the folders is found, and one is chosen per sequence by its
+    description (the log says which and why). --flair/--t1/--t1gd/--t2 then take a series
+    folder, a SeriesNumber or a SeriesInstanceUID. The label map lands on the reference series
+    (T1gd, else FLAIR, T1, T2), and an RTSTRUCT referencing it is written (rtstruct.dcm).
 
     \b
     Examples:
       tumorseg predict BraTS-GLI-00001-000/
       tumorseg predict --flair flair.nii.gz --t1gd t1c.nii.gz -o out/
+      tumorseg predict /data/study-dicom/ --t1gd 7 --seg -o out/
     """
     _setup_logging(quiet, verbose)
     from .config import load_pipeline
@@ -93,22 +100,86 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, t
     explicit = {k: v for k, v in {"flair": flair, "t1": t1, "t1gd": t1gd, "t2": t2}.items() if v is not None}
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
+    from dataclasses import replace
+
     config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap)
     if model is not None:
-        from dataclasses import replace
-
         config = replace(config, model=model)
-    study = assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
+    if seg:
+        config = replace(config, output=replace(config.output, seg=True))
+    dicom = _dicom_inputs(list(inputs), explicit)
+    study = None if dicom else assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
     start = time.perf_counter()
     segmenter = Segmenter(config.model, config, progress=not quiet)
-    log.info("model %s; sequences %s", segmenter.card.name, ", ".join(study.sequences))
-    result = segmenter.segment_files(study)
+    if dicom:
+        result = segmenter.segment_dicom(*dicom)
+    else:
+        log.info("model %s; sequences %s", segmenter.card.name, ", ".join(study.sequences))
+        result = segmenter.segment_files(study)
     paths = write_outputs(result, segmenter, output)
     regions = result.report["results"]["regions"]
     summary = ", ".join(f"{r} {v['volume_ml']:.1f} mL" for r, v in regions.items())
     if result.report["empty"]:
         summary = "no tumour found"
     click.echo(f"{summary}; wrote {paths['label_map']} and {paths['report']} in {time.perf_counter() - start:.1f} s")
+
+
+def _dicom_inputs(inputs: list[Path], options: dict[str, Path]) -> tuple[list[Path], dict[str, str]] | None:
+    """(folders, series named per sequence) when the inputs are DICOM folders, else None.
+
+    A per-sequence option names a folder holding that sequence's one series, or (beside DICOM
+    inputs) a SeriesNumber or SeriesInstanceUID. Mixing DICOM and image files is refused.
+    """
+    from .dicom.series import find_series, looks_like_dicom_folder
+    from .errors import SequenceError
+
+    folders = [p for p in inputs if p.is_dir() and looks_like_dicom_folder(p)]
+    option_folders = {s: p for s, p in options.items() if p.is_dir() and looks_like_dicom_folder(p)}
+    if not folders and not option_folders:
+        return None
+    explicit: dict[str, str] = {}
+    for seq, folder in option_folders.items():
+        series = find_series(folder)
+        if len(series) != 1:
+            raise SequenceError(
+                f"--{seq} names a folder with {len(series)} image series; give the folder as input "
+                f"and name the series with --{seq} SERIESNUMBER", folder)
+        explicit[seq] = series[0].series_uid
+        folders.append(folder)
+    for seq, value in options.items():
+        if seq in option_folders:
+            continue
+        if value.exists():
+            raise SequenceError(f"--{seq} names an image file, but the other inputs are DICOM series; "
+                                "give one kind of input", value)
+        explicit[seq] = str(value)  # a SeriesNumber or SeriesInstanceUID
+    others = [p for p in inputs if p not in folders]
+    if others:
+        raise SequenceError(f"a mix of DICOM folders and other inputs ({', '.join(map(str, others))}); "
+                            "give one kind of input")
+    return folders, explicit
+
+
+@main.command()
+@click.option("--mask", required=True, type=click.Path(path_type=Path), help="Label map (NIfTI, NRRD, MHA) on the series' grid.")
+@click.option("--series", "series_folder", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder of the DICOM series the mask was drawn on.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for rtstruct.dcm.")
+@click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default="msd", show_default=True, help="Label scheme of the mask's values.")
+@click.option("--series-uid", default=None, help="SeriesInstanceUID or SeriesNumber, when the folder holds several image series.")
+@click.option("--name", "algorithm", default="tumorseg", show_default=True, help="ROI generation algorithm name.")
+@click.option("--seg", is_flag=True, help="Also write a DICOM SEG (seg.dcm).")
+@click.option("-q", "--quiet", is_flag=True)
+def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, seg, quiet):
+    """Convert an existing label map into an RTSTRUCT (and SEG) referencing its DICOM series.
+
+    The mask must cover the series' voxels: the same grid, or the same grid with axes permuted
+    or flipped (as dcm2niix writes it); anything else is refused.
+    """
+    _setup_logging(quiet, False)
+    from .dicom.export import export_mask
+
+    paths = export_mask(mask, series_folder, output, label_scheme, series_uid, algorithm, seg)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @main.command("models")

@@ -69,11 +69,27 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    """What is written besides the NIfTI label map and the report."""
+
+    #: An RTSTRUCT referencing the source series, when the input was DICOM.
+    rtstruct: bool = True
+    #: A DICOM SEG as well, when the input was DICOM.
+    seg: bool = False
+    #: ROI names by label name or region code (WT, TC, ET); planning systems may cut names
+    #: longer than 16 characters.
+    roi_names: Mapping[str, str] = field(default_factory=dict)
+    #: ROIs for the regions WT, TC and ET besides one per label.
+    include_regions: bool = True
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     #: A bundled model's name, or the path of a model folder.
     model: str = "default"
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def with_overrides(self, **inference: object) -> "PipelineConfig":
         """A copy with the given inference settings replaced (None values are ignored)."""

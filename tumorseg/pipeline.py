@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 LABEL_MAP_NAME = "segmentation.nii.gz"
 REPORT_NAME = "report.json"
 CONFIG_NAME = "pipeline.resolved.toml"
+RTSTRUCT_NAME = "rtstruct.dcm"
+SEG_NAME = "seg.dcm"
 
 
 @dataclass
@@ -73,6 +75,23 @@ class Segmenter:
             seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
             for seq, p in scan.meta.get("paths", {}).items()
         }
+        return result
+
+    def segment_dicom(self, folders: list[Path], explicit: dict[str, str] | None = None) -> Result:
+        """Find and choose the series of each sequence under ``folders``, and segment them.
+
+        ``explicit`` names a series per sequence (SeriesNumber or SeriesInstanceUID). The
+        label map lands on the reference series' grid (see :mod:`tumorseg.dicom.study`).
+        """
+        from .dicom.study import inputs_report, read_dicom_study
+
+        timings: dict[str, float] = {}
+        with _timed(timings, "read"):
+            scan = read_dicom_study(folders, sequences=self.card.input.sequences, explicit=explicit)
+        result = self.segment(scan)
+        result.timings = {**timings, **result.timings}
+        result.report["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
+        result.report["inputs"] = inputs_report(scan)
         return result
 
     def segment(self, scan: Scan) -> Result:
@@ -144,6 +163,37 @@ def _format_name(path: Path) -> str:
     return "nifti" if path.name.lower().endswith((".nii", ".nii.gz")) else path.suffix.lstrip(".").lower()
 
 
+def write_dicom_outputs(result: Result, segmenter: Segmenter, output_dir: Path) -> dict[str, Path]:
+    """RTSTRUCT (and SEG on request) referencing the source series, when the input was DICOM."""
+    series = result.labels.source.dicom_series
+    out = segmenter.config.output
+    if series is None or not (out.rtstruct or out.seg):
+        return {}
+    headers = series.read_headers()
+    card = segmenter.card
+    paths: dict[str, Path] = {}
+    if out.rtstruct:
+        from .dicom.rtstruct import write_rtstruct
+
+        summary = write_rtstruct(
+            result.labels.array, card.scheme, headers, output_dir / RTSTRUCT_NAME,
+            algorithm_name=card.name, algorithm_version=f"{card.version} (tumorseg {__version__})",
+            roi_names=out.roi_names, include_regions=out.include_regions,
+        )
+        paths["rtstruct"] = summary.path
+        result.report["rtstruct"] = {
+            "rois": list(summary.roi_names), "contours": summary.contour_counts, "empty": summary.empty,
+        }
+    if out.seg:
+        from .dicom.seg import write_seg
+
+        paths["seg"] = write_seg(
+            result.labels.array, card.scheme, headers, output_dir / SEG_NAME,
+            algorithm_name=card.name, algorithm_version=f"{card.version} (tumorseg {__version__})",
+        )
+    return paths
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     log.info("%s ...", stage)
@@ -167,6 +217,7 @@ def write_outputs(result: Result, segmenter: Segmenter, output_dir: Path) -> dic
         "configuration": output_dir / CONFIG_NAME,
     }
     write.write_label_map(result.labels, paths["label_map"])
+    paths.update(write_dicom_outputs(result, segmenter, output_dir))
     resolved = {
         "tumorseg_version": __version__,
         "model_sha256": segmenter.model.sha256,

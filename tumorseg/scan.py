@@ -20,12 +20,15 @@ class SourceGeometry:
 
     ``shape`` is the spatial shape (i, j, k); ``affine`` the RAS affine; ``nifti_header`` the
     reference NIfTI header (bytes) when the reference input was NIfTI, so that qform/sform and
-    their codes are copied bit for bit; None for other formats.
+    their codes are copied bit for bit; None for other formats. ``dicom_series`` is the
+    reference series (:class:`tumorseg.dicom.series.DicomSeries`) when the input was DICOM:
+    the RTSTRUCT and SEG writers reference its instances.
     """
 
     shape: tuple[int, int, int]
     affine: np.ndarray
     nifti_header: bytes | None = None
+    dicom_series: Any = None
 
 
 @dataclass(frozen=True)

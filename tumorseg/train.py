@@ -92,7 +92,7 @@ def discover_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
     """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders."""
     root = Path(root)
     if (root / "dataset.json").is_file():
-        return _decathlon_cases(root, label_scheme)
+        return _decathlon_cases(root)
     if not root.is_dir():
         raise InputError("data set folder not found", root)
     if label_scheme is None:
@@ -106,13 +106,18 @@ def discover_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
     return cases
 
 
-def _decathlon_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
+def _decathlon_cases(root: Path) -> list[TrainingCase]:
     spec = json.loads((root / "dataset.json").read_text())
     modality = spec.get("modality") or spec.get("channel_names") or {}
     order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
     if order != DECATHLON_ORDER:
         raise ConfigError(f"{root / 'dataset.json'}: modalities {order} are not in Decathlon order {DECATHLON_ORDER}")
-    scheme = get_scheme(label_scheme or "msd")
+    # A Decathlon data set declares its labels: they must be Task01's (the MSD scheme).
+    msd = get_scheme("msd")
+    labels = spec.get("labels", {})
+    if sorted(int(k) for k in labels) != [0] + [l.value for l in msd.labels]:
+        raise ConfigError(f"{root / 'dataset.json'}: labels {labels} are not the Decathlon Task01 labels 0-3")
+    scheme = msd
     cases = []
     for entry in spec.get("training", []):
         image, label = root / entry["image"], root / entry["label"]

@@ -162,11 +162,12 @@ def read_volume(path: Path, allow_constant: bool = False) -> Volume:
         raise GeometryError(f"image of shape {array.shape} has more than 4 dimensions", path)
     if abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
         raise GeometryError(f"the affine is singular:\n{volume.affine}", path)
-    _check_values(array, path, allow_constant)
+    check_values(array, path, allow_constant)
     return Volume(array, volume.affine, volume.nifti_header, path)
 
 
-def _check_values(array: np.ndarray, path: Path, allow_constant: bool) -> None:
+def check_values(array: np.ndarray, path: Path, allow_constant: bool) -> None:
+    """Refuse NaN/inf voxels and (unless ``allow_constant``) constant volumes, naming ``path``."""
     finite = np.isfinite(array)
     if not finite.all():
         bad = int(array.size - np.count_nonzero(finite))

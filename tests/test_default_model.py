@@ -1,0 +1,62 @@
+"""The bundled default model: checksum, card, README, and the README's first command's job."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tumorseg.cli import main
+from tumorseg.model import bundled_models_dir, load_card, load_model, sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "BraTS-GLI-00001-000"
+
+
+def test_default_model_loads_with_verified_checksum():
+    model = load_model("default")
+    card = model.card
+    weights = model.directory / card.weights.file
+    assert sha256_file(weights) == card.weights.sha256
+    assert weights.stat().st_size <= 25 * 1024 * 1024
+    assert set(card.input.sequences) == {"flair", "t1", "t1gd", "t2"}
+    assert card.input.required == () and card.input.min_sequences == 1
+    assert card.training["command"].startswith("tumorseg train")
+    assert card.license
+
+
+def test_readme_and_card_agree():
+    card = load_card(bundled_models_dir() / "default")
+    readme = (ROOT / "README.md").read_text()
+    assert card.weights.sha256 in readme
+    assert card.name in readme
+    first_lines = readme.splitlines()[:5]
+    assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
+
+
+@pytest.mark.slow
+def test_readme_first_command_segments_the_example(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(EXAMPLE), "-o", str(out), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    source = nib.load(str(next(EXAMPLE.glob("*-t2f.nii.gz"))))
+    labels = nib.load(str(out / "segmentation.nii.gz"))
+    assert labels.shape == source.shape and np.array_equal(labels.affine, source.affine)
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"]
+    # A real glioma: the model must find a tumour of plausible size, not nothing or everything.
+    assert 5.0 < report["results"]["regions"]["WT"]["volume_ml"] < 400.0
+
+
+def test_default_model_with_flair_only(tmp_path):
+    out = tmp_path / "out"
+    flair = next(EXAMPLE.glob("*-t2f.nii.gz"))
+    result = CliRunner().invoke(main, ["predict", str(flair), "-o", str(out), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair"]
+    assert report["results"]["regions"]["WT"]["volume_ml"] > 1.0

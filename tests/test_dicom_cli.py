@@ -1,0 +1,109 @@
+"""DICOM through the CLI: predict on a series folder, and `tumorseg rtstruct` for an existing mask."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from conftest import dicom3tools_findings, run_tool, save_nifti, shared_data
+from tumorseg.cli import main
+from tumorseg.dicom.series import read_series
+
+CANARY = "CANARY^PATIENT"
+
+
+def canary_series(tmp_path: Path, position: str = "HFS") -> Path:
+    """A copy of a real series whose patient name and ID are a canary."""
+    out = tmp_path / f"dicom-{position}"
+    out.mkdir()
+    for path in sorted(shared_data("dicom", "decubitus-t1", position).glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = CANARY, "CANARY-ID-123"
+        ds.save_as(out / path.name)
+    return out
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_predict_dicom_folder_writes_rtstruct_on_the_series(tmp_path, empty_model, caplog):
+    """Contour geometry is tested in test_rtstruct.py; here the plumbing, with a model that finds nothing."""
+    series_dir = canary_series(tmp_path)
+    out = tmp_path / "out"
+    caplog.set_level("DEBUG")
+    result = invoke("predict", str(series_dir), "--model", str(empty_model), "--seg", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    volume, series = read_series(series_dir)
+    labels = nib.load(str(out / "segmentation.nii.gz"))
+    assert labels.shape == series.shape
+    np.testing.assert_allclose(labels.affine, volume.affine, atol=1e-5)
+    rt = pydicom.dcmread(out / "rtstruct.dcm")
+    assert rt.FrameOfReferenceUID == series.frame_of_reference_uid
+    ref_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert ref_series.SeriesInstanceUID == series.series_uid
+    assert {i.ReferencedSOPInstanceUID for i in ref_series.ContourImageSequence} == set(series.sop_instance_uids)
+    report = json.loads((out / "report.json").read_text())
+    assert report["empty"] and report["rtstruct"]["empty"]
+    assert report["inputs"]["t1"]["format"] == "dicom"
+    assert (out / "seg.dcm").exists()
+    errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(out / "rtstruct.dcm")))
+    assert errors == []
+    # Privacy: the canary is in the RTSTRUCT (copied patient module) but in no log line or file name.
+    logged = caplog.text + result.output
+    assert "CANARY" not in logged
+    assert not any("CANARY" in p.name for p in out.iterdir())
+    assert CANARY not in (out / "report.json").read_text()
+
+
+def test_predict_refuses_dicom_mixed_with_nifti(tmp_path, empty_model):
+    series_dir = canary_series(tmp_path)
+    flair = save_nifti(tmp_path / "x-t2f.nii.gz", np.ones((8, 8, 8), np.float32) * np.arange(8), np.eye(4))
+    out = tmp_path / "out"
+    result = invoke("predict", str(series_dir), "--flair", str(flair), "--model", str(empty_model), "-o", str(out))
+    assert result.exit_code == 7
+    assert "one kind of input" in result.output
+    assert not out.exists()
+
+
+def test_rtstruct_command_accepts_dcm2niix_oriented_mask(tmp_path):
+    series_dir = shared_data("dicom", "decubitus-t1", "HFDL")
+    converted = tmp_path / "nifti"
+    converted.mkdir()
+    run_tool("dcm2niix", "-z", "y", "-f", "t1", "-o", str(converted), str(series_dir))
+    image = nib.load(str(converted / "t1.nii.gz"))
+    mask = np.zeros(image.shape[:3], np.uint8)
+    centre = np.array(mask.shape) // 2
+    mask[centre[0] - 12:centre[0] + 8, centre[1] - 10:centre[1] + 14, centre[2] - 3:centre[2] + 2] = 1
+    mask_path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask, image.affine), str(mask_path))
+    out = tmp_path / "out"
+    result = invoke("rtstruct", "--mask", str(mask_path), "--series", str(series_dir), "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    rt = pydicom.dcmread(out / "rtstruct.dcm")
+    # The contours' world extent matches the mask's world extent (same voxels, whatever the axis order).
+    points = np.concatenate([np.array(c.ContourData, float).reshape(-1, 3)
+                             for roi in rt.ROIContourSequence for c in roi.get("ContourSequence", [])
+                             if int(roi.ReferencedROINumber) == 1])
+    world = nib.affines.apply_affine(image.affine, np.argwhere(mask)) * [-1, -1, 1]  # RAS -> LPS
+    spacing = np.sqrt((image.affine[:3, :3] ** 2).sum(0)).max()
+    assert np.all(np.abs(points.min(0) - world.min(0)) <= spacing)
+    assert np.all(np.abs(points.max(0) - world.max(0)) <= spacing)
+    errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(out / "rtstruct.dcm")))
+    assert errors == []
+
+
+def test_rtstruct_command_refuses_a_mask_on_another_grid(tmp_path):
+    series_dir = shared_data("dicom", "decubitus-t1", "HFS")
+    mask_path = save_nifti(tmp_path / "mask.nii.gz", np.ones((256, 256, 35), np.uint8), np.eye(4))
+    out = tmp_path / "out"
+    result = invoke("rtstruct", "--mask", str(mask_path), "--series", str(series_dir), "-o", str(out))
+    assert result.exit_code == 4
+    assert "not on the grid" in result.output and "mask.nii.gz" in result.output
+    assert not out.exists() or not any(out.iterdir())

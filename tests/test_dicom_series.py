@@ -1,0 +1,445 @@
+"""The DICOM series reader (tumorseg.dicom.series/select/study) on the real decubitus series.
+
+The reference is dcm2niix, run here on the same folders; broken series are made from copies
+in tmp_path. Every failure must be a named tumorseg error, and no log line or message may carry
+the patient's name or ID.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from pydicom.uid import generate_uid
+
+from tumorseg.dicom.select import DEFAULT_RULES, SelectionRules, classify_series, select_series
+from tumorseg.dicom.series import DicomSeries, SeriesInfo, find_series, read_series
+from tumorseg.dicom.study import inputs_report, read_dicom_study, resample_to_grid
+from tumorseg.errors import ConfigError, GeometryError, InputError, SequenceError
+
+from conftest import shared_data
+
+POSITIONS = ("HFS", "HFP", "HFDL", "HFDR")
+CANARY_NAME = "CANARY^PATIENT"
+CANARY_ID = "CANARYID4711"
+
+
+def decubitus(position: str = "HFS") -> Path:
+    return shared_data("dicom", "decubitus-t1", position)
+
+
+def copy_series(src: Path, dst: Path, edit=None, new_uids: bool = False, description: str | None = None,
+                series_number: int | None = None) -> list[Path]:
+    """Copy a series file by file, optionally with new Series/SOP UIDs and edited headers.
+
+    ``edit(ds, index)`` may change a dataset; it returns False to leave the file out.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    series_uid = generate_uid()
+    written = []
+    for index, path in enumerate(sorted(src.iterdir())):
+        ds = pydicom.dcmread(path)
+        if new_uids:
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if description is not None:
+            ds.SeriesDescription = description
+            ds.ProtocolName = description
+        if series_number is not None:
+            ds.SeriesNumber = series_number
+        if edit is not None and edit(ds, index) is False:
+            continue
+        out = dst / f"IM{index:04d}"
+        ds.save_as(out, enforce_file_format=True)
+        written.append(out)
+    return written
+
+
+def files_by_position(folder: Path) -> list[Path]:
+    """The folder's files sorted along the slice normal."""
+    items = []
+    for p in folder.iterdir():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        normal = np.cross(iop[:3], iop[3:])
+        items.append((float(np.array([float(v) for v in ds.ImagePositionPatient]) @ normal), p))
+    return [p for _, p in sorted(items)]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry against the reference converter
+# --------------------------------------------------------------------------------------------
+
+
+def reorient_like(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray):
+    """``array``/``affine`` with their voxel axes permuted and flipped to match ``target_affine``'s
+    orientation (same world coordinates for every voxel)."""
+    transform = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    return apply_orientation(array, transform), affine @ inv_ornt_aff(transform, array.shape)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_affine_and_voxels_match_dcm2niix(position, tmp_path):
+    folder = decubitus(position)
+    if shutil.which("dcm2niix") is None:
+        pytest.skip("dcm2niix is not installed (apt-get install dcm2niix; CI installs it)")
+    subprocess.run(["dcm2niix", "-z", "y", "-f", "out", "-o", str(tmp_path), str(folder)],
+                   check=True, capture_output=True, timeout=60)
+    reference = nib.load(str(tmp_path / "out.nii.gz"))
+    volume, series = read_series(find_series(folder)[0])
+
+    assert volume.array.dtype == np.float32 and volume.array.shape == (256, 256, 35)
+    assert series.shape == volume.array.shape and len(series.sop_instance_uids) == 35
+    array, affine = reorient_like(volume.array, volume.affine, reference.affine)
+    assert array.shape == reference.shape
+    # dcm2niix stores its affine as float32: 1e-3 mm is well above that rounding.
+    assert np.abs(affine - reference.affine).max() < 1e-3, (affine, reference.affine)
+    np.testing.assert_array_equal(array, reference.get_fdata(dtype=np.float32))
+
+
+def test_affine_follows_dicom_definition():
+    volume, series = read_series(decubitus("HFS"))
+    first = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
+    last = pydicom.dcmread(series.paths[-1], stop_before_pixels=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
+    np.testing.assert_allclose(lps[:3, 3], [float(v) for v in first.ImagePositionPatient], atol=1e-6)
+    np.testing.assert_allclose(lps @ [0, 0, 34, 1], [*map(float, last.ImagePositionPatient), 1], atol=1e-4)
+    # Voxel (i, j) of a slice is pixel_array[j, i].
+    np.testing.assert_array_equal(volume.array[:, :, 0], pydicom.dcmread(series.paths[0]).pixel_array.T)
+    z = np.array(series.positions) @ series.normal
+    assert np.all(np.diff(z) > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: each a named error, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_slice_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    missing = files_by_position(folder)[17]
+    missing.unlink()
+    before = listing(tmp_path)
+    with pytest.raises(GeometryError, match="missing slice") as err:
+        read_series(folder)
+    assert "1 slice missing" in str(err.value) and str(folder) in str(err.value)
+    assert listing(tmp_path) == before
+
+
+def test_duplicated_slice_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    ds = pydicom.dcmread(files_by_position(folder)[10])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(folder / "extra-copy.dcm")
+    before = listing(tmp_path)
+    with pytest.raises(GeometryError, match="duplicated slice"):
+        read_series(folder)
+    assert listing(tmp_path) == before
+
+
+def test_same_instance_twice_is_one_image(tmp_path, caplog):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    shutil.copy(files_by_position(folder)[3], folder / "same-instance-again")
+    volume, series = read_series(folder)
+    assert volume.array.shape == (256, 256, 35)
+
+
+def test_four_d_series_is_refused(tmp_path):
+    folder = tmp_path / "multi-echo"
+    copy_series(decubitus("HFS"), folder)
+
+    def second_echo(ds, index):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.EchoNumbers = 2
+    copy_series(folder, tmp_path / "echo2", edit=second_echo)
+    for p in (tmp_path / "echo2").iterdir():
+        p.rename(folder / f"e2-{p.name}")
+    with pytest.raises(GeometryError, match=r"4D series.*EchoNumbers"):
+        read_series(folder)
+
+
+def test_multiframe_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    copy_series(decubitus("HFS"), folder, edit=lambda ds, i: setattr(ds, "NumberOfFrames", 2) if i == 0 else None)
+    with pytest.raises(GeometryError, match="multi-frame image"):
+        read_series(folder)
+
+
+def test_two_flair_candidates_are_ambiguous(tmp_path, caplog):
+    for n, number in enumerate((7, 8)):
+        copy_series(decubitus("HFS"), tmp_path / f"s{n}", new_uids=True, description="FLAIR",
+                    series_number=number)
+    series = find_series(tmp_path)
+    assert len(series) == 2
+    with pytest.raises(SequenceError, match="2 candidate series for flair") as err:
+        select_series(series)
+    assert "series 7 'FLAIR'" in str(err.value) and "series 8 'FLAIR'" in str(err.value)
+    with pytest.raises(SequenceError):
+        read_dicom_study(tmp_path)
+    # Naming one resolves it, by SeriesNumber or by UID.
+    assert select_series(series, explicit={"flair": 8})["flair"].series_number == 8
+    assert select_series(series, explicit={"flair": series[0].series_uid})["flair"] is series[0]
+    # Not wanted: logged, not an error.
+    assert select_series(series, sequences=("t1gd",)) == {}
+
+
+def test_truncated_file_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    victim = files_by_position(folder)[20]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    before = listing(tmp_path)
+    with pytest.raises(InputError, match="truncated") as err:
+        find_series(folder)
+    assert victim.name in str(err.value)
+    assert listing(tmp_path) == before
+
+
+def test_truncated_pixel_data_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    victim = files_by_position(folder)[34]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-5000])
+    with pytest.raises(InputError, match=r"truncated pixel data: \d+ of 131072 bytes") as err:
+        read_series(folder)
+    assert victim.name in str(err.value)
+
+
+def test_non_image_objects_and_other_files_are_ignored(tmp_path, caplog):
+    folder = tmp_path / "series"
+    shutil.copytree(decubitus("HFS"), folder)
+    shutil.copy(shared_data("dicom", "rt-utils-mock", "rt.dcm"), folder / "rt.dcm")
+    (folder / "README.txt").write_text("not DICOM")
+    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    with caplog.at_level(logging.INFO, logger="tumorseg"):
+        series = find_series(tmp_path)
+    assert len(series) == 1 and len(series[0].paths) == 35
+    assert "RT Structure Set Storage" in caplog.text
+    volume, dicom = read_series(series[0])
+    assert volume.array.shape == (256, 256, 35)
+
+
+def test_unsupported_transfer_syntax_is_refused(tmp_path):
+    folder = tmp_path / "series"
+    files = copy_series(decubitus("HFS"), folder)
+    ds = pydicom.dcmread(files[5])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no decoder
+    ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
+    ds.save_as(files[5])
+    with pytest.raises(InputError, match=r"transfer syntax MPEG2.*1\.2\.840\.10008\.1\.2\.4\.100"):
+        read_series(folder)
+
+
+def test_gantry_tilt_is_refused(tmp_path):
+    folder = tmp_path / "tilted"
+
+    def shear(ds, index):
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        normal = np.cross(iop[:3], iop[3:])
+        # Shift along the column direction by tan(10 degrees) x the distance along the normal.
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp + np.tan(np.radians(10)) * (ipp @ normal) * iop[3:]]
+    copy_series(decubitus("HFS"), folder, edit=shear)
+    with pytest.raises(GeometryError, match=r"not stacked along its slice normal.*10\.00 degrees"):
+        read_series(folder)
+
+
+def test_mixed_orientations_are_refused(tmp_path):
+    folder = tmp_path / "mixed"
+
+    def rotate(ds, index):
+        if index == 12:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    copy_series(decubitus("HFS"), folder, edit=rotate)
+    with pytest.raises(GeometryError, match="mixed orientations"):
+        read_series(folder)
+
+
+def test_non_uniform_spacing_is_refused(tmp_path):
+    folder = tmp_path / "uneven"
+    target = files_by_position(decubitus("HFS"))[20].name
+    src = decubitus("HFS")
+    names = sorted(p.name for p in src.iterdir())
+
+    def nudge(ds, index):
+        if names[index] == target:
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [ipp[0] + 1.0, ipp[1], ipp[2]]  # x is the slice normal here
+    copy_series(src, folder, edit=nudge)
+    with pytest.raises(GeometryError, match="non-uniform slice spacing"):
+        read_series(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Values, metadata, privacy
+# --------------------------------------------------------------------------------------------
+
+
+def test_rescale_is_applied(tmp_path):
+    folder = tmp_path / "scaled"
+
+    def scale(ds, index):
+        ds.RescaleSlope = "2.5"
+        ds.RescaleIntercept = "-10"
+    copy_series(decubitus("HFS"), folder, edit=scale)
+    raw, _ = read_series(decubitus("HFS"))
+    scaled, _ = read_series(folder)
+    np.testing.assert_allclose(scaled.array, raw.array * 2.5 - 10, rtol=0, atol=1e-4)
+
+
+def test_series_metadata_for_the_writers():
+    volume, series = read_series(decubitus("HFDL"))
+    first = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
+    assert isinstance(series, DicomSeries)
+    assert series.sop_instance_uids[0] == first.SOPInstanceUID
+    assert series.series_uid == first.SeriesInstanceUID
+    assert series.frame_of_reference_uid == first.FrameOfReferenceUID
+    assert series.study_uid == first.StudyInstanceUID
+    assert series.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4"
+    assert series.patient.patient_id == str(first.PatientID)
+    assert series.patient.as_keywords()["PatientName"] == str(first.PatientName)
+    assert series.orientation == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    assert series.pixel_spacing == (1.015625, 1.015625)
+    assert series.slice_step == pytest.approx(4.8, abs=1e-6)
+    np.testing.assert_allclose(series.affine, volume.affine)
+    headers = series.read_headers()
+    assert [h.SOPInstanceUID for h in headers] == list(series.sop_instance_uids)
+    assert str(first.PatientID) not in repr(series)
+
+
+def test_no_patient_identifiers_in_logs_or_messages(tmp_path, caplog):
+    def canary(ds, index):
+        ds.PatientName = CANARY_NAME
+        ds.PatientID = CANARY_ID
+    for n, number in enumerate((5, 6)):
+        copy_series(decubitus("HFS"), tmp_path / f"s{n}", edit=canary, new_uids=True,
+                    description="t2_tirm_tra_dark-fluid", series_number=number)
+    messages = []
+    with caplog.at_level(logging.DEBUG):
+        series = find_series(tmp_path)
+        with pytest.raises(SequenceError) as err:
+            read_dicom_study(tmp_path)
+        messages.append(str(err.value))
+        scan = read_dicom_study(tmp_path, explicit={"flair": 5})
+        messages += [repr(series), repr(scan.meta), str(scan.meta["dicom_series"])]
+    assert scan.meta["dicom_series"].patient.patient_name == CANARY_NAME  # kept for the writers
+    text = caplog.text + "\n".join(messages)
+    assert caplog.records, "expected log lines"
+    for canary_value in (CANARY_NAME, CANARY_ID, "CANARY"):
+        assert canary_value not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Selection rules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("t1_fl2d_sag", "t1"), ("T1 POST GD", "t1gd"), ("T1+C", "t1gd"), ("sag T1 C+", "t1gd"),
+    ("t1_mprage_sag_ce", "t1gd"), ("T1 pre", "t1"), ("t2_tirm_tra_dark-fluid", "flair"),
+    ("T2_FLAIR", "flair"), ("T1 FLAIR", "t1"), ("t2_tse_tra", "t2"), ("T2*", None),
+    ("localizer", None), ("AAHead_Scout", None), ("ep2d_diff_mddw", None), ("ADC", None),
+    ("perfusion_dsc", None), ("t2_swi_tra", None),
+])
+def test_classification_by_description(description, expected):
+    info = _info(description)
+    assert classify_series(info)[0] == expected
+
+
+def test_contrast_agent_tag_and_image_type():
+    assert classify_series(_info("t1_se_tra", contrast_agent="Gadovist"))[0] == "t1gd"
+    assert classify_series(_info("t1_se_tra_pre", contrast_agent="Gadovist"))[0] == "t1"
+    assert classify_series(_info("t1_se_tra", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")))[0] is None
+    assert classify_series(_info("t1_mpr_tra", image_type=("DERIVED", "SECONDARY", "MPR")))[0] is None
+    assert classify_series(_info("t1_se_tra", modality="CT"))[0] is None
+
+
+def test_rules_are_data():
+    rules = SelectionRules.from_mapping({"rules": [{"sequence": "flair", "include": ["^my-flair"]}]})
+    assert classify_series(_info("my-flair-protocol"), rules)[0] == "flair"
+    assert classify_series(_info("t1_se"), rules)[0] is None
+    with pytest.raises(ConfigError):
+        SelectionRules.from_mapping({"rules": [{"sequence": "flair", "include": ["("]}]})
+    with pytest.raises(ConfigError):
+        SelectionRules.from_mapping({"colour": "red"})
+    assert DEFAULT_RULES.skip_derived
+
+
+def _info(description: str, **changes) -> SeriesInfo:
+    from tumorseg.dicom.series import PatientStudy
+
+    base = SeriesInfo(series_uid="1.2.3", study_uid="1.2", frame_of_reference_uid="1.2.4",
+                      sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR", series_number=1,
+                      series_description=description, protocol_name=description,
+                      image_type=("ORIGINAL", "PRIMARY", "M"), contrast_agent="", sequence_name="",
+                      paths=(Path("x"),), patient=PatientStudy(*[""] * 9))
+    return replace(base, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# Several series onto one grid
+# --------------------------------------------------------------------------------------------
+
+
+def test_sequences_resampled_onto_reference_grid(tmp_path):
+    copy_series(decubitus("HFS"), tmp_path / "t1gd", new_uids=True, description="T1 POST GD",
+                series_number=10)
+    # FLAIR: every other slice of the same series (9.6 mm spacing), same frame of reference.
+    keep = {p.name for p in files_by_position(decubitus("HFS"))[::2]}
+    names = sorted(p.name for p in decubitus("HFS").iterdir())
+    copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR",
+                series_number=11, edit=lambda ds, i: names[i] in keep)
+    scan = read_dicom_study(tmp_path)
+    assert scan.channels == ("flair", "t1gd")
+    assert scan.meta["reference_sequence"] == "t1gd"
+    reference = scan.meta["dicom_series"]
+    assert reference.series_number == 10 and scan.source.shape == (256, 256, 35)
+    np.testing.assert_allclose(scan.source.affine, reference.affine)
+    t1gd, _ = read_series(find_series(tmp_path / "t1gd")[0])
+    np.testing.assert_array_equal(scan.array[1], t1gd.array)
+    # FLAIR slices coincide with every other T1gd slice: interpolation there returns them exactly.
+    np.testing.assert_allclose(scan.array[0][:, :, ::2], t1gd.array[:, :, ::2], atol=1e-3)
+    assert set(scan.meta["dicom_series_by_sequence"]) == {"flair", "t1gd"}
+    report = inputs_report(scan)
+    assert report["t1gd"]["reference_grid"] and not report["flair"]["reference_grid"]
+    assert report["flair"]["shape"] == [256, 256, 18] and len(report["flair"]["sha256"]) == 64
+
+
+def test_different_frames_of_reference_are_not_combined(tmp_path):
+    copy_series(decubitus("HFS"), tmp_path / "a", new_uids=True, description="T1 POST GD")
+    copy_series(decubitus("HFP"), tmp_path / "b", new_uids=True, description="FLAIR")
+    with pytest.raises(GeometryError, match="different Frame of Reference"):
+        read_dicom_study(tmp_path)
+
+
+def test_resample_identity_and_shift():
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(8, 9, 10)).astype(np.float32)
+    affine = np.array([[0, 0, 2.0, -5], [-1.5, 0, 0, 3], [0, -1.0, 0, 7], [0, 0, 0, 1]])
+    same, covered = resample_to_grid(array, affine, array.shape, affine)
+    np.testing.assert_allclose(same, array, atol=1e-5)
+    assert covered == 1.0
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, 0]  # one voxel along i
+    out, covered = resample_to_grid(array, affine, array.shape, shifted)
+    np.testing.assert_allclose(out[:-1], array[1:], atol=1e-5)
+    assert covered == pytest.approx(7 / 8)

@@ -1,0 +1,1 @@
+"""DICOM input and output: series reading, RTSTRUCT and SEG writing."""

@@ -1,0 +1,132 @@
+"""Write a label map as a binary DICOM Segmentation (SEG) through highdicom.
+
+One segment per label of the scheme, numbered 1..n in the scheme's label order (segment numbers
+must be consecutive, label values need not be: BraTS 2021's 1, 2, 4 become segments 1, 2, 3;
+each segment's label and description name the label value). The SEG references every slice of
+the source series, shares its Frame of Reference, and omits frames in which no segment is present.
+The label map's axes are those of :func:`tumorseg.dicom.rtstruct.write_rtstruct`:
+(i = column, j = row, k = slice index ascending along the slice normal).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from .. import __version__
+from ..atomic import atomic_path
+from ..labels import ED, NCR, Label, LabelScheme
+from .rtstruct import _check_labels, _lo, _series_number, sort_source_series
+
+log = logging.getLogger(__name__)
+
+
+def _highdicom():
+    try:
+        import highdicom
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("DICOM SEG output needs highdicom: pip install 'highdicom>=0.22'") from None
+    return highdicom
+
+
+def _property_type(label: Label):
+    """The SNOMED CT code of what a label segments (edema, necrosis, otherwise neoplasm)."""
+    if label.classes == {ED}:
+        return codes.SCT.Edema
+    if label.classes == {NCR}:
+        return codes.SCT.Necrosis
+    return codes.SCT.Neoplasm  # enhancing, non-enhancing and combined core: the tumour itself
+
+
+def segment_descriptions(scheme: LabelScheme, algorithm_name: str, algorithm_version: str) -> list:
+    """highdicom SegmentDescriptions, one per label, numbered 1..n in the scheme's order."""
+    hd = _highdicom()
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_lo(algorithm_name), family=codes.cid7162.ArtificialIntelligence,
+        version=_lo(algorithm_version),
+    )
+    descriptions = []
+    for number, label in enumerate(scheme.labels, start=1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=_lo(label.name),
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=_property_type(label),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=_lo(f"{scheme.name} label {label.value} {label.name}"),
+            tracking_uid=generate_uid(),
+            display_color=hd.color.CIELabColor.from_rgb(*label.color),
+        )
+        description.SegmentDescription = _lo(f"label {label.value} {label.name} ({scheme.title})")
+        descriptions.append(description)
+    return descriptions
+
+
+def write_seg(
+    labels: np.ndarray,
+    scheme: LabelScheme,
+    source: Sequence[Dataset],
+    path: Path,
+    *,
+    algorithm_name: str,
+    algorithm_version: str,
+) -> Path:
+    """Write ``labels`` (Columns, Rows, n_slices) as a binary DICOM SEG; return the file written.
+
+    ``source`` are the series' image slices (any order; highdicom needs their full headers, not
+    the pixel data). If ``path`` is an existing directory the file is named
+    ``SEG.<SOPInstanceUID>.dcm`` inside it. Written atomically.
+    """
+    hd = _highdicom()
+    series = sort_source_series(source)
+    labels = _check_labels(labels, scheme, series)
+
+    # Label values -> segment numbers 1..n; frames are (slice, row, column).
+    lut = np.zeros(int(max(scheme.max_label, labels.max(initial=0))) + 1, dtype=np.uint8)
+    for number, label in enumerate(scheme.labels, start=1):
+        lut[label.value] = number
+    segment_map = lut[labels.astype(np.intp)].transpose(2, 1, 0)
+
+    sop_uid = generate_uid()
+    with warnings.catch_warnings():
+        # highdicom checks the patient name it copies from the source; a warning about the
+        # source's name form is not ours to fix (the RTSTRUCT copies it unchanged too).
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = _segmentation(hd, series, segment_map, scheme, sop_uid, algorithm_name, algorithm_version)
+
+    final = Path(path)
+    if final.is_dir():
+        final = final / f"SEG.{sop_uid}.dcm"
+    with atomic_path(final) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    log.info("wrote DICOM SEG %s: %d segments, %d frames", final.name, len(scheme.labels),
+             int(seg.NumberOfFrames))
+    return final
+
+
+def _segmentation(hd, series, segment_map: np.ndarray, scheme: LabelScheme, sop_uid: str,
+                  algorithm_name: str, algorithm_version: str):
+    return hd.seg.Segmentation(
+        source_images=list(series.slices),
+        pixel_array=np.ascontiguousarray(segment_map),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(scheme, algorithm_name, algorithm_version),
+        series_instance_uid=generate_uid(),
+        series_number=_series_number(series.first) or 1,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="tumorseg",
+        manufacturer_model_name=_lo(algorithm_name),
+        software_versions=_lo(f"tumorseg {__version__} / {algorithm_name} {algorithm_version}"),
+        device_serial_number="0",
+        content_label="TUMORSEG",
+        content_description=_lo(f"Automatic segmentation by {algorithm_name} {algorithm_version}"),
+        series_description=_lo(f"{algorithm_name} segmentation"),
+    )

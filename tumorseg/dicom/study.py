@@ -1,0 +1,215 @@
+"""A DICOM study in: the chosen series of each sequence, on one grid, as one multi-channel Scan.
+
+The reference grid is the chosen series of the first sequence in :data:`REFERENCE_ORDER` that is
+present: T1 after contrast (usually the finest 3D series, and the one planners contour on), else
+FLAIR, else native T1, else T2. The other sequences are resampled onto it with SimpleITK
+(linear interpolation; 0 outside their own field of view) in patient coordinates. Series are
+only combined when they share the Frame of Reference UID (one patient coordinate system) and
+the Patient ID; a series on the reference grid already is copied, not interpolated.
+
+The Scan's ``source`` is the reference series' grid (shape and RAS affine, no NIfTI header),
+``meta["dicom_series"]`` its :class:`~tumorseg.dicom.series.DicomSeries` (for the RTSTRUCT/SEG
+writers), ``meta["dicom_series_by_sequence"]`` every chosen series, ``meta["reference_sequence"]``
+the reference's sequence and ``meta["paths"]`` each sequence's series folder.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, InputError, SequenceError
+from ..scan import Scan, SourceGeometry
+from ..sequences import SEQUENCES
+from ..stages.read import AFFINE_TOLERANCE_MM, Volume
+from .select import SelectionRules, select_series
+from .series import DicomSeries, SeriesInfo, find_series, read_series
+
+log = logging.getLogger(__name__)
+
+#: Which sequence's series gives the grid the others are resampled onto: the first present.
+REFERENCE_ORDER: tuple[str, ...] = ("t1gd", "flair", "t1", "t2")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def series_to_scan(volume: Volume, series: DicomSeries, sequence: str) -> Scan:
+    """One series as a one-channel Scan on its own grid (``meta`` as described in the module)."""
+    array = volume.array[np.newaxis].astype(np.float32, copy=False)
+    return Scan(
+        array=array,
+        affine=volume.affine,
+        channels=(sequence,),
+        source=SourceGeometry(shape=series.shape, affine=volume.affine, dicom_series=series),
+        meta={
+            "paths": {sequence: volume.path},
+            "dicom_series": series,
+            "dicom_series_by_sequence": {sequence: series},
+            "reference_sequence": sequence,
+        },
+    )
+
+
+def read_dicom_study(
+    folder: str | Path | Sequence[str | Path],
+    sequences: Sequence[str] = SEQUENCES,
+    rules: SelectionRules | None = None,
+    explicit: Mapping[str, str | int] | None = None,
+    reference: str | None = None,
+) -> Scan:
+    """Find, choose, read and combine the series under ``folder`` (one folder or several).
+
+    ``sequences``: the sequences wanted (channels come in SEQUENCES order, only those found);
+    ``rules``/``explicit``: see :func:`~tumorseg.dicom.select.select_series`; ``reference``:
+    the sequence whose grid to use (default: the first of REFERENCE_ORDER found).
+    Raises SequenceError when no wanted sequence is found or a choice is ambiguous.
+    """
+    folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
+    found: list[SeriesInfo] = []
+    for f in folders:
+        found.extend(find_series(f))
+    if not found:
+        raise InputError("no DICOM image series found", ", ".join(str(f) for f in folders))
+    chosen = select_series(found, rules=rules, explicit=explicit, sequences=sequences)
+    if not chosen:
+        listing = "; ".join(s.label for s in found)
+        raise SequenceError(
+            f"none of the series found is recognised as {', '.join(sequences)} ({listing}); "
+            "name the series to use per sequence (SeriesNumber or SeriesInstanceUID)",
+            ", ".join(str(f) for f in folders),
+        )
+    _check_same_patient(chosen)
+    volumes = {seq: read_series(info) for seq, info in chosen.items()}
+    return combine_series(volumes, reference=reference)
+
+
+def reference_sequence(sequences: Sequence[str], reference: str | None = None) -> str:
+    """The sequence whose grid is the reference: ``reference`` if given, else by REFERENCE_ORDER."""
+    if reference is not None:
+        if reference not in sequences:
+            raise SequenceError(f"reference sequence {reference!r} is not among the series read "
+                                f"({', '.join(sequences)})")
+        return reference
+    for seq in REFERENCE_ORDER:
+        if seq in sequences:
+            return seq
+    return sequences[0]
+
+
+def combine_series(volumes: Mapping[str, tuple[Volume, DicomSeries]], reference: str | None = None) -> Scan:
+    """Stack one volume per sequence on the reference series' grid into one Scan."""
+    if not volumes:
+        raise SequenceError("no series to combine")
+    ref_seq = reference_sequence(tuple(volumes), reference)
+    ref_volume, ref_series = volumes[ref_seq]
+    channels = tuple(seq for seq in SEQUENCES if seq in volumes)
+    arrays = []
+    for seq in channels:
+        volume, series = volumes[seq]
+        if seq != ref_seq:
+            _check_same_frame(series, ref_series, seq, ref_seq)
+        arrays.append(_on_grid(volume, series, seq, ref_volume, ref_series, ref_seq))
+    scan = series_to_scan(ref_volume, ref_series, ref_seq)
+    meta = dict(scan.meta)
+    meta["paths"] = {seq: volumes[seq][0].path for seq in channels}
+    meta["dicom_series_by_sequence"] = {seq: volumes[seq][1] for seq in channels}
+    return Scan(array=np.stack(arrays).astype(np.float32, copy=False), affine=ref_volume.affine,
+                channels=channels, source=scan.source, meta=meta)
+
+
+def series_sha256(series: DicomSeries) -> str:
+    """sha256 over the series' files in sorted slice order (what the report records as the input)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in series.paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inputs_report(scan: Scan) -> dict[str, dict]:
+    """The report's ``inputs`` entry for a Scan read from DICOM: per sequence the format, the
+    series number and description, the grid, whether it was resampled, and the files' sha256.
+    No patient data and no UIDs."""
+    reference = scan.meta["reference_sequence"]
+    out = {}
+    for seq, series in scan.meta["dicom_series_by_sequence"].items():
+        out[seq] = {
+            "format": "dicom",
+            "series_number": series.series_number,
+            "series_description": series.series_description,
+            "shape": list(series.shape),
+            "spacing_mm": [series.pixel_spacing[1], series.pixel_spacing[0], round(series.slice_step, 6)],
+            "reference_grid": seq == reference,
+            "sha256": series_sha256(series),
+        }
+    return out
+
+
+def _check_same_patient(chosen: Mapping[str, SeriesInfo]) -> None:
+    items = list(chosen.items())
+    seq0, first = items[0]
+    for seq, s in items[1:]:
+        if s.patient.patient_id != first.patient.patient_id:
+            # Never show the IDs themselves: name the series only.
+            raise InputError(
+                f"{s.label} ({seq}) and {first.label} ({seq0}) have different Patient IDs: the "
+                "folder mixes patients; give one patient's series", s.folder,
+            )
+
+
+def _check_same_frame(series: DicomSeries, ref: DicomSeries, seq: str, ref_seq: str) -> None:
+    if not series.frame_of_reference_uid or series.frame_of_reference_uid != ref.frame_of_reference_uid:
+        raise GeometryError(
+            f"{series.label} ({seq}) and {ref.label} ({ref_seq}) have different Frame of Reference "
+            "UIDs, so their patient coordinates are not comparable (the patient was repositioned or "
+            "they come from different sessions); co-register them and give NIfTI files instead",
+            series.folder,
+        )
+
+
+def _on_grid(volume: Volume, series: DicomSeries, seq: str, ref_volume: Volume, ref: DicomSeries,
+             ref_seq: str) -> np.ndarray:
+    if volume.array.shape == ref_volume.array.shape and np.allclose(
+            volume.affine, ref_volume.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        return volume.array
+    array, covered = resample_to_grid(volume.array, volume.affine, ref_volume.array.shape, ref_volume.affine)
+    level = logging.WARNING if covered < 0.9 else logging.INFO
+    log.log(level, "DICOM: resampled %s (%s) onto the grid of %s (%s), linear interpolation; "
+            "%.0f%% of the reference grid lies inside the %s series (0 elsewhere)",
+            series.label, seq, ref.label, ref_seq, 100 * covered, seq)
+    return array
+
+
+def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape: Sequence[int],
+                     reference_affine: np.ndarray, order: int = 1) -> tuple[np.ndarray, float]:
+    """Resample float (I, J, K) ``array`` with RAS ``affine`` onto the grid (``shape``,
+    ``reference_affine``); linear (``order`` 1) or nearest (0); 0 outside. Returns the new
+    float32 array and the fraction of its voxels that lie inside the source volume."""
+    import SimpleITK as sitk
+
+    moving = _to_sitk(array.astype(np.float32, copy=False), affine)
+    fixed = _to_sitk(np.zeros(tuple(shape), dtype=np.uint8), reference_affine)
+    interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
+    out = sitk.Resample(moving, fixed, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+    inside = sitk.Resample(_to_sitk(np.ones(array.shape, dtype=np.uint8), affine), fixed,
+                           sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    result = np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
+    covered = float(sitk.GetArrayViewFromImage(inside).mean())
+    return result.astype(np.float32, copy=False), covered
+
+
+def _to_sitk(array: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image for (I, J, K) ``array`` with RAS ``affine`` (ITK works in LPS)."""
+    import SimpleITK as sitk
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    return image
