@@ -86,3 +86,12 @@ def dicom3tools_findings(result: subprocess.CompletedProcess) -> tuple[list[str]
     """(error lines, warning lines) of a dciodvfy / dcentvfy run."""
     lines = (result.stdout + result.stderr).splitlines()
     return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+
+
+class ThresholdNet(torch.nn.Module):
+    """Logits for the MSD scheme: label 1 where channel 0 > 2.5 (normalised units)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = 10.0 * (x[:, :1] - 2.5)
+        low = torch.full_like(bright, -100.0)
+        return torch.cat([torch.zeros_like(bright), bright, low, low], dim=1)

@@ -107,3 +107,32 @@ def test_rtstruct_command_refuses_a_mask_on_another_grid(tmp_path):
     assert result.exit_code == 4
     assert "not on the grid" in result.output and "mask.nii.gz" in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruct(tmp_path, empty_model):
+    """FLAIR every other slice (resampled onto the T1gd reference); contours from a threshold net."""
+    from conftest import ThresholdNet
+    from test_dicom_series import copy_series, decubitus, files_by_position
+    from tumorseg.model import LoadedModel, load_card
+    from tumorseg.pipeline import Segmenter, write_outputs
+
+    study = tmp_path / "study"
+    copy_series(decubitus("HFS"), study / "t1gd", new_uids=True, description="T1 POST GD", series_number=10)
+    keep = {p.name for p in files_by_position(decubitus("HFS"))[::2]}
+    names = sorted(p.name for p in decubitus("HFS").iterdir())
+    copy_series(decubitus("HFS"), study / "flair", new_uids=True, description="FLAIR", series_number=11,
+                edit=lambda ds, i: names[i] in keep)
+    segmenter = Segmenter(LoadedModel(load_card(empty_model), empty_model, ThresholdNet()))
+    result = segmenter.segment_dicom([study])
+    assert result.report["inputs"]["t1gd"]["reference_grid"] and not result.report["inputs"]["flair"]["reference_grid"]
+    assert not result.report["empty"]
+    out = tmp_path / "out"
+    paths = write_outputs(result, segmenter, out)
+    assert sum(result.report["rtstruct"]["contours"].values()) > 0
+    errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(paths["rtstruct"])))
+    assert errors == []
+    errors, _ = dicom3tools_findings(run_tool("dcentvfy", str(paths["rtstruct"]), *map(str, sorted((study / "t1gd").iterdir()))))
+    assert errors == []
+    rt = pydicom.dcmread(paths["rtstruct"])
+    reference = result.labels.source.dicom_series
+    assert rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID == reference.series_uid

@@ -13,22 +13,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import brain_phantom, save_nifti, shared_data
+from conftest import ThresholdNet, brain_phantom, save_nifti, shared_data
 from tumorseg.config import PipelineConfig, PostprocessConfig
 from tumorseg.model import LoadedModel, load_card
 from tumorseg.pipeline import Segmenter, write_outputs
 from tumorseg.sequences import StudyInputs
 from tumorseg.stages import geometry
 from tumorseg.stages.read import read_volume
-
-
-class ThresholdNet(torch.nn.Module):
-    """Logits for the MSD scheme: label 1 where channel 0 > 2.5 (normalised units)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bright = 10.0 * (x[:, :1] - 2.5)
-        low = torch.full_like(bright, -100.0)
-        return torch.cat([torch.zeros_like(bright), bright, low, low], dim=1)
 
 
 @pytest.fixture(scope="module")
