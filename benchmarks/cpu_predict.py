@@ -1,0 +1,82 @@
+"""CPU time of ``predict`` on a BraTS-sized four-sequence scan, beside MONAI's plain sliding window.
+
+    python benchmarks/cpu_predict.py [--model default] [--case examples/BraTS-GLI-00001-000] [--repeats 2]
+
+Prints, in one run on this machine: tumorseg's whole predict (read to written files), its
+inference stage alone, and the baseline: MONAI ``sliding_window_inference`` with its defaults
+(fp32, one window per batch, overlap 0.25, constant blending) on the same network and the same
+normalised input, with the ratio of the two. Also checks that the two inference outputs agree.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tumorseg.pipeline import Segmenter, write_outputs
+from tumorseg.sequences import assign_sequences
+from tumorseg.stages import geometry, infer, normalize, read
+from tumorseg.stages.read import volume_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--case", type=Path, default=ROOT / "examples" / "BraTS-GLI-00001-000")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    start = time.perf_counter()
+    segmenter = Segmenter(args.model)
+    load_s = time.perf_counter() - start
+    study = assign_sequences([args.case], {}, lambda p: volume_count(p) > 1)
+    card = segmenter.card
+
+    whole, infer_s = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            result = segmenter.segment_files(study)
+            write_outputs(result, segmenter, Path(out))
+            whole.append(time.perf_counter() - start)
+            infer_s.append(result.timings["infer"])
+
+    scan = read.read_study(study)
+    brain = normalize.brain_mask(scan.array)
+    transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+    grid = normalize.normalize(geometry.to_model_grid(scan, transform), card.normalization,
+                               geometry.labels_to_model_grid(brain, transform))
+    image = torch.from_numpy(grid.array)[None]
+    from monai.inferers import sliding_window_inference
+
+    network = segmenter.model.network.eval()
+    baseline = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = sliding_window_inference(image, card.input.patch_size, 1, network)
+        baseline.append(time.perf_counter() - start)
+    ours = infer.predict_probabilities(network, grid.array, card.input.patch_size, segmenter.config.inference,
+                                       torch.device("cpu"))
+    agree = float((np.argmax(ours, 0) == logits[0].argmax(0).numpy()).mean())
+
+    print(f"scan {scan.spatial_shape} x {len(scan.channels)} channels -> model grid {transform.model_shape}")
+    print(f"model load                      {load_s:6.2f} s (once per process)")
+    print(f"tumorseg predict, read to write {min(whole):6.2f} s (best of {args.repeats})")
+    print(f"tumorseg inference stage        {min(infer_s):6.2f} s (overlap {segmenter.config.inference.overlap}, Gaussian)")
+    print(f"MONAI sliding window, defaults  {min(baseline):6.2f} s (fp32, 1 window/batch, overlap 0.25)")
+    print(f"ratio baseline / tumorseg inference: {min(baseline) / min(infer_s):.2f}")
+    print(f"argmax agreement with the baseline: {100 * agree:.2f} % of voxels")
+
+
+if __name__ == "__main__":
+    main()
