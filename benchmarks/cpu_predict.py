@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tumorseg.pipeline import Segmenter, write_outputs
+from tumorseg.pipeline import Segmenter, model_input, write_outputs
 from tumorseg.sequences import assign_sequences
-from tumorseg.stages import geometry, infer, normalize, read
+from tumorseg.stages import infer, read
 from tumorseg.stages.read import volume_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +51,8 @@ def main() -> None:
             infer_s.append(result.timings["infer"])
 
     scan = read.read_study(study)
-    brain = normalize.brain_mask(scan.array)
-    transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
-    grid = normalize.normalize(geometry.to_model_grid(scan, transform), card.normalization,
-                               geometry.labels_to_model_grid(brain, transform))
-    image = torch.from_numpy(grid.array)[None]
+    array, transform = model_input(scan, card)
+    image = torch.from_numpy(array)[None]
     from monai.inferers import sliding_window_inference
 
     network = segmenter.model.network.eval()
@@ -65,7 +62,7 @@ def main() -> None:
         with torch.inference_mode():
             logits = sliding_window_inference(image, card.input.patch_size, 1, network)
         baseline.append(time.perf_counter() - start)
-    ours = infer.predict_probabilities(network, grid.array, card.input.patch_size, segmenter.config.inference,
+    ours = infer.predict_probabilities(network, array, card.input.patch_size, segmenter.config.inference,
                                        torch.device("cpu"))
     agree = float((np.argmax(ours, 0) == logits[0].argmax(0).numpy()).mean())
 

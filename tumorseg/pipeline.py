@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
-from .model import LoadedModel, load_model, sha256_file
+from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, voxel_spacing
 from .sequences import StudyInputs
 from .stages import geometry, infer, normalize, postprocess, read, report, write
@@ -99,14 +99,7 @@ class Segmenter:
         card = self.card
         card.input.check_available(scan.channels)
         timings: dict[str, float] = {}
-        with _timed(timings, "geometry"):
-            brain = normalize.brain_mask(scan.array)
-            transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
-            on_grid = geometry.to_model_grid(scan, transform)
-            brain_on_grid = geometry.labels_to_model_grid(brain, transform)
-        with _timed(timings, "normalize"):
-            normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
-            image = _model_channels(normalized, card.input.sequences)
+        image, transform = model_input(scan, card, timings)
         with _timed(timings, "infer"):
             probs = infer.predict_probabilities(
                 self.model.network, image, card.input.patch_size, self.config.inference,
@@ -148,6 +141,24 @@ class Segmenter:
             "configuration": to_dict(self.config),
             "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",
         }
+
+
+def model_input(
+    scan: Scan, card: ModelCard, timings: dict[str, float] | None = None
+) -> tuple[np.ndarray, geometry.GridTransform]:
+    """The network's input for ``scan`` and the transform back: the model grid, normalised,
+    channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
+    use this, so training and inference prepare scans identically."""
+    timings = {} if timings is None else timings
+    with _timed(timings, "geometry"):
+        brain = normalize.brain_mask(scan.array)
+        transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+        on_grid = geometry.to_model_grid(scan, transform)
+        brain_on_grid = geometry.labels_to_model_grid(brain, transform)
+    with _timed(timings, "normalize"):
+        normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
+        image = _model_channels(normalized, card.input.sequences)
+    return image, transform
 
 
 def _model_channels(scan: Scan, order: tuple[str, ...]) -> np.ndarray:

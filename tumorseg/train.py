@@ -29,7 +29,8 @@ from .evaluate import region_scores
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
 from .sequences import DECATHLON_ORDER, SEQUENCES, StudyInputs, parse_sequence, sequence_from_filename, strip_image_suffix
-from .stages import geometry, infer, normalize, read
+from .pipeline import model_input
+from .stages import geometry, infer, read
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +170,11 @@ def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
     for index, label in enumerate(target.labels, start=1):
         to_index[label.value] = index
     indices = to_index[lut[values]]
-    brain = normalize.brain_mask(scan.array)
-    transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
-    image = normalize.normalize(
-        geometry.to_model_grid(scan, transform), card.normalization, geometry.labels_to_model_grid(brain, transform)
-    )
+    channels, transform = model_input(scan, card)
     order = card.input.sequences
-    channels = np.zeros((len(order),) + image.spatial_shape, dtype=np.float32)
-    for c, seq in enumerate(order):
-        if seq in image.channels:
-            channels[c] = image.array[image.channels.index(seq)]
     labels = geometry.labels_to_model_grid(indices.astype(np.uint8), transform)
     return PreparedCase(
-        case.case_id, channels, labels, [c for c, s in enumerate(order) if s in image.channels],
+        case.case_id, channels, labels, [c for c, s in enumerate(order) if s in scan.channels],
         np.argwhere(labels > 0),
     )
 
