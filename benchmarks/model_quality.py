@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.evaluate import REGIONS, read_truth, region_scores
+from tumorseg.evaluate import REGIONS, check_same_grid, read_truth, region_scores
 from tumorseg.labels import get_scheme
 from tumorseg.pipeline import Segmenter
 from tumorseg.train import discover_cases
@@ -28,6 +28,7 @@ def score(segmenter: Segmenter, root: Path, truth_scheme: str | None) -> dict:
         start = time.perf_counter()
         result = segmenter.segment_files(case.inputs)
         truth = read_truth(case.label_path)
+        check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
         scores = region_scores(result.labels.array, segmenter.card.scheme, truth.labels, case.scheme)
         rows[case.case_id] = {**scores, "seconds": round(time.perf_counter() - start, 1),
                               "sequences": list(case.inputs.sequences)}

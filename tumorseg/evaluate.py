@@ -42,6 +42,9 @@ def read_truth(path: Path) -> Truth:
     return Truth(np.rint(volume.array).astype(np.int64), volume.affine)
 
 
-def check_same_grid(pred_affine: np.ndarray, truth: Truth, path: Path) -> None:
-    if not np.allclose(pred_affine, truth.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
-        raise GeometryError("ground truth is not on the grid of the scan it belongs to", path)
+def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: Truth, path: Path) -> None:
+    """Refuse ground truth whose shape or affine differs from its scan's grid."""
+    if truth.labels.shape != tuple(shape) or not np.allclose(affine, truth.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        raise GeometryError(
+            f"ground truth (shape {truth.labels.shape}) is not on the grid of the scan it belongs to "
+            f"(shape {tuple(shape)})", path)

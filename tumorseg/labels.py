@@ -34,6 +34,11 @@ class LabelScheme:
     labels: tuple[Label, ...]
 
     @property
+    def class_values(self) -> np.ndarray:
+        """Label value of each network class index: 0 (background), then the labels in order."""
+        return np.array([0] + [label.value for label in self.labels], dtype=np.uint8)
+
+    @property
     def max_label(self) -> int:
         return max(label.value for label in self.labels)
 

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -64,18 +64,11 @@ class Segmenter:
 
     def segment_files(self, inputs: StudyInputs) -> Result:
         """Read the study, check its sequences against the model, and segment it."""
-        self.card.input.check_available(inputs.sequences)
-        timings: dict[str, float] = {}
-        with _timed(timings, "read"):
-            scan = read.read_study(inputs)
-        result = self.segment(scan)
-        result.timings = {**timings, **result.timings}
-        result.report["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
-        result.report["inputs"] = {
+        self.card.input.check_available(inputs.sequences)  # before reading: fail fast
+        return self._read_and_segment(lambda: read.read_study(inputs), lambda scan: {
             seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
             for seq, p in scan.meta.get("paths", {}).items()
-        }
-        return result
+        })
 
     def segment_dicom(self, folders: list[Path], explicit: dict[str, str] | None = None) -> Result:
         """Find and choose the series of each sequence under ``folders``, and segment them.
@@ -85,13 +78,20 @@ class Segmenter:
         """
         from .dicom.study import inputs_report, read_dicom_study
 
+        return self._read_and_segment(
+            lambda: read_dicom_study(folders, sequences=self.card.input.sequences, explicit=explicit),
+            inputs_report,
+        )
+
+    def _read_and_segment(self, read_scan: Callable[[], Scan], describe_inputs: Callable[[Scan], dict]) -> Result:
+        """Time the read, segment, and record the inputs (format, sha256; no paths) in the report."""
         timings: dict[str, float] = {}
         with _timed(timings, "read"):
-            scan = read_dicom_study(folders, sequences=self.card.input.sequences, explicit=explicit)
+            scan = read_scan()
         result = self.segment(scan)
         result.timings = {**timings, **result.timings}
-        result.report["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
-        result.report["inputs"] = inputs_report(scan)
+        result.report["timings_s"] = _rounded(result.timings)
+        result.report["inputs"] = describe_inputs(scan)
         return result
 
     def segment(self, scan: Scan) -> Result:
@@ -109,8 +109,7 @@ class Segmenter:
             probs = geometry.probabilities_to_input_grid(probs, transform)
             raw = np.argmax(probs, axis=0).astype(np.uint8)
             del probs
-            values = np.array([0] + [l.value for l in card.scheme.labels], dtype=np.uint8)
-            raw = values[raw]
+            raw = card.scheme.class_values[raw]
         with _timed(timings, "postprocess"):
             cleaned = postprocess.postprocess(
                 raw, voxel_spacing(scan.source.affine), self.config.postprocess, card.scheme
@@ -137,7 +136,7 @@ class Segmenter:
             "model_grid": {"shape": list(transform.model_shape), "resampled": transform.resampled},
             "results": summary,
             "empty": summary["regions"]["WT"]["voxels"] == 0,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "timings_s": _rounded(timings),
             "configuration": to_dict(self.config),
             "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",
         }
@@ -168,6 +167,10 @@ def _model_channels(scan: Scan, order: tuple[str, ...]) -> np.ndarray:
         if name in scan.channels:
             out[c] = scan.array[scan.channels.index(name)]
     return out
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(seconds, 3) for stage, seconds in timings.items()}
 
 
 def _format_name(path: Path) -> str:

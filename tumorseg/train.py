@@ -25,7 +25,7 @@ from .augment import AugmentConfig, augment
 from .config import InferenceConfig
 from .configio import to_dict
 from .errors import ConfigError, InputError
-from .evaluate import region_scores
+from .evaluate import check_same_grid, read_truth, region_scores
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
 from .sequences import DECATHLON_ORDER, SEQUENCES, StudyInputs, parse_sequence, sequence_from_filename, strip_image_suffix
@@ -157,19 +157,13 @@ class PreparedCase:
 def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
     """Read, move to the model grid and normalise exactly as ``predict`` does."""
     scan = read.read_study(case.inputs)
-    label_volume = read.read_volume(case.label_path, allow_constant=True)
-    if label_volume.array.shape != scan.source.shape or not np.allclose(
-        label_volume.affine, scan.affine, atol=read.AFFINE_TOLERANCE_MM
-    ):
-        raise InputError(f"label map is not on the grid of the images of case {case.case_id}", case.label_path)
-    values = np.rint(label_volume.array).astype(np.int64)
-    case.scheme.validate_array(values, f"label map {case.label_path}")
+    truth = read_truth(case.label_path)
+    check_same_grid(scan.source.shape, scan.source.affine, truth, case.label_path)
+    case.scheme.validate_array(truth.labels, f"label map {case.label_path}")
     target = card.scheme
-    lut = conversion_table(case.scheme, target)  # scheme value -> target value
     to_index = np.zeros(target.max_label + 1, dtype=np.uint8)
-    for index, label in enumerate(target.labels, start=1):
-        to_index[label.value] = index
-    indices = to_index[lut[values]]
+    to_index[target.class_values] = np.arange(len(target.class_values))
+    indices = to_index[conversion_table(case.scheme, target)[truth.labels]]
     channels, transform = model_input(scan, card)
     order = card.input.sequences
     labels = geometry.labels_to_model_grid(indices.astype(np.uint8), transform)
@@ -227,7 +221,7 @@ def _crop(array: np.ndarray, start: np.ndarray, size: np.ndarray, channel_axis: 
 
 def region_dice(pred: np.ndarray, truth: np.ndarray, scheme: LabelScheme) -> dict[str, float]:
     """Dice of WT, TC, ET for two class-index maps (0..L) of ``scheme``."""
-    values = np.array([0] + [l.value for l in scheme.labels])
+    values = scheme.class_values
     return region_scores(values[pred], scheme, values[truth], scheme)
 
 
