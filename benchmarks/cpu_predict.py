@@ -46,7 +46,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             result = segmenter.segment_files(study)
-            write_outputs(result, segmenter, Path(out))
+            write_outputs(result, segmenter.spec, Path(out))
             whole.append(time.perf_counter() - start)
             infer_s.append(result.timings["infer"])
 

@@ -127,7 +127,7 @@ def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruc
     assert result.report["inputs"]["t1gd"]["reference_grid"] and not result.report["inputs"]["flair"]["reference_grid"]
     assert not result.report["empty"]
     out = tmp_path / "out"
-    paths = write_outputs(result, segmenter, out)
+    paths = write_outputs(result, segmenter.spec, out)
     assert sum(result.report["rtstruct"]["contours"].values()) > 0
     errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(paths["rtstruct"])))
     assert errors == []

@@ -80,7 +80,7 @@ def test_label_map_lands_on_input_voxels(name, tmp_path, threshold_segmenter):
     path = save_nifti(tmp_path / "scan-t2f.nii.gz", image, affine, qform_code=1, sform_code=2)
 
     result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
-    out_paths = write_outputs(result, threshold_segmenter, tmp_path / "out")
+    out_paths = write_outputs(result, threshold_segmenter.spec, tmp_path / "out")
     source, written = nib.load(str(path)), nib.load(str(out_paths["label_map"]))
 
     assert written.shape == source.shape
@@ -119,7 +119,7 @@ def test_real_anisotropic_nrrd(tmp_path, threshold_segmenter):
     sitk.WriteImage(painted, str(path))
 
     result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
-    out = write_outputs(result, threshold_segmenter, tmp_path / "out")["label_map"]
+    out = write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]
 
     # Independent check with SimpleITK: same grid in LPS physical space, object at the same place.
     written = sitk.ReadImage(str(out))

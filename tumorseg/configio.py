@@ -5,6 +5,7 @@ hints and defaults, and validates its values in ``__post_init__`` by raising ``V
 """
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import difflib
 import tomllib
@@ -15,6 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+# Loaded mappings are read-only proxies; let them pickle as the dicts they wrap, so that a
+# configuration can travel to worker processes (tumorseg batch --workers).
+def _read_only(mapping: dict) -> Mapping:
+    return types.MappingProxyType(mapping)
+
+
+copyreg.pickle(types.MappingProxyType, lambda proxy: (_read_only, (dict(proxy),)))
 
 T = TypeVar("T")
 

@@ -54,6 +54,9 @@ class SequenceError(TumorsegError):
     code = "sequence"
 
 
+#: Exit code of ``tumorseg batch`` (and ``validate``) when it finished but some cases failed.
+SOME_CASES_FAILED = 8
+
 #: Exit codes of the command-line interface, documented in docs/cli.md.
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -64,4 +67,5 @@ EXIT_CODES: dict[int, str] = {
     ModelError.exit_code: "model error: model card or weights missing, malformed or checksum mismatch",
     ConfigError.exit_code: "configuration error: invalid pipeline file or option value",
     SequenceError.exit_code: "sequence error: inputs cannot be mapped to the model's sequences",
+    SOME_CASES_FAILED: "batch finished, but some cases failed (tumorseg batch; see the manifest)",
 }

@@ -20,7 +20,7 @@ from .atomic import write_bytes_atomic
 from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
 from .model import LoadedModel, ModelCard, load_model, sha256_file
-from .scan import LabelMap, Scan, voxel_spacing
+from .scan import LabelMap, Scan, SourceGeometry, voxel_spacing
 from .sequences import StudyInputs
 from .stages import geometry, infer, normalize, postprocess, read, report, write
 
@@ -40,6 +40,116 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DicomInputs:
+    """A DICOM study: the folders to search, and series named per sequence (SeriesNumber or UID)."""
+
+    folders: tuple[Path, ...]
+    explicit: tuple[tuple[str, str], ...] = ()
+
+
+#: What one case is read from: image files (or one 4D file), or DICOM folders.
+CaseInputs = StudyInputs | DicomInputs
+
+
+@dataclass
+class PreparedScan:
+    """A read scan, ready for the network: ``image`` on the model grid plus what the later stages
+    need to put the result back on the input grid. Holds no input voxels, so it is cheap to
+    send between processes."""
+
+    image: np.ndarray | None  # (C, X, Y, Z) float32 network input; None once inferred
+    transform: geometry.GridTransform
+    source: SourceGeometry
+    channels: tuple[str, ...]
+    spacing: np.ndarray
+    inputs: dict[str, Any]  # the report's "inputs": format and sha256 per sequence, no paths
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything about a pipeline except the network's weights in memory: the model card, the
+    configuration and the weights' checksum. It is picklable, so worker processes can read,
+    prepare and finish cases while the main process runs the network (``tumorseg batch``)."""
+
+    card: ModelCard
+    config: PipelineConfig
+    model_sha256: str
+    model_folder: str
+    device: str
+
+    def check_inputs(self, inputs: CaseInputs) -> None:
+        """Refuse inputs that lack what the model needs, before reading anything."""
+        if isinstance(inputs, StudyInputs):
+            self.card.input.check_available(inputs.sequences)
+
+    def read_and_prepare(self, inputs: CaseInputs) -> PreparedScan:
+        """Read one case (image files or DICOM) and prepare it for the network."""
+        self.check_inputs(inputs)
+        timings: dict[str, float] = {}
+        with _timed(timings, "read"):
+            if isinstance(inputs, DicomInputs):
+                from .dicom.study import inputs_report, read_dicom_study
+
+                scan = read_dicom_study(
+                    list(inputs.folders), sequences=self.card.input.sequences, explicit=dict(inputs.explicit)
+                )
+                describe = inputs_report
+            else:
+                scan = read.read_study(inputs)
+                describe = _files_report
+        prepared = self.prepare(scan, describe(scan))
+        prepared.timings = {**timings, **prepared.timings}
+        return prepared
+
+    def prepare(self, scan: Scan, inputs_report: dict[str, Any] | None = None) -> PreparedScan:
+        self.card.input.check_available(scan.channels)
+        timings: dict[str, float] = {}
+        image, transform = model_input(scan, self.card, timings)
+        return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings)
+
+    def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
+        """From the network's probabilities to the label map on the input grid, and the report."""
+        card = self.card
+        timings = {**prepared.timings, "infer": infer_seconds}
+        with _timed(timings, "restore_geometry"):
+            probs = geometry.probabilities_to_input_grid(probs, prepared.transform)
+            raw = np.argmax(probs, axis=0).astype(np.uint8)
+            del probs
+            raw = card.scheme.class_values[raw]
+        with _timed(timings, "postprocess"):
+            cleaned = postprocess.postprocess(
+                raw, voxel_spacing(prepared.source.affine), self.config.postprocess, card.scheme
+            )
+        labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
+        with _timed(timings, "report"):
+            summary = report.summarize(labels)
+        return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings)
+
+    def _report(self, prepared: PreparedScan, summary: dict, timings: dict) -> dict[str, Any]:
+        card = self.card
+        return {
+            "tumorseg_version": __version__,
+            "model": {"name": card.name, "version": card.version, "weights_sha256": self.model_sha256},
+            "sequences_used": [s for s in card.input.sequences if s in prepared.channels],
+            "sequences_missing": [s for s in card.input.sequences if s not in prepared.channels],
+            "device": self.device,
+            "input_grid": {
+                "shape": list(prepared.source.shape),
+                "spacing_mm": [round(float(s), 4) for s in prepared.spacing],
+                "affine_ras": np.round(prepared.source.affine, 6).tolist(),
+            },
+            "model_grid": {"shape": list(prepared.transform.model_shape), "resampled": prepared.transform.resampled},
+            "inputs": prepared.inputs,
+            "results": summary,
+            "empty": summary["regions"]["WT"]["voxels"] == 0,
+            "timings_s": _rounded(timings),
+            "configuration": to_dict(self.config),
+            "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",
+        }
+
+
 class Segmenter:
     """A loaded model with its pipeline configuration; segments many scans."""
 
@@ -49,26 +159,29 @@ class Segmenter:
         config: PipelineConfig | None = None,
         progress: bool = False,
     ) -> None:
-        self.config = config or load_pipeline("default")
+        config = config or load_pipeline("default")
         if model is None:
-            model = self.config.model
+            model = config.model
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
-        self.device = infer.select_device(self.config.inference.device)
+        self.device = infer.select_device(config.inference.device)
         self.progress = progress
-        for name in self.config.postprocess.labels:
-            self.model.card.scheme.label(name)  # unknown label names fail now, not mid-batch
+        self.spec = PipelineSpec(
+            self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device)
+        )
+        for name in config.postprocess.labels:
+            self.card.scheme.label(name)  # unknown label names fail now, not mid-batch
 
     @property
-    def card(self):
+    def card(self) -> ModelCard:
         return self.model.card
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.spec.config
 
     def segment_files(self, inputs: StudyInputs) -> Result:
         """Read the study, check its sequences against the model, and segment it."""
-        self.card.input.check_available(inputs.sequences)  # before reading: fail fast
-        return self._read_and_segment(lambda: read.read_study(inputs), lambda scan: {
-            seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
-            for seq, p in scan.meta.get("paths", {}).items()
-        })
+        return self.segment_inputs(inputs)
 
     def segment_dicom(self, folders: list[Path], explicit: dict[str, str] | None = None) -> Result:
         """Find and choose the series of each sequence under ``folders``, and segment them.
@@ -76,70 +189,42 @@ class Segmenter:
         ``explicit`` names a series per sequence (SeriesNumber or SeriesInstanceUID). The
         label map lands on the reference series' grid (see :mod:`tumorseg.dicom.study`).
         """
-        from .dicom.study import inputs_report, read_dicom_study
+        return self.segment_inputs(DicomInputs(tuple(folders), tuple((explicit or {}).items())))
 
-        return self._read_and_segment(
-            lambda: read_dicom_study(folders, sequences=self.card.input.sequences, explicit=explicit),
-            inputs_report,
-        )
-
-    def _read_and_segment(self, read_scan: Callable[[], Scan], describe_inputs: Callable[[Scan], dict]) -> Result:
-        """Time the read, segment, and record the inputs (format, sha256; no paths) in the report."""
-        timings: dict[str, float] = {}
-        with _timed(timings, "read"):
-            scan = read_scan()
-        result = self.segment(scan)
-        result.timings = {**timings, **result.timings}
-        result.report["timings_s"] = _rounded(result.timings)
-        result.report["inputs"] = describe_inputs(scan)
-        return result
+    def segment_inputs(self, inputs: CaseInputs) -> Result:
+        prepared = self.spec.read_and_prepare(inputs)
+        return self.finish(prepared)
 
     def segment(self, scan: Scan) -> Result:
         """Segment a Scan; the label map has the Scan's source shape and affine."""
-        card = self.card
-        card.input.check_available(scan.channels)
-        timings: dict[str, float] = {}
-        image, transform = model_input(scan, card, timings)
-        with _timed(timings, "infer"):
-            probs = infer.predict_probabilities(
-                self.model.network, image, card.input.patch_size, self.config.inference,
-                self.device, progress=self.progress,
-            )
-        with _timed(timings, "restore_geometry"):
-            probs = geometry.probabilities_to_input_grid(probs, transform)
-            raw = np.argmax(probs, axis=0).astype(np.uint8)
-            del probs
-            raw = card.scheme.class_values[raw]
-        with _timed(timings, "postprocess"):
-            cleaned = postprocess.postprocess(
-                raw, voxel_spacing(scan.source.affine), self.config.postprocess, card.scheme
-            )
-        labels = LabelMap(cleaned, scan.source.affine, card.scheme, scan.source)
-        with _timed(timings, "report"):
-            summary = report.summarize(labels)
-        return Result(labels=labels, report=self._report(scan, transform, summary, timings), timings=timings)
+        return self.finish(self.spec.prepare(scan))
 
-    def _report(self, scan: Scan, transform, summary: dict, timings: dict) -> dict[str, Any]:
-        card = self.card
-        used = [s for s in card.input.sequences if s in scan.channels]
-        return {
-            "tumorseg_version": __version__,
-            "model": {"name": card.name, "version": card.version, "weights_sha256": self.model.sha256},
-            "sequences_used": used,
-            "sequences_missing": [s for s in card.input.sequences if s not in scan.channels],
-            "device": str(self.device),
-            "input_grid": {
-                "shape": list(scan.source.shape),
-                "spacing_mm": [round(float(s), 4) for s in scan.spacing],
-                "affine_ras": np.round(scan.source.affine, 6).tolist(),
-            },
-            "model_grid": {"shape": list(transform.model_shape), "resampled": transform.resampled},
-            "results": summary,
-            "empty": summary["regions"]["WT"]["voxels"] == 0,
-            "timings_s": _rounded(timings),
-            "configuration": to_dict(self.config),
-            "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",
-        }
+    def infer(self, prepared: PreparedScan) -> tuple[np.ndarray, float]:
+        """The network's class probabilities on the model grid, and the seconds they took."""
+        if prepared.image is None:
+            raise ValueError("this PreparedScan was already inferred")
+        start = time.perf_counter()
+        log.info("infer ...")
+        probs = infer.predict_probabilities(
+            self.model.network, prepared.image, self.card.input.patch_size, self.config.inference,
+            self.device, progress=self.progress,
+        )
+        prepared.image = None  # the network input is not needed again; free it
+        seconds = time.perf_counter() - start
+        log.info("infer done in %.2f s", seconds)
+        return probs, seconds
+
+    def finish(self, prepared: PreparedScan) -> Result:
+        probs, seconds = self.infer(prepared)
+        return self.spec.finish(prepared, probs, seconds)
+
+
+def _files_report(scan: Scan) -> dict[str, dict]:
+    """The report's ``inputs`` for image files: format and sha256 per sequence, no paths."""
+    return {
+        seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
+        for seq, p in scan.meta.get("paths", {}).items()
+    }
 
 
 def model_input(
@@ -177,14 +262,14 @@ def _format_name(path: Path) -> str:
     return "nifti" if path.name.lower().endswith((".nii", ".nii.gz")) else path.suffix.lstrip(".").lower()
 
 
-def write_dicom_outputs(result: Result, segmenter: Segmenter, output_dir: Path) -> dict[str, Path]:
+def write_dicom_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:
     """RTSTRUCT (and SEG on request) referencing the source series, when the input was DICOM."""
     series = result.labels.source.dicom_series
-    out = segmenter.config.output
+    out = spec.config.output
     if series is None or not (out.rtstruct or out.seg):
         return {}
     headers = series.read_headers()
-    card = segmenter.card
+    card = spec.card
     paths: dict[str, Path] = {}
     if out.rtstruct:
         from .dicom.rtstruct import write_rtstruct
@@ -217,7 +302,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     log.info("%s done in %.2f s", stage, timings[stage])
 
 
-def write_outputs(result: Result, segmenter: Segmenter, output_dir: Path) -> dict[str, Path]:
+def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:
     """Write the label map, the JSON report and the resolved configuration, each atomically."""
     import json
 
@@ -231,12 +316,12 @@ def write_outputs(result: Result, segmenter: Segmenter, output_dir: Path) -> dic
         "configuration": output_dir / CONFIG_NAME,
     }
     write.write_label_map(result.labels, paths["label_map"])
-    paths.update(write_dicom_outputs(result, segmenter, output_dir))
+    paths.update(write_dicom_outputs(result, spec, output_dir))
     resolved = {
         "tumorseg_version": __version__,
-        "model_sha256": segmenter.model.sha256,
-        "model_card": str(segmenter.model.directory.name),
-        **to_dict(segmenter.config),
+        "model_sha256": spec.model_sha256,
+        "model_card": spec.model_folder,
+        **to_dict(spec.config),
     }
     write_bytes_atomic(paths["configuration"], tomli_w.dumps(resolved).encode())
     result.report["timings_s"]["write"] = round(time.perf_counter() - start, 3)

@@ -34,6 +34,24 @@ ALIASES: dict[str, frozenset[str]] = {
 #: Tokens that mark a T1 as contrast-enhanced (BIDS ``ce-`` entity values, common spellings).
 CONTRAST_TOKENS = frozenset({"ce", "gd", "gad", "gado", "gadolinium", "contrast", "post", "postcontrast"})
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: File-name tokens of ground-truth label maps in case folders (BraTS ``*_seg``, ``OTMultiClass``).
+TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor"})
+#: ... and of other masks that sit beside the sequences (``brainmask``).
+MASK_FILE_TOKENS = frozenset({"brainmask", "mask"})
+
+
+def _name_tokens(path: Path) -> set[str]:
+    return {t for t in re.split(r"[^a-z0-9]+", strip_image_suffix(path.name).lower()) if t}
+
+
+def is_truth_file(path: Path) -> bool:
+    """True for a file named like a ground-truth label map (``*_seg``, ``*label*``, ``OTMultiClass``)."""
+    return bool(_name_tokens(path) & TRUTH_FILE_TOKENS)
+
+
+def is_not_a_sequence(path: Path) -> bool:
+    """True for a label map or mask that sits beside the sequences of a case folder."""
+    return bool(_name_tokens(path) & (TRUTH_FILE_TOKENS | MASK_FILE_TOKENS))
 
 
 def strip_image_suffix(name: str) -> str:
@@ -49,8 +67,7 @@ def sequence_from_filename(path: Path) -> str | None:
     Raises SequenceError when the name matches several sequences. nnU-Net's ``_0000`` channel
     suffixes are deliberately not read: ``patient_0001.nii.gz`` would turn into a T1 by accident.
     """
-    stem = strip_image_suffix(path.name)
-    tokens = {t for t in re.split(r"[^a-z0-9]+", stem.lower()) if t}
+    tokens = _name_tokens(path)
     found = [seq for seq in SEQUENCES if ALIASES[seq] & tokens]
     if found == ["flair", "t2"]:
         found = ["flair"]  # T2_FLAIR, t2-flair: FLAIR is a T2-weighted sequence

@@ -28,7 +28,8 @@ from .errors import ConfigError, InputError
 from .evaluate import check_same_grid, read_truth, region_scores
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
-from .sequences import DECATHLON_ORDER, SEQUENCES, StudyInputs, parse_sequence, sequence_from_filename, strip_image_suffix
+from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_truth_file, parse_sequence, sequence_from_filename,
+                        strip_image_suffix)
 from .pipeline import model_input
 from .stages import geometry, infer, read
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "training.json"
-_LABEL_TOKENS = {"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor"}
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,7 @@ def _folder_case(folder: Path, scheme: LabelScheme) -> TrainingCase | None:
     for path in sorted(folder.iterdir()):
         if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
             continue
-        tokens = set(re.split(r"[^a-z0-9]+", strip_image_suffix(path.name).lower()))
-        if tokens & _LABEL_TOKENS:
+        if is_truth_file(path):
             labels.append(path)
         elif (seq := sequence_from_filename(path)) is not None:
             files[seq] = path

@@ -1,0 +1,232 @@
+"""Finding the cases of a batch: a folder tree, a Decathlon data set, or a CSV manifest.
+
+* A Decathlon data set (``dataset.json``, ``imagesTr/``, ``imagesTs/``), or one of its image
+  folders: each 4D image is a case.
+* A CSV manifest: one row per case, columns ``case_id`` (optional) and either ``image`` (a 4D
+  file), one column per sequence (``flair``, ``t1``, ``t1gd``, ``t2`` or their aliases), or
+  ``dicom`` (a study folder). Relative paths are relative to the CSV file.
+* Any other folder tree: a folder holding image files (NIfTI, NRRD, MHA) is one case, named by
+  its sequences' file names; the DICOM files under a tree are grouped by study, and each study is
+  one case whose folder is the deepest one holding all its files.
+
+Case ids come from folder and file names (never from DICOM tags) and are made safe for use as
+folder names; a problem with one case (an unknown file name, say) surfaces when that case is
+read, so discovery itself only fails when it finds nothing at all.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError, TumorsegError
+from ..pipeline import CaseInputs, DicomInputs
+from ..sequences import IMAGE_SUFFIXES, SEQUENCES, StudyInputs, assign_sequences, is_not_a_sequence, parse_sequence, strip_image_suffix
+from ..stages.read import volume_count
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID_LENGTH = 80
+
+
+@dataclass(frozen=True)
+class BatchCase:
+    case_id: str
+    inputs: CaseInputs | None  # None when the case cannot be set up (see ``problem``)
+    source: str  # where it came from, relative to the batch root (for the manifest)
+    problem: TumorsegError | None = None  # why the case cannot run, found at discovery
+
+    def files(self) -> list[Path]:
+        """Every input file of the case (DICOM: every file under its folders), sorted."""
+        if self.inputs is None:
+            return []
+        if isinstance(self.inputs, DicomInputs):
+            return sorted(p for folder in self.inputs.folders for p in Path(folder).rglob("*") if p.is_file())
+        if self.inputs.decathlon_4d is not None:
+            return [self.inputs.decathlon_4d]
+        return [p for _, p in self.inputs.files]
+
+
+def safe_case_id(text: str) -> str:
+    """A folder name made of letters, digits, ``.``, ``_`` and ``-`` only (never ``.`` or ``..``)."""
+    safe = _SAFE.sub("_", text).strip("._-")[:MAX_ID_LENGTH]
+    return safe or "case"
+
+
+def discover(root: Path) -> list[BatchCase]:
+    """The cases under ``root`` (a folder or a CSV manifest), with unique safe ids, in a stable order."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError("batch input not found", root)
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise InputError("a batch input must be a folder or a CSV manifest (.csv)", root)
+        cases = _csv_cases(root)
+    elif (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
+        cases = _decathlon_cases(root)
+    elif root.name in ("imagesTr", "imagesTs"):
+        cases = _decathlon_cases(root.parent, only=root.name)
+    else:
+        cases = _tree_cases(root)
+    if not cases:
+        raise InputError("no cases found (folders of NIfTI/NRRD/MHA sequences, DICOM studies, "
+                         "a Decathlon data set or a CSV manifest)", root)
+    return _unique_ids(cases)
+
+
+def _unique_ids(cases: list[BatchCase]) -> list[BatchCase]:
+    seen: dict[str, int] = {}
+    out = []
+    for case in cases:
+        base = case.case_id
+        n = seen.get(base.lower(), 0)
+        seen[base.lower()] = n + 1
+        if n:  # file systems may ignore case: compare ids case-insensitively
+            case = BatchCase(f"{base}-{n + 1}", case.inputs, case.source, case.problem)
+        out.append(case)
+    return out
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
+    cases = []
+    for split in ("imagesTr", "imagesTs"):
+        folder = root / split
+        if (only and split != only) or not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and _is_image(path.name):
+                cases.append(BatchCase(safe_case_id(strip_image_suffix(path.name)), StudyInputs(decathlon_4d=path),
+                                       str(path.relative_to(root))))
+    return cases
+
+
+def _tree_cases(root: Path) -> list[BatchCase]:
+    image_cases: list[BatchCase] = []
+    dicom_folders: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        here = Path(folder)
+        if any(_is_image(f) for f in files):
+            rel = here.relative_to(root)
+            case_id = safe_case_id(root.name if str(rel) == "." else str(rel).replace(os.sep, "_"))
+            image_cases.append(_image_case(case_id, here, str(rel)))
+            dirs[:] = []  # a case folder's subfolders belong to it
+        elif any(_has_dicom_marker(here / f) for f in sorted(files)[:20]):
+            dicom_folders.append(here)
+    return image_cases + _dicom_cases(root, dicom_folders)
+
+
+def _image_case(case_id: str, folder: Path, source: str) -> BatchCase:
+    """A folder's image files: one 4D Decathlon file, or one file per sequence named by its name.
+
+    A folder whose files cannot be mapped to sequences becomes a case with that problem, so it
+    fails alone instead of stopping the discovery."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name) and not is_not_a_sequence(p))
+    try:
+        inputs = assign_sequences(files, {}, lambda p: volume_count(p) > 1)
+    except TumorsegError as e:
+        return BatchCase(case_id, None, source, e)
+    return BatchCase(case_id, inputs, source)
+
+
+def _dicom_cases(root: Path, folders: list[Path]) -> list[BatchCase]:
+    """Group folders holding DICOM files by study; a study's case folder is their common parent."""
+    by_study: dict[str, list[Path]] = {}
+    for folder in folders:
+        by_study.setdefault(_study_key(folder), []).append(folder)
+    cases = []
+    parents: dict[Path, int] = {}
+    groups = []
+    for study, members in by_study.items():
+        parent = Path(os.path.commonpath([str(m) for m in members]))
+        parents[parent] = parents.get(parent, 0) + 1
+        groups.append((parent, members))
+    for parent, members in sorted(groups, key=lambda g: (str(g[0]), str(g[1][0]))):
+        rel = parent.relative_to(root)
+        name = root.name if str(rel) == "." else str(rel).replace(os.sep, "_")
+        # Several studies under one folder: number them (ids never come from DICOM tags).
+        cases.append(BatchCase(safe_case_id(name), DicomInputs(tuple(sorted(members))), str(rel)))
+    return cases
+
+
+def _study_key(folder: Path) -> str:
+    """A hash of the StudyInstanceUID of the folder's first DICOM file (not shown anywhere)."""
+    import pydicom
+
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and _has_dicom_marker(path):
+            try:
+                uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
+                    "StudyInstanceUID", "")
+            except Exception:  # unreadable: the case fails with the reader's message later
+                uid = ""
+            return hashlib.sha256(str(uid or folder).encode()).hexdigest()
+    return hashlib.sha256(str(folder).encode()).hexdigest()
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+_CSV_PATH_COLUMNS = ("image", "dicom")
+
+
+def _csv_cases(manifest: Path) -> list[BatchCase]:
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"not a readable CSV manifest ({e})", manifest) from None
+    if not rows:
+        raise InputError("CSV manifest has no rows", manifest)
+    columns = {c.strip().lower(): c for c in rows[0] if c}
+    sequence_columns = {}
+    for key, original in columns.items():
+        if key in ("case_id", "id", "label", "labels", "truth") or key in _CSV_PATH_COLUMNS:
+            continue
+        try:
+            sequence_columns[parse_sequence(key)] = original
+        except Exception:
+            raise InputError(f"unknown column {original!r}; expected case_id, image, dicom, or sequence "
+                             "columns flair, t1, t1gd, t2", manifest) from None
+    if not sequence_columns and not any(c in columns for c in _CSV_PATH_COLUMNS):
+        raise InputError("CSV manifest needs an image, dicom or sequence (flair, t1, t1gd, t2) column", manifest)
+    base = manifest.parent
+    cases = []
+    for n, row in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
+        get = lambda key: (row.get(columns[key]) or "").strip() if key in columns else ""  # noqa: E731
+        raw_id = get("case_id") or get("id")
+        source = f"{manifest.name}:{n}"
+        image, dicom = get("image"), get("dicom")
+        files = {seq: (row.get(col) or "").strip() for seq, col in sequence_columns.items()}
+        files = {seq: _resolve(base, p) for seq, p in files.items() if p}
+        given = [bool(image), bool(dicom), bool(files)]
+        first = image or dicom or next(iter(files.values()), "")
+        case_id = safe_case_id(raw_id or strip_image_suffix(Path(str(first)).name) or f"row{n}")
+        if sum(given) != 1:
+            cases.append(BatchCase(case_id, None, source, InputError(
+                f"line {n}: give exactly one of an image, a dicom folder, or sequence columns", manifest)))
+        elif image:
+            cases.append(BatchCase(case_id, StudyInputs(decathlon_4d=_resolve(base, image)), source))
+        elif dicom:
+            cases.append(BatchCase(case_id, DicomInputs((_resolve(base, dicom),)), source))
+        else:
+            cases.append(BatchCase(case_id, StudyInputs(files=tuple((s, files[s]) for s in SEQUENCES if s in files)),
+                                   source))
+    return cases
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path

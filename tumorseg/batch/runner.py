@@ -1,0 +1,404 @@
+"""``tumorseg batch``: every case of a folder through the pipeline, without losing work.
+
+Per case, under ``OUT/cases/<case_id>/``: the ``predict`` outputs, then ``batch-case.json`` written
+last. That record holds the fingerprint of what made the outputs (the inputs' sha256, the model's
+and the configuration's) and the sha256 of each output; a rerun skips a case whose fingerprint is
+unchanged and whose outputs are all there with those checksums. Every file is written atomically,
+so a kill leaves either the old file or the new one at a final path, never a half-written one.
+
+``OUT/manifest.csv`` and ``OUT/manifest.json`` are rewritten (atomically) after every case, so they
+describe the batch so far even when it is killed.
+
+With ``workers`` > 0, worker processes read and prepare the next cases and finish and write the
+done ones (probabilities back to the input grid, post-processing, outputs), while the main process
+runs only the network: on a GPU server the GPU does not wait for the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..configio import to_dict
+from ..errors import InputError, TumorsegError
+from ..model import sha256_file
+from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
+from .cases import BatchCase
+
+log = logging.getLogger(__name__)
+
+CASES_DIR = "cases"
+CASE_RECORD = "batch-case.json"
+MANIFEST_CSV = "manifest.csv"
+MANIFEST_JSON = "manifest.json"
+
+MANIFEST_COLUMNS = (
+    "case_id", "status", "reused", "error_code", "error_kind", "error_message", "source", "sequences_used",
+    "wt_ml", "tc_ml", "et_ml", "label_map", "report", "rtstruct", "seg",
+    "read_prepare_s", "infer_s", "finish_write_s", "inputs_sha256", "model_sha256", "config_sha256",
+)
+
+
+@dataclass
+class CaseOutcome:
+    """One manifest row."""
+
+    case_id: str
+    source: str
+    status: str = "ok"  # ok | failed
+    reused: bool = False
+    error_code: int | None = None
+    error_kind: str | None = None
+    error_message: str | None = None
+    sequences_used: list[str] = field(default_factory=list)
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> path relative to OUT
+    timings_s: dict[str, float] = field(default_factory=dict)
+    inputs_sha256: str | None = None
+
+    def row(self, fingerprint: dict[str, str]) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id, "status": self.status, "reused": self.reused,
+            "error_code": self.error_code, "error_kind": self.error_kind, "error_message": self.error_message,
+            "source": self.source, "sequences_used": " ".join(self.sequences_used),
+            "wt_ml": self.volumes_ml.get("WT"), "tc_ml": self.volumes_ml.get("TC"), "et_ml": self.volumes_ml.get("ET"),
+            "label_map": self.outputs.get("label_map"), "report": self.outputs.get("report"),
+            "rtstruct": self.outputs.get("rtstruct"), "seg": self.outputs.get("seg"),
+            "read_prepare_s": self.timings_s.get("read_prepare"), "infer_s": self.timings_s.get("infer"),
+            "finish_write_s": self.timings_s.get("finish_write"),
+            "inputs_sha256": self.inputs_sha256, "model_sha256": fingerprint["model_sha256"],
+            "config_sha256": fingerprint["config_sha256"],
+        }
+
+
+@dataclass
+class BatchSummary:
+    outcomes: list[CaseOutcome]
+    seconds: float
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+    @property
+    def reused(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.reused]
+
+
+def config_sha256(spec: PipelineSpec) -> str:
+    return hashlib.sha256(json.dumps(to_dict(spec.config), sort_keys=True).encode()).hexdigest()
+
+
+def inputs_sha256(case: BatchCase) -> str:
+    """One checksum over the case's input files' names and contents."""
+    digest = hashlib.sha256()
+    for path in case.files():
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+class BatchRunner:
+    """Runs cases through one loaded :class:`Segmenter` into ``output``."""
+
+    def __init__(self, segmenter: Segmenter, output: Path, workers: int = 0, force: bool = False,
+                 progress: bool = True) -> None:
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self.segmenter = segmenter
+        self.spec = segmenter.spec
+        self.output = Path(output)
+        self.workers = workers
+        self.force = force
+        self.progress = progress
+        self.fingerprint = {
+            "model_sha256": self.spec.model_sha256,
+            "config_sha256": config_sha256(self.spec),
+            "tumorseg_version": __version__,
+        }
+        self._outcomes: dict[str, CaseOutcome] = {}
+        self._order: list[str] = []
+
+    # -- the batch ---------------------------------------------------------------------------
+    def run(self, cases: list[BatchCase]) -> BatchSummary:
+        start = time.perf_counter()
+        self._order = [c.case_id for c in cases]
+        self._outcomes = {}
+        bar = self._progress_bar(len(cases))
+        try:
+            todo = []
+            for case in cases:
+                outcome, fingerprint = self._check_case(case)
+                if outcome is not None:
+                    self._record(outcome, bar)
+                else:
+                    todo.append((case, fingerprint))
+            if todo:
+                log.info("%d of %d cases to run (%d reused or failed at discovery)", len(todo), len(cases),
+                         len(cases) - len(todo))
+            if self.workers == 0:
+                self._run_inline(todo, bar)
+            else:
+                self._run_pipelined(todo, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        outcomes = [self._outcomes[c] for c in self._order if c in self._outcomes]
+        summary = BatchSummary(outcomes, time.perf_counter() - start)
+        self._write_manifest(final=True, seconds=summary.seconds)
+        return summary
+
+    def _check_case(self, case: BatchCase) -> tuple[CaseOutcome | None, str]:
+        """The outcome without running (a case broken at discovery, or one already done), and
+        the checksum of the case's inputs."""
+        if case.problem is not None:
+            return _failure(case, case.problem), ""
+        try:
+            fingerprint = inputs_sha256(case)
+        except OSError as e:
+            return _failure(case, InputError(f"cannot read input ({e.strerror})", e.filename)), ""
+        case_dir = self.case_dir(case.case_id)
+        _remove_stale_partials(case_dir)
+        reused = None if self.force else self._reuse(case, case_dir, fingerprint)
+        return reused, fingerprint
+
+    def _reuse(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
+        record_path = case_dir / CASE_RECORD
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("fingerprint") != {**self.fingerprint, "inputs_sha256": fingerprint}:
+            return None
+        for name, info in record.get("outputs", {}).items():
+            path = case_dir / info["file"]
+            if not path.is_file() or sha256_file(path) != info["sha256"]:
+                log.info("%s: output %s missing or changed; running the case again", case.case_id, name)
+                return None
+        outcome = CaseOutcome(**record["outcome"])
+        outcome.reused = True
+        return outcome
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.output / CASES_DIR / case_id
+
+    # -- running: inline ----------------------------------------------------------------------
+    def _run_inline(self, cases: list[tuple[BatchCase, str]], bar) -> None:
+        for case, fingerprint in cases:
+            args = self._infer(case, _read_and_prepare(self.spec, case, fingerprint), bar)
+            if args is not None:
+                self._record(_finish_and_write(*args), bar)
+
+    def _infer(self, case: BatchCase, prepared, bar) -> tuple | None:
+        """Run the network on a prepared case; the arguments of its finishing step, or None when
+        the case failed (and was recorded)."""
+        if isinstance(prepared, CaseOutcome):
+            self._record(prepared, bar)
+            return None
+        prepared_scan, read_seconds, fingerprint = prepared
+        try:
+            probs, infer_seconds = self.segmenter.infer(prepared_scan)
+        except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
+            self._record(_failure(case, e), bar)
+            return None
+        return (self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
+                str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
+
+    # -- running: worker processes --------------------------------------------------------------
+    def _run_pipelined(self, cases: list[tuple[BatchCase, str]], bar) -> None:
+        """Workers prepare up to ``workers + 1`` cases ahead and finish behind the network."""
+        queue = deque(cases)
+        preparing: deque[tuple[BatchCase, str, Future]] = deque()
+        finishing: deque[tuple[BatchCase, Future]] = deque()
+        lookahead = self.workers + 1
+        pool = self._new_pool()
+        self._broken = False
+        try:
+            while queue or preparing:
+                if self._broken:  # a worker died: new workers, and the queued cases again
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool, self._broken = self._new_pool(), False
+                    queue.extendleft(reversed([(c, fp) for c, fp, _ in preparing]))
+                    preparing.clear()
+                while queue and len(preparing) < lookahead:
+                    case, fingerprint = queue.popleft()
+                    preparing.append((case, fingerprint, pool.submit(_read_and_prepare, self.spec, case, fingerprint)))
+                case, _, future = preparing.popleft()
+                args = self._infer(case, self._result(case, future), bar)
+                if args is not None:
+                    finishing.append((case, pool.submit(_finish_and_write, *args)))
+                while finishing and (finishing[0][1].done() or len(finishing) > self.workers):
+                    c, f = finishing.popleft()
+                    self._record(self._result(c, f), bar)
+            while finishing:
+                c, f = finishing.popleft()
+                self._record(self._result(c, f), bar)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: a fresh interpreter per worker, no forked copy of the main process' threads.
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(_logger_levels(),))
+
+    def _result(self, case: BatchCase, future: Future):
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            # A worker died (killed, or out of memory): this case fails, a rerun retries it.
+            self._broken = True
+            return _failure(case, RuntimeError("worker process died (out of memory?)"))
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _record(self, outcome: CaseOutcome, bar) -> None:
+        self._outcomes[outcome.case_id] = outcome
+        if outcome.status != "ok":
+            log.warning("%s failed: %s", outcome.case_id, outcome.error_message)
+        self._write_manifest(final=False)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=sum(o.status != "ok" for o in self._outcomes.values()), refresh=False)
+
+    def _progress_bar(self, total: int):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="case", desc="batch", dynamic_ncols=True)
+
+    def _write_manifest(self, final: bool, seconds: float | None = None) -> None:
+        outcomes = [self._outcomes[c] for c in self._order if c in self._outcomes]
+        rows = [o.row(self.fingerprint) for o in outcomes]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes_atomic(self.output / MANIFEST_CSV, buffer.getvalue().encode())
+        document = {
+            "tumorseg_version": __version__,
+            "complete": final,
+            "cases_total": len(self._order),
+            "counts": {
+                "ok": sum(o.status == "ok" for o in outcomes),
+                "failed": sum(o.status != "ok" for o in outcomes),
+                "reused": sum(o.reused for o in outcomes),
+                "pending": len(self._order) - len(outcomes),
+            },
+            "seconds": None if seconds is None else round(seconds, 2),
+            "workers": self.workers,
+            "model": {"name": self.spec.card.name, "version": self.spec.card.version,
+                      "weights_sha256": self.spec.model_sha256},
+            "config_sha256": self.fingerprint["config_sha256"],
+            "configuration": to_dict(self.spec.config),
+            "cases": rows,
+        }
+        write_bytes_atomic(self.output / MANIFEST_JSON, (json.dumps(document, indent=2) + "\n").encode())
+
+
+# -- steps, module-level so worker processes can run them ------------------------------------------
+#: Per-stage messages that would bury the progress bar; shown with --verbose.
+STAGE_LOGGERS = ("tumorseg.pipeline", "tumorseg.dicom", "tumorseg.stages")
+
+
+@contextlib.contextmanager
+def quiet_stage_logs(enabled: bool = True) -> Iterator[None]:
+    """Only warnings from the stages while the block runs (levels restored after)."""
+    loggers = [logging.getLogger(name) for name in STAGE_LOGGERS]
+    before = [logger.level for logger in loggers]
+    if enabled:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
+
+
+def _logger_levels() -> dict[str, int]:
+    return {name: logging.getLogger(name).level for name in ("",) + STAGE_LOGGERS}
+
+
+def _init_worker(levels: dict[str, int]) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the main process' network gets the cores
+    logging.basicConfig(level=levels.pop(""), format="%(asctime)s %(levelname)s [worker] %(message)s",
+                        datefmt="%H:%M:%S")
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _read_and_prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str
+                      ) -> tuple[PreparedScan, float, str] | CaseOutcome:
+    start = time.perf_counter()
+    try:
+        prepared = spec.read_and_prepare(case.inputs)
+    except Exception as e:
+        return _failure(case, e)
+    return prepared, time.perf_counter() - start, fingerprint
+
+
+def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray,
+                      infer_seconds: float, read_seconds: float, fingerprint: str, case_dir: str,
+                      output_root: str, batch_fingerprint: dict[str, str]) -> CaseOutcome:
+    start = time.perf_counter()
+    case_path, root = Path(case_dir), Path(output_root)
+    try:
+        result = spec.finish(prepared, probs, infer_seconds)
+        del probs
+        paths = write_outputs(result, spec, case_path)
+    except Exception as e:
+        return _failure(case, e)
+    outcome = CaseOutcome(
+        case_id=case.case_id, source=case.source,
+        sequences_used=list(result.report["sequences_used"]),
+        volumes_ml={r: v["volume_ml"] for r, v in result.report["results"]["regions"].items()},
+        outputs={name: str(p.relative_to(root)) for name, p in paths.items()},
+        timings_s={"read_prepare": round(read_seconds, 3), "infer": round(infer_seconds, 3),
+                   "finish_write": round(time.perf_counter() - start, 3)},
+        inputs_sha256=fingerprint,
+    )
+    record = {
+        "fingerprint": {**batch_fingerprint, "inputs_sha256": fingerprint},
+        "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
+        "outcome": {**outcome.__dict__},
+    }
+    # Written last: its presence says every output above is complete.
+    write_bytes_atomic(case_path / CASE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    return outcome
+
+
+def _failure(case: BatchCase, error: BaseException) -> CaseOutcome:
+    if isinstance(error, TumorsegError):
+        code, kind, message = error.exit_code, error.code, str(error)
+    elif isinstance(error, MemoryError):
+        code, kind, message = 1, "memory", "out of memory"
+    else:  # a bug or an environment problem: keep the type, and the traceback in the log
+        log.debug("%s: %s", case.case_id, "".join(traceback.format_exception(error)))
+        code, kind, message = 1, "internal", f"{type(error).__name__}: {error}"
+    return CaseOutcome(case_id=case.case_id, source=case.source, status="failed", error_code=code,
+                       error_kind=kind, error_message=message)
+
+
+def _remove_stale_partials(case_dir: Path) -> None:
+    """Temporary files left by a killed run (see :mod:`tumorseg.atomic`)."""
+    if case_dir.is_dir():
+        for stale in case_dir.glob(".*.partial*"):
+            stale.unlink(missing_ok=True)
