@@ -57,6 +57,34 @@ def main() -> None:
     """
 
 
+def _pipeline_options(command):
+    """The options that choose and adjust the pipeline, shared by predict, batch and validate."""
+    options = [
+        click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]"),
+        click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]"),
+        click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
+        click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]"),
+        click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _pipeline_config(pipeline_file, model, device, seg, tta, overlap):
+    from dataclasses import replace
+
+    from .config import load_pipeline
+
+    config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap)
+    if model is not None:
+        config = replace(config, model=model)
+    if seg:
+        config = replace(config, output=replace(config.output, seg=True))
+    return config
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--flair", type=click.Path(path_type=Path), help="FLAIR image (T2-weighted FLAIR).")
@@ -64,12 +92,7 @@ def main() -> None:
 @click.option("--t1gd", "--t1c", "t1gd", type=click.Path(path_type=Path), help="T1-weighted image after gadolinium contrast.")
 @click.option("--t2", type=click.Path(path_type=Path), help="T2-weighted image.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("tumorseg-output"), show_default=True, help="Folder for the label map, report and resolved configuration.")
-@click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]")
-@click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]")
-@click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT.")
-@click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]")
-@click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]")
+@_pipeline_options
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
 def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, quiet, verbose):
@@ -92,7 +115,6 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
       tumorseg predict /data/study-dicom/ --t1gd 7 --seg -o out/
     """
     _setup_logging(quiet, verbose)
-    from .config import load_pipeline
     from .pipeline import Segmenter, write_outputs
     from .sequences import assign_sequences
     from .stages.read import volume_count
@@ -100,13 +122,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     explicit = {k: v for k, v in {"flair": flair, "t1": t1, "t1gd": t1gd, "t2": t2}.items() if v is not None}
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
-    from dataclasses import replace
-
-    config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap)
-    if model is not None:
-        config = replace(config, model=model)
-    if seg:
-        config = replace(config, output=replace(config.output, seg=True))
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
     dicom = _dicom_inputs(list(inputs), explicit)
     study = None if dicom else assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
     start = time.perf_counter()
@@ -116,7 +132,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     else:
         log.info("model %s; sequences %s", segmenter.card.name, ", ".join(study.sequences))
         result = segmenter.segment_files(study)
-    paths = write_outputs(result, segmenter, output)
+    paths = write_outputs(result, segmenter.spec, output)
     regions = result.report["results"]["regions"]
     summary = ", ".join(f"{r} {v['volume_ml']:.1f} mL" for r, v in regions.items())
     if result.report["empty"]:
@@ -180,6 +196,93 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 
     paths = export_mask(mask, series_folder, output, label_scheme, series_uid, algorithm, seg)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command()
+@click.argument("input_root", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for cases/<case_id>/ outputs and manifest.csv / manifest.json.")
+@_pipeline_options
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that read, prepare and write cases while the network runs (0: all in this process).")
+@click.option("--force", is_flag=True, help="Run every case again, even those whose outputs are complete and up to date.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, workers, force, quiet, verbose):
+    """Segment every case under INPUT_ROOT; one bad case never stops the batch.
+
+    INPUT_ROOT is a folder tree (each folder of NIfTI/NRRD/MHA sequences is a case, each DICOM
+    study is a case), a Decathlon data set or its imagesTr/imagesTs folder, or a CSV manifest
+    (columns case_id and image, dicom, or flair/t1/t1gd/t2). Each case's outputs go to
+    OUTPUT/cases/<case_id>/; OUTPUT/manifest.csv and manifest.json list every case with its
+    status, error, volumes, timings and checksums. A rerun skips cases whose inputs, model and
+    configuration are unchanged and whose outputs are complete.
+
+    Exit code 0 when every case succeeded, 8 when some failed (see the manifest).
+    """
+    _setup_logging(quiet, verbose)
+    from .batch.cases import discover
+    from .batch.runner import BatchRunner, quiet_stage_logs
+    from .errors import SOME_CASES_FAILED
+    from .pipeline import Segmenter
+
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
+    cases = discover(input_root)
+    segmenter = Segmenter(config.model, config)
+    with quiet_stage_logs(not verbose):
+        summary = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet).run(cases)
+    ok = len(summary.outcomes) - len(summary.failed)
+    click.echo(f"{ok} of {len(summary.outcomes)} cases done ({len(summary.reused)} reused), "
+               f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; manifest: {output / 'manifest.csv'}")
+    if summary.failed:
+        sys.exit(SOME_CASES_FAILED)
+
+
+@main.command()
+@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names and a label file each.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for report.html, metrics.json, metrics.csv, summary.csv (and predictions/).")
+@click.option("--predictions", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Score these label maps (<case_id>.nii.gz as nnU-Net writes them, <case_id>/segmentation.nii.gz, or a tumorseg batch folder) instead of predicting.")
+@click.option("--prediction-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default="msd", show_default=True, help="Label scheme of --predictions.")
+@click.option("--truth-scheme", "--label-scheme", "truth_scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
+@click.option("--nsd-tolerance", type=float, default=2.0, show_default=True, help="Normalised surface distance tolerance, mm.")
+@_pipeline_options
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes for predicting (as in tumorseg batch).")
+@click.option("--force", is_flag=True, help="Predict every case again, even where predictions are up to date.")
+@click.option("--no-html", is_flag=True, help="Only metrics.json and the CSV files.")
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_tolerance, model, pipeline_file, device,
+             seg, tta, overlap, workers, force, no_html, quiet, verbose):
+    """Score predictions against ground truth: Dice, HD95, NSD and volume difference per case,
+    label and region (WT, TC, ET), aggregated, in report.html, metrics.json and CSV.
+
+    Without --predictions, the cases are predicted first (as tumorseg batch, into
+    OUTPUT/predictions/, reused when up to date). Exit code 8 when some case could not be scored.
+    Metric conventions (empty masks, surface definition) are in docs/validation.md.
+    """
+    import math
+
+    _setup_logging(quiet, verbose)
+    from .batch.runner import quiet_stage_logs
+    from .errors import SOME_CASES_FAILED, ConfigError
+    from .labels import get_scheme
+    from .validate import validate as run_validation
+
+    if not (math.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
+        raise ConfigError(f"--nsd-tolerance must be a finite number >= 0 mm, got {nsd_tolerance}")
+    segmenter = None
+    if predictions is None:
+        from .pipeline import Segmenter
+
+        config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
+        segmenter = Segmenter(config.model, config)
+    with quiet_stage_logs(not verbose):
+        document = run_validation(dataset, output, truth_scheme, predictions, get_scheme(prediction_scheme),
+                                  nsd_tolerance, segmenter, workers, force, html=not no_html, progress=not quiet)
+    wt = document["aggregate"]["WT"]["dice"]
+    mean = "n/a" if wt["mean"] is None else f"{wt['mean']:.3f}"
+    click.echo(f"{document['counts']['ok']} cases scored, {document['counts']['failed']} failed; WT Dice mean {mean}; "
+               f"wrote {output / ('metrics.json' if no_html else 'report.html')}")
+    if document["counts"]["failed"]:
+        sys.exit(SOME_CASES_FAILED)
 
 
 @main.command("models")

@@ -1,0 +1,162 @@
+"""tumorseg validate: scores on whole data sets agree with MONAI's metrics on the same masks."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy import ndimage
+
+from conftest import make_tiny_model, save_nifti, shared_data
+from tumorseg.cli import main
+from tumorseg.errors import SOME_CASES_FAILED
+from tumorseg.labels import get_scheme
+from tumorseg.scan import voxel_spacing
+
+REGIONS = ("WT", "TC", "ET")
+
+
+def monai_scores(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float]:
+    """Dice and HD95 from MONAI (the independent implementation) for two non-empty masks."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    p = torch.from_numpy(pred[None, None].astype(np.float32))
+    t = torch.from_numpy(truth[None, None].astype(np.float32))
+    dice = float(compute_dice(p, t, include_background=True)[0, 0])
+    hd95 = float(compute_hausdorff_distance(p, t, include_background=True, percentile=95, directed=False,
+                                            spacing=[float(s) for s in spacing])[0, 0])
+    return dice, hd95
+
+
+def check_against_monai(document: dict, predictions: dict[str, Path], truths: dict[str, Path], truth_scheme: str,
+                        prediction_scheme: str = "msd") -> int:
+    """Compare every case's region Dice and HD95 with MONAI; return how many empty masks were met."""
+    empties = 0
+    pred_scheme, true_scheme = get_scheme(prediction_scheme), get_scheme(truth_scheme)
+    for case in document["cases"]:
+        assert case["status"] == "ok", case
+        pred_img, truth_img = nib.load(predictions[case["case_id"]]), nib.load(truths[case["case_id"]])
+        pred = np.rint(np.asarray(pred_img.dataobj)).astype(int)
+        truth = np.rint(np.asarray(truth_img.dataobj)).astype(int)
+        spacing = voxel_spacing(truth_img.affine)
+        assert case["spacing_mm"] == pytest.approx(list(spacing), abs=1e-5)
+        for region in REGIONS:
+            p, t = pred_scheme.region_mask(pred, region), true_scheme.region_mask(truth, region)
+            ours = case["scores"][region]
+            if not p.any() or not t.any():
+                empties += 1
+                diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(truth.shape, spacing)))
+                assert ours["dice"] == (1.0 if not p.any() and not t.any() else 0.0)
+                assert ours["hd95_mm"] == pytest.approx(0.0 if not p.any() and not t.any() else diagonal)
+                continue
+            dice, hd95 = monai_scores(p, t, spacing)
+            assert abs(ours["dice"] - dice) <= 1e-6, (case["case_id"], region)
+            assert abs(ours["hd95_mm"] - hd95) <= 1e-3, (case["case_id"], region)
+    return empties
+
+
+def validate(*args: str):
+    return CliRunner().invoke(main, ["validate", *args, "-q"], catch_exceptions=False)
+
+
+def test_validate_synthetic_dataset_predicts_and_agrees_with_monai(tmp_path):
+    pytest.importorskip("nilearn", reason="tumorseg synth needs nilearn (the test extra)")
+    from tumorseg.synth import write_synth_dataset
+
+    data = write_synth_dataset(tmp_path / "synth", 2, seed=21)
+    # A background bias keeps the random model's masks tumour-sized (and the test quick).
+    model = make_tiny_model(tmp_path / "model", spacing=(3.0, 3.0, 3.0), background_bias=3.5)
+    out = tmp_path / "report"
+    result = validate("--dataset", str(data), "-o", str(out), "--model", str(model))
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["truth_scheme"] == "msd" and document["model"]["name"] == "tiny-test"
+    ids = [c["case_id"] for c in document["cases"]]
+    predictions = {i: out / "predictions" / "cases" / i / "segmentation.nii.gz" for i in ids}
+    truths = {i: data / "labelsTr" / f"{i}.nii.gz" for i in ids}
+    check_against_monai(document, predictions, truths, "msd")
+    spacings = {tuple(c["spacing_mm"]) for c in document["cases"]}
+    assert any(len(set(s)) > 1 for s in spacings), f"expected an anisotropic synthetic case, got {spacings}"
+    # The CSV files hold the same numbers as the JSON.
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = document["cases"][0]
+    row = next(r for r in rows if r["case_id"] == first["case_id"] and r["structure"] == "WT")
+    assert float(row["dice"]) == first["scores"]["WT"]["dice"]
+    with open(out / "summary.csv", newline="") as f:
+        summary = {(r["structure"], r["metric"]): r for r in csv.DictReader(f)}
+    assert float(summary[("WT", "dice")]["mean"]) == pytest.approx(np.mean([c["scores"]["WT"]["dice"] for c in document["cases"]]))
+    html = (out / "report.html").read_text()
+    assert all(i in html for i in ids) and html.count("data:image/png;base64,") >= len(ids) + 1
+    # A rerun reuses the predictions.
+    assert validate("--dataset", str(data), "-o", str(out), "--model", str(model)).exit_code == 0
+    manifest = json.loads((out / "predictions" / "manifest.json").read_text())
+    assert manifest["counts"]["reused"] == 2
+
+
+def brats_predictions(folder: Path, brats: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Predictions in the MSD scheme made from each case's truth (eroded, shifted, a label
+    dropped), named as nnU-Net names them, and one empty prediction."""
+    folder.mkdir()
+    predictions, truths = {}, {}
+    cases = sorted(p for p in brats.iterdir() if p.is_dir())
+    for n, case in enumerate(cases):
+        truth_img = nib.load(case / "OTMultiClass.nii.gz")
+        truth = np.rint(np.asarray(truth_img.dataobj)).astype(int)
+        lut = np.array([0, 2, 1, 2, 3])  # BraTS 2015 -> MSD
+        pred = lut[truth]
+        if n == 0:
+            pred[:] = 0  # an empty prediction: the conventions apply
+        elif n == 1:
+            pred = np.where(ndimage.binary_erosion(pred > 0, iterations=2), pred, 0)
+        elif n == 2:
+            pred = np.roll(pred, 3, axis=0)
+            pred[pred == 3] = 2  # no enhancing tumour predicted
+        else:
+            pred = np.where(ndimage.binary_dilation(pred > 0, iterations=1) & (pred == 0), 1, pred)
+        path = save_nifti(folder / f"{case.name}.nii.gz", pred.astype(np.uint8), truth_img.affine)
+        predictions[case.name], truths[case.name] = path, case / "OTMultiClass.nii.gz"
+    return predictions, truths
+
+
+def test_validate_brats2015_with_other_tools_predictions(tmp_path):
+    brats = shared_data("brats2015-dev")
+    predictions, truths = brats_predictions(tmp_path / "nnunet", brats)
+    out = tmp_path / "report"
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "nnunet"),
+                      "-o", str(out), "--no-html")
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["truth_scheme"] == "brats2015" and document["model"] is None
+    assert check_against_monai(document, predictions, truths, "brats2015") >= 3  # the empty case's regions
+    assert not (out / "report.html").exists()
+    # BraTS 2015 labels convert to MSD, so per-label scores exist too.
+    assert {"edema", "non_enhancing_tumour", "enhancing_tumour"} <= set(document["structures"])
+    empty = document["cases"][0]["scores"]["WT"]
+    assert empty["dice"] == 0.0 and empty["volume_pred_ml"] == 0.0 and empty["relative_volume_diff"] == -1.0
+    assert document["aggregate"]["WT"]["dice"]["worst"] == 0.0 and document["aggregate"]["WT"]["dice"]["n"] == 4
+
+
+def test_validate_records_cases_it_cannot_score(tmp_path):
+    brats = shared_data("brats2015-dev")
+    predictions, _ = brats_predictions(tmp_path / "preds", brats)
+    name = sorted(predictions)[1]
+    predictions[name].unlink()  # missing
+    name2 = sorted(predictions)[2]
+    img = nib.load(predictions[name2])
+    save_nifti(predictions[name2], np.asarray(img.dataobj)[:, :, :100], img.affine)  # wrong grid
+    out = tmp_path / "report"
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
+                      "-o", str(out))
+    assert result.exit_code == SOME_CASES_FAILED
+    cases = {c["case_id"]: c for c in json.loads((out / "metrics.json").read_text())["cases"]}
+    assert cases[name]["status"] == "failed" and "no prediction" in cases[name]["error"]
+    assert cases[name2]["status"] == "failed" and "not on the grid" in cases[name2]["error"]
+    html = (out / "report.html").read_text()
+    assert "no prediction" in html

@@ -1,0 +1,249 @@
+"""``tumorseg validate``: score label maps against ground truth over a whole data set.
+
+Predictions are made with ``tumorseg batch`` (and reused when up to date) or read from a folder
+another tool wrote (``--predictions``: ``<case_id>.nii.gz`` as nnU-Net writes them, or
+``<case_id>/segmentation.nii.gz``, or a ``tumorseg batch`` output folder). Ground truth in any
+known label scheme is mapped through the scheme tables: regions (WT, TC, ET) always, and each
+label of the prediction's scheme where the truth converts to it without guessing.
+
+Metrics and their conventions are in :mod:`tumorseg.metrics`. Outputs: ``metrics.json`` (every
+number), ``metrics.csv`` (one row per case and structure), ``summary.csv`` (aggregates) and
+``report.html`` (self-contained: tables, box plots, overlays).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .atomic import write_bytes_atomic
+from .errors import ConfigError, GeometryError, TumorsegError
+from .evaluate import REGIONS, Truth, read_truth
+from .labels import LabelScheme, conversion_table
+from .scan import voxel_spacing
+from .stages import read
+from .stages.read import AFFINE_TOLERANCE_MM
+from .train import TrainingCase, discover_cases
+
+log = logging.getLogger(__name__)
+
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+SUMMARY_CSV = "summary.csv"
+REPORT_HTML = "report.html"
+PREDICTIONS_DIR = "predictions"
+SCORES = ("dice", "hd95_mm", "nsd", "volume_pred_ml", "volume_truth_ml", "volume_diff_ml", "relative_volume_diff")
+#: Metrics aggregated over cases, and whether a higher value is better (for "worst").
+AGGREGATED = {"dice": True, "hd95_mm": False, "nsd": True, "volume_diff_ml": None}
+
+
+@dataclass(frozen=True)
+class ScoredCase:
+    case_id: str
+    status: str  # ok | failed
+    error: str | None
+    spacing_mm: list[float] | None
+    scores: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case_id": self.case_id, "status": self.status, "error": self.error,
+                "spacing_mm": self.spacing_mm, "scores": self.scores}
+
+
+def structures(pred_scheme: LabelScheme, truth_scheme: LabelScheme) -> tuple[list[str], dict[str, int] | None]:
+    """Regions, then the prediction scheme's labels when the truth converts to that scheme."""
+    try:
+        lut = conversion_table(truth_scheme, pred_scheme)
+    except ConfigError as e:
+        log.warning("per-label scores skipped: %s (regions are still scored)", e)
+        return list(REGIONS), None
+    del lut
+    labels = {label.name: label.value for label in pred_scheme.labels}
+    return list(REGIONS) + list(labels), labels
+
+
+def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth, truth_scheme: LabelScheme,
+               truth_path: Path, tolerance_mm: float) -> ScoredCase:
+    """Every structure's scores for one case (prediction and truth on one grid)."""
+    if pred.labels.shape != truth.labels.shape or not np.allclose(pred.affine, truth.affine, atol=AFFINE_TOLERANCE_MM,
+                                                                  rtol=0):
+        raise GeometryError(f"prediction (shape {pred.labels.shape}) is not on the grid of its ground truth "
+                            f"(shape {truth.labels.shape}); scores need the same voxels", truth_path)
+    pred_scheme.validate_array(pred.labels, "prediction")
+    truth_scheme.validate_array(truth.labels, f"ground truth {truth_path}")
+    spacing = voxel_spacing(truth.affine)
+    names, label_values = structures(pred_scheme, truth_scheme)
+    masks = {r: (pred_scheme.region_mask(pred.labels, r), truth_scheme.region_mask(truth.labels, r)) for r in REGIONS}
+    if label_values is not None:
+        truth_in_pred_scheme = conversion_table(truth_scheme, pred_scheme)[truth.labels]
+        for name, value in label_values.items():
+            masks[name] = (pred.labels == value, truth_in_pred_scheme == value)
+    scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm).to_dict() for name in names}
+    return ScoredCase(case_id, "ok", None, [round(float(s), 6) for s in spacing], scores)
+
+
+def aggregate(cases: list[ScoredCase], names: list[str]) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Mean, median, standard deviation (population), worst and n over the cases scored."""
+    out: dict[str, dict[str, dict[str, float | int | None]]] = {}
+    for name in names:
+        out[name] = {}
+        for metric, higher_is_better in AGGREGATED.items():
+            values = np.array([c.scores[name][metric] for c in cases if c.status == "ok" and name in c.scores],
+                              dtype=np.float64)
+            if values.size == 0:
+                out[name][metric] = {"mean": None, "median": None, "std": None, "worst": None, "n": 0}
+                continue
+            if higher_is_better is None:  # a signed error: the worst is the largest in size
+                worst = float(values[np.argmax(np.abs(values))])
+            else:
+                worst = float(values.min() if higher_is_better else values.max())
+            out[name][metric] = {"mean": float(values.mean()), "median": float(np.median(values)),
+                                 "std": float(values.std()), "worst": worst, "n": int(values.size)}
+    return out
+
+
+def find_prediction(folder: Path, case_id: str) -> Path | None:
+    """A prediction for ``case_id`` in a folder written by nnU-Net, tumorseg batch or predict."""
+    for candidate in (folder / f"{case_id}.nii.gz", folder / f"{case_id}.nii", folder / case_id / "segmentation.nii.gz",
+                      folder / "cases" / case_id / "segmentation.nii.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def background_image(case: TrainingCase) -> np.ndarray:
+    """The image under the overlays: FLAIR if the case has it, else its first sequence."""
+    inputs = case.inputs
+    if inputs.decathlon_4d is not None:
+        volume = read.read_volume(inputs.decathlon_4d)
+        return volume.array[..., 0] if volume.array.ndim == 4 else volume.array
+    files = dict(inputs.files)
+    return read.read_volume(files.get("flair", inputs.files[0][1])).array
+
+
+def validate(
+    dataset: Path,
+    output: Path,
+    truth_scheme: str | None = None,
+    predictions: Path | None = None,
+    prediction_scheme: LabelScheme | None = None,
+    tolerance_mm: float = metrics.DEFAULT_NSD_TOLERANCE_MM,
+    segmenter=None,
+    workers: int = 0,
+    force: bool = False,
+    html: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict (or find predictions), score every case, and write the reports. Returns metrics."""
+    from .batch.cases import BatchCase, safe_case_id
+
+    output = Path(output)
+    cases = discover_cases(Path(dataset), truth_scheme)
+    model = None
+    if predictions is None:
+        if segmenter is None:
+            raise ValueError("give a segmenter or a predictions folder")
+        from .batch.runner import BatchRunner
+
+        predictions = output / PREDICTIONS_DIR
+        batch = [BatchCase(safe_case_id(c.case_id), c.inputs, c.case_id) for c in cases]
+        BatchRunner(segmenter, predictions, workers=workers, force=force, progress=progress).run(batch)
+        prediction_scheme = segmenter.card.scheme
+        model = {"name": segmenter.card.name, "version": segmenter.card.version,
+                 "weights_sha256": segmenter.model.sha256}
+    if prediction_scheme is None:
+        raise ValueError("prediction_scheme is needed with a predictions folder")
+
+    scored: list[ScoredCase] = []
+    overlays: dict[str, bytes] = {}
+    names: list[str] = list(REGIONS)
+    for case in _progress(cases, progress):
+        case_id = safe_case_id(case.case_id)
+        try:
+            path = find_prediction(Path(predictions), case_id)
+            if path is None:
+                raise TumorsegError(f"no prediction for case {case_id}", predictions)
+            pred = read_truth(path)
+            truth = read_truth(case.label_path)
+            result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm)
+            names, _ = structures(prediction_scheme, case.scheme)
+            if html:
+                overlays[case_id] = _overlay(case, pred, prediction_scheme, truth)
+        except TumorsegError as e:
+            log.warning("%s not scored: %s", case_id, e)
+            result = ScoredCase(case_id, "failed", f"{type(e).__name__}: {e}", None, {})
+        scored.append(result)
+
+    from . import __version__
+
+    document = {
+        "title": f"tumorseg validation: {Path(dataset).name}",
+        "tumorseg_version": __version__,
+        "dataset": Path(dataset).name,
+        "model": model,
+        "prediction_scheme": prediction_scheme.name,
+        "truth_scheme": cases[0].scheme.name,
+        "nsd_tolerance_mm": tolerance_mm,
+        "conventions": metrics.CONVENTIONS,
+        "structures": names,
+        "cases": [c.to_dict() for c in scored],
+        "aggregate": aggregate(scored, names),
+        "counts": {"ok": sum(c.status == "ok" for c in scored), "failed": sum(c.status != "ok" for c in scored)},
+    }
+    write_reports(output, document, overlays if html else None)
+    return document
+
+
+def _overlay(case: TrainingCase, pred: Truth, pred_scheme: LabelScheme, truth: Truth) -> bytes:
+    from .validation_report import overlay_png
+
+    image = background_image(case)
+    return overlay_png(
+        image, truth.affine,
+        {r: pred_scheme.region_mask(pred.labels, r) for r in REGIONS},
+        {r: case.scheme.region_mask(truth.labels, r) for r in REGIONS},
+        title=case.case_id,
+    )
+
+
+def write_reports(output: Path, document: dict[str, Any], overlays: dict[str, bytes] | None) -> None:
+    write_bytes_atomic(output / METRICS_JSON, (json.dumps(document, indent=2) + "\n").encode())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case_id", "status", "structure", *SCORES, "error"])
+    for case in document["cases"]:
+        if case["status"] != "ok":
+            writer.writerow([case["case_id"], case["status"], "", *[""] * len(SCORES), case["error"]])
+        for name, values in case["scores"].items():
+            writer.writerow([case["case_id"], case["status"], name, *[_csv(values[s]) for s in SCORES], ""])
+    write_bytes_atomic(output / METRICS_CSV, buffer.getvalue().encode())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["structure", "metric", "mean", "median", "std", "worst", "n"])
+    for name, by_metric in document["aggregate"].items():
+        for metric, stats in by_metric.items():
+            writer.writerow([name, metric, *[_csv(stats[k]) for k in ("mean", "median", "std", "worst", "n")]])
+    write_bytes_atomic(output / SUMMARY_CSV, buffer.getvalue().encode())
+    if overlays is not None:
+        from .validation_report import write_html_report
+
+        write_html_report(output / REPORT_HTML, document, overlays)
+
+
+def _csv(value: Any) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, unit="case", desc="scoring", dynamic_ncols=True)
