@@ -72,7 +72,8 @@ def main() -> None:
             seconds[workers] = time.perf_counter() - start
             failed = len(summary.failed)
             print(f"--workers {workers}: {seconds[workers]:.1f} s for {len(cases)} cases "
-                  f"({seconds[workers] / len(cases):.2f} s/case, {failed} failed)", flush=True)
+                  f"({seconds[workers] / len(cases):.2f} s/case, {failed} failed); network busy "
+                  f"{summary.network_seconds:.1f} s = {100 * summary.network_busy_fraction:.0f} % of wall time", flush=True)
             if first_out is None:
                 first_out = out
             else:

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import time
 import traceback
 from collections import deque
@@ -92,6 +93,12 @@ class CaseOutcome:
 class BatchSummary:
     outcomes: list[CaseOutcome]
     seconds: float
+    #: Seconds the network ran (the device was busy); the rest of ``seconds`` it waited.
+    network_seconds: float = 0.0
+
+    @property
+    def network_busy_fraction(self) -> float:
+        return self.network_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def failed(self) -> list[CaseOutcome]:
@@ -138,6 +145,7 @@ class BatchRunner:
     # -- the batch ---------------------------------------------------------------------------
     def run(self, cases: list[BatchCase]) -> BatchSummary:
         start = time.perf_counter()
+        self._network_seconds = 0.0
         self._order = [c.case_id for c in cases]
         self._outcomes = {}
         bar = self._progress_bar(len(cases))
@@ -160,7 +168,7 @@ class BatchRunner:
             if bar is not None:
                 bar.close()
         outcomes = [self._outcomes[c] for c in self._order if c in self._outcomes]
-        summary = BatchSummary(outcomes, time.perf_counter() - start)
+        summary = BatchSummary(outcomes, time.perf_counter() - start, self._network_seconds)
         self._write_manifest(final=True, seconds=summary.seconds)
         return summary
 
@@ -214,6 +222,7 @@ class BatchRunner:
         prepared_scan, read_seconds, fingerprint = prepared
         try:
             probs, infer_seconds = self.segmenter.infer(prepared_scan)
+            self._network_seconds += infer_seconds
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             self._record(_failure(case, e), bar)
             return None
@@ -301,6 +310,8 @@ class BatchRunner:
                 "pending": len(self._order) - len(outcomes),
             },
             "seconds": None if seconds is None else round(seconds, 2),
+            # Share of the wall time the network ran: what --workers is there to raise.
+            "network_busy_fraction": None if not seconds else round(self._network_seconds / seconds, 3),
             "workers": self.workers,
             "model": {"name": self.spec.card.name, "version": self.spec.card.version,
                       "weights_sha256": self.spec.model_sha256},
@@ -339,6 +350,9 @@ def _init_worker(levels: dict[str, int]) -> None:
     import torch
 
     torch.set_num_threads(1)  # the main process' network gets the cores
+    # Lowest CPU priority: workers fill the cores' idle time and never slow the network down,
+    # whose threads wait for each other (on a CPU device) or which feeds the GPU.
+    os.nice(19)
     logging.basicConfig(level=levels.pop(""), format="%(asctime)s %(levelname)s [worker] %(message)s",
                         datefmt="%H:%M:%S")
     for name, level in levels.items():

@@ -1,13 +1,26 @@
-"""Infer stage: sliding-window inference with MONAI and Gaussian blending.
+"""Infer stage: sliding-window inference with Gaussian blending.
 
-On CUDA the windows run in fp16 autocast, several per batch, and the blending happens on the
-device; on the CPU in fp32. Optional mirroring test-time augmentation averages the softmax of
-all 8 flips of the three axes.
+The windows and the Gaussian weights are MONAI's (``dense_patch_slices`` with MONAI's scan
+interval, ``compute_importance_map`` with sigma 0.125), so results match
+``monai.inferers.sliding_window_inference`` with ``mode="gaussian"``; the loop is our own to be
+fast on a GPU:
+
+* the Gaussian and the sum of weights are computed once per image shape and reused by every
+  window, flip and scan of that shape;
+* several windows per forward pass (``windows_per_batch``), gathered into one preallocated
+  input buffer, and blended into a preallocated output on the device;
+* on CUDA: fp16 autocast and channels-last memory layout;
+* on out-of-memory: halve the windows per pass, then stitch on the host (only the windows
+  travel to the device), instead of failing.
+
+Optional mirroring test-time augmentation averages the softmax of all 8 flips of the three axes.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,6 +30,9 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: Standard deviation of the Gaussian window weights, as a fraction of the window size (MONAI's and nnU-Net's).
+SIGMA_SCALE = 0.125
+
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
@@ -24,6 +40,117 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows of one (padded) image lie, and how the image was padded to hold one."""
+
+    padded_shape: tuple[int, int, int]
+    pad: tuple[tuple[int, int], ...]  # (before, after) per spatial axis
+    starts: tuple[tuple[int, int, int], ...]
+
+
+@lru_cache(maxsize=32)
+def plan_windows(shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float) -> WindowPlan:
+    """MONAI's window positions: images smaller than a window are padded symmetrically first."""
+    from monai.data.utils import dense_patch_slices
+
+    pad = tuple(((p - n) // 2, (p - n) - (p - n) // 2) if n < p else (0, 0) for n, p in zip(shape, patch))
+    padded = tuple(n + a + b for n, (a, b) in zip(shape, pad))
+    # MONAI's scan interval: the whole axis when the window fills it, else (1 - overlap) of a window.
+    interval = tuple(p if p == n else max(int(p * (1 - overlap)), 1) for n, p in zip(padded, patch))
+    slices = dense_patch_slices(padded, patch, interval)
+    return WindowPlan(padded, pad, tuple(tuple(s.start for s in window) for window in slices))  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=8)
+def _gaussian(patch: tuple[int, int, int], device: str) -> torch.Tensor:
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(patch, mode="gaussian", sigma_scale=SIGMA_SCALE, device=device, dtype=torch.float32)
+
+
+@lru_cache(maxsize=4)
+def _weight_sum(plan: WindowPlan, patch: tuple[int, int, int], device: str) -> torch.Tensor:
+    """The sum of the Gaussian weights of all windows, voxel by voxel (1, 1, X, Y, Z)."""
+    weight = _gaussian(patch, device)
+    total = torch.zeros((1, 1) + plan.padded_shape, device=device)
+    px, py, pz = patch
+    for x, y, z in plan.starts:
+        total[0, 0, x:x + px, y:y + py, z:z + pz] += weight
+    return total
+
+
+def sliding_window(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    patch: tuple[int, int, int],
+    overlap: float,
+    windows_per_batch: int,
+    device: torch.device,
+    stitch_device: torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Blended logits (1, L, X, Y, Z) float32 for ``image`` (1, C, X, Y, Z), on ``stitch_device``
+    (default ``device``). The network runs on ``device``, in fp16 autocast on CUDA."""
+    stitch_device = stitch_device or device
+    shape = tuple(int(n) for n in image.shape[2:])
+    plan = plan_windows(shape, tuple(patch), float(overlap))  # type: ignore[arg-type]
+    if any(a or b for a, b in plan.pad):
+        flat_pad = [v for a, b in reversed(plan.pad) for v in (a, b)]
+        image = torch.nn.functional.pad(image, flat_pad)
+    image = image.to(stitch_device)
+    weight = _gaussian(tuple(patch), str(stitch_device))  # type: ignore[arg-type]
+    on_cuda = device.type == "cuda"
+    px, py, pz = patch
+    batch = torch.empty((windows_per_batch, image.shape[1], px, py, pz), device=device)
+    if on_cuda:
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    total = None
+    starts = plan.starts
+    chunks = range(0, len(starts), windows_per_batch)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="windows", unit="batch", leave=False)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=on_cuda):
+        for first in chunks:
+            group = starts[first:first + windows_per_batch]
+            for n, (x, y, z) in enumerate(group):
+                batch[n].copy_(image[0, :, x:x + px, y:y + py, z:z + pz], non_blocking=True)
+            logits = network(batch[:len(group)])
+            if isinstance(logits, (tuple, list)):  # deep supervision: the full-resolution head
+                logits = logits[0]
+            logits = logits.float().to(stitch_device, non_blocking=True) * weight
+            if total is None:
+                total = torch.zeros((1, logits.shape[1]) + plan.padded_shape, device=stitch_device)
+            for n, (x, y, z) in enumerate(group):
+                total[0, :, x:x + px, y:y + py, z:z + pz] += logits[n]
+    assert total is not None
+    total /= _weight_sum(plan, tuple(patch), str(stitch_device))
+    (ax, _), (ay, _), (az, _) = plan.pad
+    return total[:, :, ax:ax + shape[0], ay:ay + shape[1], az:az + shape[2]]
+
+
+def robust_sliding_window(network, image, patch, overlap, windows_per_batch, device, progress=False) -> torch.Tensor:
+    """:func:`sliding_window`, retried with fewer windows per pass and then host stitching when
+    the device runs out of memory."""
+    attempts = []
+    n = windows_per_batch
+    while n >= 1:
+        attempts.append((n, device))
+        n //= 2
+    if device.type == "cuda":
+        attempts.append((1, torch.device("cpu")))  # stitch on the host: only windows on the GPU
+    for n, stitch in attempts:
+        try:
+            return sliding_window(network, image, patch, overlap, n, device, stitch, progress)
+        except torch.OutOfMemoryError:
+            log.warning("out of memory with %d windows per pass, stitching on %s; retrying with less", n, stitch)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    raise MemoryError(f"out of memory even with one window per pass and stitching on the host (patch {patch})")
 
 
 def predict_probabilities(
@@ -35,31 +162,21 @@ def predict_probabilities(
     progress: bool = False,
 ) -> np.ndarray:
     """Softmax class probabilities (L, I, J, K) float32 for a normalized image (C, I, J, K)."""
-    from monai.inferers import sliding_window_inference
-
     network = network.to(device).eval()
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last_3d)
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     flips = [()] if not config.tta else [
         tuple(a for a in combo) for r in range(4) for combo in itertools.combinations((2, 3, 4), r)
     ]
-    use_amp = device.type == "cuda"
     total = None
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+    with torch.inference_mode():
         for dims in flips:
             x = torch.flip(inputs, dims) if dims else inputs
-            logits = sliding_window_inference(
-                x,
-                roi_size=patch_size,
-                sw_batch_size=config.windows_per_batch,
-                predictor=network,
-                overlap=config.overlap,
-                mode="gaussian",
-                sw_device=device,
-                device=device,
-                progress=progress,
-            )
-            probs = torch.softmax(logits.float(), dim=1)
+            logits = robust_sliding_window(network, x, tuple(patch_size), config.overlap, config.windows_per_batch,
+                                           device, progress=progress)
+            probs = torch.softmax(logits, dim=1)
             probs = torch.flip(probs, dims) if dims else probs
-            total = probs if total is None else total + probs
+            total = probs if total is None else total.to(probs.device) + probs
     assert total is not None
     return (total / len(flips))[0].float().cpu().numpy()

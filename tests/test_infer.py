@@ -1,0 +1,93 @@
+"""The sliding-window loop matches MONAI's, whatever the batch, padding or fallback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import DynUNet
+
+from tumorseg.stages.infer import plan_windows, robust_sliding_window, sliding_window
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return DynUNet(3, 2, 4, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16]).eval()
+
+
+def monai(network, image, patch, overlap) -> torch.Tensor:
+    return sliding_window_inference(image, patch, 1, network, overlap=overlap, mode="gaussian")
+
+
+@pytest.mark.parametrize("shape, patch, overlap, per_batch", [
+    ((37, 41, 29), (16, 16, 16), 0.5, 4),
+    ((37, 41, 29), (16, 16, 16), 0.25, 1),
+    ((12, 40, 16), (16, 16, 16), 0.5, 3),   # smaller than a window on one axis: padded
+    ((16, 16, 16), (16, 16, 16), 0.5, 2),   # exactly one window
+    ((50, 20, 33), (24, 16, 16), 0.6, 5),
+])
+def test_matches_monai_sliding_window(network, shape, patch, overlap, per_batch):
+    torch.manual_seed(1)
+    image = torch.randn((1, 2) + shape)
+    with torch.inference_mode():
+        ours = sliding_window(network, image, patch, overlap, per_batch, CPU)
+        theirs = monai(network, image, patch, overlap)
+    assert ours.shape == theirs.shape == (1, 4) + shape
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_window_plan_covers_every_voxel():
+    plan = plan_windows((37, 41, 29), (16, 16, 16), 0.5)
+    covered = np.zeros(plan.padded_shape, bool)
+    for x, y, z in plan.starts:
+        covered[x:x + 16, y:y + 16, z:z + 16] = True
+    assert covered.all() and len(set(plan.starts)) == len(plan.starts)
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """Raises the device's out-of-memory error for batches larger than ``limit`` windows."""
+
+    def __init__(self, network, limit: int) -> None:
+        super().__init__()
+        self.network, self.limit, self.calls = network, limit, []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("simulated")
+        return self.network(x)
+
+
+def test_out_of_memory_falls_back_to_fewer_windows_per_pass(network):
+    image = torch.randn((1, 2, 37, 41, 29))
+    limited = RunsOutOfMemory(network, limit=2)
+    with torch.inference_mode():
+        result = robust_sliding_window(limited, image, (16, 16, 16), 0.5, 8, CPU)
+        reference = sliding_window(network, image, (16, 16, 16), 0.5, 1, CPU)
+    assert max(limited.calls) == 8 and limited.calls[-1] <= 2
+    assert torch.allclose(result, reference, atol=1e-5)
+
+
+def test_out_of_memory_at_one_window_is_a_memory_error(network):
+    with pytest.raises(MemoryError, match="one window per pass"):
+        with torch.inference_mode():
+            robust_sliding_window(RunsOutOfMemory(network, limit=0), torch.randn((1, 2, 20, 20, 20)), (16, 16, 16),
+                                  0.5, 4, CPU)
+
+
+def test_gpu_inference_benchmark_runs_on_the_cpu_and_agrees():
+    """benchmarks/gpu_inference.py --small: the comparison CI can run without a GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_inference.py"
+    result = subprocess.run([sys.executable, str(script), "--small", "--repeats", "1", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("MONAI", "tumorseg"))]
+    assert len(rows) == 2 and all("100.000%" in row or "99.9" in row for row in rows), result.stdout
+    assert "speed-up of tumorseg" in result.stdout
