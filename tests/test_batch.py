@@ -210,6 +210,23 @@ def test_batch_with_broken_cases_rerun_and_workers(tmp_path, batch_model):
         name = f"cases/ok{n}/segmentation.nii.gz"
         assert (out / name).read_bytes() == (out2 / name).read_bytes()
     assert {r["case_id"]: r["error_kind"] for r in doc2["cases"] if r["status"] == "failed"} == expected_failures
+    assert doc2["worker_mode"] == "whole_cases"  # the CPU default
+
+    # The GPU mode (workers prepare and finish, this process runs the network) gives them too.
+    from tumorseg.batch.cases import discover
+    from tumorseg.batch.runner import BatchRunner
+    from tumorseg.config import load_pipeline
+    from tumorseg.pipeline import Segmenter
+
+    config = load_pipeline("default").with_overrides(overlap=0.25)
+    segmenter = Segmenter(str(batch_model), config)
+    out3 = tmp_path / "out-pipelined"
+    summary = BatchRunner(segmenter, out3, workers=2, progress=False, worker_mode="pipelined").run(discover(root))
+    assert len(summary.failed) == 4 and manifest(out3)["worker_mode"] == "pipelined"
+    assert 0 < summary.network_busy_fraction <= 1
+    for n in range(6):
+        name = f"cases/ok{n}/segmentation.nii.gz"
+        assert (out / name).read_bytes() == (out3 / name).read_bytes()
 
 
 def test_batch_exit_code_zero_and_force(tmp_path, batch_model):

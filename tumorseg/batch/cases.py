@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dicom.series import has_dicom_marker
 from ..errors import InputError, TumorsegError
 from ..pipeline import CaseInputs, DicomInputs
 from ..sequences import IMAGE_SUFFIXES, SEQUENCES, StudyInputs, assign_sequences, is_not_a_sequence, parse_sequence, strip_image_suffix
@@ -117,7 +118,7 @@ def _tree_cases(root: Path) -> list[BatchCase]:
             case_id = safe_case_id(root.name if str(rel) == "." else str(rel).replace(os.sep, "_"))
             image_cases.append(_image_case(case_id, here, str(rel)))
             dirs[:] = []  # a case folder's subfolders belong to it
-        elif any(_has_dicom_marker(here / f) for f in sorted(files)[:20]):
+        elif any(has_dicom_marker(here / f) for f in sorted(files)[:20]):
             dicom_folders.append(here)
     return image_cases + _dicom_cases(root, dicom_folders)
 
@@ -160,7 +161,7 @@ def _study_key(folder: Path) -> str:
     import pydicom
 
     for path in sorted(folder.iterdir()):
-        if path.is_file() and _has_dicom_marker(path):
+        if path.is_file() and has_dicom_marker(path):
             try:
                 uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
                     "StudyInstanceUID", "")
@@ -168,15 +169,6 @@ def _study_key(folder: Path) -> str:
                 uid = ""
             return hashlib.sha256(str(uid or folder).encode()).hexdigest()
     return hashlib.sha256(str(folder).encode()).hexdigest()
-
-
-def _has_dicom_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 _CSV_PATH_COLUMNS = ("image", "dicom")

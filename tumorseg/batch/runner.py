@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
+from ..config import PipelineConfig
 from ..configio import to_dict
 from ..errors import InputError, TumorsegError
 from ..model import sha256_file
@@ -125,9 +126,17 @@ class BatchRunner:
     """Runs cases through one loaded :class:`Segmenter` into ``output``."""
 
     def __init__(self, segmenter: Segmenter, output: Path, workers: int = 0, force: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, worker_mode: str = "auto") -> None:
+        """``worker_mode``: ``pipelined`` (workers prepare and finish, this process runs the
+        network), ``whole_cases`` (each worker runs whole cases with its own copy of the model), or
+        ``auto``: pipelined on a GPU, whole cases on a CPU device."""
         if workers < 0:
             raise ValueError("workers must be >= 0")
+        if worker_mode not in ("auto", "pipelined", "whole_cases"):
+            raise ValueError(f"unknown worker_mode {worker_mode!r}")
+        if worker_mode == "auto":
+            worker_mode = "whole_cases" if segmenter.device.type == "cpu" else "pipelined"
+        self.worker_mode = worker_mode
         self.segmenter = segmenter
         self.spec = segmenter.spec
         self.output = Path(output)
@@ -162,6 +171,8 @@ class BatchRunner:
                          len(cases) - len(todo))
             if self.workers == 0:
                 self._run_inline(todo, bar)
+            elif self.worker_mode == "whole_cases":
+                self._run_whole_cases(todo, bar)
             else:
                 self._run_pipelined(todo, bar)
         finally:
@@ -261,10 +272,38 @@ class BatchRunner:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _run_whole_cases(self, cases: list[tuple[BatchCase, str]], bar) -> None:
+        """On a CPU device the network is CPU work too: each worker runs whole cases with its share
+        of the cores (a network's threads use cores less well than separate cases do)."""
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        # Largest inputs first, so that no big case is left running alone at the end.
+        queue = deque(sorted(cases, key=lambda item: -sum(_size(p) for p in item[0].files())))
+        running: dict[Future, BatchCase] = {}
+        model_dir = str(self.segmenter.model.directory)
+        pool = self._new_pool(model_dir, threads)
+        self._broken = False
+        try:
+            while queue or running:
+                if self._broken:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool, self._broken = self._new_pool(model_dir, threads), False
+                while queue and len(running) < self.workers:
+                    case, fingerprint = queue.popleft()
+                    future = pool.submit(_run_case, self.spec, case, fingerprint, str(self.case_dir(case.case_id)),
+                                         str(self.output), self.fingerprint)
+                    running[future] = case
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcome = self._result(running.pop(future), future)
+                    self._network_seconds += outcome.timings_s.get("infer", 0.0)
+                    self._record(outcome, bar)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _new_pool(self, model_dir: str | None = None, threads: int = 1) -> ProcessPoolExecutor:
         # spawn: a fresh interpreter per worker, no forked copy of the main process' threads.
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(_logger_levels(),))
+                                   initializer=_init_worker, initargs=(_logger_levels(), model_dir, threads, self.spec.config))
 
     def _result(self, case: BatchCase, future: Future):
         try:
@@ -313,6 +352,7 @@ class BatchRunner:
             # Share of the wall time the network ran: what --workers is there to raise.
             "network_busy_fraction": None if not seconds else round(self._network_seconds / seconds, 3),
             "workers": self.workers,
+            "worker_mode": self.worker_mode if self.workers else None,
             "model": {"name": self.spec.card.name, "version": self.spec.card.version,
                       "weights_sha256": self.spec.model_sha256},
             "config_sha256": self.fingerprint["config_sha256"],
@@ -346,17 +386,25 @@ def _logger_levels() -> dict[str, int]:
     return {name: logging.getLogger(name).level for name in ("",) + STAGE_LOGGERS}
 
 
-def _init_worker(levels: dict[str, int]) -> None:
+#: The worker's own model, when workers run whole cases (CPU device).
+_WORKER_SEGMENTER: Segmenter | None = None
+
+
+def _init_worker(levels: dict[str, int], model_dir: str | None, threads: int, config: PipelineConfig) -> None:
     import torch
 
-    torch.set_num_threads(1)  # the main process' network gets the cores
-    # Lowest CPU priority: workers fill the cores' idle time and never slow the network down,
-    # whose threads wait for each other (on a CPU device) or which feeds the GPU.
-    os.nice(19)
+    global _WORKER_SEGMENTER
+    torch.set_num_threads(threads)
+    if model_dir is None:
+        # Lowest CPU priority: these workers only prepare and finish cases; they fill idle time
+        # and never slow down the main process, which feeds the GPU.
+        os.nice(19)
     logging.basicConfig(level=levels.pop(""), format="%(asctime)s %(levelname)s [worker] %(message)s",
                         datefmt="%H:%M:%S")
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    if model_dir is not None:  # the weights' checksum is verified again here
+        _WORKER_SEGMENTER = Segmenter(model_dir, config)
 
 
 def _read_and_prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str
@@ -367,6 +415,22 @@ def _read_and_prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str
     except Exception as e:
         return _failure(case, e)
     return prepared, time.perf_counter() - start, fingerprint
+
+
+def _run_case(spec: PipelineSpec, case: BatchCase, fingerprint: str, case_dir: str, output_root: str,
+              batch_fingerprint: dict[str, str]) -> CaseOutcome:
+    """One whole case in a worker that holds its own model (see ``_run_whole_cases``)."""
+    assert _WORKER_SEGMENTER is not None
+    prepared = _read_and_prepare(spec, case, fingerprint)
+    if isinstance(prepared, CaseOutcome):
+        return prepared
+    prepared_scan, read_seconds, _ = prepared
+    try:
+        probs, infer_seconds = _WORKER_SEGMENTER.infer(prepared_scan)
+    except Exception as e:
+        return _failure(case, e)
+    return _finish_and_write(spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint, case_dir,
+                             output_root, batch_fingerprint)
 
 
 def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray,
@@ -409,6 +473,13 @@ def _failure(case: BatchCase, error: BaseException) -> CaseOutcome:
         code, kind, message = 1, "internal", f"{type(error).__name__}: {error}"
     return CaseOutcome(case_id=case.case_id, source=case.source, status="failed", error_code=code,
                        error_kind=kind, error_message=message)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _remove_stale_partials(case_dir: Path) -> None:

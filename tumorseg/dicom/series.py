@@ -260,7 +260,7 @@ def looks_like_dicom_folder(folder: str | Path, max_files: int = 200) -> bool:
     for n, path in enumerate(_walk(folder)):
         if n >= max_files:
             return False
-        if _has_dicom_marker(path):
+        if has_dicom_marker(path):
             return True
     return False
 
@@ -274,7 +274,7 @@ def _walk(folder: Path) -> Iterable[Path]:
                 yield path
 
 
-def _has_dicom_marker(path: Path) -> bool:
+def has_dicom_marker(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -291,7 +291,7 @@ def _read_header(path: Path):
     if path.name.upper() == "DICOMDIR":
         log.debug("skipped DICOMDIR %s", path)
         return None
-    if not _has_dicom_marker(path):
+    if not has_dicom_marker(path):
         # Old files without the 128-byte preamble start straight with a group 0008 element.
         try:
             with open(path, "rb") as f:
