@@ -327,3 +327,33 @@ def test_truncated_gzip_is_an_input_error_not_a_crash(tmp_path, batch_model):
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == SOME_CASES_FAILED
     rows = {r["case_id"]: r for r in manifest(out)["cases"]}
     assert rows["fine"]["status"] == "ok" and rows["cut"]["error_kind"] == "input"
+
+
+def test_unique_case_ids_never_collide():
+    from tumorseg.batch.cases import unique_case_ids
+
+    assert unique_case_ids(["scan-2", "scan", "scan"]) == ["scan-2", "scan", "scan-3"]
+    assert unique_case_ids(["Case_1", "case_1", "CASE_1"]) == ["Case_1", "case_1-2", "CASE_1-3"]
+
+
+def test_output_folder_inside_the_input_tree_is_not_a_case(tmp_path, batch_model):
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    out = root / "results"
+    assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert [c.case_id for c in discover(root)] == ["a"]  # the outputs of a batch are recognised
+    assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert manifest(out)["counts"] == {"ok": 1, "failed": 0, "reused": 1, "pending": 0}
+
+
+def test_a_case_that_fails_on_rerun_keeps_no_record_of_old_outputs(tmp_path, batch_model):
+    root = tmp_path / "in"
+    case = phantom_case(root / "a", 1)
+    out = tmp_path / "out"
+    assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    image = brain_phantom(seed=5)
+    image[0, 0, 0] = np.nan
+    save_nifti(case / NAMES["t1gd"], image, AFFINE)
+    assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == SOME_CASES_FAILED
+    assert not (out / "cases" / "a" / "batch-case.json").exists()
+    assert manifest(out)["cases"][0]["status"] == "failed"

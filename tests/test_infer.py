@@ -7,7 +7,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import DynUNet
 
-from tumorseg.stages.infer import plan_windows, robust_sliding_window, sliding_window
+from tumorseg.stages.infer import OutOfMemoryError, plan_windows, robust_sliding_window, sliding_window
 
 CPU = torch.device("cpu")
 
@@ -57,7 +57,7 @@ class RunsOutOfMemory(torch.nn.Module):
     def forward(self, x):
         self.calls.append(x.shape[0])
         if x.shape[0] > self.limit:
-            raise torch.OutOfMemoryError("simulated")
+            raise OutOfMemoryError("simulated")
         return self.network(x)
 
 

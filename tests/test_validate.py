@@ -160,3 +160,26 @@ def test_validate_records_cases_it_cannot_score(tmp_path):
     assert cases[name2]["status"] == "failed" and "not on the grid" in cases[name2]["error"]
     html = (out / "report.html").read_text()
     assert "no prediction" in html
+
+
+def test_validate_never_scores_a_prediction_left_by_an_earlier_run(tmp_path):
+    import shutil
+
+    brats = shared_data("brats2015-dev")
+    data = tmp_path / "data"
+    for case in sorted(p for p in brats.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(case, data / case.name)
+    model = make_tiny_model(tmp_path / "model", sequences=("flair", "t1gd"), spacing=(3.0, 3.0, 3.0),
+                            background_bias=3.5)
+    out = tmp_path / "report"
+    args = ["--dataset", str(data), "--truth-scheme", "brats2015", "-o", str(out), "--model", str(model), "--no-html"]
+    assert validate(*args).exit_code == 0
+    broken = sorted(data.iterdir())[0]
+    image = nib.load(broken / "T1c_subtrMeanDivStd.nii.gz")
+    array = np.asarray(image.dataobj).copy()
+    array[100, 100, 70] = np.nan
+    save_nifti(broken / "T1c_subtrMeanDivStd.nii.gz", array, image.affine)
+    assert validate(*args).exit_code == SOME_CASES_FAILED
+    cases = {c["case_id"]: c for c in json.loads((out / "metrics.json").read_text())["cases"]}
+    assert cases[broken.name]["status"] == "failed" and "prediction failed" in cases[broken.name]["error"]
+    assert cases[sorted(data.iterdir())[1].name]["status"] == "ok"

@@ -225,7 +225,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, w
     from .pipeline import Segmenter
 
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
-    cases = discover(input_root)
+    cases = discover(input_root, exclude=output)
     segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         summary = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet).run(cases)

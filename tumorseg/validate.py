@@ -142,19 +142,23 @@ def validate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict (or find predictions), score every case, and write the reports. Returns metrics."""
-    from .batch.cases import BatchCase, safe_case_id
+    from .batch.cases import BatchCase, safe_case_id, unique_case_ids
 
     output = Path(output)
     cases = discover_cases(Path(dataset), truth_scheme)
+    ids = unique_case_ids([safe_case_id(c.case_id) for c in cases])
     model = None
+    batch_failures: dict[str, str] = {}
     if predictions is None:
         if segmenter is None:
             raise ValueError("give a segmenter or a predictions folder")
         from .batch.runner import BatchRunner
 
         predictions = output / PREDICTIONS_DIR
-        batch = [BatchCase(safe_case_id(c.case_id), c.inputs, c.case_id) for c in cases]
-        BatchRunner(segmenter, predictions, workers=workers, force=force, progress=progress).run(batch)
+        batch = [BatchCase(i, c.inputs, c.case_id) for i, c in zip(ids, cases)]
+        summary = BatchRunner(segmenter, predictions, workers=workers, force=force, progress=progress).run(batch)
+        # A case that failed now must not be scored on a label map an earlier run left behind.
+        batch_failures = {o.case_id: f"prediction failed: {o.error_message}" for o in summary.failed}
         prediction_scheme = segmenter.card.scheme
         model = {"name": segmenter.card.name, "version": segmenter.card.version,
                  "weights_sha256": segmenter.model.sha256}
@@ -164,9 +168,10 @@ def validate(
     scored: list[ScoredCase] = []
     overlays: dict[str, bytes] = {}
     names: list[str] = list(REGIONS)
-    for case in _progress(cases, progress):
-        case_id = safe_case_id(case.case_id)
+    for case_id, case in _progress(list(zip(ids, cases)), progress):
         try:
+            if case_id in batch_failures:
+                raise TumorsegError(batch_failures[case_id])
             path = find_prediction(Path(predictions), case_id)
             if path is None:
                 raise TumorsegError(f"no prediction for case {case_id}", predictions)

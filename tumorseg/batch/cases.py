@@ -56,8 +56,11 @@ def safe_case_id(text: str) -> str:
     return safe or "case"
 
 
-def discover(root: Path) -> list[BatchCase]:
-    """The cases under ``root`` (a folder or a CSV manifest), with unique safe ids, in a stable order."""
+def discover(root: Path, exclude: Path | None = None) -> list[BatchCase]:
+    """The cases under ``root`` (a folder or a CSV manifest), with unique safe ids, in a stable order.
+
+    ``exclude`` (the batch's output folder) and any folder holding a batch's outputs are never
+    searched, so an output folder inside the input tree does not turn into cases."""
     root = Path(root)
     if not root.exists():
         raise InputError("batch input not found", root)
@@ -70,24 +73,32 @@ def discover(root: Path) -> list[BatchCase]:
     elif root.name in ("imagesTr", "imagesTs"):
         cases = _decathlon_cases(root.parent, only=root.name)
     else:
-        cases = _tree_cases(root)
+        cases = _tree_cases(root, exclude)
     if not cases:
         raise InputError("no cases found (folders of NIfTI/NRRD/MHA sequences, DICOM studies, "
                          "a Decathlon data set or a CSV manifest)", root)
     return _unique_ids(cases)
 
 
-def _unique_ids(cases: list[BatchCase]) -> list[BatchCase]:
-    seen: dict[str, int] = {}
+def unique_case_ids(ids: list[str]) -> list[str]:
+    """The ids with repeats numbered (``-2``, ``-3``), compared case-insensitively since some file
+    systems ignore case; a number never produces an id that is already taken."""
+    taken = {i.lower() for i in ids}
+    used: set[str] = set()
     out = []
-    for case in cases:
-        base = case.case_id
-        n = seen.get(base.lower(), 0)
-        seen[base.lower()] = n + 1
-        if n:  # file systems may ignore case: compare ids case-insensitively
-            case = BatchCase(f"{base}-{n + 1}", case.inputs, case.source, case.problem)
-        out.append(case)
+    for case_id in ids:
+        candidate, n = case_id, 1
+        while candidate.lower() in used or (n > 1 and candidate.lower() in taken):
+            n += 1
+            candidate = f"{case_id}-{n}"
+        used.add(candidate.lower())
+        out.append(candidate)
     return out
+
+
+def _unique_ids(cases: list[BatchCase]) -> list[BatchCase]:
+    ids = unique_case_ids([c.case_id for c in cases])
+    return [c if c.case_id == i else BatchCase(i, c.inputs, c.source, c.problem) for c, i in zip(cases, ids)]
 
 
 def _is_image(name: str) -> bool:
@@ -107,20 +118,28 @@ def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
     return cases
 
 
-def _tree_cases(root: Path) -> list[BatchCase]:
+def _tree_cases(root: Path, exclude: Path | None = None) -> list[BatchCase]:
     image_cases: list[BatchCase] = []
     dicom_folders: list[Path] = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_output(here / d, exclude))
         if any(_is_image(f) for f in files):
             rel = here.relative_to(root)
             case_id = safe_case_id(root.name if str(rel) == "." else str(rel).replace(os.sep, "_"))
             image_cases.append(_image_case(case_id, here, str(rel)))
             dirs[:] = []  # a case folder's subfolders belong to it
-        elif any(has_dicom_marker(here / f) for f in sorted(files)[:20]):
+        elif any(has_dicom_marker(here / f) for f in sorted(files)[:20] if f.upper() != "DICOMDIR"):
             dicom_folders.append(here)
     return image_cases + _dicom_cases(root, dicom_folders)
+
+
+def _is_output(folder: Path, exclude: Path | None) -> bool:
+    from .runner import CASE_RECORD, MANIFEST_JSON
+
+    if exclude is not None and folder.resolve() == exclude.resolve():
+        return True
+    return (folder / CASE_RECORD).is_file() or (folder / MANIFEST_JSON).is_file()
 
 
 def _image_case(case_id: str, folder: Path, source: str) -> BatchCase:
@@ -142,13 +161,13 @@ def _dicom_cases(root: Path, folders: list[Path]) -> list[BatchCase]:
     for folder in folders:
         by_study.setdefault(_study_key(folder), []).append(folder)
     cases = []
-    parents: dict[Path, int] = {}
     groups = []
     for study, members in by_study.items():
         parent = Path(os.path.commonpath([str(m) for m in members]))
-        parents[parent] = parents.get(parent, 0) + 1
         groups.append((parent, members))
     for parent, members in sorted(groups, key=lambda g: (str(g[0]), str(g[1][0]))):
+        # The series reader searches folders recursively: a member inside another is redundant.
+        members = [m for m in members if not any(o != m and o in m.parents for o in members)]
         rel = parent.relative_to(root)
         name = root.name if str(rel) == "." else str(rel).replace(os.sep, "_")
         # Several studies under one folder: number them (ids never come from DICOM tags).
@@ -161,7 +180,7 @@ def _study_key(folder: Path) -> str:
     import pydicom
 
     for path in sorted(folder.iterdir()):
-        if path.is_file() and has_dicom_marker(path):
+        if path.is_file() and path.name.upper() != "DICOMDIR" and has_dicom_marker(path):
             try:
                 uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
                     "StudyInstanceUID", "")

@@ -40,12 +40,14 @@ from ..atomic import write_bytes_atomic
 from ..config import PipelineConfig
 from ..configio import to_dict
 from ..errors import InputError, TumorsegError
-from ..model import sha256_file
+from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
 
 log = logging.getLogger(__name__)
 
+#: Raise when a change to tumorseg changes the outputs it writes: earlier outputs are redone.
+RESULTS_VERSION = 2
 CASES_DIR = "cases"
 CASE_RECORD = "batch-case.json"
 MANIFEST_CSV = "manifest.csv"
@@ -145,6 +147,8 @@ class BatchRunner:
         self.progress = progress
         self.fingerprint = {
             "model_sha256": self.spec.model_sha256,
+            "model_card_sha256": sha256_file(segmenter.model.directory / MODEL_CARD_FILE),
+            "results_version": RESULTS_VERSION,
             "config_sha256": config_sha256(self.spec),
             "tumorseg_version": __version__,
         }
@@ -154,6 +158,8 @@ class BatchRunner:
     # -- the batch ---------------------------------------------------------------------------
     def run(self, cases: list[BatchCase]) -> BatchSummary:
         start = time.perf_counter()
+        if len({c.case_id.lower() for c in cases}) != len(cases):
+            raise ValueError("case ids must be unique (ignoring case); see batch.cases.unique_case_ids")
         self._network_seconds = 0.0
         self._order = [c.case_id for c in cases]
         self._outcomes = {}
@@ -163,9 +169,10 @@ class BatchRunner:
             for case in cases:
                 outcome, fingerprint = self._check_case(case)
                 if outcome is not None:
-                    self._record(outcome, bar)
+                    self._record(outcome, bar, write=False)
                 else:
                     todo.append((case, fingerprint))
+            self._write_manifest(final=False)  # once for all reused cases, not once each
             if todo:
                 log.info("%d of %d cases to run (%d reused or failed at discovery)", len(todo), len(cases),
                          len(cases) - len(todo))
@@ -195,9 +202,19 @@ class BatchRunner:
         case_dir = self.case_dir(case.case_id)
         _remove_stale_partials(case_dir)
         reused = None if self.force else self._reuse(case, case_dir, fingerprint)
+        if reused is None:
+            # The case runs again: until its new record is written, nothing claims its outputs.
+            (case_dir / CASE_RECORD).unlink(missing_ok=True)
         return reused, fingerprint
 
     def _reuse(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
+        try:
+            return self._reuse_record(case, case_dir, fingerprint)
+        except Exception as e:  # an unreadable or old-format record: run the case again
+            log.info("%s: previous outputs not reusable (%s)", case.case_id, e)
+            return None
+
+    def _reuse_record(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
         record_path = case_dir / CASE_RECORD
         try:
             record = json.loads(record_path.read_text())
@@ -312,13 +329,16 @@ class BatchRunner:
             # A worker died (killed, or out of memory): this case fails, a rerun retries it.
             self._broken = True
             return _failure(case, RuntimeError("worker process died (out of memory?)"))
+        except Exception as e:  # e.g. a result that could not be sent back: this case fails alone
+            return _failure(case, e)
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _record(self, outcome: CaseOutcome, bar) -> None:
+    def _record(self, outcome: CaseOutcome, bar, write: bool = True) -> None:
         self._outcomes[outcome.case_id] = outcome
         if outcome.status != "ok":
             log.warning("%s failed: %s", outcome.case_id, outcome.error_message)
-        self._write_manifest(final=False)
+        if write:
+            self._write_manifest(final=False)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(failed=sum(o.status != "ok" for o in self._outcomes.values()), refresh=False)
@@ -444,22 +464,25 @@ def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedSca
         paths = write_outputs(result, spec, case_path)
     except Exception as e:
         return _failure(case, e)
-    outcome = CaseOutcome(
-        case_id=case.case_id, source=case.source,
-        sequences_used=list(result.report["sequences_used"]),
-        volumes_ml={r: v["volume_ml"] for r, v in result.report["results"]["regions"].items()},
-        outputs={name: str(p.relative_to(root)) for name, p in paths.items()},
-        timings_s={"read_prepare": round(read_seconds, 3), "infer": round(infer_seconds, 3),
-                   "finish_write": round(time.perf_counter() - start, 3)},
-        inputs_sha256=fingerprint,
-    )
-    record = {
-        "fingerprint": {**batch_fingerprint, "inputs_sha256": fingerprint},
-        "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
-        "outcome": {**outcome.__dict__},
-    }
-    # Written last: its presence says every output above is complete.
-    write_bytes_atomic(case_path / CASE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    try:
+        outcome = CaseOutcome(
+            case_id=case.case_id, source=case.source,
+            sequences_used=list(result.report["sequences_used"]),
+            volumes_ml={r: v["volume_ml"] for r, v in result.report["results"]["regions"].items()},
+            outputs={name: str(p.relative_to(root)) for name, p in paths.items()},
+            timings_s={"read_prepare": round(read_seconds, 3), "infer": round(infer_seconds, 3),
+                       "finish_write": round(time.perf_counter() - start, 3)},
+            inputs_sha256=fingerprint,
+        )
+        record = {
+            "fingerprint": {**batch_fingerprint, "inputs_sha256": fingerprint},
+            "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
+            "outcome": {**outcome.__dict__},
+        }
+        # Written last: its presence says every output above is complete.
+        write_bytes_atomic(case_path / CASE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    except Exception as e:  # e.g. a full disk
+        return _failure(case, e)
     return outcome
 
 

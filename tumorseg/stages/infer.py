@@ -30,6 +30,8 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: torch >= 2.5 names it torch.OutOfMemoryError; earlier releases only torch.cuda.OutOfMemoryError.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 #: Standard deviation of the Gaussian window weights, as a fraction of the window size (MONAI's and nnU-Net's).
 SIGMA_SCALE = 0.125
 
@@ -122,7 +124,8 @@ def sliding_window(
             logits = network(batch[:len(group)])
             if isinstance(logits, (tuple, list)):  # deep supervision: the full-resolution head
                 logits = logits[0]
-            logits = logits.float().to(stitch_device, non_blocking=True) * weight
+            # A blocking copy: a non-blocking device-to-host copy may not have landed when it is read.
+            logits = logits.float().to(stitch_device) * weight
             if total is None:
                 total = torch.zeros((1, logits.shape[1]) + plan.padded_shape, device=stitch_device)
             for n, (x, y, z) in enumerate(group):
@@ -146,8 +149,9 @@ def robust_sliding_window(network, image, patch, overlap, windows_per_batch, dev
     for n, stitch in attempts:
         try:
             return sliding_window(network, image, patch, overlap, n, device, stitch, progress)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             log.warning("out of memory with %d windows per pass, stitching on %s; retrying with less", n, stitch)
+            _weight_sum.cache_clear()  # cached device tensors would hold on to memory
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     raise MemoryError(f"out of memory even with one window per pass and stitching on the host (patch {patch})")
