@@ -120,6 +120,53 @@ def test_resume_refuses_other_settings(tmp_path):
     assert "other training settings" in result.stderr
 
 
+def _state(model_dir: Path) -> dict:
+    return {k: v.clone() for k, v in load_model(str(model_dir)).network.state_dict().items()}
+
+
+def test_init_fine_tunes_from_a_model_and_records_it(tmp_path):
+    import torch
+
+    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
+    base = tmp_path / "base"
+    cmd = _train_cmd(dataset, base)
+    cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = "2"
+    subprocess.run(cmd, check=True, timeout=300)
+    base_sha = load_model(str(base)).sha256
+
+    # With a zero learning rate, fine-tuning must leave the initial weights exactly as they were:
+    # proof that training started from the base model and not from the seed's random weights.
+    frozen = [c if c != str(base) else str(tmp_path / "frozen") for c in cmd] + ["--init", str(base), "--lr", "0"]
+    subprocess.run(frozen, check=True, timeout=300)
+    a, b = _state(base), _state(tmp_path / "frozen")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    tuned = tmp_path / "tuned"
+    subprocess.run([c if c != str(base) else str(tuned) for c in cmd] + ["--init", str(base)], check=True, timeout=300)
+    card = load_model(str(tuned)).card
+    assert card.training["initialised_from"]["weights_sha256"] == base_sha
+    assert card.training["initialised_from"]["command"].startswith("tumorseg train")
+    assert card.training["config"]["init_weights_sha256"] == base_sha
+    b = _state(tuned)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_refuses_a_model_of_another_size(tmp_path):
+    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
+    base = tmp_path / "base"
+    cmd = _train_cmd(dataset, base)
+    cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = "1"
+    subprocess.run(cmd, check=True, timeout=300)
+    other = [c if c != str(base) else str(tmp_path / "other") for c in cmd] + ["--init", str(base)]
+    other[other.index("--filters") + 1] = "8,16,32"
+    result = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    assert result.returncode == ConfigError.exit_code
+    assert "does not match" in result.stderr and "architecture" in result.stderr
+    assert not (tmp_path / "other" / "model.toml").exists()
+
+
 def test_brats2015_folder_discovered():
     root = shared_data("brats2015-dev")
     cases = discover_cases(root, "brats2015")

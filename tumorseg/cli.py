@@ -335,11 +335,12 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--sequence-dropout", type=float, default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--init", "init_model", default=None, help="Fine-tune this model (name or folder; checksum verified) instead of starting from random weights; its spacing, filters, sequences and labels must match these options.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def train(datasets, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing, filters, lr,
-          validation_fraction, validate_every, sequence_dropout, seed, device, resume, quiet, verbose):
+          validation_fraction, validate_every, sequence_dropout, seed, device, init_model, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -347,13 +348,18 @@ def train(datasets, exclude, output, label_scheme, name, epochs, iterations, bat
       tumorseg synth -o synth/ --cases 100 --seed 1
       tumorseg train --dataset synth/ -o models/mine --epochs 40
       tumorseg predict scan-t1c.nii.gz --model models/mine
+      tumorseg train --dataset site-data/ --label-scheme brats2021 --init default \\
+        --spacing 1.5,1.5,1.5 --filters 16,32,64,128 --patch-size 64,64,64 -o models/site
     """
     _setup_logging(quiet, verbose)
     import dataclasses as dc
 
     from .augment import AugmentConfig
     from .errors import ConfigError
+    from .model import load_model
     from .train import TrainConfig, train as run_training
+
+    init = load_model(init_model) if init_model else None
 
     filter_t = _ints(filters)
     try:
@@ -363,13 +369,14 @@ def train(datasets, exclude, output, label_scheme, name, epochs, iterations, bat
             filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout),
+            init_weights_sha256=init.sha256 if init else "",
         )
         cfg.card()  # validates patch size against the network depth
     except ValueError as e:
         raise ConfigError(str(e)) from None
     command = "tumorseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tumorseg train"
     card = run_training(list(datasets), output, cfg, label_scheme, resume, device, progress=not quiet,
-                        command=command, exclude=tuple(exclude))
+                        command=command, exclude=tuple(exclude), init=init)
     click.echo(f"wrote {output / 'model.toml'} (weights sha256 {card.weights.sha256[:16]}...); "
                f"validation Dice {card.metrics.get('validation_dice', {})}")
 

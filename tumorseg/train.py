@@ -27,7 +27,8 @@ from .configio import to_dict
 from .errors import ConfigError, InputError
 from .evaluate import check_same_grid, read_truth, region_scores
 from .labels import LabelScheme, conversion_table, get_scheme
-from .model import Architecture, InputSpec, ModelCard, Normalization, Weights, build_network, save_model
+from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
+                    save_model)
 from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_truth_file, parse_sequence, sequence_from_filename,
                         strip_image_suffix)
 from .pipeline import model_input
@@ -59,6 +60,8 @@ class TrainConfig:
     validate_every: int = 1
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: sha256 of the weights training starts from (``--init``); empty for random initialisation.
+    init_weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations_per_epoch, self.batch_size, self.validate_every) < 1:
@@ -172,6 +175,18 @@ def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
     )
 
 
+def check_init_compatible(init: ModelCard, card: ModelCard) -> None:
+    """Refuse to fine-tune from a model whose weights or meaning differ from the training options."""
+    wanted = {"sequences": card.input.sequences, "labels": card.labels, "spacing_mm": card.input.spacing_mm,
+              "architecture": card.architecture}
+    found = {"sequences": init.input.sequences, "labels": init.labels, "spacing_mm": init.input.spacing_mm,
+             "architecture": init.architecture}
+    differ = [f"{k}: {found[k]} in the model, {wanted[k]} in the training options" for k in wanted if found[k] != wanted[k]]
+    if differ:
+        raise ConfigError(f"--init model {init.name} does not match: " + "; ".join(differ)
+                          + " (give --spacing, --filters and the label scheme of the model)")
+
+
 def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[list, list]:
     if fraction == 0 or len(cases) < 2:
         return cases, []
@@ -237,12 +252,13 @@ def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.
 
 def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: str | None = None, resume: bool = False,
           device_name: str = "auto", progress: bool = True, command: str = "",
-          exclude: tuple[str, ...] = ()) -> ModelCard:
+          exclude: tuple[str, ...] = (), init: LoadedModel | None = None) -> ModelCard:
     """Train, checkpointing every epoch; returns the card of the model written to ``output``.
 
     Each data set in ``datasets`` is split into training and validation cases on its own and
     contributes the same share of the patches; ``exclude`` names cases left out entirely
-    (for leave-one-out evaluation).
+    (for leave-one-out evaluation). ``init`` is a model to fine-tune instead of starting from
+    random weights; ``cfg.init_weights_sha256`` must name its weights.
     """
     from monai.losses import DiceCELoss
     from tqdm import tqdm
@@ -250,6 +266,10 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     output = Path(output)
     device = infer.select_device(device_name)
     card = cfg.card()
+    if (init.sha256 if init else "") != cfg.init_weights_sha256:
+        raise ValueError("cfg.init_weights_sha256 must be the sha256 of the init model's weights")
+    if init is not None:
+        check_init_compatible(init.card, card)
     train_groups, val_cases = [], []
     for dataset in datasets:
         cases = [c for c in discover_cases(dataset, label_scheme) if c.case_id not in exclude]
@@ -268,7 +288,10 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
         prepared_val = [prep(c) for c in val_cases]
 
     torch.manual_seed(cfg.seed)
-    network = build_network(card).to(device)
+    network = build_network(card)
+    if init is not None:
+        network.load_state_dict(init.network.state_dict())
+    network = network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
@@ -326,6 +349,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
             "training_cases": [c.case_id for c in train_cases],
             "validation_cases": [c.case_id for c in val_cases],
             "config": to_dict(cfg),
+            **({"initialised_from": _provenance(init)} if init else {}),
         },
         metrics={"validation_dice": history[-1]["validation_dice"] or {}} if history else {},
     )
@@ -333,6 +357,16 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     split = {"training": [c.case_id for c in train_cases], "validation": [c.case_id for c in val_cases]}
     write_bytes_atomic(output / LOG_NAME, json.dumps({"split": split, "history": history}, indent=2).encode())
     return card
+
+
+def _provenance(init: LoadedModel) -> dict[str, Any]:
+    """What a fine-tuned model started from: enough to rebuild the chain of training commands."""
+    base = init.card
+    out = {"name": base.name, "version": base.version, "weights_sha256": base.weights.sha256}
+    for key in ("command", "synthetic_data_command", "datasets", "excluded_cases", "initialised_from"):
+        if key in base.training:
+            out[key] = base.training[key]
+    return out
 
 
 def _save_checkpoint(path, cfg, network, optimizer, scheduler, epoch, history) -> None:
