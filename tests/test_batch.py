@@ -357,3 +357,44 @@ def test_a_case_that_fails_on_rerun_keeps_no_record_of_old_outputs(tmp_path, bat
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == SOME_CASES_FAILED
     assert not (out / "cases" / "a" / "batch-case.json").exists()
     assert manifest(out)["cases"][0]["status"] == "failed"
+
+
+# Loaded by every interpreter of the batch below (main process and spawned workers) through
+# PYTHONPATH: a worker that reads a case named "killer" dies as if the kernel's OOM killer hit it.
+_KILLER_SITECUSTOMIZE = '''
+import os
+from tumorseg import pipeline
+_read = pipeline.PipelineSpec.read_and_prepare
+def read_and_prepare(self, inputs):
+    if "killer" in str(inputs):
+        os._exit(137)
+    return _read(self, inputs)
+pipeline.PipelineSpec.read_and_prepare = read_and_prepare
+'''
+
+
+@pytest.mark.parametrize("mode", ["whole_cases", "pipelined"])
+def test_a_case_that_kills_its_worker_fails_alone(tmp_path, batch_model, mode):
+    root = tmp_path / "in"
+    for n in range(4):
+        phantom_case(root / f"c{n}", n)
+    phantom_case(root / "killer", 9)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLER_SITECUSTOMIZE)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    code = (f"from tumorseg.batch.runner import BatchRunner; from tumorseg.batch.cases import discover; "
+            f"from tumorseg.pipeline import Segmenter; "
+            f"s = BatchRunner(Segmenter({str(batch_model)!r}), __import__('pathlib').Path({str(out)!r}), workers=2, "
+            f"progress=False, worker_mode={mode!r}).run(discover(__import__('pathlib').Path({str(root)!r}))); "
+            f"print(sorted((o.case_id, o.status) for o in s.outcomes))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    doc = manifest(out)
+    status = {row["case_id"]: row for row in doc["cases"]}
+    assert {c: r["status"] for c, r in status.items()} == {"c0": "ok", "c1": "ok", "c2": "ok", "c3": "ok",
+                                                           "killer": "failed"}
+    assert "died" in status["killer"]["error_message"]
+    assert doc["complete"]
+    assert_outputs_readable(out)

@@ -262,9 +262,10 @@ class BatchRunner:
         """Workers prepare up to ``workers + 1`` cases ahead and finish behind the network."""
         queue = deque(cases)
         preparing: deque[tuple[BatchCase, str, Future]] = deque()
-        finishing: deque[tuple[BatchCase, Future]] = deque()
+        finishing: deque[tuple[BatchCase, str, Future]] = deque()
         lookahead = self.workers + 1
         pool = self._new_pool()
+        suspects: list[tuple[BatchCase, str]] = []
         self._broken = False
         try:
             while queue or preparing:
@@ -275,19 +276,34 @@ class BatchRunner:
                     preparing.clear()
                 while queue and len(preparing) < lookahead:
                     case, fingerprint = queue.popleft()
-                    preparing.append((case, fingerprint, pool.submit(_read_and_prepare, self.spec, case, fingerprint)))
-                case, _, future = preparing.popleft()
-                args = self._infer(case, self._result(case, future), bar)
+                    try:
+                        future = pool.submit(_read_and_prepare, self.spec, case, fingerprint)
+                    except BrokenProcessPool:
+                        self._broken = True
+                        queue.appendleft((case, fingerprint))
+                        break
+                    preparing.append((case, fingerprint, future))
+                if self._broken:
+                    continue
+                case, fingerprint, future = preparing.popleft()
+                prepared = self._result(case, future)
+                if prepared is None:
+                    suspects.append((case, fingerprint))
+                    continue
+                args = self._infer(case, prepared, bar)
                 if args is not None:
-                    finishing.append((case, pool.submit(_finish_and_write, *args)))
-                while finishing and (finishing[0][1].done() or len(finishing) > self.workers):
-                    c, f = finishing.popleft()
-                    self._record(self._result(c, f), bar)
+                    try:
+                        finishing.append((case, fingerprint, pool.submit(_finish_and_write, *args)))
+                    except BrokenProcessPool:
+                        self._broken = True
+                        suspects.append((case, fingerprint))
+                while finishing and (finishing[0][2].done() or len(finishing) > self.workers):
+                    self._collect(*finishing.popleft(), suspects, bar, network_in_worker=False)
             while finishing:
-                c, f = finishing.popleft()
-                self._record(self._result(c, f), bar)
+                self._collect(*finishing.popleft(), suspects, bar, network_in_worker=False)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._run_alone(suspects, bar)
 
     def _run_whole_cases(self, cases: list[tuple[BatchCase, str]], bar) -> None:
         """On a CPU device the network is CPU work too: each worker runs whole cases with its share
@@ -295,9 +311,10 @@ class BatchRunner:
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         # Largest inputs first, so that no big case is left running alone at the end.
         queue = deque(sorted(cases, key=lambda item: -sum(_size(p) for p in item[0].files())))
-        running: dict[Future, BatchCase] = {}
+        running: dict[Future, tuple[BatchCase, str]] = {}
         model_dir = str(self.segmenter.model.directory)
         pool = self._new_pool(model_dir, threads)
+        suspects: list[tuple[BatchCase, str]] = []
         self._broken = False
         try:
             while queue or running:
@@ -308,27 +325,59 @@ class BatchRunner:
                     case, fingerprint = queue.popleft()
                     future = pool.submit(_run_case, self.spec, case, fingerprint, str(self.case_dir(case.case_id)),
                                          str(self.output), self.fingerprint)
-                    running[future] = case
+                    running[future] = (case, fingerprint)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    outcome = self._result(running.pop(future), future)
-                    self._network_seconds += outcome.timings_s.get("infer", 0.0)
-                    self._record(outcome, bar)
+                    self._collect(*running.pop(future), future, suspects, bar, network_in_worker=True)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._run_alone(suspects, bar)
 
-    def _new_pool(self, model_dir: str | None = None, threads: int = 1) -> ProcessPoolExecutor:
+    def _collect(self, case: BatchCase, fingerprint: str, future: Future, suspects: list, bar,
+                 network_in_worker: bool) -> None:
+        """Record a finished case, or note it as a suspect when its worker died."""
+        outcome = self._result(case, future)
+        if outcome is None:
+            suspects.append((case, fingerprint))
+            return
+        if network_in_worker:
+            self._network_seconds += outcome.timings_s.get("infer", 0.0)
+        self._record(outcome, bar)
+
+    def _run_alone(self, suspects: list[tuple[BatchCase, str]], bar) -> None:
+        """Cases that were in a pool when a worker died, run again one at a time in a fresh worker:
+        the case that kills its worker (out of memory, say) fails alone, the others succeed."""
+        if not suspects:
+            return
+        log.warning("a worker process died; running %d affected case(s) again, one at a time", len(suspects))
+        model_dir = str(self.segmenter.model.directory)
+        for case, fingerprint in suspects:
+            pool = self._new_pool(model_dir, os.cpu_count() or 1, workers=1)
+            try:
+                future = pool.submit(_run_case, self.spec, case, fingerprint, str(self.case_dir(case.case_id)),
+                                     str(self.output), self.fingerprint)
+                outcome = self._result(case, future)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if outcome is None:
+                outcome = _failure(case, RuntimeError("the worker process running this case alone died "
+                                                      "(out of memory?)"))
+            self._network_seconds += outcome.timings_s.get("infer", 0.0)
+            self._record(outcome, bar)
+
+    def _new_pool(self, model_dir: str | None = None, threads: int = 1, workers: int | None = None
+                  ) -> ProcessPoolExecutor:
         # spawn: a fresh interpreter per worker, no forked copy of the main process' threads.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+        return ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(_logger_levels(), model_dir, threads, self.spec.config))
 
     def _result(self, case: BatchCase, future: Future):
+        """The future's result; None when a worker of its pool died (the case may be innocent)."""
         try:
             return future.result()
         except BrokenProcessPool:
-            # A worker died (killed, or out of memory): this case fails, a rerun retries it.
             self._broken = True
-            return _failure(case, RuntimeError("worker process died (out of memory?)"))
+            return None
         except Exception as e:  # e.g. a result that could not be sent back: this case fails alone
             return _failure(case, e)
 
