@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -363,6 +364,7 @@ def test_a_case_that_fails_on_rerun_keeps_no_record_of_old_outputs(tmp_path, bat
 # PYTHONPATH: a worker that reads a case named "killer" dies as if the kernel's OOM killer hit it.
 _KILLER_SITECUSTOMIZE = '''
 import os
+import re
 from tumorseg import pipeline
 _read = pipeline.PipelineSpec.read_and_prepare
 def read_and_prepare(self, inputs):
@@ -398,3 +400,27 @@ def test_a_case_that_kills_its_worker_fails_alone(tmp_path, batch_model, mode):
     assert "died" in status["killer"]["error_message"]
     assert doc["complete"]
     assert_outputs_readable(out)
+
+
+def test_hashed_ids_keep_folder_names_out_of_outputs_and_log(tmp_path, batch_model):
+    root = tmp_path / "in"
+    phantom_case(root / "DOE^JOHN 1234567", 1)
+    phantom_case(root / "ROE^JANE 7654321", 2, ("flair", "t1"))  # no T1gd: this model refuses it
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tumorseg.cli", "batch", str(root), "-o", str(out), "--model", str(batch_model),
+               "--hashed-ids", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == SOME_CASES_FAILED, result.stderr
+    doc = manifest(out)
+    ids = {row["source"]: row["case_id"] for row in doc["cases"]}
+    assert set(ids) == {"DOE^JOHN 1234567", "ROE^JANE 7654321"}  # the mapping stays in the manifest
+    assert all(re.fullmatch(r"case-[0-9a-f]{12}", i) for i in ids.values())
+    names = [p.name for p in (out / "cases").rglob("*")]
+    assert names and not [n for n in names if "DOE" in n or "ROE" in n or "1234567" in n]
+    for report in (out / "cases").rglob("report.json"):
+        assert "DOE" not in report.read_text() and "1234567" not in report.read_text()
+    log = result.stdout + result.stderr
+    assert ids["ROE^JANE 7654321"] in log and "ROE" not in log and "7654321" not in log
+    # Same sources, same ids: a rerun reuses the finished case.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == SOME_CASES_FAILED and manifest(out)["counts"]["reused"] == 1

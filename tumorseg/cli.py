@@ -204,9 +204,11 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @_pipeline_options
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that read, prepare and write cases while the network runs (0: all in this process).")
 @click.option("--force", is_flag=True, help="Run every case again, even those whose outputs are complete and up to date.")
+@click.option("--hashed-ids", is_flag=True, help="Name cases case-<hash of their source path> instead of after their folders (for folders named by patient); the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, workers, force, quiet, verbose):
+def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, workers, force, hashed_ids, quiet,
+          verbose):
     """Segment every case under INPUT_ROOT; one bad case never stops the batch.
 
     INPUT_ROOT is a folder tree (each folder of NIfTI/NRRD/MHA sequences is a case, each DICOM
@@ -225,7 +227,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, w
     from .pipeline import Segmenter
 
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
-    cases = discover(input_root, exclude=output)
+    cases = discover(input_root, exclude=output, hashed_ids=hashed_ids)
     segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         summary = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet).run(cases)

@@ -10,7 +10,8 @@
   one case whose folder is the deepest one holding all its files.
 
 Case ids come from folder and file names (never from DICOM tags) and are made safe for use as
-folder names; a problem with one case (an unknown file name, say) surfaces when that case is
+folder names; with ``hashed_ids`` they are a hash of the case's source path instead, for input
+trees whose folders carry patient names or numbers. A problem with one case (an unknown file name, say) surfaces when that case is
 read, so discovery itself only fails when it finds nothing at all.
 """
 from __future__ import annotations
@@ -56,11 +57,13 @@ def safe_case_id(text: str) -> str:
     return safe or "case"
 
 
-def discover(root: Path, exclude: Path | None = None) -> list[BatchCase]:
+def discover(root: Path, exclude: Path | None = None, hashed_ids: bool = False) -> list[BatchCase]:
     """The cases under ``root`` (a folder or a CSV manifest), with unique safe ids, in a stable order.
 
     ``exclude`` (the batch's output folder) and any folder holding a batch's outputs are never
-    searched, so an output folder inside the input tree does not turn into cases."""
+    searched, so an output folder inside the input tree does not turn into cases. ``hashed_ids``:
+    each id is ``case-`` and 12 hex digits of the SHA-256 of the case's source (its path relative
+    to ``root``, or its CSV row), so no part of a folder or file name reaches an output name."""
     root = Path(root)
     if not root.exists():
         raise InputError("batch input not found", root)
@@ -77,7 +80,13 @@ def discover(root: Path, exclude: Path | None = None) -> list[BatchCase]:
     if not cases:
         raise InputError("no cases found (folders of NIfTI/NRRD/MHA sequences, DICOM studies, "
                          "a Decathlon data set or a CSV manifest)", root)
+    if hashed_ids:
+        cases = [BatchCase(hashed_case_id(c.source), c.inputs, c.source, c.problem) for c in cases]
     return _unique_ids(cases)
+
+
+def hashed_case_id(source: str) -> str:
+    return "case-" + hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def unique_case_ids(ids: list[str]) -> list[str]:

@@ -385,7 +385,9 @@ class BatchRunner:
     def _record(self, outcome: CaseOutcome, bar, write: bool = True) -> None:
         self._outcomes[outcome.case_id] = outcome
         if outcome.status != "ok":
-            log.warning("%s failed: %s", outcome.case_id, outcome.error_message)
+            # No message here: it names input files, whose folders may carry patient names.
+            log.warning("%s failed: %s error (code %s); the message is in the manifest", outcome.case_id,
+                        outcome.error_kind, outcome.error_code)
         if write:
             self._write_manifest(final=False)
         if bar is not None:
