@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 6 in one run on a lent H100/H200 (about 6 minutes), results in $OUT:
-#   device tool: run(command="bash benchmarks/gpu_session.sh", carry=["device-carry"], timeout_s=540)
+# Every GPU check of issue 6 in one run on a lent H100/H200 (at most about 9 minutes), results in $OUT:
+#   device tool: run(command="bash benchmarks/gpu_session.sh", carry=["device-carry"], timeout_s=600)
 # after benchmarks/fetch_device_wheels.sh has filled device-carry/whl. Each step is bounded by
-# `timeout`, so a slow one cannot eat the next one's time; the log of each lands in $OUT.
+# `timeout` (500 s together, leaving room for the install inside 600 s); each log lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-session-results}
@@ -20,6 +20,6 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step inference 200 python3 benchmarks/gpu_inference.py --repeats 5 --profile
+step inference 190 python3 benchmarks/gpu_inference.py --repeats 5 --profile
 step memory 120 python3 benchmarks/gpu_inference.py --shape 512,512,400 --memory-budget-gb 24 --skip-monai-fp32 --repeats 1
-step throughput 200 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 4 --device cuda
+step throughput 170 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 4 --device cuda

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import brain_phantom, make_tiny_model, save_nifti, shared_data
-from tumorseg.batch.cases import BatchCase, discover, safe_case_id
+from tumorseg.batch.cases import BatchCase, case_id_key, discover, safe_case_id
 from tumorseg.cli import main
 from tumorseg.errors import SOME_CASES_FAILED, GeometryError, InputError, SequenceError
 from tumorseg.pipeline import DicomInputs
@@ -375,24 +375,39 @@ pipeline.PipelineSpec.read_and_prepare = read_and_prepare
 '''
 
 
+_DEAD_WORKERS_SITECUSTOMIZE = '''
+import os
+from tumorseg.batch import runner
+def _init_worker(*args):
+    os._exit(3)
+runner._init_worker = _init_worker
+'''
+
+
+def _batch_with_hook(tmp_path: Path, hook_code: str, root: Path, model: Path, mode: str):
+    """Run a batch with 2 workers in a subprocess whose interpreters (workers too) load hook_code."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(hook_code)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys; from pathlib import Path; from tumorseg.batch.runner import BatchRunner; "
+            "from tumorseg.batch.cases import discover; from tumorseg.pipeline import Segmenter; "
+            "BatchRunner(Segmenter(sys.argv[1]), Path(sys.argv[2]), workers=2, progress=False, "
+            "worker_mode=sys.argv[4]).run(discover(Path(sys.argv[3])))")
+    result = subprocess.run([sys.executable, "-c", code, str(model), str(out), str(root), mode], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.mark.parametrize("mode", ["whole_cases", "pipelined"])
 def test_a_case_that_kills_its_worker_fails_alone(tmp_path, batch_model, mode):
     root = tmp_path / "in"
     for n in range(4):
         phantom_case(root / f"c{n}", n)
     phantom_case(root / "killer", 9)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_KILLER_SITECUSTOMIZE)
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-    code = (f"from tumorseg.batch.runner import BatchRunner; from tumorseg.batch.cases import discover; "
-            f"from tumorseg.pipeline import Segmenter; "
-            f"s = BatchRunner(Segmenter({str(batch_model)!r}), __import__('pathlib').Path({str(out)!r}), workers=2, "
-            f"progress=False, worker_mode={mode!r}).run(discover(__import__('pathlib').Path({str(root)!r}))); "
-            f"print(sorted((o.case_id, o.status) for o in s.outcomes))")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    out = _batch_with_hook(tmp_path, _KILLER_SITECUSTOMIZE, root, batch_model, mode)
     doc = manifest(out)
     status = {row["case_id"]: row for row in doc["cases"]}
     assert {c: r["status"] for c, r in status.items()} == {"c0": "ok", "c1": "ok", "c2": "ok", "c3": "ok",
@@ -400,6 +415,19 @@ def test_a_case_that_kills_its_worker_fails_alone(tmp_path, batch_model, mode):
     assert "died" in status["killer"]["error_message"]
     assert doc["complete"]
     assert_outputs_readable(out)
+
+
+@pytest.mark.parametrize("mode", ["whole_cases", "pipelined"])
+def test_workers_that_cannot_start_fail_the_batch_quickly(tmp_path, batch_model, mode):
+    root = tmp_path / "in"
+    for n in range(8):
+        phantom_case(root / f"c{n}", n)
+    started = time.monotonic()
+    out = _batch_with_hook(tmp_path, _DEAD_WORKERS_SITECUSTOMIZE, root, batch_model, mode)
+    doc = manifest(out)
+    assert doc["complete"] and doc["counts"]["failed"] == 8
+    assert all("died 3 times in a row" in row["error_message"] for row in doc["cases"])
+    assert time.monotonic() - started < 120  # a few pools at most, not one per case
 
 
 def test_hashed_ids_keep_folder_names_out_of_outputs_and_log(tmp_path, batch_model):
@@ -421,6 +449,12 @@ def test_hashed_ids_keep_folder_names_out_of_outputs_and_log(tmp_path, batch_mod
         assert "DOE" not in report.read_text() and "1234567" not in report.read_text()
     log = result.stdout + result.stderr
     assert ids["ROE^JANE 7654321"] in log and "ROE" not in log and "7654321" not in log
-    # Same sources, same ids: a rerun reuses the finished case.
+    # Same folder, same key, same ids: a rerun reuses the finished case.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == SOME_CASES_FAILED and manifest(out)["counts"]["reused"] == 1
+    # The ids are keyed: without out/case-id.key a guessed name cannot be checked against one.
+    import hashlib
+    assert "case-" + hashlib.sha256(b"DOE_JOHN_1234567").hexdigest()[:12] not in ids.values()
+    assert (out / "case-id.key").stat().st_mode & 0o077 == 0
+    other = {c.case_id for c in discover(root, id_key=case_id_key(tmp_path / "other-out"))}
+    assert other.isdisjoint(ids.values()) and len(other) == 2

@@ -117,7 +117,7 @@ def test_resume_refuses_other_settings(tmp_path):
     other[other.index("--seed") + 1] = "4"
     result = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert result.returncode == ConfigError.exit_code
-    assert "other training settings" in result.stderr
+    assert "other training settings" in result.stderr and "(seed differ" in result.stderr
 
 
 def _state(model_dir: Path) -> dict:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success it is fsynced and renamed onto it.
+
+    ``private``: readable by its owner only (0600); otherwise the usual mode under the umask.
 
     On any exception the temporary file is removed and ``final`` is left as it was.
     """
@@ -25,7 +27,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        if not private:
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

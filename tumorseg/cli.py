@@ -204,7 +204,7 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @_pipeline_options
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that read, prepare and write cases while the network runs (0: all in this process).")
 @click.option("--force", is_flag=True, help="Run every case again, even those whose outputs are complete and up to date.")
-@click.option("--hashed-ids", is_flag=True, help="Name cases case-<hash of their source path> instead of after their folders (for folders named by patient); the manifest's source column keeps the mapping.")
+@click.option("--hashed-ids", is_flag=True, help="Name cases case-<keyed hash of their id> instead of after their folders (for folders named by patient); the key is OUTPUT/case-id.key (keep it private), the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, workers, force, hashed_ids, quiet,
@@ -221,13 +221,13 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, w
     Exit code 0 when every case succeeded, 8 when some failed (see the manifest).
     """
     _setup_logging(quiet, verbose)
-    from .batch.cases import discover
+    from .batch.cases import case_id_key, discover
     from .batch.runner import BatchRunner, quiet_stage_logs
     from .errors import SOME_CASES_FAILED
     from .pipeline import Segmenter
 
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
-    cases = discover(input_root, exclude=output, hashed_ids=hashed_ids)
+    cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)
     segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         summary = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet).run(cases)
@@ -371,7 +371,7 @@ def train(datasets, exclude, output, label_scheme, name, epochs, iterations, bat
             filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout),
-            init_weights_sha256=init.sha256 if init else "",
+            init_weights_sha256=init.sha256 if init else None,
         )
         cfg.card()  # validates patch size against the network depth
     except ValueError as e:

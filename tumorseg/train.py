@@ -60,8 +60,9 @@ class TrainConfig:
     validate_every: int = 1
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    #: sha256 of the weights training starts from (``--init``); empty for random initialisation.
-    init_weights_sha256: str = ""
+    #: sha256 of the weights training starts from (``--init``); None for random initialisation
+    #: (left out of the saved settings then, so checkpoints of earlier versions still resume).
+    init_weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations_per_epoch, self.batch_size, self.validate_every) < 1:
@@ -177,14 +178,15 @@ def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
 
 def check_init_compatible(init: ModelCard, card: ModelCard) -> None:
     """Refuse to fine-tune from a model whose weights or meaning differ from the training options."""
-    wanted = {"sequences": card.input.sequences, "labels": card.labels, "spacing_mm": card.input.spacing_mm,
-              "architecture": card.architecture}
-    found = {"sequences": init.input.sequences, "labels": init.labels, "spacing_mm": init.input.spacing_mm,
-             "architecture": init.architecture}
+    def traits(c: ModelCard) -> dict[str, Any]:
+        return {"sequences": c.input.sequences, "labels": c.labels, "spacing_mm": c.input.spacing_mm,
+                "architecture": c.architecture, "normalization": c.normalization}
+
+    wanted, found = traits(card), traits(init)
     differ = [f"{k}: {found[k]} in the model, {wanted[k]} in the training options" for k in wanted if found[k] != wanted[k]]
     if differ:
         raise ConfigError(f"--init model {init.name} does not match: " + "; ".join(differ)
-                          + " (give --spacing, --filters and the label scheme of the model)")
+                          + " (give the model's --spacing and --filters)")
 
 
 def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[list, list]:
@@ -266,7 +268,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     output = Path(output)
     device = infer.select_device(device_name)
     card = cfg.card()
-    if (init.sha256 if init else "") != cfg.init_weights_sha256:
+    if (init.sha256 if init else None) != cfg.init_weights_sha256:
         raise ValueError("cfg.init_weights_sha256 must be the sha256 of the init model's weights")
     if init is not None:
         check_init_compatible(init.card, card)
@@ -387,7 +389,10 @@ def _load_checkpoint(path, cfg, network, optimizer, scheduler) -> tuple[int, lis
         raise ConfigError("--resume given but there is no checkpoint", path)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if state["config"] != json.dumps(to_dict(cfg), sort_keys=True):
-        raise ConfigError("the checkpoint was made with other training settings; resume with the same options", path)
+        saved, now = json.loads(state["config"]), to_dict(cfg)
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise ConfigError(f"the checkpoint was made with other training settings ({', '.join(differ)} differ; "
+                          "init_weights_sha256 is set by --init); resume with the same options", path)
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

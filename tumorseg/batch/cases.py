@@ -10,19 +10,22 @@
   one case whose folder is the deepest one holding all its files.
 
 Case ids come from folder and file names (never from DICOM tags) and are made safe for use as
-folder names; with ``hashed_ids`` they are a hash of the case's source path instead, for input
-trees whose folders carry patient names or numbers. A problem with one case (an unknown file name, say) surfaces when that case is
+folder names; with an ``id_key`` they are a keyed hash of that id instead, for input trees whose
+folders carry patient names or numbers. A problem with one case (an unknown file name, say) surfaces when that case is
 read, so discovery itself only fails when it finds nothing at all.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..dicom.series import has_dicom_marker
 from ..errors import InputError, TumorsegError
 from ..pipeline import CaseInputs, DicomInputs
@@ -57,13 +60,14 @@ def safe_case_id(text: str) -> str:
     return safe or "case"
 
 
-def discover(root: Path, exclude: Path | None = None, hashed_ids: bool = False) -> list[BatchCase]:
+def discover(root: Path, exclude: Path | None = None, id_key: bytes | None = None) -> list[BatchCase]:
     """The cases under ``root`` (a folder or a CSV manifest), with unique safe ids, in a stable order.
 
     ``exclude`` (the batch's output folder) and any folder holding a batch's outputs are never
-    searched, so an output folder inside the input tree does not turn into cases. ``hashed_ids``:
-    each id is ``case-`` and 12 hex digits of the SHA-256 of the case's source (its path relative
-    to ``root``, or its CSV row), so no part of a folder or file name reaches an output name."""
+    searched, so an output folder inside the input tree does not turn into cases. With ``id_key``
+    each id is replaced by ``case-`` and 12 hex digits of HMAC-SHA256(id_key, id): no part of a
+    folder or file name reaches an output name, and without the key nobody can test guessed
+    names (or record numbers) against an id."""
     root = Path(root)
     if not root.exists():
         raise InputError("batch input not found", root)
@@ -80,13 +84,32 @@ def discover(root: Path, exclude: Path | None = None, hashed_ids: bool = False) 
     if not cases:
         raise InputError("no cases found (folders of NIfTI/NRRD/MHA sequences, DICOM studies, "
                          "a Decathlon data set or a CSV manifest)", root)
-    if hashed_ids:
-        cases = [BatchCase(hashed_case_id(c.source), c.inputs, c.source, c.problem) for c in cases]
-    return _unique_ids(cases)
+    cases = _unique_ids(cases)
+    if id_key is not None:
+        cases = _unique_ids([BatchCase(hashed_case_id(c.case_id, id_key), c.inputs, c.source, c.problem)
+                             for c in cases])
+    return cases
 
 
-def hashed_case_id(source: str) -> str:
-    return "case-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+def hashed_case_id(case_id: str, key: bytes) -> str:
+    return "case-" + hmac.new(key, case_id.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+ID_KEY_FILE = "case-id.key"
+
+
+def case_id_key(output: Path) -> bytes:
+    """The secret key of ``output``'s hashed case ids, made on first use and kept there, so a rerun
+    into the same folder gives the same ids (a lost key only makes the next run start afresh)."""
+    path = Path(output) / ID_KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, private=True) as tmp:
+            tmp.write_text(secrets.token_hex(32) + "\n")
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise InputError("not a case id key (64 hex digits); restore it or delete it to start afresh", path) from None
 
 
 def unique_case_ids(ids: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -26,8 +27,8 @@ import os
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,69 @@ def inputs_sha256(case: BatchCase) -> str:
     for path in case.files():
         digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return digest.hexdigest()
+
+
+#: A worker died while the case was in its pool (the case may be innocent: see ``_run_alone``).
+_DIED = object()
+#: Pools (or lone retries) that may die in a row, no case finishing in between, before the batch
+#: stops starting workers: a worker that cannot even start would otherwise be respawned per case.
+MAX_DEATHS_IN_A_ROW = 3
+
+
+class _WorkersKeepDying(RuntimeError):
+    def __init__(self, deaths: int) -> None:
+        super().__init__(f"not run: worker processes died {deaths} times in a row with no case finishing "
+                         "(they cannot start, or every case kills them); see the log with --verbose")
+
+
+class _WorkerPool:
+    """A process pool that notices a dead worker, and is replaced by a fresh one on ``renew``.
+
+    Only futures of the current executor can mark it broken: a future of a replaced executor
+    reporting its old death must not shut down the healthy new one.
+    """
+
+    def __init__(self, factory: Callable[[], ProcessPoolExecutor]) -> None:
+        self._factory = factory
+        self._executor = factory()
+        self._current: set[Future] = set()
+        self.broken = False
+        self._deaths_in_a_row = 0
+
+    def submit(self, fn, *args) -> Future | None:
+        """The future, or None when the pool is broken (the caller keeps the case for later)."""
+        try:
+            future = self._executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self.broken = True
+            return None
+        self._current.add(future)
+        return future
+
+    def result(self, case: BatchCase, future: Future):
+        """The step's result; ``_DIED`` when a worker of its pool died."""
+        current = future in self._current
+        self._current.discard(future)
+        try:
+            result = future.result()
+        except (BrokenProcessPool, CancelledError):
+            self.broken = self.broken or current
+            return _DIED
+        except Exception as e:  # e.g. a result that could not be sent back: this case fails alone
+            return _failure(case, e)
+        self._deaths_in_a_row = 0
+        return result
+
+    def renew(self) -> None:
+        """A fresh executor in place of the broken one; raises after too many deaths in a row."""
+        self._deaths_in_a_row += 1
+        if self._deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+            raise _WorkersKeepDying(self._deaths_in_a_row)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor, self._current, self.broken = self._factory(), set(), False
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class BatchRunner:
@@ -264,45 +328,44 @@ class BatchRunner:
         preparing: deque[tuple[BatchCase, str, Future]] = deque()
         finishing: deque[tuple[BatchCase, str, Future]] = deque()
         lookahead = self.workers + 1
-        pool = self._new_pool()
+        pool = _WorkerPool(self._executor_factory())
         suspects: list[tuple[BatchCase, str]] = []
-        self._broken = False
         try:
             while queue or preparing:
-                if self._broken:  # a worker died: new workers, and the queued cases again
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool, self._broken = self._new_pool(), False
+                if pool.broken:  # a worker died: new workers; cases still being read go round again
+                    pool.renew()
                     queue.extendleft(reversed([(c, fp) for c, fp, _ in preparing]))
                     preparing.clear()
-                while queue and len(preparing) < lookahead:
+                while queue and len(preparing) < lookahead and not pool.broken:
                     case, fingerprint = queue.popleft()
-                    try:
-                        future = pool.submit(_read_and_prepare, self.spec, case, fingerprint)
-                    except BrokenProcessPool:
-                        self._broken = True
+                    future = pool.submit(_read_and_prepare, self.spec, case, fingerprint)
+                    if future is None:
                         queue.appendleft((case, fingerprint))
-                        break
-                    preparing.append((case, fingerprint, future))
-                if self._broken:
+                    else:
+                        preparing.append((case, fingerprint, future))
+                if pool.broken:
                     continue
                 case, fingerprint, future = preparing.popleft()
-                prepared = self._result(case, future)
-                if prepared is None:
+                prepared = pool.result(case, future)
+                if prepared is _DIED:
                     suspects.append((case, fingerprint))
                     continue
                 args = self._infer(case, prepared, bar)
                 if args is not None:
-                    try:
-                        finishing.append((case, fingerprint, pool.submit(_finish_and_write, *args)))
-                    except BrokenProcessPool:
-                        self._broken = True
+                    future = pool.submit(_finish_and_write, *args)
+                    if future is None:
                         suspects.append((case, fingerprint))
+                    else:
+                        finishing.append((case, fingerprint, future))
                 while finishing and (finishing[0][2].done() or len(finishing) > self.workers):
-                    self._collect(*finishing.popleft(), suspects, bar, network_in_worker=False)
+                    self._collect(pool, *finishing.popleft(), suspects, bar, network_in_worker=False)
             while finishing:
-                self._collect(*finishing.popleft(), suspects, bar, network_in_worker=False)
+                self._collect(pool, *finishing.popleft(), suspects, bar, network_in_worker=False)
+        except _WorkersKeepDying as e:
+            self._fail_all([*queue, *((c, fp) for c, fp, _ in (*preparing, *finishing)), *suspects], e, bar)
+            suspects = []
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
         self._run_alone(suspects, bar)
 
     def _run_whole_cases(self, cases: list[tuple[BatchCase, str]], bar) -> None:
@@ -312,32 +375,37 @@ class BatchRunner:
         # Largest inputs first, so that no big case is left running alone at the end.
         queue = deque(sorted(cases, key=lambda item: -sum(_size(p) for p in item[0].files())))
         running: dict[Future, tuple[BatchCase, str]] = {}
-        model_dir = str(self.segmenter.model.directory)
-        pool = self._new_pool(model_dir, threads)
+        pool = _WorkerPool(self._executor_factory(str(self.segmenter.model.directory), threads))
         suspects: list[tuple[BatchCase, str]] = []
-        self._broken = False
         try:
             while queue or running:
-                if self._broken:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool, self._broken = self._new_pool(model_dir, threads), False
-                while queue and len(running) < self.workers:
+                if pool.broken:
+                    pool.renew()
+                while queue and len(running) < self.workers and not pool.broken:
                     case, fingerprint = queue.popleft()
                     future = pool.submit(_run_case, self.spec, case, fingerprint, str(self.case_dir(case.case_id)),
                                          str(self.output), self.fingerprint)
-                    running[future] = (case, fingerprint)
+                    if future is None:
+                        queue.appendleft((case, fingerprint))
+                    else:
+                        running[future] = (case, fingerprint)
+                if not running:
+                    continue
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    self._collect(*running.pop(future), future, suspects, bar, network_in_worker=True)
+                    self._collect(pool, *running.pop(future), future, suspects, bar, network_in_worker=True)
+        except _WorkersKeepDying as e:
+            self._fail_all([*queue, *running.values(), *suspects], e, bar)
+            suspects = []
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
         self._run_alone(suspects, bar)
 
-    def _collect(self, case: BatchCase, fingerprint: str, future: Future, suspects: list, bar,
+    def _collect(self, pool: _WorkerPool, case: BatchCase, fingerprint: str, future: Future, suspects: list, bar,
                  network_in_worker: bool) -> None:
-        """Record a finished case, or note it as a suspect when its worker died."""
-        outcome = self._result(case, future)
-        if outcome is None:
+        """Record a finished case, or note it as a suspect when a worker of its pool died."""
+        outcome = pool.result(case, future)
+        if outcome is _DIED:
             suspects.append((case, fingerprint))
             return
         if network_in_worker:
@@ -350,36 +418,36 @@ class BatchRunner:
         if not suspects:
             return
         log.warning("a worker process died; running %d affected case(s) again, one at a time", len(suspects))
-        model_dir = str(self.segmenter.model.directory)
-        for case, fingerprint in suspects:
-            pool = self._new_pool(model_dir, os.cpu_count() or 1, workers=1)
+        factory = self._executor_factory(str(self.segmenter.model.directory), os.cpu_count() or 1, workers=1)
+        deaths_in_a_row = 0
+        for n, (case, fingerprint) in enumerate(suspects):
+            if deaths_in_a_row == MAX_DEATHS_IN_A_ROW:
+                self._fail_all(suspects[n:], _WorkersKeepDying(deaths_in_a_row), bar)
+                return
+            pool = _WorkerPool(factory)
             try:
                 future = pool.submit(_run_case, self.spec, case, fingerprint, str(self.case_dir(case.case_id)),
                                      str(self.output), self.fingerprint)
-                outcome = self._result(case, future)
+                outcome = _DIED if future is None else pool.result(case, future)
             finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if outcome is None:
+                pool.shutdown()
+            deaths_in_a_row = deaths_in_a_row + 1 if outcome is _DIED else 0
+            if outcome is _DIED:
                 outcome = _failure(case, RuntimeError("the worker process running this case alone died "
-                                                      "(out of memory?)"))
+                                                      "(killed, or out of memory)"))
             self._network_seconds += outcome.timings_s.get("infer", 0.0)
             self._record(outcome, bar)
 
-    def _new_pool(self, model_dir: str | None = None, threads: int = 1, workers: int | None = None
-                  ) -> ProcessPoolExecutor:
-        # spawn: a fresh interpreter per worker, no forked copy of the main process' threads.
-        return ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(_logger_levels(), model_dir, threads, self.spec.config))
+    def _fail_all(self, cases, error: BaseException, bar) -> None:
+        for case, _ in cases:
+            self._record(_failure(case, error), bar)
 
-    def _result(self, case: BatchCase, future: Future):
-        """The future's result; None when a worker of its pool died (the case may be innocent)."""
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self._broken = True
-            return None
-        except Exception as e:  # e.g. a result that could not be sent back: this case fails alone
-            return _failure(case, e)
+    def _executor_factory(self, model_dir: str | None = None, threads: int = 1, workers: int | None = None
+                          ) -> Callable[[], ProcessPoolExecutor]:
+        # spawn: a fresh interpreter per worker, no forked copy of the main process' threads.
+        return functools.partial(
+            ProcessPoolExecutor, workers or self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(_logger_levels(), model_dir, threads, self.spec.config))
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _record(self, outcome: CaseOutcome, bar, write: bool = True) -> None:

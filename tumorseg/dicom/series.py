@@ -515,7 +515,8 @@ def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[P
     for path, h in headers:
         uid = str(h.SOPInstanceUID)
         if uid in seen:
-            log.warning("%s is another copy of instance stored in %s; using one of them", path, seen[uid])
+            # File names only: the folders above them may be named after the patient.
+            log.warning("%s is another copy of the instance in %s; using one of them", path.name, seen[uid].name)
             continue
         seen[uid] = path
         kept.append((path, h))
