@@ -33,7 +33,18 @@ def test_readme_and_card_agree():
     card = load_card(bundled_models_dir() / "default")
     readme = (ROOT / "README.md").read_text()
     assert card.weights.sha256 in readme
-    assert card.name in readme
+    assert card.name in readme and f"**{card.name}** version {card.version}" in readme
+    # The README's quality table repeats the card's measured numbers.
+    synth = card.metrics["synthetic_heldout_20_cases_seed_2000"]
+    row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in ("WT", "TC", "ET"))
+    assert row in readme
+    held_out = [c for c, v in card.metrics["brats2015_flair_t1c"].items() if not v["in_training"]]
+    base = card.training.get("initialised_from", {})
+    assert held_out and all(c not in card.training["training_cases"] for c in held_out)
+    assert all(c in base.get("excluded_cases", held_out) for c in held_out)  # the base model never saw it either
+    for case in held_out:
+        scores = card.metrics["brats2015_flair_t1c"][case]
+        assert " | ".join(f"{scores[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
     first_lines = readme.splitlines()[:5]
     assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
 
