@@ -106,13 +106,21 @@ def test_killed_and_resumed_training_matches_uninterrupted(tmp_path):
     assert a["split"]["validation"] == ["case1"] or len(a["split"]["validation"]) == 1
 
 
-def test_resume_refuses_other_settings(tmp_path):
-    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
-    out = tmp_path / "m"
-    cmd = _train_cmd(dataset, out)
+def _quick_model(tmp_path: Path, name: str, iterations: int = 1) -> list[str]:
+    """Train a one-epoch model on two cases into tmp_path/name; returns its command."""
+    cmd = _train_cmd(make_folder_dataset(tmp_path / "ds", cases=2), tmp_path / name)
     cmd[cmd.index("--epochs") + 1] = "1"
-    cmd[cmd.index("--iterations") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = str(iterations)
     subprocess.run(cmd, check=True, timeout=300)
+    return cmd
+
+
+def _with_output(cmd: list[str], old: Path, new: Path) -> list[str]:
+    return [str(new) if c == str(old) else c for c in cmd]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cmd = _quick_model(tmp_path, "m")
     other = [*cmd, "--resume"]
     other[other.index("--seed") + 1] = "4"
     result = subprocess.run(other, capture_output=True, text=True, timeout=300)
@@ -127,23 +135,19 @@ def _state(model_dir: Path) -> dict:
 def test_init_fine_tunes_from_a_model_and_records_it(tmp_path):
     import torch
 
-    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
     base = tmp_path / "base"
-    cmd = _train_cmd(dataset, base)
-    cmd[cmd.index("--epochs") + 1] = "1"
-    cmd[cmd.index("--iterations") + 1] = "2"
-    subprocess.run(cmd, check=True, timeout=300)
+    cmd = _quick_model(tmp_path, "base", iterations=2)
     base_sha = load_model(str(base)).sha256
 
     # With a zero learning rate, fine-tuning must leave the initial weights exactly as they were:
     # proof that training started from the base model and not from the seed's random weights.
-    frozen = [c if c != str(base) else str(tmp_path / "frozen") for c in cmd] + ["--init", str(base), "--lr", "0"]
+    frozen = _with_output(cmd, base, tmp_path / "frozen") + ["--init", str(base), "--lr", "0"]
     subprocess.run(frozen, check=True, timeout=300)
     a, b = _state(base), _state(tmp_path / "frozen")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     tuned = tmp_path / "tuned"
-    subprocess.run([c if c != str(base) else str(tuned) for c in cmd] + ["--init", str(base)], check=True, timeout=300)
+    subprocess.run(_with_output(cmd, base, tuned) + ["--init", str(base)], check=True, timeout=300)
     card = load_model(str(tuned)).card
     assert card.training["initialised_from"]["weights_sha256"] == base_sha
     assert card.training["initialised_from"]["command"].startswith("tumorseg train")
@@ -153,13 +157,9 @@ def test_init_fine_tunes_from_a_model_and_records_it(tmp_path):
 
 
 def test_init_refuses_a_model_of_another_size(tmp_path):
-    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
     base = tmp_path / "base"
-    cmd = _train_cmd(dataset, base)
-    cmd[cmd.index("--epochs") + 1] = "1"
-    cmd[cmd.index("--iterations") + 1] = "1"
-    subprocess.run(cmd, check=True, timeout=300)
-    other = [c if c != str(base) else str(tmp_path / "other") for c in cmd] + ["--init", str(base)]
+    cmd = _quick_model(tmp_path, "base")
+    other = _with_output(cmd, base, tmp_path / "other") + ["--init", str(base)]
     other[other.index("--filters") + 1] = "8,16,32"
     result = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert result.returncode == ConfigError.exit_code
