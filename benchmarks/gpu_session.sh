@@ -2,7 +2,7 @@
 # Every GPU check of issue 6 in one run on a lent H100/H200 (at most about 9 minutes), results in $OUT:
 #   device tool: run(command="bash benchmarks/gpu_session.sh", carry=["device-carry"], timeout_s=600)
 # after benchmarks/fetch_device_wheels.sh has filled device-carry/whl. Each step is bounded by
-# `timeout` (500 s together, leaving room for the install inside 600 s); each log lands in $OUT.
+# `timeout` (570 s together, leaving room for the install inside 600 s); each log lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-session-results}
@@ -20,6 +20,9 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step inference 190 python3 benchmarks/gpu_inference.py --repeats 5 --profile
-step memory 120 python3 benchmarks/gpu_inference.py --shape 512,512,400 --memory-budget-gb 24 --skip-monai-fp32 --repeats 1
-step throughput 170 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 4 --device cuda
+step inference 240 python3 benchmarks/gpu_inference.py --repeats 5 --compile --profile
+step memory 90 python3 benchmarks/gpu_inference.py --shape 512,512,400 --memory-budget-gb 24 --tumorseg-only --repeats 1
+step throughput-default 60 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda
+nnunet=(--random-model 32,64,128,256,320,320 --windows-per-batch 18)
+step throughput-nnunet 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda "${nnunet[@]}"
+step throughput-nnunet-tta 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda "${nnunet[@]}" --tta

@@ -24,6 +24,8 @@ class InferenceConfig:
     #: Mirroring test-time augmentation (8 flips; 8x slower, slightly smoother).
     tta: bool = False
     device: str = "auto"
+    #: torch.compile the network: faster on a GPU after a compilation per process (batches).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

@@ -164,6 +164,7 @@ class Segmenter:
             model = config.model
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = infer.select_device(config.inference.device)
+        self.network = infer.prepare_network(self.model.network, self.device, config.inference.compile)
         self.progress = progress
         self.spec = PipelineSpec(
             self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device)
@@ -206,7 +207,7 @@ class Segmenter:
         start = time.perf_counter()
         log.info("infer ...")
         probs = infer.predict_probabilities(
-            self.model.network, prepared.image, self.card.input.patch_size, self.config.inference,
+            self.network, prepared.image, self.card.input.patch_size, self.config.inference,
             self.device, progress=self.progress,
         )
         prepared.image = None  # the network input is not needed again; free it

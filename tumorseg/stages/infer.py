@@ -9,7 +9,10 @@ fast on a GPU:
   window, flip and scan of that shape;
 * several windows per forward pass (``windows_per_batch``), gathered into one preallocated
   input buffer, and blended into a preallocated output on the device;
-* on CUDA: fp16 autocast and channels-last memory layout;
+* on CUDA: fp16 autocast, channels-last memory layout and cuDNN's autotuner;
+* optionally ``torch.compile`` (``compile = true``), which fuses the normalisation and
+  activation kernels; it costs a compilation per process and window-batch size, so it pays for
+  batches on a GPU, and falls back to the eager network when compiling fails;
 * on out-of-memory: halve the windows per pass, then stitch on the host (only the windows
   travel to the device), instead of failing.
 
@@ -42,6 +45,42 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+class CompiledNetwork:
+    """``torch.compile`` of a network with fixed shapes, falling back to the eager network (with a
+    warning) when compilation fails. ``sliding_window`` always feeds it full window batches, so a
+    scan compiles once per window-batch size instead of once more for its last, shorter batch."""
+
+    static_shapes = True
+
+    def __init__(self, network: torch.nn.Module, backend: str = "inductor") -> None:
+        self.eager = network
+        self.compiled = torch.compile(network, dynamic=False, backend=backend)
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor):
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
+                log.warning("torch.compile failed (%s: %s); running the network without it",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.failed = True
+        return self.eager(x)
+
+
+def prepare_network(network: torch.nn.Module, device: torch.device, compile: bool = False):
+    """The network in eval mode on ``device``, laid out for speed there: a callable taking a
+    window batch (N, C, X, Y, Z). On CUDA: channels-last and cuDNN's autotuner; with ``compile``,
+    a :class:`CompiledNetwork` (on any device; on the CPU it needs a C++ compiler)."""
+    network = network.to(device).eval()
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True  # the window shape repeats: autotuned kernels pay
+    return CompiledNetwork(network) if compile else network
 
 
 @dataclass(frozen=True)
@@ -85,7 +124,7 @@ def _weight_sum(plan: WindowPlan, patch: tuple[int, int, int], device: str) -> t
 
 
 def sliding_window(
-    network: torch.nn.Module,
+    network,
     image: torch.Tensor,
     patch: tuple[int, int, int],
     overlap: float,
@@ -95,7 +134,8 @@ def sliding_window(
     progress: bool = False,
 ) -> torch.Tensor:
     """Blended logits (1, L, X, Y, Z) float32 for ``image`` (1, C, X, Y, Z), on ``stitch_device``
-    (default ``device``). The network runs on ``device``, in fp16 autocast on CUDA."""
+    (default ``device``). The network (from :func:`prepare_network`) runs on ``device``, in
+    fp16 autocast on CUDA."""
     stitch_device = stitch_device or device
     shape = tuple(int(n) for n in image.shape[2:])
     plan = plan_windows(shape, tuple(patch), float(overlap))  # type: ignore[arg-type]
@@ -106,11 +146,13 @@ def sliding_window(
     weight = _gaussian(tuple(patch), str(stitch_device))  # type: ignore[arg-type]
     on_cuda = device.type == "cuda"
     px, py, pz = patch
+    starts = plan.starts
+    windows_per_batch = min(windows_per_batch, len(starts))
+    full_batches = getattr(network, "static_shapes", False)
     batch = torch.empty((windows_per_batch, image.shape[1], px, py, pz), device=device)
     if on_cuda:
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     total = None
-    starts = plan.starts
     chunks = range(0, len(starts), windows_per_batch)
     if progress:
         from tqdm import tqdm
@@ -121,11 +163,11 @@ def sliding_window(
             group = starts[first:first + windows_per_batch]
             for n, (x, y, z) in enumerate(group):
                 batch[n].copy_(image[0, :, x:x + px, y:y + py, z:z + pz], non_blocking=True)
-            logits = network(batch[:len(group)])
+            logits = network(batch if full_batches else batch[:len(group)])
             if isinstance(logits, (tuple, list)):  # deep supervision: the full-resolution head
                 logits = logits[0]
             # A blocking copy: a non-blocking device-to-host copy may not have landed when it is read.
-            logits = logits.float().to(stitch_device) * weight
+            logits = logits[:len(group)].float().to(stitch_device) * weight
             if total is None:
                 total = torch.zeros((1, logits.shape[1]) + plan.padded_shape, device=stitch_device)
             for n, (x, y, z) in enumerate(group):
@@ -165,10 +207,10 @@ def predict_probabilities(
     device: torch.device,
     progress: bool = False,
 ) -> np.ndarray:
-    """Softmax class probabilities (L, I, J, K) float32 for a normalized image (C, I, J, K)."""
-    network = network.to(device).eval()
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last_3d)
+    """Softmax class probabilities (L, I, J, K) float32 for a normalized image (C, I, J, K).
+
+    ``network`` comes from :func:`prepare_network` for ``device`` (``config.compile`` is applied
+    there, once per process, not here)."""
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     flips = [()] if not config.tta else [
         tuple(a for a in combo) for r in range(4) for combo in itertools.combinations((2, 3, 4), r)
