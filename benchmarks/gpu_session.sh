@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step inference 240 python3 benchmarks/gpu_inference.py --repeats 5 --compile --profile
 step memory 90 python3 benchmarks/gpu_inference.py --shape 512,512,400 --memory-budget-gb 24 --tumorseg-only --repeats 1
-step throughput-default 60 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda
+step throughput-default 60 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 12 --device cuda
 nnunet=(--random-model 32,64,128,256,320,320 --windows-per-batch 18)
-step throughput-nnunet 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda "${nnunet[@]}"
-step throughput-nnunet-tta 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 8 --device cuda "${nnunet[@]}" --tta
+step throughput-nnunet 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 12 --device cuda "${nnunet[@]}"
+step throughput-nnunet-tta 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 12 --device cuda "${nnunet[@]}" --tta

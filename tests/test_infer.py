@@ -96,7 +96,7 @@ def test_gpu_inference_benchmark_runs_on_the_cpu_and_agrees():
 def test_compiled_network_gets_full_batches_and_the_same_logits():
     """With compile on, every pass gets the full window batch (one compilation per batch size),
     and the blended logits equal the eager network's."""
-    from tumorseg.stages.infer import CompiledNetwork, prepare_network
+    from tumorseg.stages.infer import PreparedNetwork
 
     torch.manual_seed(0)
     network = DynUNet(3, 2, 4, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
@@ -104,9 +104,10 @@ def test_compiled_network_gets_full_batches_and_the_same_logits():
     network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
     image = torch.randn((1, 2, 40, 36, 28))  # 48 windows of 16^3: batches of 5 leave 3 for the last
     with torch.inference_mode():
-        eager = sliding_window(prepare_network(network, CPU), image, (16, 16, 16), 0.5, 5, CPU)
+        eager = sliding_window(PreparedNetwork(network, CPU), image, (16, 16, 16), 0.5, 5, CPU)
         eager_batches, seen[:] = list(seen), []
-        wrapped = CompiledNetwork(network, backend="eager")  # dynamo without a C++ compiler: fast in CI
+        # dynamo without a C++ compiler: fast in CI
+        wrapped = PreparedNetwork(network, CPU, compile=True, backend="eager")
         result = sliding_window(wrapped, image, (16, 16, 16), 0.5, 5, CPU)
     assert eager_batches[-1] == 3  # the eager run's last batch is short...
     assert set(seen) == {5}  # ...the compiled run's never is
@@ -115,9 +116,9 @@ def test_compiled_network_gets_full_batches_and_the_same_logits():
 
 
 def test_compiled_network_falls_back_to_eager_when_compiling_fails(network, caplog):
-    from tumorseg.stages.infer import CompiledNetwork
+    from tumorseg.stages.infer import PreparedNetwork
 
-    wrapped = CompiledNetwork(network, backend="eager")
+    wrapped = PreparedNetwork(network, CPU, compile=True, backend="eager")
 
     def broken(x):
         raise RuntimeError("no C++ compiler")

@@ -164,7 +164,7 @@ class Segmenter:
             model = config.model
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = infer.select_device(config.inference.device)
-        self.network = infer.prepare_network(self.model.network, self.device, config.inference.compile)
+        self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile)
         self.progress = progress
         self.spec = PipelineSpec(
             self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device)

@@ -9,7 +9,7 @@ fast on a GPU:
   window, flip and scan of that shape;
 * several windows per forward pass (``windows_per_batch``), gathered into one preallocated
   input buffer, and blended into a preallocated output on the device;
-* on CUDA: fp16 autocast, channels-last memory layout and cuDNN's autotuner;
+* on CUDA: fp16 autocast and cuDNN's autotuner;
 * optionally ``torch.compile`` (``compile = true``), which fuses the normalisation and
   activation kernels; it costs a compilation per process and window-batch size, so it pays for
   batches on a GPU, and falls back to the eager network when compiling fails;
@@ -47,20 +47,31 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class CompiledNetwork:
-    """``torch.compile`` of a network with fixed shapes, falling back to the eager network (with a
-    warning) when compilation fails. ``sliding_window`` always feeds it full window batches, so a
-    scan compiles once per window-batch size instead of once more for its last, shorter batch."""
+class PreparedNetwork:
+    """A network in eval mode on its device, called on window batches (N, C, X, Y, Z).
 
-    static_shapes = True
+    ``compile``: through ``torch.compile`` with fixed shapes, falling back to the eager network
+    (with a warning) when compilation fails; :func:`sliding_window` then feeds it full window
+    batches only, so a scan compiles once per window-batch size, not once more for its last,
+    shorter batch. ``channels_last``: weights and window batches in channels-last layout (measured
+    slower for DynUNet on an H200 with torch 2.11, so off by default; kept for other networks).
+    """
 
-    def __init__(self, network: torch.nn.Module, backend: str = "inductor") -> None:
+    def __init__(self, network: torch.nn.Module, device: torch.device, compile: bool = False,
+                 channels_last: bool = False, backend: str = "inductor") -> None:
+        network = network.to(device).eval()
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last_3d)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the window shape repeats: autotuned kernels pay
         self.eager = network
-        self.compiled = torch.compile(network, dynamic=False, backend=backend)
+        self.compiled = torch.compile(network, dynamic=False, backend=backend) if compile else None
+        self.static_shapes = compile
         self.failed = False
 
     def __call__(self, x: torch.Tensor):
-        if not self.failed:
+        if self.compiled is not None and not self.failed:
             try:
                 return self.compiled(x)
             except OutOfMemoryError:
@@ -70,17 +81,6 @@ class CompiledNetwork:
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 self.failed = True
         return self.eager(x)
-
-
-def prepare_network(network: torch.nn.Module, device: torch.device, compile: bool = False):
-    """The network in eval mode on ``device``, laid out for speed there: a callable taking a
-    window batch (N, C, X, Y, Z). On CUDA: channels-last and cuDNN's autotuner; with ``compile``,
-    a :class:`CompiledNetwork` (on any device; on the CPU it needs a C++ compiler)."""
-    network = network.to(device).eval()
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last_3d)
-        torch.backends.cudnn.benchmark = True  # the window shape repeats: autotuned kernels pay
-    return CompiledNetwork(network) if compile else network
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def sliding_window(
     progress: bool = False,
 ) -> torch.Tensor:
     """Blended logits (1, L, X, Y, Z) float32 for ``image`` (1, C, X, Y, Z), on ``stitch_device``
-    (default ``device``). The network (from :func:`prepare_network`) runs on ``device``, in
+    (default ``device``). The network (a :class:`PreparedNetwork`) runs on ``device``, in
     fp16 autocast on CUDA."""
     stitch_device = stitch_device or device
     shape = tuple(int(n) for n in image.shape[2:])
@@ -149,9 +149,8 @@ def sliding_window(
     starts = plan.starts
     windows_per_batch = min(windows_per_batch, len(starts))
     full_batches = getattr(network, "static_shapes", False)
-    batch = torch.empty((windows_per_batch, image.shape[1], px, py, pz), device=device)
-    if on_cuda:
-        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    batch = torch.empty((windows_per_batch, image.shape[1], px, py, pz), device=device,
+                        memory_format=getattr(network, "memory_format", torch.contiguous_format))
     total = None
     chunks = range(0, len(starts), windows_per_batch)
     if progress:
@@ -209,7 +208,7 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Softmax class probabilities (L, I, J, K) float32 for a normalized image (C, I, J, K).
 
-    ``network`` comes from :func:`prepare_network` for ``device`` (``config.compile`` is applied
+    ``network`` is a :class:`PreparedNetwork` for ``device`` (``config.compile`` is applied
     there, once per process, not here)."""
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     flips = [()] if not config.tta else [
