@@ -69,6 +69,11 @@ def test_out_of_memory_falls_back_to_fewer_windows_per_pass(network):
         reference = sliding_window(network, image, (16, 16, 16), 0.5, 1, CPU)
     assert max(limited.calls) == 8 and limited.calls[-1] <= 2
     assert torch.allclose(result, reference, atol=1e-5)
+    limited.calls.clear()  # a second scan of that size starts at what fitted
+    with torch.inference_mode():
+        again = robust_sliding_window(limited, image, (16, 16, 16), 0.5, 8, CPU)
+    assert max(limited.calls) == 2
+    assert torch.equal(again, result)
 
 
 def test_out_of_memory_at_one_window_is_a_memory_error(network):

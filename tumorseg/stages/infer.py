@@ -177,9 +177,16 @@ def sliding_window(
     return total[:, :, ax:ax + shape[0], ay:ay + shape[1], az:az + shape[2]]
 
 
+#: The attempt (windows per pass, stitching device) that last fitted after an out-of-memory, by
+#: device, patch and image size: later scans of that size start there instead of failing again
+#: (each failed attempt costs an allocation failure and, with cuDNN's autotuner, a search).
+_FITTED: dict[tuple, tuple[int, str]] = {}
+
+
 def robust_sliding_window(network, image, patch, overlap, windows_per_batch, device, progress=False) -> torch.Tensor:
     """:func:`sliding_window`, retried with fewer windows per pass and then host stitching when
     the device runs out of memory."""
+    key = (str(device), tuple(patch), tuple(image.shape[1:]), windows_per_batch)
     attempts = []
     n = windows_per_batch
     while n >= 1:
@@ -187,9 +194,14 @@ def robust_sliding_window(network, image, patch, overlap, windows_per_batch, dev
         n //= 2
     if device.type == "cuda":
         attempts.append((1, torch.device("cpu")))  # stitch on the host: only windows on the GPU
+    if key in _FITTED:
+        attempts = attempts[[(n, str(stitch)) for n, stitch in attempts].index(_FITTED[key]):]
     for n, stitch in attempts:
         try:
-            return sliding_window(network, image, patch, overlap, n, device, stitch, progress)
+            result = sliding_window(network, image, patch, overlap, n, device, stitch, progress)
+            if (n, stitch) != attempts[0] or key in _FITTED:
+                _FITTED[key] = (n, str(stitch))
+            return result
         except OutOfMemoryError:
             log.warning("out of memory with %d windows per pass, stitching on %s; retrying with less", n, stitch)
             _weight_sum.cache_clear()  # cached device tensors would hold on to memory
