@@ -177,6 +177,42 @@ def test_mass_effect_and_white_matter_edema():
     assert scene.wm[scene.box][edema].mean() > scene.wm[scene.box][reach].mean() + 0.1
 
 
+def test_enhancing_normal_structures_are_bright_on_t1gd_and_stay_background(monkeypatch):
+    """The sinuses and choroid plexus enhance like tumour on T1gd but are not tumour: the model
+    must learn to leave them out, so they are painted with label 0."""
+    anatomy = synth._anatomy()
+    rng = np.random.default_rng(np.random.SeedSequence(5))
+    plan = synth._plan_tumour(rng, anatomy)
+    scene = synth._build_scene(rng, anatomy, plan)
+    look = synth._draw_look(rng)
+    painted = []
+    real_vessels = synth._vessels
+    monkeypatch.setattr(synth, "_vessels", lambda *a: painted.append(real_vessels(*a)) or painted[-1])
+    channels = synth._render(rng, anatomy, scene, look)
+    vessels = painted[0] > 0.9
+    paths = synth._vessel_paths()
+    sss_x = paths["sss"][:, 0]
+    assert np.ptp(sss_x) == 0 and abs(anatomy.affine[0, 0] * sss_x[0] + anatomy.affine[0, 3]) < 1  # midline
+    visible = vessels & anatomy.mask & (scene.labels == 0)
+    assert visible.sum() > 2000  # mL-sized, as on real scans
+    white = (scene.wm > 0.9) & (scene.labels == 0)
+    t1gd, t1 = channels[2], channels[1]
+    assert t1gd[visible].mean() > 1.15 * t1gd[white].mean()
+    assert t1[visible].mean() < t1[white].mean()  # enhancement, not a T1-bright structure
+
+
+def test_a_folder_of_another_generator_version_is_refused(dataset, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(dataset, copy)
+    description = json.loads((copy / "dataset.json").read_text())
+    assert description["tumorseg_synth"]["generator_version"] == synth.GENERATOR_VERSION
+    del description["tumorseg_synth"]["generator_version"]  # as version 1 wrote it
+    (copy / "dataset.json").write_text(json.dumps(description))
+    with pytest.raises(ConfigError, match="generator version 1"):
+        synth.write_synth_dataset(copy, CASES + 1, SEED)
+    assert not (copy / "labelsTr" / f"synth_{CASES:04d}.nii.gz").exists()
+
+
 def test_rerun_skips_existing_and_resumes_missing(dataset, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)

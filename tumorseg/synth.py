@@ -8,6 +8,10 @@ a random voxel grid (spacing, axis order and flips, small obliquity, field of vi
 a smooth bias field, Rician noise and an arbitrary intensity scale. Some cases keep a scalp and skull,
 others are skull-stripped (zero outside the brain, as in BraTS).
 
+Normal structures that enhance on T1gd (the superior sagittal and transverse sinuses, the choroid
+plexus) are painted as well and stay background: on real scans they are the commonest false
+"enhancing tumour", and a model that never saw them cannot learn that (generator version 2).
+
 Every random choice comes from one ``numpy.random.Generator`` seeded by the case seed, and every
 operation is deterministic, so a seed always gives byte-identical arrays.
 
@@ -47,6 +51,8 @@ CHANNELS = ("flair", "t1", "t1gd", "t2")
 #: Label scheme (Medical Segmentation Decathlon Task01).
 LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
 EDEMA, CORE, ENHANCING = 1, 2, 3
+#: Bumped whenever a seed's images change; recorded in dataset.json, a folder never mixes versions.
+GENERATOR_VERSION = 2
 
 _TEMPLATE_FILES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
 _MNI_LICENCE = (
@@ -69,6 +75,9 @@ _MEANS: dict[str, tuple[float, float, float, float]] = {
     "bone": (0.05, 0.08, 0.08, 0.06),
     "marrow": (0.35, 0.65, 0.70, 0.45),
     "scalp": (0.75, 1.15, 1.20, 0.80),
+    # Venous sinuses and choroid plexus: flow void or intermediate on FLAIR and T2 (redrawn per
+    # case), bright after contrast.
+    "vessel": (0.40, 0.60, 1.65, 0.50),
 }
 _MAX_DIM = 256
 
@@ -392,9 +401,68 @@ class _Look:
 def _draw_look(rng: np.random.Generator) -> _Look:
     means = {k: np.asarray(v, np.float64) * rng.uniform(0.9, 1.1, 4) for k, v in _MEANS.items()}
     means["necrosis"][0] = rng.uniform(0.35, 1.1)
+    means["vessel"][[0, 3]] = rng.uniform(0.15, 0.9), rng.uniform(0.2, 1.0)
+    means["vessel"][2] = rng.uniform(1.2, 2.0)
     csf_layer = rng.uniform(1.0, 2.5)
     bone = csf_layer + rng.uniform(4.0, 7.0)
     return _Look(means=means, skull=bool(rng.random() < 0.5), shell_mm=(csf_layer, bone, bone + rng.uniform(4.0, 8.0)))
+
+
+@functools.lru_cache(maxsize=1)
+def _vessel_paths() -> dict[str, np.ndarray]:
+    """Template-voxel centrelines of the superior sagittal and transverse sinuses, and candidate
+    voxels of the choroid plexus (atria of the lateral ventricles), from the template's own mask."""
+    anat = _anatomy()
+    aff = anat.affine
+    mm = [aff[a, a] * np.arange(n) + aff[a, 3] for a, n in enumerate(anat.mask.shape)]
+    midline = int(np.argmin(np.abs(mm[0])))
+    # Superior sagittal sinus: the upper and posterior outline of the midline sagittal slice.
+    sagittal = ndi.binary_fill_holes(anat.mask[midline - 3:midline + 4].any(0))
+    outline = np.argwhere(sagittal & ~ndi.binary_erosion(sagittal))
+    y, z = mm[1][outline[:, 0]], mm[2][outline[:, 1]]
+    keep = (z > 10) | ((y < -60) & (z > -8))
+    sss = np.column_stack([np.full(keep.sum(), midline), outline[keep]])
+    # Transverse sinuses: from the most posterior midline point at the torcular level, laterally
+    # along the back of the brain, descending slightly.
+    z0 = float(mm[2][sss[np.argmin(sss[:, 1]), 2]])
+    transverse = []
+    for i in np.flatnonzero((np.abs(mm[0]) > 2) & (np.abs(mm[0]) < 55)):
+        k = int(np.argmin(np.abs(mm[2] - (z0 - 0.25 * abs(mm[0][i])))))
+        column = np.flatnonzero(anat.mask[i, :, k])
+        if column.size:
+            transverse.append((i, column[0], k))
+    csf = anat.mask & (anat.gm + anat.wm < 0.35)
+    depth = ndi.distance_transform_edt(anat.mask)
+    grid = np.meshgrid(*mm, indexing="ij", sparse=True)
+    atria = (csf & (depth > 15) & (grid[1] > -50) & (grid[1] < -15) & (np.abs(grid[0]) > 10)
+             & (np.abs(grid[0]) < 40) & (grid[2] > 0) & (grid[2] < 30))
+    return {"sss": sss, "transverse": np.asarray(transverse, np.int64).reshape(-1, 3),
+            "choroid": np.argwhere(atria)}
+
+
+def _vessels(rng: np.random.Generator, anat: _Anatomy) -> np.ndarray:
+    """Partial-volume weights (0..1, template grid) of the enhancing normal structures of one case."""
+    paths = _vessel_paths()
+    inward = np.array([0.0, 1.0, -1.0])  # a sinus lies partly inside the brain's outline: forward, down
+    tubes = [(paths["sss"] + rng.uniform(0.5, 3.5) * inward, rng.uniform(2.0, 4.5))]
+    if rng.random() < 0.7:
+        tubes.append((paths["transverse"] + rng.uniform(0.5, 3.0) * np.array([0.0, 1.0, 0.0]), rng.uniform(2.0, 4.0)))
+    if rng.random() < 0.8 and len(paths["choroid"]):
+        for _ in range(int(rng.integers(1, 4))):
+            tubes.append((paths["choroid"][rng.integers(len(paths["choroid"]))][None].astype(float), rng.uniform(2.5, 5.0)))
+    weight = np.zeros(anat.mask.shape, np.float32)
+    for points, radius in tubes:
+        if not len(points):
+            continue
+        lo = np.maximum(np.floor(points.min(0) - radius - 2).astype(int), 0)
+        hi = np.minimum(np.ceil(points.max(0) + radius + 3).astype(int), anat.mask.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        centre = np.ones(tuple(hi - lo), bool)
+        index = np.clip(np.round(points).astype(int) - lo, 0, hi - lo - 1)
+        centre[tuple(index.T)] = False
+        soft = np.clip(radius + 0.5 - ndi.distance_transform_edt(centre), 0, 1).astype(np.float32)
+        weight[box] = np.maximum(weight[box], soft)
+    return weight
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -411,6 +479,7 @@ def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look
         diploe = _sigmoid((d - a1 - 1.5) / 0.6) * _sigmoid((a2 - 1.5 - d) / 0.6)
     box = scene.box
     het = {k: 1 + 0.08 * _smooth_noise(rng, scene.labels[box].shape, 5.0) for k in ("edema", "necrosis", "enhancing")}
+    vessels = _vessels(rng, anat)
     channels = []
     for c in range(4):
         m = {k: np.float32(v[c]) for k, v in look.means.items()}
@@ -421,6 +490,7 @@ def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look
             shell = ((1 - beyond_csf) * m["csf"] + (beyond_csf - beyond_bone) * m["bone"]
                      + diploe * (m["marrow"] - m["bone"]) + beyond_bone * head * m["scalp"])
             ch.ravel()[anat.band] = shell
+        ch += vessels * (m["vessel"] - ch)
         channels.append(_paint_tumour(ch, scene, m, het))
     return channels
 
@@ -609,18 +679,23 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 
 
 def _check_previous_seed(output: Path, seed: int) -> None:
-    """Refuse to mix cases of two seeds in one folder (existing cases are kept, not regenerated)."""
+    """Refuse to mix cases of two seeds or generator versions in one folder (existing cases are
+    kept, not regenerated)."""
     previous = output / "dataset.json"
     if not previous.is_file():
         return
     try:
-        old = json.loads(previous.read_text())["tumorseg_synth"]["seed"]
+        recorded = json.loads(previous.read_text())["tumorseg_synth"]
+        old, version = recorded["seed"], recorded.get("generator_version", 1)
     except (ValueError, KeyError, TypeError):
         raise ConfigError("exists but is not a tumorseg synthetic dataset; choose an empty output folder",
                           path=previous) from None
     if old != seed:
         raise ConfigError(f"holds a synthetic dataset made with seed {old}, not {seed}; rerun with seed {old} "
                           "to resume or extend it, or choose another output folder", path=previous)
+    if version != GENERATOR_VERSION:
+        raise ConfigError(f"holds synthetic cases of generator version {version}; this tumorseg makes version "
+                          f"{GENERATOR_VERSION}, whose cases differ: choose another output folder", path=previous)
 
 
 def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
@@ -669,7 +744,8 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
         "numTest": 0,
         "training": training,
         "test": [],
-        "tumorseg_synth": {"seed": int(seed), "cases": int(cases), "case_seeds": seeds,
+        "tumorseg_synth": {"seed": int(seed), "generator_version": GENERATOR_VERSION, "cases": int(cases),
+                           "case_seeds": seeds,
                            "templates": _provenance()},
     }
     write_bytes_atomic(output / "dataset.json", (json.dumps(description, indent=2) + "\n").encode())
