@@ -73,8 +73,8 @@ def main() -> None:
                 logits = sliding_window_inference(image, card.input.patch_size, 1, network, **kwargs)
             times.append(time.perf_counter() - start)
         baselines[name] = (min(times), logits[0].argmax(0).numpy())
-    ours = np.argmax(infer.predict_probabilities(network, array, card.input.patch_size, segmenter.config.inference,
-                                                 torch.device("cpu")), 0)
+    ours = np.argmax(infer.predict_probabilities(segmenter.network, array, card.input.patch_size,
+                                                 segmenter.config.inference, segmenter.device), 0)
 
     print(f"scan {scan.spatial_shape} x {len(scan.channels)} channels -> model grid {transform.model_shape}")
     print(f"model load                        {load_s:6.2f} s (once per process)")

@@ -47,16 +47,15 @@ def network_for(filters: tuple[int, ...], channels: int, classes: int) -> torch.
 
 
 def example_image() -> torch.Tensor:
-    """The bundled example's four sequences (1, 4, 240, 240, 155), z-scored inside the brain."""
-    import nibabel as nib
-    import numpy as np
+    """The bundled example's four sequences (1, 4, 240, 240, 155) on their own grid, normalised
+    by tumorseg's own normalise stage (percentile clipping, z-score inside the brain)."""
+    from tumorseg.model import Normalization
+    from tumorseg.sequences import assign_sequences
+    from tumorseg.stages import normalize, read
 
-    channels = []
-    for suffix in ("t2f", "t1n", "t1c", "t2w"):
-        data = np.asarray(nib.load(EXAMPLE / f"{EXAMPLE.name}-{suffix}.nii.gz").dataobj, dtype=np.float32)
-        brain = data > 0
-        channels.append(np.where(brain, (data - data[brain].mean()) / data[brain].std(), 0))
-    return torch.from_numpy(np.stack(channels))[None]
+    scan = read.read_study(assign_sequences([EXAMPLE], {}, lambda p: read.volume_count(p) > 1))
+    normalised = normalize.normalize(scan, Normalization(), normalize.brain_mask(scan.array))
+    return torch.from_numpy(normalised.array)[None]
 
 
 def window_flops(network: torch.nn.Module, channels: int, patch: tuple[int, ...], device: torch.device) -> float:

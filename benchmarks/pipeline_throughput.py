@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from tumorseg.batch.cases import discover
-from tumorseg.model import Architecture, InputSpec, ModelCard, Weights, build_network, save_model
 from tumorseg.batch.runner import BatchRunner, quiet_stage_logs
+from tumorseg.model import Architecture, InputSpec, ModelCard, Weights, build_network, save_model
 from tumorseg.pipeline import Segmenter
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "BraTS-GLI-00001-000"

@@ -67,8 +67,12 @@ class PreparedNetwork:
             torch.backends.cudnn.benchmark = True  # the window shape repeats: autotuned kernels pay
         self.eager = network
         self.compiled = torch.compile(network, dynamic=False, backend=backend) if compile else None
-        self.static_shapes = compile
         self.failed = False
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether :func:`sliding_window` must feed full window batches (compiled networks)."""
+        return self.compiled is not None
 
     def __call__(self, x: torch.Tensor):
         if self.compiled is not None and not self.failed:
@@ -196,17 +200,18 @@ def robust_sliding_window(network, image, patch, overlap, windows_per_batch, dev
         attempts.append((1, torch.device("cpu")))  # stitch on the host: only windows on the GPU
     if key in _FITTED:
         attempts = attempts[[(n, str(stitch)) for n, stitch in attempts].index(_FITTED[key]):]
-    for n, stitch in attempts:
+    for tried, (n, stitch) in enumerate(attempts):
         try:
             result = sliding_window(network, image, patch, overlap, n, device, stitch, progress)
-            if (n, stitch) != attempts[0] or key in _FITTED:
-                _FITTED[key] = (n, str(stitch))
-            return result
         except OutOfMemoryError:
             log.warning("out of memory with %d windows per pass, stitching on %s; retrying with less", n, stitch)
             _weight_sum.cache_clear()  # cached device tensors would hold on to memory
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            continue
+        if tried:  # an earlier attempt ran out of memory: start here next time
+            _FITTED[key] = (n, str(stitch))
+        return result
     raise MemoryError(f"out of memory even with one window per pass and stitching on the host (patch {patch})")
 
 
