@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--worker-mode", default="auto", choices=["auto", "pipelined", "whole_cases"],
+                        help="see BatchRunner: auto is whole cases on a CPU device, pipelined on a GPU")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -61,14 +63,15 @@ def main() -> None:
         cases = discover(root)
         segmenter = Segmenter(args.model)
         print(f"{len(cases)} cases from {root}; model {segmenter.card.name}; torch threads {torch.get_num_threads()}; "
-              f"device {segmenter.device}")
+              f"device {segmenter.device}; worker mode {args.worker_mode}")
         seconds: dict[int, float] = {}
         first_out: Path | None = None
         for workers in args.workers:
             out = Path(tmp) / f"out-{workers}"
             start = time.perf_counter()
             with quiet_stage_logs():
-                summary = BatchRunner(segmenter, out, workers=workers, progress=False).run(cases)
+                summary = BatchRunner(segmenter, out, workers=workers, progress=False,
+                                      worker_mode=args.worker_mode).run(cases)
             seconds[workers] = time.perf_counter() - start
             failed = len(summary.failed)
             print(f"--workers {workers}: {seconds[workers]:.1f} s for {len(cases)} cases "

@@ -19,6 +19,7 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
+from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry, voxel_spacing
 from .sequences import StudyInputs
@@ -159,6 +160,7 @@ class Segmenter:
         config: PipelineConfig | None = None,
         progress: bool = False,
     ) -> None:
+        keep_freed_heap_memory()
         config = config or load_pipeline("default")
         if model is None:
             model = config.model

@@ -26,6 +26,7 @@ from .config import InferenceConfig
 from .configio import to_dict
 from .errors import ConfigError, InputError
 from .evaluate import check_same_grid, read_truth, region_scores
+from .heap import keep_freed_heap_memory
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
                     save_model)
@@ -265,6 +266,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     from monai.losses import DiceCELoss
     from tqdm import tqdm
 
+    keep_freed_heap_memory()
     output = Path(output)
     device = infer.select_device(device_name)
     card = cfg.card()

@@ -41,6 +41,7 @@ from ..atomic import write_bytes_atomic
 from ..config import PipelineConfig
 from ..configio import to_dict
 from ..errors import InputError, TumorsegError
+from ..heap import keep_freed_heap_memory
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
@@ -534,6 +535,7 @@ def _init_worker(levels: dict[str, int], model_dir: str | None, threads: int, co
 
     global _WORKER_SEGMENTER
     torch.set_num_threads(threads)
+    keep_freed_heap_memory()
     if model_dir is None:
         # Lowest CPU priority: these workers only prepare and finish cases; they fill idle time
         # and never slow down the main process, which feeds the GPU.
