@@ -22,6 +22,10 @@ class AugmentConfig:
     gamma: float = 0.3
     noise: float = 0.15
     blur: float = 0.15
+    #: Per channel: thick slices along one random axis (block-averaged by ``low_resolution_factor``,
+    #: then interpolated back), as in the 3-6 mm 2D sequences of many hospital protocols.
+    low_resolution: float = 0.2
+    low_resolution_factor: tuple[float, float] = (1.5, 4.0)
     #: Probability of keeping only a random non-empty subset of the sequences present.
     sequence_dropout: float = 0.5
 
@@ -43,6 +47,8 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
             lo, hi = channel.min(), channel.max()
             span = (hi - lo).clamp_min(1e-6)
             channel.copy_(((channel - lo) / span) ** float(rng.uniform(0.7, 1.5)) * span + lo)
+        if rng.random() < cfg.low_resolution:
+            channel.copy_(_thick_slices(channel, int(rng.integers(3)), float(rng.uniform(*cfg.low_resolution_factor))))
         if rng.random() < cfg.noise:
             noise = torch.from_numpy(rng.normal(0, rng.uniform(0, 0.15), channel.shape).astype(np.float32))
             channel.add_(noise)
@@ -74,6 +80,15 @@ def _rotate_scale(image, labels, rng, cfg):
     img = F.grid_sample(image[None].permute(0, 1, 4, 3, 2), grid, mode="bilinear", align_corners=False)
     lab = F.grid_sample(labels[None, None].float().permute(0, 1, 4, 3, 2), grid, mode="nearest", align_corners=False)
     return img.permute(0, 1, 4, 3, 2)[0], lab.permute(0, 1, 4, 3, 2)[0, 0].long()
+
+
+def _thick_slices(channel: torch.Tensor, axis: int, factor: float) -> torch.Tensor:
+    """``channel`` seen through slices ``factor`` times thicker along ``axis``."""
+    size = list(channel.shape)
+    coarse = list(size)
+    coarse[axis] = max(1, int(round(size[axis] / factor)))
+    out = F.adaptive_avg_pool3d(channel[None, None], coarse)  # each thick slice averages its thin ones
+    return F.interpolate(out, size=size, mode="trilinear", align_corners=False)[0, 0]
 
 
 def _blur(channel: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Training augmentation: deterministic for a generator state, labels kept aligned, thick slices."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from tumorseg.augment import AugmentConfig, _thick_slices, augment
+
+OFF = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
+                    low_resolution=0)
+
+
+def _patch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(rng.normal(size=(4, 16, 12, 10)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, size=(16, 12, 10)))
+    return image, labels
+
+
+def test_same_generator_state_same_result():
+    image, labels = _patch()
+    a = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(5), AugmentConfig())
+    b = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(5), AugmentConfig())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_everything_off_is_identity():
+    image, labels = _patch()
+    out, lab = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(1), OFF)
+    assert torch.equal(out, image) and torch.equal(lab, labels)
+
+
+def test_flips_move_image_and_labels_together():
+    image, labels = _patch()
+    image[0] = labels.float()  # channel 0 is the label map itself
+    cfg = dataclasses.replace(OFF, flip=1.0)
+    out, lab = augment(image, labels, [0], np.random.default_rng(2), cfg)
+    assert torch.equal(out[0], lab.float())
+    assert torch.equal(lab, labels.flip(0, 1, 2))
+
+
+def test_thick_slices_average_along_one_axis_only():
+    x = torch.zeros(16, 12, 10)
+    x[8] = 1.0  # one bright thin slice across axis 0
+    out = _thick_slices(x, axis=0, factor=4.0)
+    assert out.shape == x.shape
+    assert torch.allclose(out.sum(), x.sum(), rtol=0.05)  # the signal is spread, not lost
+    assert out.max() < 0.5  # a thick slice averages it with its thin neighbours
+    assert (out[6:11, 0, 0] > 0).all() and out[0, 0, 0] == 0 and out[15, 0, 0] == 0
+    # Along the other axes nothing varies, and thick slices there change nothing.
+    assert torch.allclose(_thick_slices(x, axis=1, factor=3.0), x, atol=1e-6)
+    assert torch.allclose(_thick_slices(x, axis=2, factor=2.0), x, atol=1e-6)
+
+
+def test_low_resolution_leaves_labels_and_absent_channels_alone():
+    image, labels = _patch()
+    image[3] = 0.0  # an absent sequence stays all zeros
+    cfg = dataclasses.replace(OFF, low_resolution=1.0)
+    out, lab = augment(image, labels, [0, 1, 2], np.random.default_rng(3), cfg)
+    assert torch.equal(lab, labels)
+    assert torch.equal(out[3], image[3])
+    for c in range(3):
+        assert not torch.allclose(out[c], image[c])
+        assert out[c].std() < image[c].std()  # white noise loses variance when slices are thickened
