@@ -222,9 +222,11 @@ def test_batch_with_broken_cases_rerun_and_workers(tmp_path, batch_model):
     config = load_pipeline("default").with_overrides(overlap=0.25)
     segmenter = Segmenter(str(batch_model), config)
     out3 = tmp_path / "out-pipelined"
+    blocks_before = _shared_blocks()
     summary = BatchRunner(segmenter, out3, workers=2, progress=False, worker_mode="pipelined").run(discover(root))
     assert len(summary.failed) == 4 and manifest(out3)["worker_mode"] == "pipelined"
     assert 0 < summary.network_busy_fraction <= 1
+    assert _shared_blocks() == blocks_before  # every shared memory block was freed
     for n in range(6):
         name = f"cases/ok{n}/segmentation.nii.gz"
         assert (out / name).read_bytes() == (out3 / name).read_bytes()
@@ -375,6 +377,19 @@ pipeline.PipelineSpec.read_and_prepare = read_and_prepare
 '''
 
 
+# A worker dies while finishing the case named "killer", after its probabilities were shared.
+_FINISH_KILLER_SITECUSTOMIZE = '''
+import os
+from tumorseg.batch import runner
+_finish = runner._finish_and_write
+def _finish_and_write(spec, case, *args):
+    if case.case_id == "killer":
+        os._exit(137)
+    return _finish(spec, case, *args)
+runner._finish_and_write = _finish_and_write
+'''
+
+
 _DEAD_WORKERS_SITECUSTOMIZE = '''
 import os
 from tumorseg.batch import runner
@@ -415,6 +430,23 @@ def test_a_case_that_kills_its_worker_fails_alone(tmp_path, batch_model, mode):
     assert "died" in status["killer"]["error_message"]
     assert doc["complete"]
     assert_outputs_readable(out)
+
+
+def _shared_blocks() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("tumorseg-*")} if Path("/dev/shm").is_dir() else set()
+
+
+def test_a_worker_dying_while_finishing_leaves_no_shared_memory(tmp_path, batch_model):
+    root = tmp_path / "in"
+    for n in range(3):
+        phantom_case(root / f"c{n}", n)
+    phantom_case(root / "killer", 9)
+    before = _shared_blocks()
+    out = _batch_with_hook(tmp_path, _FINISH_KILLER_SITECUSTOMIZE, root, batch_model, "pipelined")
+    doc = manifest(out)
+    assert {r["case_id"]: r["status"] for r in doc["cases"]} == {"c0": "ok", "c1": "ok", "c2": "ok", "killer": "failed"}
+    assert_outputs_readable(out)
+    assert _shared_blocks() == before  # the killer's probabilities were freed by the main process
 
 
 @pytest.mark.parametrize("mode", ["whole_cases", "pipelined"])

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessP
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from ..heap import keep_freed_heap_memory
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
+from .shared import SharedArray, batch_prefix, release, remove_leftovers, share, take
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class BatchRunner:
             if args is not None:
                 self._record(_finish_and_write(*args), bar)
 
-    def _infer(self, case: BatchCase, prepared, bar) -> tuple | None:
+    def _infer(self, case: BatchCase, prepared, bar) -> _FinishArgs | None:
         """Run the network on a prepared case; the arguments of its finishing step, or None when
         the case failed (and was recorded)."""
         if isinstance(prepared, CaseOutcome):
@@ -319,18 +320,25 @@ class BatchRunner:
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             self._record(_failure(case, e), bar)
             return None
-        return (self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
-                str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
+        return _FinishArgs(self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
+                           str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
 
     # -- running: worker processes --------------------------------------------------------------
     def _run_pipelined(self, cases: list[tuple[BatchCase, str]], bar) -> None:
-        """Workers prepare up to ``workers + 1`` cases ahead and finish behind the network."""
+        """Workers prepare up to ``workers + 1`` cases ahead and finish behind the network; the
+        network's input and output travel through shared memory (see :mod:`.shared`)."""
         queue = deque(cases)
         preparing: deque[tuple[BatchCase, str, Future]] = deque()
-        finishing: deque[tuple[BatchCase, str, Future]] = deque()
+        finishing: deque[tuple[BatchCase, str, Future, Any]] = deque()
         lookahead = self.workers + 1
+        prefix = batch_prefix()
         pool = _WorkerPool(self._executor_factory())
         suspects: list[tuple[BatchCase, str]] = []
+
+        def collect(case, fingerprint, future, probs) -> None:
+            self._collect(pool, case, fingerprint, future, suspects, bar, network_in_worker=False)
+            release(probs)  # the worker unlinked it already, unless it died first
+
         try:
             while queue or preparing:
                 if pool.broken:  # a worker died: new workers; cases still being read go round again
@@ -339,7 +347,7 @@ class BatchRunner:
                     preparing.clear()
                 while queue and len(preparing) < lookahead and not pool.broken:
                     case, fingerprint = queue.popleft()
-                    future = pool.submit(_read_and_prepare, self.spec, case, fingerprint)
+                    future = pool.submit(_prepare_shared, self.spec, case, fingerprint, prefix)
                     if future is None:
                         queue.appendleft((case, fingerprint))
                     else:
@@ -351,22 +359,39 @@ class BatchRunner:
                 if prepared is _DIED:
                     suspects.append((case, fingerprint))
                     continue
+                if not isinstance(prepared, CaseOutcome):
+                    prepared_scan, read_seconds, fingerprint, image = prepared
+                    prepared_scan.image = take(image)
+                    prepared = (prepared_scan, read_seconds, fingerprint)
                 args = self._infer(case, prepared, bar)
                 if args is not None:
-                    future = pool.submit(_finish_and_write, *args)
+                    try:
+                        args = args._replace(probs=share(args.probs, prefix))
+                    except OSError as e:
+                        self._record(_failure(case, e), bar)
+                        continue
+                    future = pool.submit(_finish_shared, *args)
                     if future is None:
                         suspects.append((case, fingerprint))
+                        release(args.probs)
                     else:
-                        finishing.append((case, fingerprint, future))
+                        finishing.append((case, fingerprint, future, args.probs))
+                    del args
                 while finishing and (finishing[0][2].done() or len(finishing) > self.workers):
-                    self._collect(pool, *finishing.popleft(), suspects, bar, network_in_worker=False)
+                    collect(*finishing.popleft())
             while finishing:
-                self._collect(pool, *finishing.popleft(), suspects, bar, network_in_worker=False)
+                collect(*finishing.popleft())
         except _WorkersKeepDying as e:
-            self._fail_all([*queue, *((c, fp) for c, fp, _ in (*preparing, *finishing)), *suspects], e, bar)
+            self._fail_all([*queue, *((c, fp) for c, fp, _ in preparing), *((c, fp) for c, fp, *_ in finishing),
+                            *suspects], e, bar)
             suspects = []
         finally:
             pool.shutdown()
+            for *_, probs in finishing:
+                release(probs)
+            left = remove_leftovers(prefix)
+            if left:
+                log.debug("removed %d shared memory blocks left by dead workers", left)
         self._run_alone(suspects, bar)
 
     def _run_whole_cases(self, cases: list[tuple[BatchCase, str]], bar) -> None:
@@ -572,6 +597,40 @@ def _run_case(spec: PipelineSpec, case: BatchCase, fingerprint: str, case_dir: s
         return _failure(case, e)
     return _finish_and_write(spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint, case_dir,
                              output_root, batch_fingerprint)
+
+
+def _prepare_shared(spec: PipelineSpec, case: BatchCase, fingerprint: str, prefix: str):
+    """``_read_and_prepare`` for a pipelined batch: the network input goes back shared."""
+    prepared = _read_and_prepare(spec, case, fingerprint)
+    if isinstance(prepared, CaseOutcome):
+        return prepared
+    prepared_scan, read_seconds, fingerprint = prepared
+    try:
+        image = share(prepared_scan.image, prefix)
+    except OSError as e:
+        return _failure(case, e)
+    prepared_scan.image = None
+    return prepared_scan, read_seconds, fingerprint, image
+
+
+def _finish_shared(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray | SharedArray,
+                   *rest) -> CaseOutcome:
+    return _finish_and_write(spec, case, prepared, take(probs), *rest)
+
+
+class _FinishArgs(NamedTuple):
+    """The arguments of ``_finish_and_write``, in order."""
+
+    spec: PipelineSpec
+    case: BatchCase
+    prepared: PreparedScan
+    probs: Any  # np.ndarray, or a SharedArray on its way to a worker
+    infer_seconds: float
+    read_seconds: float
+    fingerprint: str
+    case_dir: str
+    output_root: str
+    batch_fingerprint: dict[str, str]
 
 
 def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray,
