@@ -97,3 +97,16 @@ def test_tta_is_accepted_and_deterministic(tmp_path, tiny_model):
     report = json.loads((out / "report.json").read_text())
     assert report["configuration"]["inference"]["tta"] is True
     assert report["configuration"]["inference"]["overlap"] == 0.25
+
+
+def test_report_warns_when_the_scan_is_not_skull_stripped(tmp_path, tiny_model):
+    stripped = brain_phantom((40, 44, 36), seed=4)
+    with_head = stripped + np.random.default_rng(4).normal(20, 5, stripped.shape).astype(np.float32)  # no constant background
+    reports = {}
+    for name, image in (("stripped", stripped), ("head", with_head)):
+        path = save_nifti(tmp_path / f"{name}-t1c.nii.gz", image, np.eye(4))
+        out = tmp_path / name
+        assert run_cli("predict", str(path), "--model", str(tiny_model), "-o", str(out), "-q").exit_code == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    assert reports["stripped"]["warnings"] == []
+    assert len(reports["head"]["warnings"]) == 1 and "skull-stripped" in reports["head"]["warnings"][0]

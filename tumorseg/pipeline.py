@@ -66,6 +66,7 @@ class PreparedScan:
     spacing: np.ndarray
     inputs: dict[str, Any]  # the report's "inputs": format and sha256 per sequence, no paths
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the report: what to check in the result
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,11 @@ class PipelineSpec:
         self.card.input.check_available(scan.channels)
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
-        return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings)
+        warnings = [] if normalize.has_constant_background(scan.array) else [NOT_SKULL_STRIPPED]
+        for warning in warnings:
+            log.warning(warning)
+        return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
+                            warnings)
 
     def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
         """From the network's probabilities to the label map on the input grid, and the report."""
@@ -145,10 +150,19 @@ class PipelineSpec:
             "inputs": prepared.inputs,
             "results": summary,
             "empty": summary["regions"]["WT"]["voxels"] == 0,
+            "warnings": prepared.warnings,
             "timings_s": _rounded(timings),
             "configuration": to_dict(self.config),
             "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",
         }
+
+
+#: Scans with skull: the default model saw few in training (and none of real heads with face and
+#: neck); on two real skull-on T1gd scans it marked scalp fat and missed the lesions (README).
+NOT_SKULL_STRIPPED = (
+    "the scan has no constant background, so it is probably not skull-stripped: tumour marked outside "
+    "the brain (scalp, fat, neck) is a known error on such scans; check every contour, or skull-strip first"
+)
 
 
 class Segmenter:

@@ -50,7 +50,7 @@ from .shared import SharedArray, batch_prefix, release, remove_leftovers, share,
 log = logging.getLogger(__name__)
 
 #: Raise when a change to tumorseg changes the outputs it writes: earlier outputs are redone.
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 CASES_DIR = "cases"
 CASE_RECORD = "batch-case.json"
 MANIFEST_CSV = "manifest.csv"

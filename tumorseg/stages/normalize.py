@@ -27,6 +27,12 @@ def background_value(channel: np.ndarray) -> float | None:
     return float(values[best]) if counts[best] >= BACKGROUND_BORDER_FRACTION * border.size else None
 
 
+def has_constant_background(array: np.ndarray) -> bool:
+    """Whether every channel of ``array`` (C, I, J, K) has a constant background (skull-stripped
+    or masked); scans with skull and noise have none."""
+    return all(background_value(channel) is not None for channel in array)
+
+
 def brain_mask(array: np.ndarray) -> np.ndarray:
     """Voxels where any channel of ``array`` (C, I, J, K) differs from its constant background."""
     mask = np.zeros(array.shape[1:], dtype=bool)
