@@ -20,8 +20,9 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step inference 240 python3 benchmarks/gpu_inference.py --repeats 5 --compile --profile
+step inference 220 python3 benchmarks/gpu_inference.py --repeats 5 --compile --profile
 step memory 90 python3 benchmarks/gpu_inference.py --shape 512,512,400 --memory-budget-gb 24 --tumorseg-only --repeats 1
+step transfer 20 python3 benchmarks/batch_transfer.py
 step throughput-default 60 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 12 --device cuda
 nnunet=(--random-model 32,64,128,256,320,320 --windows-per-batch 18)
 step throughput-nnunet 80 python3 benchmarks/pipeline_throughput.py --cases 20 --workers 12 --device cuda "${nnunet[@]}"
