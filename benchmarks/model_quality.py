@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth, region_scores
 from tumorseg.labels import get_scheme
 from tumorseg.pipeline import Segmenter
@@ -46,11 +47,13 @@ def main() -> None:
     parser.add_argument("--decathlon", type=Path, action="append", default=[], help="Decathlon-layout data set")
     parser.add_argument("--cases", type=Path, action="append", default=[], help="folder of BraTS-named case folders")
     parser.add_argument("--truth-scheme", default="brats2015", help="label scheme of --cases ground truth")
+    parser.add_argument("--tta", action="store_true", help="with mirroring test-time augmentation")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    segmenter = Segmenter(args.model)
-    print(f"model {segmenter.card.name} {segmenter.card.version} sha256 {segmenter.model.sha256[:16]}...")
+    segmenter = Segmenter(args.model, load_pipeline("default").with_overrides(tta=args.tta or None))
+    print(f"model {segmenter.card.name} {segmenter.card.version} sha256 {segmenter.model.sha256[:16]}..."
+          f"{' with TTA' if args.tta else ''}")
     out = {"model": segmenter.card.name, "weights_sha256": segmenter.model.sha256, "datasets": {}}
     for root in args.decathlon:
         out["datasets"][root.name] = score(segmenter, root, None)

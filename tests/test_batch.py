@@ -235,10 +235,16 @@ def test_batch_with_broken_cases_rerun_and_workers(tmp_path, batch_model):
 def test_batch_exit_code_zero_and_force(tmp_path, batch_model):
     root = tmp_path / "in"
     phantom_case(root / "a", 1)
+    head = brain_phantom(seed=2) + np.random.default_rng(2).normal(20, 5, brain_phantom().shape).astype(np.float32)
+    (root / "b").mkdir()
+    save_nifti(root / "b" / NAMES["t1gd"], head, AFFINE)  # noise all round: no constant background
     out = tmp_path / "out"
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model), "--force").exit_code == 0
-    assert manifest(out)["counts"] == {"ok": 1, "failed": 0, "reused": 0, "pending": 0}
+    doc = manifest(out)
+    assert doc["counts"] == {"ok": 2, "failed": 0, "reused": 0, "pending": 0}
+    warnings = {row["case_id"]: row["warnings"] for row in doc["cases"]}
+    assert warnings["a"] == "" and "skull-stripped" in warnings["b"]
 
 
 def test_batch_killed_mid_case_then_rerun_completes(tmp_path, batch_model):
@@ -382,10 +388,10 @@ _FINISH_KILLER_SITECUSTOMIZE = '''
 import os
 from tumorseg.batch import runner
 _finish = runner._finish_and_write
-def _finish_and_write(spec, case, *args):
-    if case.case_id == "killer":
+def _finish_and_write(job):
+    if job.case.case_id == "killer":
         os._exit(137)
-    return _finish(spec, case, *args)
+    return _finish(job)
 runner._finish_and_write = _finish_and_write
 '''
 

@@ -1,6 +1,8 @@
 """Arrays between batch processes through shared memory: lifetimes, cleanup and the pipe fallback."""
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 from pathlib import Path
 
@@ -40,9 +42,27 @@ def test_release_and_leftovers():
     release(np.ones(3))  # an array that went through the pipe: nothing to free
 
 
-def test_falls_back_to_the_pipe_when_shared_memory_lacks_room(monkeypatch):
+def test_falls_back_to_the_pipe_when_shared_memory_lacks_room(monkeypatch, caplog):
     prefix = batch_prefix()
-    monkeypatch.setattr(shared, "SHM_RESERVE_BYTES", 1 << 60)  # as in a container with a small /dev/shm
+
+    def full(fd, offset, length):  # as /dev/shm of a container started without --shm-size
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(shared, "_warned", False)
     array = np.arange(12.0)
-    assert share(array, prefix) is array and _blocks(prefix) == []
+    assert share(array, prefix) is array and _blocks(prefix) == []  # nothing half-made left behind
     assert take(array) is array
+    assert "cannot hold" in caplog.text and "--shm-size" in caplog.text
+    share(array, prefix)
+    assert caplog.text.count("cannot hold") == 1  # one warning per process, not one per case
+
+
+def test_space_is_reserved_before_writing():
+    """posix_fallocate makes the pages the block's own: a full /dev/shm fails the call instead of
+    killing the process with SIGBUS when it writes."""
+    prefix = batch_prefix()
+    handle = share(np.ones((64, 64), np.float32), prefix)
+    assert isinstance(handle, SharedArray)
+    assert handle.path.stat().st_blocks * 512 >= 64 * 64 * 4
+    release(handle)

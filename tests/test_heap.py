@@ -1,6 +1,7 @@
 """keep_freed_heap_memory: large blocks freed and allocated again stop faulting in fresh pages."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -43,3 +44,10 @@ def test_idempotent():
     from tumorseg.heap import keep_freed_heap_memory
 
     assert keep_freed_heap_memory() is keep_freed_heap_memory()
+
+
+def test_users_own_malloc_settings_are_left_alone():
+    out = subprocess.run([sys.executable, "-c", "from tumorseg.heap import keep_freed_heap_memory as k; print(k())"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert out.stdout.strip() == "False"

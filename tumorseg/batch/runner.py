@@ -45,7 +45,7 @@ from ..heap import keep_freed_heap_memory
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
-from .shared import SharedArray, batch_prefix, release, remove_leftovers, share, take
+from .shared import batch_prefix, release, remove_leftovers, share, take
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
 
 MANIFEST_COLUMNS = (
-    "case_id", "status", "reused", "error_code", "error_kind", "error_message", "source", "sequences_used",
+    "case_id", "status", "reused", "error_code", "error_kind", "error_message", "warnings", "source", "sequences_used",
     "wt_ml", "tc_ml", "et_ml", "label_map", "report", "rtstruct", "seg",
     "read_prepare_s", "infer_s", "finish_write_s", "inputs_sha256", "model_sha256", "config_sha256",
 )
@@ -79,11 +79,13 @@ class CaseOutcome:
     outputs: dict[str, str] = field(default_factory=dict)  # name -> path relative to OUT
     timings_s: dict[str, float] = field(default_factory=dict)
     inputs_sha256: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the report's: what to check in this result
 
     def row(self, fingerprint: dict[str, str]) -> dict[str, Any]:
         return {
             "case_id": self.case_id, "status": self.status, "reused": self.reused,
             "error_code": self.error_code, "error_kind": self.error_kind, "error_message": self.error_message,
+            "warnings": "; ".join(self.warnings),
             "source": self.source, "sequences_used": " ".join(self.sequences_used),
             "wt_ml": self.volumes_ml.get("WT"), "tc_ml": self.volumes_ml.get("TC"), "et_ml": self.volumes_ml.get("ET"),
             "label_map": self.outputs.get("label_map"), "report": self.outputs.get("report"),
@@ -303,13 +305,13 @@ class BatchRunner:
     # -- running: inline ----------------------------------------------------------------------
     def _run_inline(self, cases: list[tuple[BatchCase, str]], bar) -> None:
         for case, fingerprint in cases:
-            args = self._infer(case, _read_and_prepare(self.spec, case, fingerprint), bar)
-            if args is not None:
-                self._record(_finish_and_write(*args), bar)
+            job = self._infer(case, _read_and_prepare(self.spec, case, fingerprint), bar)
+            if job is not None:
+                self._record(_finish_and_write(job), bar)
 
-    def _infer(self, case: BatchCase, prepared, bar) -> _FinishArgs | None:
-        """Run the network on a prepared case; the arguments of its finishing step, or None when
-        the case failed (and was recorded)."""
+    def _infer(self, case: BatchCase, prepared, bar) -> _Finish | None:
+        """Run the network on a prepared case; what its finishing step needs, or None when the
+        case failed (and was recorded)."""
         if isinstance(prepared, CaseOutcome):
             self._record(prepared, bar)
             return None
@@ -320,8 +322,8 @@ class BatchRunner:
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             self._record(_failure(case, e), bar)
             return None
-        return _FinishArgs(self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
-                           str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
+        return _Finish(self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
+                       str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
 
     # -- running: worker processes --------------------------------------------------------------
     def _run_pipelined(self, cases: list[tuple[BatchCase, str]], bar) -> None:
@@ -329,21 +331,25 @@ class BatchRunner:
         network's input and output travel through shared memory (see :mod:`.shared`)."""
         queue = deque(cases)
         preparing: deque[tuple[BatchCase, str, Future]] = deque()
-        finishing: deque[tuple[BatchCase, str, Future, Any]] = deque()
+        finishing: deque[_Finishing] = deque()
         lookahead = self.workers + 1
         prefix = batch_prefix()
         pool = _WorkerPool(self._executor_factory())
         suspects: list[tuple[BatchCase, str]] = []
 
-        def collect(case, fingerprint, future, probs) -> None:
-            self._collect(pool, case, fingerprint, future, suspects, bar, network_in_worker=False)
-            release(probs)  # the worker unlinked it already, unless it died first
+        def collect(item: _Finishing) -> None:
+            try:
+                self._collect(pool, item.case, item.fingerprint, item.future, suspects, bar, network_in_worker=False)
+            finally:
+                release(item.probs)  # the worker unlinked it already, unless it died first
 
         try:
             while queue or preparing:
                 if pool.broken:  # a worker died: new workers; cases still being read go round again
                     pool.renew()
-                    queue.extendleft(reversed([(c, fp) for c, fp, _ in preparing]))
+                    for case, fingerprint, future in preparing:
+                        _release_prepared(future)
+                        queue.appendleft((case, fingerprint))
                     preparing.clear()
                 while queue and len(preparing) < lookahead and not pool.broken:
                     case, fingerprint = queue.popleft()
@@ -360,35 +366,37 @@ class BatchRunner:
                     suspects.append((case, fingerprint))
                     continue
                 if not isinstance(prepared, CaseOutcome):
-                    prepared_scan, read_seconds, fingerprint, image = prepared
-                    prepared_scan.image = take(image)
-                    prepared = (prepared_scan, read_seconds, fingerprint)
-                args = self._infer(case, prepared, bar)
-                if args is not None:
+                    prepared_scan, read_seconds, _, image = prepared
                     try:
-                        args = args._replace(probs=share(args.probs, prefix))
+                        prepared_scan.image = take(image)
                     except OSError as e:
                         self._record(_failure(case, e), bar)
                         continue
-                    future = pool.submit(_finish_shared, *args)
+                    prepared = (prepared_scan, read_seconds, fingerprint)
+                job = self._infer(case, prepared, bar)
+                if job is not None:
+                    job = job._replace(probs=share(job.probs, prefix))
+                    future = pool.submit(_finish_shared, job)
                     if future is None:
                         suspects.append((case, fingerprint))
-                        release(args.probs)
+                        release(job.probs)
                     else:
-                        finishing.append((case, fingerprint, future, args.probs))
-                    del args
-                while finishing and (finishing[0][2].done() or len(finishing) > self.workers):
-                    collect(*finishing.popleft())
+                        finishing.append(_Finishing(case, fingerprint, future, job.probs))
+                    del job
+                while finishing and (finishing[0].future.done() or len(finishing) > self.workers):
+                    collect(finishing.popleft())
             while finishing:
-                collect(*finishing.popleft())
+                collect(finishing.popleft())
         except _WorkersKeepDying as e:
-            self._fail_all([*queue, *((c, fp) for c, fp, _ in preparing), *((c, fp) for c, fp, *_ in finishing),
-                            *suspects], e, bar)
+            self._fail_all([*queue, *((c, fp) for c, fp, _ in preparing),
+                            *((item.case, item.fingerprint) for item in finishing), *suspects], e, bar)
             suspects = []
         finally:
             pool.shutdown()
-            for *_, probs in finishing:
-                release(probs)
+            for _, _, future in preparing:
+                _release_prepared(future)
+            for item in finishing:
+                release(item.probs)
             left = remove_leftovers(prefix)
             if left:
                 log.debug("removed %d shared memory blocks left by dead workers", left)
@@ -595,36 +603,37 @@ def _run_case(spec: PipelineSpec, case: BatchCase, fingerprint: str, case_dir: s
         probs, infer_seconds = _WORKER_SEGMENTER.infer(prepared_scan)
     except Exception as e:
         return _failure(case, e)
-    return _finish_and_write(spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint, case_dir,
-                             output_root, batch_fingerprint)
+    return _finish_and_write(_Finish(spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
+                                     case_dir, output_root, batch_fingerprint))
 
 
 def _prepare_shared(spec: PipelineSpec, case: BatchCase, fingerprint: str, prefix: str):
-    """``_read_and_prepare`` for a pipelined batch: the network input goes back shared."""
+    """``_read_and_prepare`` for a pipelined batch: the network input goes back shared, as a
+    fourth item."""
     prepared = _read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return prepared
     prepared_scan, read_seconds, fingerprint = prepared
-    try:
-        image = share(prepared_scan.image, prefix)
-    except OSError as e:
-        return _failure(case, e)
+    image = share(prepared_scan.image, prefix)
     prepared_scan.image = None
     return prepared_scan, read_seconds, fingerprint, image
 
 
-def _finish_shared(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray | SharedArray,
-                   *rest) -> CaseOutcome:
-    return _finish_and_write(spec, case, prepared, take(probs), *rest)
+def _release_prepared(future: Future) -> None:
+    """Free the shared network input of a prepared case that will not be run from it."""
+    if future.done() and not future.cancelled() and future.exception() is None:
+        result = future.result()
+        if isinstance(result, tuple):
+            release(result[-1])
 
 
-class _FinishArgs(NamedTuple):
-    """The arguments of ``_finish_and_write``, in order."""
+class _Finish(NamedTuple):
+    """What finishing one case needs: its prepared scan, the network's output, and where to write."""
 
     spec: PipelineSpec
     case: BatchCase
     prepared: PreparedScan
-    probs: Any  # np.ndarray, or a SharedArray on its way to a worker
+    probs: Any  # np.ndarray; a SharedArray on its way to a worker
     infer_seconds: float
     read_seconds: float
     fingerprint: str
@@ -633,14 +642,26 @@ class _FinishArgs(NamedTuple):
     batch_fingerprint: dict[str, str]
 
 
-def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedScan, probs: np.ndarray,
-                      infer_seconds: float, read_seconds: float, fingerprint: str, case_dir: str,
-                      output_root: str, batch_fingerprint: dict[str, str]) -> CaseOutcome:
+class _Finishing(NamedTuple):
+    """A case being finished by a worker, and the shared block its probabilities are in."""
+
+    case: BatchCase
+    fingerprint: str
+    future: Future
+    probs: Any
+
+
+def _finish_shared(job: _Finish) -> CaseOutcome:
+    """``_finish_and_write`` in a worker, on probabilities that came through shared memory."""
+    return _finish_and_write(job._replace(probs=take(job.probs)))
+
+
+def _finish_and_write(job: _Finish) -> CaseOutcome:
     start = time.perf_counter()
-    case_path, root = Path(case_dir), Path(output_root)
+    spec, case, fingerprint = job.spec, job.case, job.fingerprint
+    case_path, root = Path(job.case_dir), Path(job.output_root)
     try:
-        result = spec.finish(prepared, probs, infer_seconds)
-        del probs
+        result = spec.finish(job.prepared, job.probs, job.infer_seconds)
         paths = write_outputs(result, spec, case_path)
     except Exception as e:
         return _failure(case, e)
@@ -650,12 +671,13 @@ def _finish_and_write(spec: PipelineSpec, case: BatchCase, prepared: PreparedSca
             sequences_used=list(result.report["sequences_used"]),
             volumes_ml={r: v["volume_ml"] for r, v in result.report["results"]["regions"].items()},
             outputs={name: str(p.relative_to(root)) for name, p in paths.items()},
-            timings_s={"read_prepare": round(read_seconds, 3), "infer": round(infer_seconds, 3),
+            timings_s={"read_prepare": round(job.read_seconds, 3), "infer": round(job.infer_seconds, 3),
                        "finish_write": round(time.perf_counter() - start, 3)},
             inputs_sha256=fingerprint,
+            warnings=list(result.report["warnings"]),
         )
         record = {
-            "fingerprint": {**batch_fingerprint, "inputs_sha256": fingerprint},
+            "fingerprint": {**job.batch_fingerprint, "inputs_sha256": fingerprint},
             "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
             "outcome": {**outcome.__dict__},
         }

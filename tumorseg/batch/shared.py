@@ -6,15 +6,17 @@ the executor's pipe each is pickled, written, read and unpickled by threads of t
 which then hold the interpreter lock that the network's launches need. A :class:`SharedArray`
 is a name, a shape and a dtype: only that travels, and the receiver maps the same pages.
 
-Ownership: whoever reads a block unlinks it at once (:func:`take`; its mapping stays valid as
-long as the array lives), the main process unlinks the probabilities it shared once their case
-is collected, whatever the outcome, and blocks that a dead worker left behind carry the batch's
+A block is a file in ``/dev/shm`` (Linux's RAM file system for POSIX shared memory). Ownership:
+whoever reads a block unlinks it at once (:func:`take`; its mapping stays valid as long as the
+array lives), the main process unlinks the probabilities it shared once their case is
+collected, whatever the outcome, and blocks that a dead worker left behind carry the batch's
 name prefix and are removed by :func:`remove_leftovers` when the batch ends.
 
-Shared memory is a RAM file system (``/dev/shm``) that containers often keep small (Docker: 64
-MB unless ``--shm-size``); writing past its end kills the process with SIGBUS. So :func:`share`
-checks the free space first and, when it lacks room, hands back the array itself, which then
-goes through the pipe as before.
+``/dev/shm`` is often small in containers (Docker: 64 MB unless ``--shm-size``), and writing to
+a file there past its free space kills the process with SIGBUS. So a block's pages are reserved
+(``posix_fallocate``) before anything is written; when they cannot be, or there is no
+``/dev/shm``, :func:`share` hands back the array itself, which then goes through the pipe as
+before (with one warning per process).
 """
 from __future__ import annotations
 
@@ -23,15 +25,14 @@ import mmap
 import os
 import secrets
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Where Linux shows POSIX shared memory blocks as files.
-_SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")
+_warned = False
 
 
 def batch_prefix() -> str:
@@ -41,76 +42,68 @@ def batch_prefix() -> str:
 
 @dataclass(frozen=True)
 class SharedArray:
-    """A picklable handle on an array in a named shared memory block."""
+    """A picklable handle on an array in a shared memory block."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def path(self) -> Path:
+        return SHM_DIR / self.name
+
     @classmethod
     def put(cls, array: np.ndarray, prefix: str) -> SharedArray:
-        """Copy ``array`` into a new block (which outlives this call and this process)."""
+        """Copy ``array`` into a new block (which outlives this call and this process); OSError
+        (ENOSPC) when /dev/shm cannot hold it, and then nothing is left behind."""
         array = np.ascontiguousarray(array)
-        block = shared_memory.SharedMemory(name=prefix + secrets.token_hex(8), create=True,
-                                           size=max(1, array.nbytes))
+        handle = cls(prefix + secrets.token_hex(8), tuple(array.shape), array.dtype.str)
+        size = max(1, array.nbytes)
+        fd = os.open(handle.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            np.ndarray(array.shape, array.dtype, buffer=block.buf)[...] = array
+            os.posix_fallocate(fd, 0, size)  # reserve every page now: no SIGBUS while copying
+            with mmap.mmap(fd, size) as pages:
+                np.frombuffer(pages, dtype=array.dtype, count=array.size).reshape(array.shape)[...] = array
         except BaseException:
-            block.close()
-            block.unlink()
+            handle.unlink()
             raise
-        handle = cls(block.name, tuple(array.shape), array.dtype.str)
-        block.close()
+        finally:
+            os.close(fd)
         return handle
 
     def read(self) -> np.ndarray:
-        """The array. On Linux the block's pages are mapped, not copied, and stay mapped exactly
-        as long as the array (or a view of it) lives; elsewhere it is a copy."""
-        count = int(np.prod(self.shape))
-        path = _SHM_DIR / self.name
-        if path.is_file():
-            with open(path, "r+b") as file:
-                pages = mmap.mmap(file.fileno(), 0)
-            return np.frombuffer(pages, dtype=np.dtype(self.dtype), count=count).reshape(self.shape)
-        block = shared_memory.SharedMemory(name=self.name)
-        try:
-            return np.ndarray(self.shape, np.dtype(self.dtype), buffer=block.buf).copy()
-        finally:
-            block.close()
+        """The array on the block's pages (no copy); they stay mapped exactly as long as the
+        array, or a view of it, lives."""
+        with open(self.path, "r+b") as file:
+            pages = mmap.mmap(file.fileno(), 0)
+        return np.frombuffer(pages, dtype=np.dtype(self.dtype), count=int(np.prod(self.shape))).reshape(self.shape)
 
     def unlink(self) -> None:
-        """Free the block (mappings still open elsewhere stay valid until closed)."""
-        try:
-            block = shared_memory.SharedMemory(name=self.name)
-        except FileNotFoundError:
-            return
-        block.close()
-        block.unlink()
-
-
-#: Free space to leave in /dev/shm for others when sharing an array.
-SHM_RESERVE_BYTES = 64 << 20
+        """Free the block once no process maps it any more."""
+        self.path.unlink(missing_ok=True)
 
 
 def share(array: np.ndarray, prefix: str) -> np.ndarray | SharedArray:
-    """A handle on a shared copy of ``array``, or ``array`` itself where /dev/shm lacks room."""
+    """A handle on a shared copy of ``array``, or ``array`` itself where shared memory lacks room."""
+    global _warned
     try:
-        stats = os.statvfs(_SHM_DIR)
-    except OSError:  # no /dev/shm: not Linux
+        return SharedArray.put(array, prefix)
+    except OSError as e:
+        if not _warned:
+            _warned = True
+            log.warning("shared memory (%s) cannot hold %.0f MB (%s): arrays go through the pipe, which is "
+                        "slower; give it room (docker run --shm-size)", SHM_DIR, array.nbytes / 1e6, e.strerror or e)
         return array
-    if stats.f_bavail * stats.f_frsize < array.nbytes + SHM_RESERVE_BYTES:
-        log.debug("/dev/shm lacks room for %d bytes; the array goes through the pipe", array.nbytes)
-        return array
-    return SharedArray.put(array, prefix)
 
 
 def take(value: np.ndarray | SharedArray) -> np.ndarray:
     """The array behind what :func:`share` returned; a shared block is unlinked once mapped."""
     if not isinstance(value, SharedArray):
         return value
-    array = value.read()
-    value.unlink()
-    return array
+    try:
+        return value.read()
+    finally:
+        value.unlink()
 
 
 def release(value: np.ndarray | SharedArray) -> None:
@@ -121,9 +114,7 @@ def release(value: np.ndarray | SharedArray) -> None:
 
 def remove_leftovers(prefix: str) -> int:
     """Unlink blocks named with ``prefix`` that are still there; how many there were."""
-    if not _SHM_DIR.is_dir():
-        return 0
-    names = [p.name for p in _SHM_DIR.glob(prefix + "*")]
-    for name in names:
-        SharedArray(name, (0,), "|u1").unlink()
-    return len(names)
+    paths = list(SHM_DIR.glob(prefix + "*")) if SHM_DIR.is_dir() else []
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return len(paths)
