@@ -305,3 +305,19 @@ def test_help_shows_exit_codes():
     assert "Exit codes" in result.output
     for code, text in EXIT_CODES.items():
         assert f"{code}  {text}" in result.output
+
+
+def test_preferred_sets_choose_the_first_complete_set_and_are_validated():
+    from tumorseg.model import InputSpec
+
+    spec = InputSpec(sequences=("flair", "t1", "t1gd", "t2"), preferred_sets=(("flair", "t1gd"), ("t2",)))
+    assert spec.choose(("flair", "t1", "t1gd", "t2")) == ("flair", "t1gd")
+    assert spec.choose(("t1gd", "flair")) == ("t1gd", "flair")  # the order given is kept
+    assert spec.choose(("flair", "t1", "t2")) == ("t2",)  # the first set lacks T1gd: the next one
+    assert spec.choose(("flair", "t1")) == ("flair", "t1")  # no set complete: everything available
+    with pytest.raises(ValueError, match="within sequences"):
+        InputSpec(sequences=("flair", "t1gd"), preferred_sets=(("flair", "t2"),))
+    with pytest.raises(ValueError, match="every required"):
+        InputSpec(sequences=("flair", "t1gd"), required=("t1gd",), preferred_sets=(("flair",),))
+    with pytest.raises(ValueError, match="min_sequences"):
+        InputSpec(sequences=("flair", "t1gd"), min_sequences=2, preferred_sets=(("flair",),))

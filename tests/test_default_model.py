@@ -35,9 +35,10 @@ def test_readme_and_card_agree():
     assert card.weights.sha256 in readme
     assert card.name in readme and f"**{card.name}** version {card.version}" in readme
     # The README's quality table repeats the card's measured numbers.
-    synth = card.metrics["synthetic_heldout_20_cases_seed_2000"]
-    row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in ("WT", "TC", "ET"))
-    assert row in readme
+    for key in ("synthetic_heldout_20_cases_seed_2000", "synthetic_heldout_20_cases_seed_2000_all_sequences"):
+        synth = card.metrics[key]
+        row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in ("WT", "TC", "ET"))
+        assert row in readme
     held_out = [c for c, v in card.metrics["brats2015_flair_t1c"].items() if not v["in_training"]]
     base = card.training.get("initialised_from", {})
     assert held_out and all(c not in card.training["training_cases"] for c in held_out)
@@ -58,9 +59,22 @@ def test_readme_first_command_segments_the_example(tmp_path):
     labels = nib.load(str(out / "segmentation.nii.gz"))
     assert labels.shape == source.shape and np.array_equal(labels.affine, source.affine)
     report = json.loads((out / "report.json").read_text())
-    assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"]
+    # The card prefers FLAIR and T1gd alone when both are there; T1 and T2 are read and reported.
+    assert report["sequences_used"] == ["flair", "t1gd"]
+    assert report["sequences_ignored"] == ["t1", "t2"] and report["sequences_missing"] == []
     # A real glioma: the model must find a tumour of plausible size, not nothing or everything.
     assert 5.0 < report["results"]["regions"]["WT"]["volume_ml"] < 400.0
+
+
+@pytest.mark.slow
+def test_all_sequences_overrides_the_cards_preference(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(EXAMPLE), "-o", str(out), "-q", "--all-sequences"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"] and report["sequences_ignored"] == []
+    assert report["configuration"]["inference"]["all_sequences"] is True
 
 
 def test_default_model_with_flair_only(tmp_path):

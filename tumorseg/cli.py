@@ -66,18 +66,20 @@ def _pipeline_options(command):
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
         click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]"),
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
+        click.option("--all-sequences", is_flag=True, default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _pipeline_config(pipeline_file, model, device, seg, tta, overlap):
+def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences=None):
     from dataclasses import replace
 
     from .config import load_pipeline
 
-    config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap)
+    config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap,
+                                                         all_sequences=all_sequences or None)
     if model is not None:
         config = replace(config, model=model)
     if seg:
@@ -95,7 +97,8 @@ def _pipeline_config(pipeline_file, model, device, seg, tta, overlap):
 @_pipeline_options
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
-def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, quiet, verbose):
+def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, all_sequences, quiet,
+            verbose):
     """Segment one study and write segmentation.nii.gz, report.json and the resolved configuration.
 
     INPUTS are image files (NIfTI, NRRD, MHA) whose names say their sequence (BraTS names such as
@@ -122,7 +125,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     explicit = {k: v for k, v in {"flair": flair, "t1": t1, "t1gd": t1gd, "t2": t2}.items() if v is not None}
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
-    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences)
     dicom = _dicom_inputs(list(inputs), explicit)
     study = None if dicom else assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
     start = time.perf_counter()
@@ -207,7 +210,7 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @click.option("--hashed-ids", is_flag=True, help="Name cases case-<keyed hash of their id> instead of after their folders (for folders named by patient); the key is OUTPUT/case-id.key (keep it private), the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, workers, force, hashed_ids, quiet,
+def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, all_sequences, workers, force, hashed_ids, quiet,
           verbose):
     """Segment every case under INPUT_ROOT; one bad case never stops the batch.
 
@@ -226,7 +229,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, w
     from .errors import SOME_CASES_FAILED
     from .pipeline import Segmenter
 
-    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences)
     cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)
     segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
@@ -252,7 +255,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, w
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_tolerance, model, pipeline_file, device,
-             seg, tta, overlap, workers, force, no_html, quiet, verbose):
+             seg, tta, overlap, all_sequences, workers, force, no_html, quiet, verbose):
     """Score predictions against ground truth: Dice, HD95, NSD and volume difference per case,
     label and region (WT, TC, ET), aggregated, in report.html, metrics.json and CSV.
 
@@ -274,7 +277,7 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
     if predictions is None:
         from .pipeline import Segmenter
 
-        config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap)
+        config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences)
         segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         document = run_validation(dataset, output, truth_scheme, predictions, get_scheme(prediction_scheme),

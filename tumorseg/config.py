@@ -26,6 +26,8 @@ class InferenceConfig:
     device: str = "auto"
     #: torch.compile the network: faster on a GPU after a compilation per process (batches).
     compile: bool = False
+    #: Give the network every available sequence, even where the model card prefers a subset.
+    all_sequences: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

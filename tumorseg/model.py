@@ -32,6 +32,10 @@ class InputSpec:
     min_sequences: int = 1
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     patch_size: tuple[int, int, int] = (128, 128, 128)
+    #: When every sequence of one of these sets is available, the network gets that set alone (the
+    #: first such set) and the other sequences are ignored and reported. For a model whose real
+    #: training scans had only some sequences: its other inputs it knows only from synthetic data.
+    preferred_sets: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for seq in self.sequences:
@@ -48,6 +52,18 @@ class InputSpec:
             raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
         if any(p < 8 or p % 8 for p in self.patch_size):
             raise ValueError(f"patch_size entries must be multiples of 8, got {self.patch_size}")
+        for chosen in self.preferred_sets:
+            if not set(chosen) <= set(self.sequences) or not set(self.required) <= set(chosen):
+                raise ValueError(f"preferred set {list(chosen)} must lie within sequences and hold every required one")
+            if len(set(chosen)) < self.min_sequences:
+                raise ValueError(f"preferred set {list(chosen)} has fewer than min_sequences sequences")
+
+    def choose(self, available: tuple[str, ...]) -> tuple[str, ...]:
+        """The sequences of ``available`` to give the network (see ``preferred_sets``)."""
+        for chosen in self.preferred_sets:
+            if set(chosen) <= set(available):
+                return tuple(s for s in available if s in chosen)
+        return tuple(available)
 
     def check_available(self, available: tuple[str, ...]) -> None:
         from .errors import SequenceError

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ class PreparedScan:
     inputs: dict[str, Any]  # the report's "inputs": format and sha256 per sequence, no paths
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # for the report: what to check in the result
+    ignored: tuple[str, ...] = ()  # sequences read but not given to the network (the card's preferred_sets)
 
 
 @dataclass(frozen=True)
@@ -107,13 +109,19 @@ class PipelineSpec:
 
     def prepare(self, scan: Scan, inputs_report: dict[str, Any] | None = None) -> PreparedScan:
         self.card.input.check_available(scan.channels)
+        used = scan.channels if self.config.inference.all_sequences else self.card.input.choose(scan.channels)
+        ignored = tuple(s for s in scan.channels if s not in used)
+        if ignored:
+            log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
+            keep = [scan.channels.index(s) for s in used]
+            scan = dataclasses.replace(scan, array=scan.array[keep], channels=used)
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
         warnings = [] if normalize.has_constant_background(scan.array) else [NOT_SKULL_STRIPPED]
         for warning in warnings:
             log.warning(warning)
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
-                            warnings)
+                            warnings, ignored)
 
     def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
         """From the network's probabilities to the label map on the input grid, and the report."""
@@ -139,7 +147,9 @@ class PipelineSpec:
             "tumorseg_version": __version__,
             "model": {"name": card.name, "version": card.version, "weights_sha256": self.model_sha256},
             "sequences_used": [s for s in card.input.sequences if s in prepared.channels],
-            "sequences_missing": [s for s in card.input.sequences if s not in prepared.channels],
+            "sequences_missing": [s for s in card.input.sequences
+                                  if s not in prepared.channels and s not in prepared.ignored],
+            "sequences_ignored": list(prepared.ignored),
             "device": self.device,
             "input_grid": {
                 "shape": list(prepared.source.shape),
