@@ -24,7 +24,8 @@ def shared_data(*parts: str) -> Path:
 
 
 def make_tiny_model(directory: Path, sequences=("flair", "t1", "t1gd", "t2"), required=(), min_sequences=1,
-                    spacing=(1.0, 1.0, 1.0), seed: int = 0, background_bias: float | None = None) -> Path:
+                    spacing=(1.0, 1.0, 1.0), seed: int = 0, background_bias: float | None = None,
+                    preferred_sets=()) -> Path:
     """A small random-weight DynUNet: fine for geometry and mechanics, says nothing of quality.
 
     ``background_bias`` added to the background logit makes a model that finds nothing.
@@ -33,7 +34,7 @@ def make_tiny_model(directory: Path, sequences=("flair", "t1", "t1gd", "t2"), re
         name="tiny-test",
         version="0",
         input=InputSpec(sequences=tuple(sequences), required=tuple(required), min_sequences=min_sequences,
-                        spacing_mm=spacing, patch_size=(32, 32, 32)),
+                        spacing_mm=spacing, patch_size=(32, 32, 32), preferred_sets=tuple(preferred_sets)),
         labels="msd",
         architecture=Architecture(filters=(4, 8, 16), strides=(1, 2, 2)),
         weights=Weights("weights.safetensors", "0" * 64),

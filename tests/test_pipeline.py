@@ -110,3 +110,34 @@ def test_report_warns_when_the_scan_is_not_skull_stripped(tmp_path, tiny_model):
         reports[name] = json.loads((out / "report.json").read_text())
     assert reports["stripped"]["warnings"] == []
     assert len(reports["head"]["warnings"]) == 1 and "skull-stripped" in reports["head"]["warnings"][0]
+
+
+def test_preferred_set_leaves_other_sequences_unread_and_reported(tmp_path):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", preferred_sets=(("flair", "t1gd"),))
+    folder = tmp_path / "case"
+    folder.mkdir()
+    for n, suffix in enumerate(("t2f", "t1c")):
+        save_nifti(folder / f"x-{suffix}.nii.gz", brain_phantom((40, 44, 36), seed=n), np.eye(4))
+    # A T2 on another grid would fail the case if it were read; the model will not use it.
+    save_nifti(folder / "x-t2w.nii.gz", brain_phantom((30, 30, 30), seed=5), np.eye(4))
+    out = tmp_path / "out"
+    result = run_cli("predict", str(folder), "--model", str(model), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "not used: t2" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1gd"] and report["sequences_ignored"] == ["t2"]
+    assert report["sequences_missing"] == ["t1"]
+
+    # --all-sequences reads the T2 too, and refuses its other grid by name.
+    result = CliRunner().invoke(main, ["predict", str(folder), "--model", str(model), "-o", str(tmp_path / "o2"),
+                                       "--all-sequences"])
+    assert result.exit_code != 0 and "x-t2w.nii.gz" in result.output
+
+    # A 4D Decathlon file is read whole; the preference still picks FLAIR and T1gd.
+    channels = np.stack([brain_phantom((40, 44, 36), seed=s) for s in range(4)], axis=-1)
+    path = save_nifti(tmp_path / "BRATS_001.nii.gz", channels, np.eye(4))
+    assert run_cli("predict", str(path), "--model", str(model), "-o", str(tmp_path / "o3"), "-q").exit_code == 0
+    report = json.loads((tmp_path / "o3" / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1gd"] and report["sequences_ignored"] == ["t1", "t2"]

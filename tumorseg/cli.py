@@ -66,7 +66,7 @@ def _pipeline_options(command):
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
         click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]"),
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
-        click.option("--all-sequences", is_flag=True, default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)."),
+        click.option("--all-sequences/--preferred-sequences", default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)  [default: from the pipeline, preferred]"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -79,7 +79,7 @@ def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequen
     from .config import load_pipeline
 
     config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap,
-                                                         all_sequences=all_sequences or None)
+                                                         all_sequences=all_sequences)
     if model is not None:
         config = replace(config, model=model)
     if seg:
@@ -140,6 +140,9 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     summary = ", ".join(f"{r} {v['volume_ml']:.1f} mL" for r, v in regions.items())
     if result.report["empty"]:
         summary = "no tumour found"
+    if result.report["sequences_ignored"]:
+        summary += (f" (from {', '.join(result.report['sequences_used'])} alone, as the model card prefers; "
+                    f"not used: {', '.join(result.report['sequences_ignored'])}; --all-sequences uses them)")
     click.echo(f"{summary}; wrote {paths['label_map']} and {paths['report']} in {time.perf_counter() - start:.1f} s")
 
 
@@ -311,6 +314,7 @@ def models_command() -> None:
             f"{model_dir.name}  {card.name} {card.version}  labels: {card.labels}\n"
             f"  sequences (channel order): {', '.join(spec.sequences)}\n"
             f"  required: {required}; at least {spec.min_sequences} of them\n"
+            + "".join(f"  given all of {', '.join(s)}, uses those alone (preferred_sets)\n" for s in spec.preferred_sets) +
             f"  spacing {spec.spacing_mm} mm, patch {spec.patch_size}, weights sha256 {card.weights.sha256[:16]}..."
         )
 

@@ -68,7 +68,7 @@ class PreparedScan:
     inputs: dict[str, Any]  # the report's "inputs": format and sha256 per sequence, no paths
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # for the report: what to check in the result
-    ignored: tuple[str, ...] = ()  # sequences read but not given to the network (the card's preferred_sets)
+    ignored: tuple[str, ...] = ()  # sequences given but not used (the card's preferred_sets), card order
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class PipelineSpec:
         """Read one case (image files or DICOM) and prepare it for the network."""
         self.check_inputs(inputs)
         timings: dict[str, float] = {}
+        unread: tuple[str, ...] = ()
         with _timed(timings, "read"):
             if isinstance(inputs, DicomInputs):
                 from .dicom.study import inputs_report, read_dicom_study
@@ -101,16 +102,23 @@ class PipelineSpec:
                 )
                 describe = inputs_report
             else:
+                if inputs.files:  # one file per sequence: those the model will not use are not read
+                    used = self._sequences_to_use(inputs.sequences)
+                    unread = tuple(s for s in inputs.sequences if s not in used)
+                    inputs = dataclasses.replace(inputs, files=tuple(f for f in inputs.files if f[0] in used))
                 scan = read.read_study(inputs)
                 describe = _files_report
-        prepared = self.prepare(scan, describe(scan))
+        prepared = self.prepare(scan, describe(scan), unread)
         prepared.timings = {**timings, **prepared.timings}
         return prepared
 
-    def prepare(self, scan: Scan, inputs_report: dict[str, Any] | None = None) -> PreparedScan:
+    def prepare(self, scan: Scan, inputs_report: dict[str, Any] | None = None,
+                unread: tuple[str, ...] = ()) -> PreparedScan:
+        """``unread``: sequences that were given but left unread, as the model will not use them."""
         self.card.input.check_available(scan.channels)
-        used = scan.channels if self.config.inference.all_sequences else self.card.input.choose(scan.channels)
-        ignored = tuple(s for s in scan.channels if s not in used)
+        used = self._sequences_to_use(scan.channels)
+        left_out = set(unread) | {s for s in scan.channels if s not in used}
+        ignored = tuple(s for s in self.card.input.sequences if s in left_out)
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             keep = [scan.channels.index(s) for s in used]
@@ -122,6 +130,10 @@ class PipelineSpec:
             log.warning(warning)
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
                             warnings, ignored)
+
+    def _sequences_to_use(self, available: tuple[str, ...]) -> tuple[str, ...]:
+        """The available sequences the network is given (the card's ``preferred_sets``)."""
+        return available if self.config.inference.all_sequences else self.card.input.choose(available)
 
     def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
         """From the network's probabilities to the label map on the input grid, and the report."""
@@ -259,7 +271,8 @@ def model_input(
 ) -> tuple[np.ndarray, geometry.GridTransform]:
     """The network's input for ``scan`` and the transform back: the model grid, normalised,
     channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
-    use this, so training and inference prepare scans identically."""
+    use this, so training and inference prepare scans identically (``prepare`` may first leave
+    out sequences, following the card's ``preferred_sets``)."""
     timings = {} if timings is None else timings
     with _timed(timings, "geometry"):
         brain = normalize.brain_mask(scan.array)

@@ -57,7 +57,7 @@ MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
 
 MANIFEST_COLUMNS = (
-    "case_id", "status", "reused", "error_code", "error_kind", "error_message", "warnings", "source", "sequences_used",
+    "case_id", "status", "reused", "error_code", "error_kind", "error_message", "warnings", "source", "sequences_used", "sequences_ignored",
     "wt_ml", "tc_ml", "et_ml", "label_map", "report", "rtstruct", "seg",
     "read_prepare_s", "infer_s", "finish_write_s", "inputs_sha256", "model_sha256", "config_sha256",
 )
@@ -80,6 +80,7 @@ class CaseOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     inputs_sha256: str | None = None
     warnings: list[str] = field(default_factory=list)  # the report's: what to check in this result
+    sequences_ignored: list[str] = field(default_factory=list)
 
     def row(self, fingerprint: dict[str, str]) -> dict[str, Any]:
         return {
@@ -87,6 +88,7 @@ class CaseOutcome:
             "error_code": self.error_code, "error_kind": self.error_kind, "error_message": self.error_message,
             "warnings": "; ".join(self.warnings),
             "source": self.source, "sequences_used": " ".join(self.sequences_used),
+            "sequences_ignored": " ".join(self.sequences_ignored),
             "wt_ml": self.volumes_ml.get("WT"), "tc_ml": self.volumes_ml.get("TC"), "et_ml": self.volumes_ml.get("ET"),
             "label_map": self.outputs.get("label_map"), "report": self.outputs.get("report"),
             "rtstruct": self.outputs.get("rtstruct"), "seg": self.outputs.get("seg"),
@@ -675,6 +677,7 @@ def _finish_and_write(job: _Finish) -> CaseOutcome:
                        "finish_write": round(time.perf_counter() - start, 3)},
             inputs_sha256=fingerprint,
             warnings=list(result.report["warnings"]),
+            sequences_ignored=list(result.report["sequences_ignored"]),
         )
         record = {
             "fingerprint": {**job.batch_fingerprint, "inputs_sha256": fingerprint},
