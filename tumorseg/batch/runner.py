@@ -297,7 +297,7 @@ class BatchRunner:
             if not path.is_file() or sha256_file(path) != info["sha256"]:
                 log.info("%s: output %s missing or changed; running the case again", case.case_id, name)
                 return None
-        outcome = CaseOutcome(**record["outcome"])
+        outcome = CaseOutcome(**{**record["outcome"], "source": case.source})
         outcome.reused = True
         return outcome
 
@@ -682,7 +682,9 @@ def _finish_and_write(job: _Finish) -> CaseOutcome:
         record = {
             "fingerprint": {**job.batch_fingerprint, "inputs_sha256": fingerprint},
             "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
-            "outcome": {**outcome.__dict__},
+            # Not the source path: case folders are what gets shared, and with --hashed-ids the
+            # input folders are named after patients (the manifest keeps the mapping).
+            "outcome": {k: v for k, v in outcome.__dict__.items() if k != "source"},
         }
         # Written last: its presence says every output above is complete.
         write_bytes_atomic(case_path / CASE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
