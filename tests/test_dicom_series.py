@@ -6,6 +6,7 @@ the patient's name or ID.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -429,6 +430,51 @@ def test_different_frames_of_reference_are_not_combined(tmp_path):
     copy_series(decubitus("HFP"), tmp_path / "b", new_uids=True, description="FLAIR")
     with pytest.raises(GeometryError, match="different Frame of Reference"):
         read_dicom_study(tmp_path)
+
+
+def test_series_the_model_will_not_use_are_not_read(tmp_path):
+    """A model card's preferred sets choose before pixel data is read: a T2 series in another frame of
+    reference would fail the study if it were read, and the reference grid comes from what is used."""
+    copy_series(decubitus("HFS"), tmp_path / "t1gd", new_uids=True, description="T1 POST GD", series_number=10)
+    copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR", series_number=11)
+    copy_series(decubitus("HFP"), tmp_path / "t2", new_uids=True, description="T2 TSE", series_number=12)
+    with pytest.raises(GeometryError, match="different Frame of Reference"):
+        read_dicom_study(tmp_path)
+    offered = []
+
+    def flair_and_t1gd(found):
+        offered.append(found)
+        return tuple(s for s in found if s in ("flair", "t1gd"))
+
+    scan = read_dicom_study(tmp_path, use=flair_and_t1gd)
+    assert offered == [("flair", "t1gd", "t2")]
+    assert scan.channels == ("flair", "t1gd") and scan.meta["unread_sequences"] == ("t2",)
+    assert set(inputs_report(scan)) == {"flair", "t1gd"}
+    scan = read_dicom_study(tmp_path, use=lambda found: ("flair",))
+    assert scan.channels == ("flair",) and scan.meta["reference_sequence"] == "flair"
+    assert scan.meta["dicom_series"].series_number == 11
+    assert scan.meta["unread_sequences"] == ("t1gd", "t2")
+
+
+def test_predict_on_dicom_reports_the_series_left_unread(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import make_tiny_model
+    from tumorseg.cli import main
+
+    # It finds nothing (background bias): a random model's speckle would make a slow RTSTRUCT.
+    model = make_tiny_model(tmp_path / "model", preferred_sets=(("flair", "t1gd"),), background_bias=50.0,
+                            spacing=(3.0, 3.0, 3.0))
+    study = tmp_path / "study"
+    copy_series(decubitus("HFS"), study / "t1gd", new_uids=True, description="T1 POST GD", series_number=10)
+    copy_series(decubitus("HFS"), study / "flair", new_uids=True, description="FLAIR", series_number=11)
+    copy_series(decubitus("HFP"), study / "t2", new_uids=True, description="T2 TSE", series_number=12)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(study), "--model", str(model), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences_used"] == ["flair", "t1gd"] and report["sequences_ignored"] == ["t2"]
+    assert set(report["inputs"]) == {"flair", "t1gd"}
 
 
 def test_resample_identity_and_shift():

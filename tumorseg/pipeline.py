@@ -97,9 +97,9 @@ class PipelineSpec:
             if isinstance(inputs, DicomInputs):
                 from .dicom.study import inputs_report, read_dicom_study
 
-                scan = read_dicom_study(
-                    list(inputs.folders), sequences=self.card.input.sequences, explicit=dict(inputs.explicit)
-                )
+                scan = read_dicom_study(list(inputs.folders), sequences=self.card.input.sequences,
+                                        explicit=dict(inputs.explicit), use=self._sequences_to_use)
+                unread = scan.meta["unread_sequences"]
                 describe = inputs_report
             else:
                 if inputs.files:  # one file per sequence: those the model will not use are not read

@@ -15,7 +15,7 @@ the reference's sequence and ``meta["paths"]`` each sequence's series folder.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +57,15 @@ def read_dicom_study(
     rules: SelectionRules | None = None,
     explicit: Mapping[str, str | int] | None = None,
     reference: str | None = None,
+    use: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
 ) -> Scan:
     """Find, choose, read and combine the series under ``folder`` (one folder or several).
 
     ``sequences``: the sequences wanted (channels come in SEQUENCES order, only those found);
     ``rules``/``explicit``: see :func:`~tumorseg.dicom.select.select_series`; ``reference``:
-    the sequence whose grid to use (default: the first of REFERENCE_ORDER found).
+    the sequence whose grid to use (default: the first of REFERENCE_ORDER read); ``use``: given
+    the sequences found, those to read (a model card's preferred sets). The others are neither
+    read nor on the reference's shortlist; ``meta["unread_sequences"]`` names them.
     Raises SequenceError when no wanted sequence is found or a choice is ambiguous.
     """
     folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
@@ -80,8 +83,12 @@ def read_dicom_study(
             ", ".join(str(f) for f in folders),
         )
     _check_same_patient(chosen)
-    volumes = {seq: read_series(info) for seq, info in chosen.items()}
-    return combine_series(volumes, reference=reference)
+    found_sequences = tuple(seq for seq in SEQUENCES if seq in chosen)
+    wanted = use(found_sequences) if use else found_sequences
+    volumes = {seq: read_series(info) for seq, info in chosen.items() if seq in wanted}
+    scan = combine_series(volumes, reference=reference)
+    scan.meta["unread_sequences"] = tuple(seq for seq in found_sequences if seq not in wanted)
+    return scan
 
 
 def reference_sequence(sequences: Sequence[str], reference: str | None = None) -> str:
