@@ -64,3 +64,35 @@ def test_low_resolution_leaves_labels_and_absent_channels_alone():
     for c in range(3):
         assert not torch.allclose(out[c], image[c])
         assert out[c].std() < image[c].std()  # white noise loses variance when slices are thickened
+
+
+def _kept_channels(out: torch.Tensor) -> tuple[int, ...]:
+    return tuple(c for c in range(out.shape[0]) if out[c].abs().sum() > 0)
+
+
+def test_preferred_set_kept_alone_at_its_probability():
+    image, labels = _patch()
+    cfg = dataclasses.replace(OFF, preferred_set=0.25)
+    kept = [_kept_channels(augment(image, labels, [0, 1, 2, 3], np.random.default_rng(s), cfg, ((0, 2),))[0])
+            for s in range(400)]
+    share = kept.count((0, 2)) / len(kept)
+    assert 0.18 < share < 0.32
+    assert set(kept) == {(0, 2), (0, 1, 2, 3)}  # sequence dropout is off: nothing else
+
+
+def test_preferred_set_needs_more_than_itself_present():
+    image, labels = _patch()
+    image[1] = image[3] = 0
+    cfg = dataclasses.replace(OFF, preferred_set=1.0)
+    for present in ([0, 2], [0, 1]):  # the set alone is no dropout; a set not present is skipped
+        out, _ = augment(image, labels, present, np.random.default_rng(0), cfg, ((0, 2),))
+        assert torch.equal(out, image)
+
+
+def test_no_preferred_sets_keeps_the_random_stream():
+    """Models trained before preferred sets existed reproduce from their card's command."""
+    image, labels = _patch()
+    cfg = dataclasses.replace(AugmentConfig(), preferred_set=0.25)
+    a = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), AugmentConfig())
+    b = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), cfg, ())
+    assert torch.equal(a[0], b[0])

@@ -173,3 +173,40 @@ def test_brats2015_folder_discovered():
     assert len(cases) == 4
     assert all(c.label_path.name == "OTMultiClass.nii.gz" for c in cases)
     assert all(c.inputs.sequences == ("flair", "t1gd") for c in cases)
+
+
+def _prepared(case_id: str) -> "PreparedCase":
+    from tumorseg.train import PreparedCase
+
+    image = np.zeros((4, 8, 8, 8), np.float32)
+    return PreparedCase(case_id, image + len(case_id), np.zeros((8, 8, 8), np.uint8), [0, 1, 2, 3], np.zeros((0, 3), int))
+
+
+def test_dataset_weights_set_each_data_set_share():
+    from tumorseg.augment import AugmentConfig
+    from tumorseg.train import sample_batch
+
+    groups = [[_prepared("a")], [_prepared("bb")]]  # told apart by their intensity
+    off = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
+                        low_resolution=0)
+    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8), strides=(1, 2), batch_size=1, augment=off,
+                      dataset_weights=(1.0, 3.0))
+    firsts = [float(sample_batch(groups, cfg, np.random.default_rng(s))[0].max()) for s in range(400)]
+    assert 0.68 < firsts.count(2.0) / len(firsts) < 0.82
+    with pytest.raises(ValueError, match="dataset weights"):
+        TrainConfig(dataset_weights=(0.0, 0.0))
+
+
+def test_preferred_set_written_into_the_card(tmp_path):
+    cmd = _train_cmd(make_folder_dataset(tmp_path / "ds", cases=2), tmp_path / "m",
+                     "--preferred-set", "t2f,t1c", "--dataset-weights", "1")
+    cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = "1"
+    subprocess.run(cmd, check=True, timeout=300)
+    card = load_model(str(tmp_path / "m")).card
+    assert card.input.preferred_sets == (("flair", "t1gd"),)
+    assert card.training["config"]["augment"]["preferred_set"] == 0.25
+    bad = _with_output(cmd, tmp_path / "m", tmp_path / "bad")
+    bad[bad.index("--dataset-weights") + 1] = "1,1"
+    result = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert result.returncode == ConfigError.exit_code and "2 dataset weights for 1 data sets" in result.stderr

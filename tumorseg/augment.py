@@ -28,11 +28,18 @@ class AugmentConfig:
     low_resolution_factor: tuple[float, float] = (1.5, 4.0)
     #: Probability of keeping only a random non-empty subset of the sequences present.
     sequence_dropout: float = 0.5
+    #: Probability of keeping exactly one of the ``preferred`` channel sets passed to ``augment``
+    #: (the sets a model's card makes it use at inference), drawn before ``sequence_dropout``.
+    preferred_set: float = 0.0
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: np.random.Generator,
-            cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels."""
+            cfg: AugmentConfig, preferred: tuple[tuple[int, ...], ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels.
+
+    ``preferred``: channel sets to train on alone with probability ``cfg.preferred_set`` (those of
+    them that ``present`` holds as a proper subset).
+    """
     if rng.random() < cfg.rotate_scale:
         image, labels = _rotate_scale(image, labels, rng, cfg)
     for axis in range(3):
@@ -54,8 +61,14 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
             channel.add_(noise)
         if rng.random() < cfg.blur:
             channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
-    if len(present) > 1 and rng.random() < cfg.sequence_dropout:
+    keep = None
+    # No draw without sets: the random stream, and so models trained before, stay as they were.
+    candidates = [s for s in preferred if set(s) < set(present)]
+    if candidates and rng.random() < cfg.preferred_set:
+        keep = candidates[int(rng.integers(len(candidates)))]
+    elif len(present) > 1 and rng.random() < cfg.sequence_dropout:
         keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
+    if keep is not None:
         for c in present:
             if c not in keep:
                 image[c] = 0.0

@@ -327,7 +327,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 @main.command()
-@click.option("--dataset", "datasets", required=True, multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names; repeat to train on several, each contributing an equal share of the patches.")
+@click.option("--dataset", "datasets", required=True, multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names; repeat to train on several, each contributing an equal share of the patches (see --dataset-weights).")
+@click.option("--dataset-weights", default=None, help="Relative share of the patches for each --dataset, in order, e.g. 1,1,2  [default: equal]")
 @click.option("--exclude", multiple=True, help="Case id to leave out entirely (repeatable; for leave-one-out).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
 @click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
@@ -342,6 +343,8 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--validation-fraction", type=float, default=0.1, show_default=True, help="Share of each data set's cases held out for validation.")
 @click.option("--validate-every", type=int, default=1, show_default=True, help="Validate after every this many epochs (and after the last).")
 @click.option("--sequence-dropout", type=float, default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
+@click.option("--preferred-set", "preferred_sets", multiple=True, help="Sequences the model should use alone when all of them are given, e.g. flair,t1gd (repeatable): written into the card's preferred_sets and trained on alone with --preferred-set-probability.")
+@click.option("--preferred-set-probability", type=float, default=0.25, show_default=True, help="Probability of training a patch on one of the --preferred-set sets alone (when its case has more).")
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -349,8 +352,9 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def train(datasets, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing, filters, lr,
-          validation_fraction, validate_every, sequence_dropout, low_resolution, seed, device, init_model, resume, quiet, verbose):
+def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing,
+          filters, lr, validation_fraction, validate_every, sequence_dropout, preferred_sets, preferred_set_probability,
+          low_resolution, seed, device, init_model, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -365,11 +369,17 @@ def train(datasets, exclude, output, label_scheme, name, epochs, iterations, bat
     import dataclasses as dc
 
     from .augment import AugmentConfig
-    from .errors import ConfigError
+    from .errors import ConfigError, SequenceError
     from .model import load_model
+    from .sequences import parse_sequence
     from .train import TrainConfig, train as run_training
 
     init = load_model(init_model) if init_model else None
+    try:
+        sets = tuple(tuple(parse_sequence(s) for s in text.split(",") if s.strip()) for text in preferred_sets)
+        weights = tuple(float(v) for v in dataset_weights.split(",")) if dataset_weights else None
+    except (ValueError, SequenceError) as e:
+        raise click.BadParameter(str(e)) from None
 
     filter_t = _ints(filters)
     try:
@@ -378,7 +388,9 @@ def train(datasets, exclude, output, label_scheme, name, epochs, iterations, bat
             patch_size=_ints(patch_size), spacing_mm=tuple(float(v) for v in spacing.split(",")),
             filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
-            augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout, low_resolution=low_resolution),
+            augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout, low_resolution=low_resolution,
+                               preferred_set=preferred_set_probability if sets else 0.0),
+            preferred_sets=sets, dataset_weights=weights,
             init_weights_sha256=init.sha256 if init else None,
         )
         cfg.card()  # validates patch size against the network depth

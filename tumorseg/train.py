@@ -61,6 +61,11 @@ class TrainConfig:
     validate_every: int = 1
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: Written into the card (the network gets such a set alone when it is available) and trained
+    #: on alone with probability ``augment.preferred_set``.
+    preferred_sets: tuple[tuple[str, ...], ...] = ()
+    #: Share of the patches drawn from each data set, in ``--dataset`` order; None: equal shares.
+    dataset_weights: tuple[float, ...] | None = None
     #: sha256 of the weights training starts from (``--init``); None for random initialisation
     #: (left out of the saved settings then, so checkpoints of earlier versions still resume).
     init_weights_sha256: str | None = None
@@ -73,12 +78,14 @@ class TrainConfig:
         for s in self.sequences:
             if s not in SEQUENCES:
                 raise ValueError(f"unknown sequence {s!r}")
+        if self.dataset_weights is not None and (min(self.dataset_weights, default=0) < 0 or sum(self.dataset_weights) <= 0):
+            raise ValueError(f"dataset weights must be >= 0 with a positive sum, got {self.dataset_weights}")
 
     def card(self, weights_file: str = "model.safetensors") -> ModelCard:
         return ModelCard(
             name=self.name,
             input=InputSpec(sequences=self.sequences, spacing_mm=self.spacing_mm, patch_size=self.patch_size,
-                            min_sequences=1),
+                            min_sequences=1, preferred_sets=self.preferred_sets),
             labels=self.label_scheme,
             architecture=Architecture(filters=self.filters, strides=self.strides),
             weights=Weights(weights_file, "0" * 64),
@@ -200,11 +207,14 @@ def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[
 
 
 def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of augmented patches; each data set (group) is drawn from equally often."""
+    """A batch of augmented patches; data sets (groups) are drawn by ``cfg.dataset_weights``."""
     images, labels = [], []
     patch = np.array(cfg.patch_size)
+    preferred = tuple(tuple(cfg.sequences.index(s) for s in chosen) for chosen in cfg.preferred_sets)
+    weights = None if cfg.dataset_weights is None else np.array(cfg.dataset_weights) / sum(cfg.dataset_weights)
     for _ in range(cfg.batch_size):
-        group = groups[int(rng.integers(len(groups)))]
+        # Equal shares keep the draw of earlier versions, so their card commands still reproduce.
+        group = groups[int(rng.integers(len(groups))) if weights is None else int(rng.choice(len(groups), p=weights))]
         case = group[int(rng.integers(len(group)))]
         shape = np.array(case.labels.shape)
         if len(case.foreground) and rng.random() < cfg.foreground_fraction:
@@ -214,7 +224,7 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
         start = centre - patch // 2
         img = _crop(case.image, start, patch, channel_axis=True)
         lab = _crop(case.labels, start, patch, channel_axis=False)
-        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng, cfg.augment)
+        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng, cfg.augment, preferred)
         images.append(img_t)
         labels.append(lab_t)
     return torch.stack(images), torch.stack(labels)[:, None]
@@ -274,6 +284,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
         raise ValueError("cfg.init_weights_sha256 must be the sha256 of the init model's weights")
     if init is not None:
         check_init_compatible(init.card, card)
+    if cfg.dataset_weights is not None and len(cfg.dataset_weights) != len(datasets):
+        raise ConfigError(f"{len(cfg.dataset_weights)} dataset weights for {len(datasets)} data sets")
     train_groups, val_cases = [], []
     for dataset in datasets:
         cases = [c for c in discover_cases(dataset, label_scheme) if c.case_id not in exclude]
