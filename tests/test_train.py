@@ -193,8 +193,19 @@ def test_dataset_weights_set_each_data_set_share():
                       dataset_weights=(1.0, 3.0))
     firsts = [float(sample_batch(groups, cfg, np.random.default_rng(s))[0].max()) for s in range(400)]
     assert 0.68 < firsts.count(2.0) / len(firsts) < 0.82
-    with pytest.raises(ValueError, match="dataset weights"):
-        TrainConfig(dataset_weights=(0.0, 0.0))
+    for bad in ((1.0, 0.0), (1.0, float("nan")), (float("inf"),)):
+        with pytest.raises(ValueError, match="dataset weights"):
+            TrainConfig(dataset_weights=bad)
+
+
+def test_settings_without_the_new_options_match_earlier_checkpoints():
+    """Options added later are left out of the saved settings when unused, so --resume still
+    accepts a checkpoint written before they existed."""
+    from tumorseg.configio import to_dict
+
+    saved = to_dict(TrainConfig())
+    assert "preferred_sets" not in saved and "dataset_weights" not in saved
+    assert "preferred_set" not in saved["augment"]
 
 
 def test_preferred_set_written_into_the_card(tmp_path):

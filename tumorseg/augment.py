@@ -28,17 +28,19 @@ class AugmentConfig:
     low_resolution_factor: tuple[float, float] = (1.5, 4.0)
     #: Probability of keeping only a random non-empty subset of the sequences present.
     sequence_dropout: float = 0.5
-    #: Probability of keeping exactly one of the ``preferred`` channel sets passed to ``augment``
-    #: (the sets a model's card makes it use at inference), drawn before ``sequence_dropout``.
-    preferred_set: float = 0.0
+    #: Probability of keeping the ``preferred`` channel set passed to ``augment`` alone (the set a
+    #: model's card makes it use at inference), drawn before ``sequence_dropout``. None: off (and
+    #: left out of saved settings, so checkpoints of earlier versions still resume).
+    preferred_set: float | None = None
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: np.random.Generator,
             cfg: AugmentConfig, preferred: tuple[tuple[int, ...], ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels.
 
-    ``preferred``: channel sets to train on alone with probability ``cfg.preferred_set`` (those of
-    them that ``present`` holds as a proper subset).
+    ``preferred``: channel sets in the card's order. As at inference, the first that ``present``
+    holds is the one the network would get; it is kept alone with probability
+    ``cfg.preferred_set`` when ``present`` has more.
     """
     if rng.random() < cfg.rotate_scale:
         image, labels = _rotate_scale(image, labels, rng, cfg)
@@ -62,10 +64,10 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
         if rng.random() < cfg.blur:
             channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
     keep = None
-    # No draw without sets: the random stream, and so models trained before, stay as they were.
-    candidates = [s for s in preferred if set(s) < set(present)]
-    if candidates and rng.random() < cfg.preferred_set:
-        keep = candidates[int(rng.integers(len(candidates)))]
+    chosen = next((s for s in preferred if set(s) <= set(present)), None)
+    # No draw without a set to keep: the random stream, and so models trained before, stay as they were.
+    if cfg.preferred_set and chosen is not None and set(chosen) < set(present) and rng.random() < cfg.preferred_set:
+        keep = chosen
     elif len(present) > 1 and rng.random() < cfg.sequence_dropout:
         keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
     if keep is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class TrainConfig:
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     #: Written into the card (the network gets such a set alone when it is available) and trained
-    #: on alone with probability ``augment.preferred_set``.
-    preferred_sets: tuple[tuple[str, ...], ...] = ()
+    #: on alone with probability ``augment.preferred_set``. None (no sets) and the weights' None
+    #: are left out of saved settings, so checkpoints of earlier versions still resume.
+    preferred_sets: tuple[tuple[str, ...], ...] | None = None
     #: Share of the patches drawn from each data set, in ``--dataset`` order; None: equal shares.
     dataset_weights: tuple[float, ...] | None = None
     #: sha256 of the weights training starts from (``--init``); None for random initialisation
@@ -78,14 +80,15 @@ class TrainConfig:
         for s in self.sequences:
             if s not in SEQUENCES:
                 raise ValueError(f"unknown sequence {s!r}")
-        if self.dataset_weights is not None and (min(self.dataset_weights, default=0) < 0 or sum(self.dataset_weights) <= 0):
-            raise ValueError(f"dataset weights must be >= 0 with a positive sum, got {self.dataset_weights}")
+        if self.dataset_weights is not None and not all(math.isfinite(w) and w > 0 for w in self.dataset_weights):
+            raise ValueError(f"dataset weights must be positive numbers (leave a data set out instead of "
+                             f"weighting it 0), got {self.dataset_weights}")
 
     def card(self, weights_file: str = "model.safetensors") -> ModelCard:
         return ModelCard(
             name=self.name,
             input=InputSpec(sequences=self.sequences, spacing_mm=self.spacing_mm, patch_size=self.patch_size,
-                            min_sequences=1, preferred_sets=self.preferred_sets),
+                            min_sequences=1, preferred_sets=self.preferred_sets or ()),
             labels=self.label_scheme,
             architecture=Architecture(filters=self.filters, strides=self.strides),
             weights=Weights(weights_file, "0" * 64),
@@ -210,7 +213,7 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
     """A batch of augmented patches; data sets (groups) are drawn by ``cfg.dataset_weights``."""
     images, labels = [], []
     patch = np.array(cfg.patch_size)
-    preferred = tuple(tuple(cfg.sequences.index(s) for s in chosen) for chosen in cfg.preferred_sets)
+    preferred = tuple(tuple(cfg.sequences.index(s) for s in chosen) for chosen in cfg.preferred_sets or ())
     weights = None if cfg.dataset_weights is None else np.array(cfg.dataset_weights) / sum(cfg.dataset_weights)
     for _ in range(cfg.batch_size):
         # Equal shares keep the draw of earlier versions, so their card commands still reproduce.
@@ -269,8 +272,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     """Train, checkpointing every epoch; returns the card of the model written to ``output``.
 
     Each data set in ``datasets`` is split into training and validation cases on its own and
-    contributes the same share of the patches; ``exclude`` names cases left out entirely
-    (for leave-one-out evaluation). ``init`` is a model to fine-tune instead of starting from
+    contributes the share of the patches ``cfg.dataset_weights`` gives it (equal by default);
+    ``exclude`` names cases left out entirely (for leave-one-out evaluation). ``init`` is a model to fine-tune instead of starting from
     random weights; ``cfg.init_weights_sha256`` must name its weights.
     """
     from monai.losses import DiceCELoss
