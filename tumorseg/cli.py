@@ -344,7 +344,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--validate-every", type=int, default=1, show_default=True, help="Validate after every this many epochs (and after the last).")
 @click.option("--sequence-dropout", type=float, default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
 @click.option("--preferred-set", "preferred_sets", multiple=True, help="Sequences the model should use alone when all of them are given, e.g. flair,t1gd (repeatable): written into the card's preferred_sets and trained on alone with --preferred-set-probability.")
-@click.option("--preferred-set-probability", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Probability of training a patch on one of the --preferred-set sets alone (when its case has more).")
+@click.option("--preferred-set-probability", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Probability of training a patch on the first --preferred-set set its case holds, alone (when the case has more sequences).")
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
