@@ -208,6 +208,22 @@ def test_settings_without_the_new_options_match_earlier_checkpoints():
     assert "preferred_set" not in saved["augment"]
 
 
+def test_preferred_set_trained_is_the_one_predict_would_choose():
+    from tumorseg.augment import AugmentConfig
+    from tumorseg.train import sample_batch
+
+    off = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
+                        low_resolution=0, preferred_set=1.0)
+    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8), strides=(1, 2), batch_size=1, augment=off,
+                      preferred_sets=(("flair", "t1gd", "t2"), ("flair", "t1gd")))
+    groups = [[_prepared("a")]]  # all four sequences
+    # The first set the case holds is what inference would give the network: FLAIR, T1gd and T2
+    # (channels 0, 2, 3), even though FLAIR and T1gd alone are also held.
+    for seed in range(10):
+        image = sample_batch(groups, cfg, np.random.default_rng(seed))[0][0]
+        assert tuple(c for c in range(4) if image[c].abs().sum() > 0) == (0, 2, 3)
+
+
 def test_preferred_set_written_into_the_card(tmp_path):
     cmd = _train_cmd(make_folder_dataset(tmp_path / "ds", cases=2), tmp_path / "m",
                      "--preferred-set", "t2f,t1c", "--dataset-weights", "1")

@@ -35,12 +35,11 @@ class AugmentConfig:
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: np.random.Generator,
-            cfg: AugmentConfig, preferred: tuple[tuple[int, ...], ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+            cfg: AugmentConfig, preferred: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels.
 
-    ``preferred``: channel sets in the card's order. As at inference, the first that ``present``
-    holds is the one the network would get; it is kept alone with probability
-    ``cfg.preferred_set`` when ``present`` has more.
+    ``preferred``: the channels inference would give the network for this case (the card's
+    ``InputSpec.choose``); kept alone with probability ``cfg.preferred_set`` when ``present`` has more.
     """
     if rng.random() < cfg.rotate_scale:
         image, labels = _rotate_scale(image, labels, rng, cfg)
@@ -64,10 +63,9 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
         if rng.random() < cfg.blur:
             channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
     keep = None
-    chosen = next((s for s in preferred if set(s) <= set(present)), None)
     # No draw without a set to keep: the random stream, and so models trained before, stay as they were.
-    if cfg.preferred_set and chosen is not None and set(chosen) < set(present) and rng.random() < cfg.preferred_set:
-        keep = chosen
+    if cfg.preferred_set and set(preferred) < set(present) and rng.random() < cfg.preferred_set:
+        keep = preferred
     elif len(present) > 1 and rng.random() < cfg.sequence_dropout:
         keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
     if keep is not None:

@@ -213,7 +213,7 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
     """A batch of augmented patches; data sets (groups) are drawn by ``cfg.dataset_weights``."""
     images, labels = [], []
     patch = np.array(cfg.patch_size)
-    preferred = tuple(tuple(cfg.sequences.index(s) for s in chosen) for chosen in cfg.preferred_sets or ())
+    spec = cfg.card().input
     weights = None if cfg.dataset_weights is None else np.array(cfg.dataset_weights) / sum(cfg.dataset_weights)
     for _ in range(cfg.batch_size):
         # Equal shares keep the draw of earlier versions, so their card commands still reproduce.
@@ -227,7 +227,10 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
         start = centre - patch // 2
         img = _crop(case.image, start, patch, channel_axis=True)
         lab = _crop(case.labels, start, patch, channel_axis=False)
-        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng, cfg.augment, preferred)
+        # The channels predict would give the network for this case (the card's preferred sets).
+        preferred = tuple(spec.sequences.index(s) for s in spec.choose(tuple(spec.sequences[c] for c in case.present)))
+        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng,
+                               cfg.augment, preferred)
         images.append(img_t)
         labels.append(lab_t)
     return torch.stack(images), torch.stack(labels)[:, None]
@@ -273,8 +276,9 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
 
     Each data set in ``datasets`` is split into training and validation cases on its own and
     contributes the share of the patches ``cfg.dataset_weights`` gives it (equal by default);
-    ``exclude`` names cases left out entirely (for leave-one-out evaluation). ``init`` is a model to fine-tune instead of starting from
-    random weights; ``cfg.init_weights_sha256`` must name its weights.
+    ``exclude`` names cases left out entirely (for leave-one-out evaluation). ``init`` is a model
+    to fine-tune instead of starting from random weights; ``cfg.init_weights_sha256`` must name
+    its weights.
     """
     from monai.losses import DiceCELoss
     from tqdm import tqdm
