@@ -23,9 +23,12 @@ from tumorseg.pipeline import Segmenter
 from tumorseg.train import discover_cases
 
 
-def score(segmenter: Segmenter, root: Path, truth_scheme: str | None) -> dict:
+def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[str] | None = None) -> dict:
+    """Per-case WT/TC/ET Dice and mean/worst; ``only``: these case ids alone."""
     rows = {}
     for case in discover_cases(root, truth_scheme):
+        if only is not None and case.case_id not in only:
+            continue
         start = time.perf_counter()
         result = segmenter.segment_files(case.inputs)
         truth = read_truth(case.label_path)
