@@ -2,6 +2,7 @@
 problem, no traceback, and no output written."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def test_exit_codes_are_distinct_and_documented():
              ConfigError.exit_code, SequenceError.exit_code]
     assert codes == [3, 4, 5, 6, 7]
     assert set(codes) <= set(EXIT_CODES)
+    # docs/cli.md's table says what `tumorseg --help` says, code for code.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", docs.split("## Exit codes", 1)[1], re.M))
+    assert {int(code): text for code, text in table.items()} == EXIT_CODES
 
 
 @pytest.fixture

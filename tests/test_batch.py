@@ -498,3 +498,45 @@ def test_hashed_ids_keep_folder_names_out_of_outputs_and_log(tmp_path, batch_mod
     assert (out / "case-id.key").stat().st_mode & 0o077 == 0
     other = {c.case_id for c in discover(root, id_key=case_id_key(tmp_path / "other-out"))}
     assert other.isdisjoint(ids.values()) and len(other) == 2
+
+
+def test_a_second_batch_into_the_same_folder_is_refused(tmp_path, batch_model):
+    """A nightly batch that overlaps the last one must not mix its files with the first's."""
+    import fcntl
+
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".batch.lock", "w") as held:  # what a running batch holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_batch(str(root), "-o", str(out), "--model", str(batch_model))
+        assert result.exit_code == 6, result.output
+        assert "another tumorseg batch is writing into this folder" in result.output
+        assert not (out / "cases").exists() and not (out / "manifest.json").exists()
+    assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0  # free again
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (Linux)")
+def test_the_next_batch_removes_what_a_killed_one_left(tmp_path, batch_model):
+    """A SIGKILLed batch leaves its shared memory blocks and its manifest's temporaries; the lock file
+    names its block prefix, so the next batch into the folder removes exactly those."""
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, alive = f"tumorseg-999999999-{os.urandom(4).hex()}-", f"tumorseg-999999998-{os.urandom(4).hex()}-"
+    (out / ".batch.lock").write_text(dead)
+    shm = Path("/dev/shm")
+    try:
+        for prefix in (dead, alive):
+            (shm / f"{prefix}0123456789abcdef").write_bytes(b"x" * 64)
+        (out / ".manifest.csv.k3j2.partial.csv").write_text("half")
+        assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+        assert not (shm / f"{dead}0123456789abcdef").exists()
+        assert (shm / f"{alive}0123456789abcdef").exists()  # another batch's: not ours to remove
+        assert not list(out.glob(".*.partial*"))
+        assert (out / ".batch.lock").read_text().startswith("tumorseg-")
+    finally:
+        for prefix in (dead, alive):
+            (shm / f"{prefix}0123456789abcdef").unlink(missing_ok=True)

@@ -72,6 +72,20 @@ def test_predict_refuses_dicom_mixed_with_nifti(tmp_path, empty_model):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("roi_names, message", [('{ tumour = "X" }', "neither labels"),
+                                                  ('{ edema = "X", WT = "X" }', "used twice")])
+def test_bad_roi_names_are_refused_before_anything_is_written(tmp_path, empty_model, roi_names, message):
+    """Checked when the model is loaded: before, a bad name failed the RTSTRUCT after the label map was written."""
+    series_dir = canary_series(tmp_path)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f'model = "{empty_model}"\n[output]\nroi_names = {roi_names}\n')
+    out = tmp_path / "out"
+    result = invoke("predict", str(series_dir), "--pipeline", str(pipeline), "-o", str(out))
+    assert result.exit_code == 6, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
 def test_rtstruct_command_accepts_dcm2niix_oriented_mask(tmp_path):
     series_dir = shared_data("dicom", "decubitus-t1", "HFDL")
     converted = tmp_path / "nifti"

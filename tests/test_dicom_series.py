@@ -156,9 +156,12 @@ def test_duplicated_slice_is_refused(tmp_path):
 def test_same_instance_twice_is_one_image(tmp_path, caplog):
     folder = tmp_path / "series"
     shutil.copytree(decubitus("HFS"), folder)
-    shutil.copy(files_by_position(folder)[3], folder / "same-instance-again")
+    shutil.copy(files_by_position(folder)[3], folder / "CANARY_PATIENT.MR.0004.dcm")
+    caplog.set_level(logging.INFO)
     volume, series = read_series(folder)
     assert volume.array.shape == (256, 256, 35)
+    # The warning counts the copies: exporters put patient names in file names.
+    assert "skipped 1 file(s) holding another copy" in caplog.text and "CANARY" not in caplog.text
 
 
 def test_four_d_series_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, TumorsegError
+from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
 
 log = logging.getLogger("tumorseg")
 
@@ -40,7 +40,7 @@ class _Group(click.Group):
             raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(INTERRUPTED)
         except Exception as e:  # a bug: say so, keep the traceback for --verbose
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise

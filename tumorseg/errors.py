@@ -57,15 +57,19 @@ class SequenceError(TumorsegError):
 #: Exit code of ``tumorseg batch`` (and ``validate``) when it finished but some cases failed.
 SOME_CASES_FAILED = 8
 
-#: Exit codes of the command-line interface, documented in docs/cli.md.
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+#: Exit codes of the command-line interface; docs/cli.md has the same table (tested).
 EXIT_CODES: dict[int, str] = {
     0: "success",
-    1: "internal error (a bug: please report it with the log)",
+    1: "internal error (a bug: rerun with --verbose and report it)",
     2: "usage error (unknown option, missing argument)",
-    InputError.exit_code: "input error: a scan is missing, unreadable, corrupt, NaN/inf or constant",
-    GeometryError.exit_code: "geometry error: 2D image, non-channel 4D file, channels that disagree",
-    ModelError.exit_code: "model error: model card or weights missing, malformed or checksum mismatch",
+    InputError.exit_code: "input error: a scan is missing, unreadable, truncated, NaN/inf or constant",
+    GeometryError.exit_code: "geometry error: 2D image, non-channel 4D file, unknown orientation, channels that disagree",
+    ModelError.exit_code: "model error: model card or weights missing, malformed, or checksum mismatch",
     ConfigError.exit_code: "configuration error: invalid pipeline file or option value",
     SequenceError.exit_code: "sequence error: inputs cannot be mapped to the model's sequences",
-    SOME_CASES_FAILED: "batch finished, but some cases failed (tumorseg batch; see the manifest)",
+    SOME_CASES_FAILED: "batch (and validate) finished, but some cases failed: see the manifest",
+    INTERRUPTED: "interrupted",
 }

@@ -209,6 +209,10 @@ class Segmenter:
         )
         for name in config.postprocess.labels:
             self.card.scheme.label(name)  # unknown label names fail now, not mid-batch
+        if config.output.roi_names:  # so do bad ROI names, not after the label map is written
+            from .dicom.rtstruct import roi_specs
+
+            roi_specs(self.card.scheme, config.output.roi_names, config.output.include_regions)
 
     @property
     def card(self) -> ModelCard:
@@ -343,7 +347,9 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:
-    """Write the label map, the JSON report and the resolved configuration, each atomically."""
+    """Write the DICOM outputs (DICOM input only), the label map, the resolved configuration and,
+    last, the JSON report, each atomically: the DICOM writers, the outputs most likely to fail,
+    go first, so that their failure leaves no new label map beside an older report."""
     import json
 
     import tomli_w
@@ -355,8 +361,9 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
         "report": output_dir / REPORT_NAME,
         "configuration": output_dir / CONFIG_NAME,
     }
+    dicom = write_dicom_outputs(result, spec, output_dir)
     write.write_label_map(result.labels, paths["label_map"])
-    paths.update(write_dicom_outputs(result, spec, output_dir))
+    paths.update(dicom)
     resolved = {
         "tumorseg_version": __version__,
         "model_sha256": spec.model_sha256,

@@ -9,6 +9,9 @@ so a kill leaves either the old file or the new one at a final path, never a hal
 ``OUT/manifest.csv`` and ``OUT/manifest.json`` are rewritten (atomically) after every case, so they
 describe the batch so far even when it is killed.
 
+A batch holds ``OUT/.batch.lock`` while it runs: a second batch into the same folder (a nightly run
+that overlaps the last one) is refused instead of mixing its files with the first's.
+
 With ``workers`` > 0, worker processes read and prepare the next cases and finish and write the
 done ones (probabilities back to the input grid, post-processing, outputs), while the main process
 runs only the network: on a GPU server the GPU does not wait for the CPU.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import functools
 import hashlib
 import io
@@ -24,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import time
 import traceback
 from collections import deque
@@ -40,7 +45,7 @@ from .. import __version__
 from ..atomic import write_bytes_atomic
 from ..config import PipelineConfig
 from ..configio import to_dict
-from ..errors import InputError, TumorsegError
+from ..errors import ConfigError, InputError, TumorsegError
 from ..heap import keep_freed_heap_memory
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
@@ -55,6 +60,7 @@ CASES_DIR = "cases"
 CASE_RECORD = "batch-case.json"
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"
+LOCK_FILE = ".batch.lock"
 
 MANIFEST_COLUMNS = (
     "case_id", "status", "reused", "error_code", "error_kind", "error_message", "warnings", "source", "sequences_used", "sequences_ignored",
@@ -224,6 +230,7 @@ class BatchRunner:
         }
         self._outcomes: dict[str, CaseOutcome] = {}
         self._order: list[str] = []
+        self._shm_prefix = ""  # this batch's shared memory blocks (set by run)
 
     # -- the batch ---------------------------------------------------------------------------
     def run(self, cases: list[BatchCase]) -> BatchSummary:
@@ -233,31 +240,33 @@ class BatchRunner:
         self._network_seconds = 0.0
         self._order = [c.case_id for c in cases]
         self._outcomes = {}
-        bar = self._progress_bar(len(cases))
-        try:
-            todo = []
-            for case in cases:
-                outcome, fingerprint = self._check_case(case)
-                if outcome is not None:
-                    self._record(outcome, bar, write=False)
+        self._shm_prefix = batch_prefix()
+        with _exclusive_output(self.output, self._shm_prefix):
+            bar = self._progress_bar(len(cases))
+            try:
+                todo = []
+                for case in cases:
+                    outcome, fingerprint = self._check_case(case)
+                    if outcome is not None:
+                        self._record(outcome, bar, write=False)
+                    else:
+                        todo.append((case, fingerprint))
+                self._write_manifest(final=False)  # once for all reused cases, not once each
+                if todo:
+                    log.info("%d of %d cases to run (%d reused or failed at discovery)", len(todo), len(cases),
+                             len(cases) - len(todo))
+                if self.workers == 0:
+                    self._run_inline(todo, bar)
+                elif self.worker_mode == "whole_cases":
+                    self._run_whole_cases(todo, bar)
                 else:
-                    todo.append((case, fingerprint))
-            self._write_manifest(final=False)  # once for all reused cases, not once each
-            if todo:
-                log.info("%d of %d cases to run (%d reused or failed at discovery)", len(todo), len(cases),
-                         len(cases) - len(todo))
-            if self.workers == 0:
-                self._run_inline(todo, bar)
-            elif self.worker_mode == "whole_cases":
-                self._run_whole_cases(todo, bar)
-            else:
-                self._run_pipelined(todo, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        outcomes = [self._outcomes[c] for c in self._order if c in self._outcomes]
-        summary = BatchSummary(outcomes, time.perf_counter() - start, self._network_seconds)
-        self._write_manifest(final=True, seconds=summary.seconds)
+                    self._run_pipelined(todo, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            outcomes = [self._outcomes[c] for c in self._order if c in self._outcomes]
+            summary = BatchSummary(outcomes, time.perf_counter() - start, self._network_seconds)
+            self._write_manifest(final=True, seconds=summary.seconds)
         return summary
 
     def _check_case(self, case: BatchCase) -> tuple[CaseOutcome | None, str]:
@@ -335,7 +344,7 @@ class BatchRunner:
         preparing: deque[tuple[BatchCase, str, Future]] = deque()
         finishing: deque[_Finishing] = deque()
         lookahead = self.workers + 1
-        prefix = batch_prefix()
+        prefix = self._shm_prefix
         pool = _WorkerPool(self._executor_factory())
         suspects: list[tuple[BatchCase, str]] = []
 
@@ -710,6 +719,43 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+#: What a batch writes into its lock file: its shared memory prefix (see :func:`.shared.batch_prefix`).
+_PREFIX_PATTERN = re.compile(r"tumorseg-\d+-[0-9a-f]{8}-")
+
+
+@contextlib.contextmanager
+def _exclusive_output(output: Path, shm_prefix: str) -> Iterator[None]:
+    """Hold ``OUT/.batch.lock`` for the batch, or refuse when another batch holds it.
+
+    The kernel drops an flock when its holder dies, even by SIGKILL, so a lock is never stale.
+    The file keeps the holder's shared memory prefix: the next batch to get the lock removes
+    the blocks a killed one left in /dev/shm (about 143 MB each), and the temporaries of its
+    manifest.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError("another tumorseg batch is writing into this folder; let it finish, "
+                              "or give this one another -o", output) from None
+        except OSError as e:  # a file system without locks (some network shares): run unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second batch into this folder",
+                        output / LOCK_FILE, e.strerror)
+        previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if _PREFIX_PATTERN.fullmatch(previous):
+            left = remove_leftovers(previous)
+            if left:
+                log.info("removed %d shared memory blocks left by a killed batch", left)
+        _remove_stale_partials(output)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, shm_prefix.encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _remove_stale_partials(case_dir: Path) -> None:

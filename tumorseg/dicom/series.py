@@ -512,14 +512,18 @@ def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[P
     """One file per SOP Instance UID: the same instance stored twice is one image."""
     seen: dict[str, Path] = {}
     kept = []
+    copies = 0
     for path, h in headers:
         uid = str(h.SOPInstanceUID)
         if uid in seen:
-            # File names only: the folders above them may be named after the patient.
-            log.warning("%s is another copy of the instance in %s; using one of them", path.name, seen[uid].name)
+            copies += 1
+            # Names at debug level only: exporters put patient names in file names too.
+            log.debug("%s is another copy of the instance in %s", path.name, seen[uid].name)
             continue
         seen[uid] = path
         kept.append((path, h))
+    if copies:
+        log.warning("skipped %d file(s) holding another copy of an instance already read", copies)
     return kept
 
 
