@@ -3,10 +3,10 @@
 The default model (models/default) was trained in two steps, on synthetic cases and on three of the
 four BraTS 2015 cases in ../shared/data/brats2015-dev (pat0006 held out). Its scores on the other
 three say little, as it saw them. For each case given, this script trains both steps again with that
-case left out and the other three real cases in (the card's recorded commands, see ``RECIPE``), then
-scores the held-out case as ``predict`` runs on it (FLAIR and T1c):
+case left out and the other three real cases in, pat0006 included (the card's recorded commands, see
+``RECIPE``), then scores the held-out case as ``predict`` runs on it (FLAIR and T1c):
 
-    tumorseg synth -o synth-train --cases 240 --seed 1000    # the card's synthetic_data_command
+    tumorseg synth -o synth-train --cases 240 --seed 1000 --generator-version 1   # the card's data
     python benchmarks/leave_one_out.py --synth synth-train --brats ../shared/data/brats2015-dev \\
         -o loo/ --json loo.json
 
@@ -47,6 +47,11 @@ RECIPE = {
 def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
     """A Decathlon view of the first ``cases`` cases of ``synth`` (symbolic links, its own dataset.json)."""
     spec = json.loads((synth / "dataset.json").read_text())
+    made = spec.get("tumorseg_synth", {})
+    if made.get("seed") != 1000 or made.get("generator_version", 1) != 1:
+        raise SystemExit(f"{synth} is not the recipe's synthetic data (seed 1000, generator version 1; it holds "
+                         f"seed {made.get('seed')}, version {made.get('generator_version', 1)}): make it with "
+                         "tumorseg synth --seed 1000 --generator-version 1")
     if len(spec["training"]) < cases:
         raise SystemExit(f"{synth} has {len(spec['training'])} cases; the recipe's first step needs {cases}")
     spec["training"] = spec["training"][:cases]
@@ -74,12 +79,14 @@ def step_command(step: str, case: str, synth: Path, brats: Path, output: Path, e
     return command + (["--init", str(init)] if init else [])
 
 
-def train_step(command: list[str], output: Path, case: str, epochs: int, iterations: int) -> None:
+def train_step(command: list[str], output: Path, case: str, epochs: int, iterations: int, init: Path | None) -> None:
     """Run one training step unless ``output`` holds it already (resuming a killed one)."""
     if (output / "model.toml").exists():
-        config = load_model(str(output)).card.training["config"]
+        training = load_model(str(output)).card.training
+        config = training["config"]
+        base = load_model(str(init)).sha256 if init else None
         if (config["epochs"], config["iterations_per_epoch"]) != (epochs, iterations) or \
-                case not in load_model(str(output)).card.training.get("excluded_cases", []):
+                case not in training.get("excluded_cases", []) or config.get("init_weights_sha256") != base:
             raise SystemExit(f"{output} holds a model trained with other settings; choose another --output")
         print(f"{output}: trained already, reused", flush=True)
         return
@@ -89,7 +96,8 @@ def train_step(command: list[str], output: Path, case: str, epochs: int, iterati
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--synth", type=Path, required=True, help="tumorseg synth --cases 240 --seed 1000 data set")
+    parser.add_argument("--synth", type=Path, required=True,
+                        help="the data of tumorseg synth --cases 240 --seed 1000 --generator-version 1")
     parser.add_argument("--brats", type=Path, required=True, help="the brats2015-dev case folders")
     parser.add_argument("-o", "--output", type=Path, required=True, help="one folder per fold: step1/, step2/")
     parser.add_argument("--case", action="append", choices=IN_TRAINING, help="fold(s) to run  [default: all three]")
@@ -105,16 +113,16 @@ def main() -> None:
         init = None
         for step, synth in (("step1", step1_data), ("step2", args.synth)):
             command = step_command(step, case, synth, args.brats, fold / step, args.epochs, args.iterations, init)
-            train_step(command, fold / step, case, args.epochs, args.iterations)
+            train_step(command, fold / step, case, args.epochs, args.iterations, init)
             init = fold / step
         print(f"fold {case}: scoring the held-out case with {init}", flush=True)
         segmenter = Segmenter(str(init), load_pipeline("default"))
         results[case] = score(segmenter, args.brats, "brats2015", only={case})["cases"][case]
+        if args.json:  # after every fold: a later fold's failure loses nothing
+            args.json.write_text(json.dumps({"recipe": "models/default (both steps)", "held_out": results,
+                                             "epochs": args.epochs, "iterations": args.iterations}, indent=2))
     for case, row in results.items():
         print(f"held out {case}: " + ", ".join(f"{r} {row[r]:.3f}" for r in ("WT", "TC", "ET")))
-    if args.json:
-        args.json.write_text(json.dumps({"recipe": "models/default (both steps)", "held_out": results,
-                                         "epochs": args.epochs, "iterations": args.iterations}, indent=2))
 
 
 if __name__ == "__main__":

@@ -540,3 +540,51 @@ def test_the_next_batch_removes_what_a_killed_one_left(tmp_path, batch_model):
     finally:
         for prefix in (dead, alive):
             (shm / f"{prefix}0123456789abcdef").unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (Linux)")
+def test_without_a_lock_or_with_a_live_holder_nothing_is_removed(tmp_path, batch_model, monkeypatch):
+    """A file system without locks, or a copied folder whose lock file names a live batch: that batch
+    may be running, so its blocks and temporaries stay."""
+    import errno
+
+    from tumorseg.batch import runner
+
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    shm = Path("/dev/shm")
+    live = f"tumorseg-{os.getpid()}-{os.urandom(4).hex()}-"  # this process: alive
+    dead = f"tumorseg-999999999-{os.urandom(4).hex()}-"
+    blocks = [shm / f"{p}0123456789abcdef" for p in (live, dead)]
+    try:
+        for block in blocks:
+            block.write_bytes(b"x")
+        out = tmp_path / "live"
+        out.mkdir()
+        (out / ".batch.lock").write_text(live)
+        assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+        assert blocks[0].exists()
+
+        def no_locks(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(runner.fcntl, "flock", no_locks)
+        out = tmp_path / "unlocked"
+        out.mkdir()
+        (out / ".batch.lock").write_text(dead)
+        (out / ".manifest.csv.k3j2.partial.csv").write_text("half")
+        result = run_batch(str(root), "-o", str(out), "--model", str(batch_model))
+        assert result.exit_code == 0, result.output
+        assert blocks[1].exists() and (out / ".manifest.csv.k3j2.partial.csv").exists()
+        assert (out / ".batch.lock").read_text() == dead
+    finally:
+        for block in blocks:
+            block.unlink(missing_ok=True)
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_named_error(tmp_path, batch_model):
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    result = run_batch(str(root), "-o", str(tmp_path / "file" / "out"), "--model", str(batch_model))
+    assert result.exit_code == 6 and "cannot write into the output folder" in result.output, result.output

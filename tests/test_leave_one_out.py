@@ -22,7 +22,7 @@ NOT_RECIPE = {"--dataset", "-o", "--output", "--name", "--exclude", "--init"}
 
 
 def _options(command: list[str]) -> dict[str, str]:
-    """``--flag value`` pairs after the ``train`` word, less NOT_RECIPE and the -q/-v flags."""
+    """``--flag value`` pairs after the ``train`` word, less NOT_RECIPE."""
     args = command[command.index("train") + 1:]
     out = {}
     for flag, value in zip(args[::2], args[1::2]):
@@ -32,18 +32,38 @@ def _options(command: list[str]) -> dict[str, str]:
     return out
 
 
+def _datasets(command: list[str]) -> list[str]:
+    return [command[i + 1] for i, word in enumerate(command) if word == "--dataset"]
+
+
 def test_recipe_is_the_default_cards_two_commands():
     training = load_model(str(ROOT / "models" / "default")).card.training
     recorded = {"step1": training["initialised_from"]["command"], "step2": training["command"]}
     for step, text in recorded.items():
-        ours = _options(loo.step_command(step, "x", Path("s"), Path("b"), Path("o"), 20, 100, None))
+        init = Path("step1") if step == "step2" else None
+        command, card = loo.step_command(step, "x", Path("synth"), Path("brats"), Path("o"), 20, 100, init), shlex.split(text)
+        ours = _options(command)
         assert ours.pop("--low-resolution") == "0"  # the option came after the default was trained
-        assert ours == _options(shlex.split(text)), step
+        assert ours == _options(card), step
+        # The order of the data sets matters (the sampler draws by position); step 2 starts from step 1.
+        assert [Path(d).name for d in _datasets(command)] == ["synth", "brats"]
+        assert [Path(d).name for d in _datasets(card)] == ["synth-train", "brats2015-dev"]
+        assert ("--init" in command) == ("--init" in card) == (step == "step2")
+    for command in (training["synthetic_data_command"], training["initialised_from"]["synthetic_data_command"]):
+        words = shlex.split(command)
+        assert words[words.index("--seed") + 1] == "1000" and words[words.index("--generator-version") + 1] == "1"
     cases = shlex.split(training["initialised_from"]["synthetic_data_command"])
     assert int(cases[cases.index("--cases") + 1]) == loo.RECIPE["step1"]["synthetic_cases"]
 
 
-def _tiny_synthetic_set(root: Path, cases: int) -> Path:
+def test_synthetic_data_of_another_seed_or_generator_is_refused(tmp_path):
+    synth = _tiny_synthetic_set(tmp_path / "synth", 3, generator_version=2)
+    with pytest.raises(SystemExit, match="generator version 1"):
+        loo.synthetic_subset(synth, 2, tmp_path / "view")
+    assert not (tmp_path / "view").exists()
+
+
+def _tiny_synthetic_set(root: Path, cases: int, generator_version: int = 1) -> Path:
     """A Decathlon data set of ``cases`` links to one small four-sequence case (enough for the mechanics)."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -64,7 +84,9 @@ def _tiny_synthetic_set(root: Path, cases: int) -> Path:
         "name": "tiny", "tensorImageSize": "4D",
         "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
         "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-        "numTraining": cases, "training": training}))
+        "numTraining": cases, "training": training,
+        "tumorseg_synth": {"seed": 1000, "generator_version": generator_version, "cases": cases,
+                           "case_seeds": list(range(cases))}}))
     return root
 
 

@@ -62,6 +62,27 @@ def test_same_input_twice_gives_identical_bytes(tmp_path, tiny_model):
     assert np.asarray(nib.load(str(tmp_path / "out0" / "segmentation.nii.gz")).dataobj).any()
 
 
+def test_a_rerun_that_fails_writing_leaves_no_report_of_the_earlier_run(tmp_path, tiny_model, monkeypatch):
+    """report.json marks a complete set: a rerun into the folder that fails part way (a full disk)
+    must not leave the old report beside files of two runs."""
+    import errno
+
+    from tumorseg.stages import write
+
+    path = save_nifti(tmp_path / "x-t2f.nii.gz", brain_phantom((40, 44, 36), seed=3), np.diag([1.0, 1.0, 1.0, 1.0]))
+    out = tmp_path / "out"
+    assert run_cli("predict", str(path), "--model", str(tiny_model), "-o", str(out), "-q").exit_code == 0
+    assert (out / "report.json").is_file()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "write_label_map", disk_full)
+    assert run_cli("predict", str(path), "--model", str(tiny_model), "-o", str(out), "-q").exit_code != 0
+    assert not (out / "report.json").exists()
+    assert not list(out.glob(".*partial*"))
+
+
 def test_decathlon_4d_input_and_missing_sequence_report(tmp_path, tiny_model):
     channels = np.stack([brain_phantom((40, 44, 36), seed=s) for s in range(4)], axis=-1)
     path = save_nifti(tmp_path / "BRATS_001.nii.gz", channels, np.diag([-1.0, -1.0, 1.0, 1.0]))

@@ -184,7 +184,7 @@ def test_enhancing_normal_structures_are_bright_on_t1gd_and_stay_background(monk
     rng = np.random.default_rng(np.random.SeedSequence(5))
     plan = synth._plan_tumour(rng, anatomy)
     scene = synth._build_scene(rng, anatomy, plan)
-    look = synth._draw_look(rng)
+    look = synth._draw_look(rng, version=2)
     painted = []
     real_vessels = synth._vessels
     monkeypatch.setattr(synth, "_vessels", lambda *a: painted.append(real_vessels(*a)) or painted[-1])
@@ -208,9 +208,36 @@ def test_a_folder_of_another_generator_version_is_refused(dataset, tmp_path):
     assert description["tumorseg_synth"]["generator_version"] == synth.GENERATOR_VERSION
     del description["tumorseg_synth"]["generator_version"]  # as version 1 wrote it
     (copy / "dataset.json").write_text(json.dumps(description))
-    with pytest.raises(ConfigError, match="generator version 1"):
+    with pytest.raises(ConfigError, match="generator version 1, not 2"):
         synth.write_synth_dataset(copy, CASES + 1, SEED)
     assert not (copy / "labelsTr" / f"synth_{CASES:04d}.nii.gz").exists()
+
+
+def test_generator_version_1_still_makes_the_default_models_training_data(monkeypatch):
+    """Case 0 of `tumorseg synth --cases 240 --seed 1000 --generator-version 1`, the data the default
+    model was trained on (its card's command): the checksums of the files written then."""
+    import hashlib
+
+    monkeypatch.setattr(synth, "_vessels", lambda *a: pytest.fail("version 1 paints no vessels"))
+    case = synth.synth_case(synth._case_seeds(1000, 1)[0], version=1)
+    assert hashlib.sha256(case.image.tobytes()).hexdigest() == \
+        "85c7a1966ad558d6495fe32ef483ccf74aa2d6707a1e94c0c00cc44333321e07"
+    assert hashlib.sha256(case.labels.tobytes()).hexdigest() == \
+        "5d00f1f7d98d054247b8c7e40d8f2eaaa6507394a1449d581b5e6e9b57892d50"
+
+
+def test_a_version_1_folder_is_extended_only_as_version_1(dataset, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(dataset, copy)
+    description = json.loads((copy / "dataset.json").read_text())
+    description["tumorseg_synth"]["generator_version"] = 1
+    (copy / "dataset.json").write_text(json.dumps(description))
+    with pytest.raises(ConfigError, match="--generator-version 1"):
+        synth.write_synth_dataset(copy, CASES, SEED)
+    synth.write_synth_dataset(copy, CASES, SEED, version=1)  # every case there: nothing regenerated
+    assert json.loads((copy / "dataset.json").read_text())["tumorseg_synth"]["generator_version"] == 1
+    with pytest.raises(ConfigError, match=r"one of \[1, 2\]"):
+        synth.write_synth_dataset(tmp_path / "new", 1, SEED, version=3)
 
 
 def test_rerun_skips_existing_and_resumes_missing(dataset, tmp_path):

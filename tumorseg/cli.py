@@ -407,15 +407,18 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the Decathlon-layout data set.")
 @click.option("--cases", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--generator-version", type=click.Choice(["1", "2"]), default="2", show_default=True,
+              help="2 paints enhancing normal structures (venous sinuses, choroid plexus) as background; "
+                   "1 reproduces earlier data sets, such as the default model's training data.")
 @click.option("-q", "--quiet", is_flag=True)
-def synth(output, cases, seed, quiet):
+def synth(output, cases, seed, generator_version, quiet):
     """Make a Decathlon-layout data set of synthetic tumour cases on real healthy anatomy."""
     _setup_logging(quiet, False)
     from .synth import write_synth_dataset
 
     if cases < 1:
         raise click.BadParameter("--cases must be >= 1")
-    path = write_synth_dataset(output, cases, seed)
+    path = write_synth_dataset(output, cases, seed, int(generator_version))
     click.echo(f"wrote {cases} cases to {path}")
 
 

@@ -68,7 +68,8 @@ EXIT_CODES: dict[int, str] = {
     InputError.exit_code: "input error: a scan is missing, unreadable, truncated, NaN/inf or constant",
     GeometryError.exit_code: "geometry error: 2D image, non-channel 4D file, unknown orientation, channels that disagree",
     ModelError.exit_code: "model error: model card or weights missing, malformed, or checksum mismatch",
-    ConfigError.exit_code: "configuration error: invalid pipeline file or option value",
+    ConfigError.exit_code: "configuration error: invalid pipeline file or option value, or an output folder "
+                           "that cannot be written or that another batch is writing into",
     SequenceError.exit_code: "sequence error: inputs cannot be mapped to the model's sequences",
     SOME_CASES_FAILED: "batch (and validate) finished, but some cases failed: see the manifest",
     INTERRUPTED: "interrupted",

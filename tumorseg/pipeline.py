@@ -348,8 +348,8 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:
     """Write the DICOM outputs (DICOM input only), the label map, the resolved configuration and,
-    last, the JSON report, each atomically: the DICOM writers, the outputs most likely to fail,
-    go first, so that their failure leaves no new label map beside an older report."""
+    last, the JSON report, each atomically. An earlier report in ``output_dir`` is removed first:
+    a folder with a report holds the complete set it lists, never a mix of two runs."""
     import json
 
     import tomli_w
@@ -361,6 +361,7 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
         "report": output_dir / REPORT_NAME,
         "configuration": output_dir / CONFIG_NAME,
     }
+    paths["report"].unlink(missing_ok=True)
     dicom = write_dicom_outputs(result, spec, output_dir)
     write.write_label_map(result.labels, paths["label_map"])
     paths.update(dicom)

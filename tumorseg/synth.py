@@ -53,6 +53,9 @@ LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing t
 EDEMA, CORE, ENHANCING = 1, 2, 3
 #: Bumped whenever a seed's images change; recorded in dataset.json, a folder never mixes versions.
 GENERATOR_VERSION = 2
+#: Versions this code still makes, byte for byte (version 1: no enhancing normal structures; the
+#: default model was trained on it, so its card's command needs it).
+GENERATOR_VERSIONS = (1, 2)
 
 _TEMPLATE_FILES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
 _MNI_LICENCE = (
@@ -396,16 +399,21 @@ class _Look:
     means: dict[str, np.ndarray]  # tissue -> (4,) channel means
     skull: bool
     shell_mm: tuple[float, float, float]  # outer edge of CSF, bone, scalp from the brain surface
+    vessels: bool  # enhancing normal structures painted (generator version 2)
 
 
-def _draw_look(rng: np.random.Generator) -> _Look:
-    means = {k: np.asarray(v, np.float64) * rng.uniform(0.9, 1.1, 4) for k, v in _MEANS.items()}
+def _draw_look(rng: np.random.Generator, version: int) -> _Look:
+    # Version 1 drew no vessel values: leaving them out keeps its random stream, so its cases.
+    tissues = {k: v for k, v in _MEANS.items() if version >= 2 or k != "vessel"}
+    means = {k: np.asarray(v, np.float64) * rng.uniform(0.9, 1.1, 4) for k, v in tissues.items()}
     means["necrosis"][0] = rng.uniform(0.35, 1.1)
-    means["vessel"][[0, 3]] = rng.uniform(0.15, 0.9), rng.uniform(0.2, 1.0)
-    means["vessel"][2] = rng.uniform(1.2, 2.0)
+    if version >= 2:
+        means["vessel"][[0, 3]] = rng.uniform(0.15, 0.9), rng.uniform(0.2, 1.0)
+        means["vessel"][2] = rng.uniform(1.2, 2.0)
     csf_layer = rng.uniform(1.0, 2.5)
     bone = csf_layer + rng.uniform(4.0, 7.0)
-    return _Look(means=means, skull=bool(rng.random() < 0.5), shell_mm=(csf_layer, bone, bone + rng.uniform(4.0, 8.0)))
+    return _Look(means=means, skull=bool(rng.random() < 0.5), shell_mm=(csf_layer, bone, bone + rng.uniform(4.0, 8.0)),
+                 vessels=version >= 2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -479,7 +487,7 @@ def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look
         diploe = _sigmoid((d - a1 - 1.5) / 0.6) * _sigmoid((a2 - 1.5 - d) / 0.6)
     box = scene.box
     het = {k: 1 + 0.08 * _smooth_noise(rng, scene.labels[box].shape, 5.0) for k in ("edema", "necrosis", "enhancing")}
-    vessels = _vessels(rng, anat)
+    vessels = _vessels(rng, anat) if look.vessels else None
     channels = []
     for c in range(4):
         m = {k: np.float32(v[c]) for k, v in look.means.items()}
@@ -490,7 +498,8 @@ def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look
             shell = ((1 - beyond_csf) * m["csf"] + (beyond_csf - beyond_bone) * m["bone"]
                      + diploe * (m["marrow"] - m["bone"]) + beyond_bone * head * m["scalp"])
             ch.ravel()[anat.band] = shell
-        ch += vessels * (m["vessel"] - ch)
+        if vessels is not None:
+            ch += vessels * (m["vessel"] - ch)
         channels.append(_paint_tumour(ch, scene, m, het))
     return channels
 
@@ -622,28 +631,35 @@ def _rician(rng: np.random.Generator, clean: np.ndarray, bias: list[np.ndarray],
 # --------------------------------------------------------------------------- public API
 
 
-def _synthesise(seed: int) -> tuple[SynthCase, _Scene, _Geometry]:
+def _synthesise(seed: int, version: int = GENERATOR_VERSION) -> tuple[SynthCase, _Scene, _Geometry]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"synthetic case seed must be a non-negative integer, got {seed!r}")
+    _check_version(version)
     rng = np.random.default_rng(np.random.SeedSequence(int(seed)))
     anat = _anatomy()
     plan = _plan_tumour(rng, anat)
     scene = _build_scene(rng, anat, plan)
-    look = _draw_look(rng)
+    look = _draw_look(rng, version)
     channels = _render(rng, anat, scene, look)
     geom = _draw_geometry(rng, anat, look)
     image, labels = _acquire(rng, anat, scene, look, channels, geom)
     return SynthCase(image=image, labels=labels, affine=geom.affine.copy()), scene, geom
 
 
-def synth_case(seed: int) -> SynthCase:
-    """Generate one synthetic glioma case; the same ``seed`` (>= 0) gives byte-identical arrays.
+def synth_case(seed: int, version: int = GENERATOR_VERSION) -> SynthCase:
+    """Generate one synthetic glioma case; the same ``seed`` (>= 0) and generator ``version`` give
+    byte-identical arrays.
 
     Returns a :class:`SynthCase`: image float32 (4, I, J, K) in :data:`CHANNELS` order, labels uint8
     (I, J, K) in the MSD scheme, affine voxel -> RAS+ mm. Each dimension is at most 256 voxels.
     Raises ModuleNotFoundError when nilearn (which ships the anatomical template) is not installed.
     """
-    return _synthesise(seed)[0]
+    return _synthesise(seed, version)[0]
+
+
+def _check_version(version: int) -> None:
+    if version not in GENERATOR_VERSIONS:
+        raise ConfigError(f"synthetic generator version must be one of {list(GENERATOR_VERSIONS)}, got {version!r}")
 
 
 def _case_seeds(seed: int, cases: int) -> list[int]:
@@ -678,7 +694,7 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         nib.save(image, str(tmp))
 
 
-def _check_previous_seed(output: Path, seed: int) -> None:
+def _check_previous_seed(output: Path, seed: int, generator_version: int) -> None:
     """Refuse to mix cases of two seeds or generator versions in one folder (existing cases are
     kept, not regenerated)."""
     previous = output / "dataset.json"
@@ -693,12 +709,13 @@ def _check_previous_seed(output: Path, seed: int) -> None:
     if old != seed:
         raise ConfigError(f"holds a synthetic dataset made with seed {old}, not {seed}; rerun with seed {old} "
                           "to resume or extend it, or choose another output folder", path=previous)
-    if version != GENERATOR_VERSION:
-        raise ConfigError(f"holds synthetic cases of generator version {version}; this tumorseg makes version "
-                          f"{GENERATOR_VERSION}, whose cases differ: choose another output folder", path=previous)
+    if version != generator_version:
+        raise ConfigError(f"holds synthetic cases of generator version {version}, not {generator_version}, "
+                          f"whose cases differ: rerun with --generator-version {version} to resume or extend it, "
+                          "or choose another output folder", path=previous)
 
 
-def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
+def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENERATOR_VERSION) -> Path:
     """Write ``cases`` synthetic cases as a Decathlon (Task01) dataset under ``output``; return ``output``.
 
     Layout: ``dataset.json``, ``imagesTr/synth_NNNN.nii.gz`` (float32 4D, last axis the 4 channels)
@@ -706,15 +723,16 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
     ``synth_case(s_i)`` with ``s_i`` drawn from ``SeedSequence([seed, i])`` (recorded in dataset.json).
     Files are written atomically; a case whose two files both exist is skipped, so an interrupted run
     can be resumed (or a dataset extended with more cases). Raises ConfigError for cases < 1, seed < 0,
-    or an ``output`` whose dataset.json records another seed.
+    an unknown generator ``version``, or an ``output`` whose dataset.json records another seed or version.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ConfigError(f"number of synthetic cases must be a positive integer, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"synthetic dataset seed must be a non-negative integer, got {seed!r}")
+    _check_version(version)
     output = Path(output)
     _template_paths()  # fail before creating anything when nilearn is missing
-    _check_previous_seed(output, int(seed))
+    _check_previous_seed(output, int(seed), version)
     seeds = _case_seeds(int(seed), int(cases))
     training = []
     for i, case_seed in enumerate(seeds):
@@ -725,7 +743,7 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
             log.debug("synthetic case %d/%d exists, skipped", i + 1, cases)
             continue
         started = time.perf_counter()
-        case = synth_case(case_seed)
+        case = synth_case(case_seed, version)
         _save_nifti(image_path, np.moveaxis(case.image, 0, -1), case.affine)
         _save_nifti(label_path, case.labels, case.affine)
         log.info("synthetic case %d/%d written, shape %s (%.1f s)", i + 1, cases,
@@ -744,7 +762,7 @@ def write_synth_dataset(output: Path, cases: int, seed: int) -> Path:
         "numTest": 0,
         "training": training,
         "test": [],
-        "tumorseg_synth": {"seed": int(seed), "generator_version": GENERATOR_VERSION, "cases": int(cases),
+        "tumorseg_synth": {"seed": int(seed), "generator_version": version, "cases": int(cases),
                            "case_seeds": seeds,
                            "templates": _provenance()},
     }

@@ -732,30 +732,48 @@ def _exclusive_output(output: Path, shm_prefix: str) -> Iterator[None]:
     The kernel drops an flock when its holder dies, even by SIGKILL, so a lock is never stale.
     The file keeps the holder's shared memory prefix: the next batch to get the lock removes
     the blocks a killed one left in /dev/shm (about 143 MB each), and the temporaries of its
-    manifest.
+    manifest. Without a lock (a file system that has none) nothing is removed: another batch
+    may be running.
     """
-    output.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot write into the output folder ({e.strerror})", output) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise ConfigError("another tumorseg batch is writing into this folder; let it finish, "
                               "or give this one another -o", output) from None
-        except OSError as e:  # a file system without locks (some network shares): run unguarded
+        except OSError as e:  # e.g. ENOLCK on some network shares: run unguarded
             log.warning("cannot lock %s (%s): nothing stops a second batch into this folder",
                         output / LOCK_FILE, e.strerror)
-        previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        if _PREFIX_PATTERN.fullmatch(previous):
-            left = remove_leftovers(previous)
-            if left:
-                log.info("removed %d shared memory blocks left by a killed batch", left)
-        _remove_stale_partials(output)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, shm_prefix.encode("ascii"), 0)
+            locked = False
+        if locked:
+            previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            if _PREFIX_PATTERN.fullmatch(previous) and not _process_alive(int(previous.split("-")[1])):
+                left = remove_leftovers(previous)
+                if left:
+                    log.info("removed %d shared memory blocks left by a killed batch", left)
+            _remove_stale_partials(output)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, shm_prefix.encode("ascii"), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a copied folder's lock file may name a live batch)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _remove_stale_partials(case_dir: Path) -> None:
