@@ -46,6 +46,9 @@ def test_readme_and_card_agree():
     for case in held_out:
         scores = card.metrics["brats2015_flair_t1c"][case]
         assert " | ".join(f"{scores[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
+    for case, scores in card.metrics.get("brats2015_flair_t1c_leave_one_out", {}).items():
+        assert case in card.training["training_cases"]  # a fold only means something for a case trained on
+        assert " | ".join(f"{scores[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
     first_lines = readme.splitlines()[:5]
     assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
 
