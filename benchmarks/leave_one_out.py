@@ -56,8 +56,7 @@ def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
         raise SystemExit(f"{synth} has {len(spec['training'])} cases; the recipe's first step needs {cases}")
     spec["training"] = spec["training"][:cases]
     spec["numTraining"] = cases
-    if "tumorseg_synth" in spec:
-        spec["tumorseg_synth"].update(cases=cases, case_seeds=spec["tumorseg_synth"]["case_seeds"][:cases])
+    made.update(cases=cases, case_seeds=made["case_seeds"][:cases])
     for entry in spec["training"]:
         for key in ("image", "label"):
             link = target / entry[key]

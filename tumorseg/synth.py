@@ -403,17 +403,18 @@ class _Look:
 
 
 def _draw_look(rng: np.random.Generator, version: int) -> _Look:
+    vessels = version >= 2
     # Version 1 drew no vessel values: leaving them out keeps its random stream, so its cases.
-    tissues = {k: v for k, v in _MEANS.items() if version >= 2 or k != "vessel"}
+    tissues = {k: v for k, v in _MEANS.items() if vessels or k != "vessel"}
     means = {k: np.asarray(v, np.float64) * rng.uniform(0.9, 1.1, 4) for k, v in tissues.items()}
     means["necrosis"][0] = rng.uniform(0.35, 1.1)
-    if version >= 2:
+    if vessels:
         means["vessel"][[0, 3]] = rng.uniform(0.15, 0.9), rng.uniform(0.2, 1.0)
         means["vessel"][2] = rng.uniform(1.2, 2.0)
     csf_layer = rng.uniform(1.0, 2.5)
     bone = csf_layer + rng.uniform(4.0, 7.0)
     return _Look(means=means, skull=bool(rng.random() < 0.5), shell_mm=(csf_layer, bone, bone + rng.uniform(4.0, 8.0)),
-                 vessels=version >= 2)
+                 vessels=vessels)
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,7 +28,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import time
 import traceback
 from collections import deque
@@ -50,7 +49,7 @@ from ..heap import keep_freed_heap_memory
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
-from .shared import batch_prefix, release, remove_leftovers, share, take
+from .shared import batch_prefix, prefix_pid, release, remove_leftovers, share, take
 
 log = logging.getLogger(__name__)
 
@@ -721,10 +720,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-#: What a batch writes into its lock file: its shared memory prefix (see :func:`.shared.batch_prefix`).
-_PREFIX_PATTERN = re.compile(r"tumorseg-\d+-[0-9a-f]{8}-")
-
-
 @contextlib.contextmanager
 def _exclusive_output(output: Path, shm_prefix: str) -> Iterator[None]:
     """Hold ``OUT/.batch.lock`` for the batch, or refuse when another batch holds it.
@@ -753,7 +748,8 @@ def _exclusive_output(output: Path, shm_prefix: str) -> Iterator[None]:
             locked = False
         if locked:
             previous = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            if _PREFIX_PATTERN.fullmatch(previous) and not _process_alive(int(previous.split("-")[1])):
+            pid = prefix_pid(previous)
+            if pid is not None and not _process_alive(pid):
                 left = remove_leftovers(previous)
                 if left:
                     log.info("removed %d shared memory blocks left by a killed batch", left)
@@ -772,7 +768,7 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
-        return True
+        pass
     return True
 
 

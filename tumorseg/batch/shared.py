@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,15 @@ _warned = False
 def batch_prefix() -> str:
     """A name prefix for one batch's blocks: this process and a random part."""
     return f"tumorseg-{os.getpid()}-{secrets.token_hex(4)}-"
+
+
+_PREFIX = re.compile(r"tumorseg-(\d+)-[0-9a-f]{8}-")
+
+
+def prefix_pid(text: str) -> int | None:
+    """The process id in a :func:`batch_prefix`, or None when ``text`` is not one."""
+    match = _PREFIX.fullmatch(text)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
