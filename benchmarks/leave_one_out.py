@@ -68,13 +68,15 @@ def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
 
 
 def step_command(step: str, case: str, synth: Path, brats: Path, output: Path, epochs: int, iterations: int,
-                 init: Path | None) -> list[str]:
+                 init: Path | None, runs_on: tuple[str, ...] = ()) -> list[str]:
+    """The ``tumorseg train`` command of one step; ``runs_on``: options of where it runs (--device,
+    --workers), which do not change what is trained."""
     options = list(COMMON)
     options[options.index("--epochs") + 1] = str(epochs)
     options[options.index("--iterations") + 1] = str(iterations)
     command = [sys.executable, "-m", "tumorseg.cli", "train", "--dataset", str(synth), "--dataset", str(brats),
                "-o", str(output), "--name", f"tumorseg-loo-{case}", "--exclude", case, *options,
-               *RECIPE[step]["options"]]
+               *RECIPE[step]["options"], *runs_on]
     return command + (["--init", str(init)] if init else [])
 
 
@@ -103,7 +105,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="per step (recipe: 20)")
     parser.add_argument("--iterations", type=int, default=100, help="per epoch (recipe: 100)")
     parser.add_argument("--json", type=Path, help="write the held-out scores here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="for training (on CUDA in mixed precision); scoring runs where predict would")
+    parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
     args = parser.parse_args()
+    runs_on = ("--device", args.device, "--workers", str(args.workers))
 
     results = {}
     for case in args.case or IN_TRAINING:
@@ -111,7 +117,8 @@ def main() -> None:
         step1_data = synthetic_subset(args.synth, RECIPE["step1"]["synthetic_cases"], fold / "synth-step1")
         init = None
         for step, synth in (("step1", step1_data), ("step2", args.synth)):
-            command = step_command(step, case, synth, args.brats, fold / step, args.epochs, args.iterations, init)
+            command = step_command(step, case, synth, args.brats, fold / step, args.epochs, args.iterations, init,
+                                   runs_on)
             train_step(command, fold / step, case, args.epochs, args.iterations, init)
             init = fold / step
         print(f"fold {case}: scoring the held-out case with {init}", flush=True)

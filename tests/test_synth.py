@@ -282,3 +282,10 @@ def test_missing_nilearn_is_named(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="nilearn"):
         synth.write_synth_dataset(tmp_path / "out", 1, 0)
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_write_the_same_files(dataset, tmp_path):
+    parallel = synth.write_synth_dataset(tmp_path / "parallel", CASES, SEED, workers=2)
+    for f in sorted(dataset.rglob("*")):
+        if f.is_file():
+            assert (parallel / f.relative_to(dataset)).read_bytes() == f.read_bytes(), f

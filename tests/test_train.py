@@ -237,3 +237,29 @@ def test_preferred_set_written_into_the_card(tmp_path):
     bad[bad.index("--dataset-weights") + 1] = "1,1"
     result = subprocess.run(bad, capture_output=True, text=True, timeout=300)
     assert result.returncode == ConfigError.exit_code and "2 dataset weights for 1 data sets" in result.stderr
+
+
+@pytest.mark.slow
+def test_workers_draw_the_same_batches_as_the_main_process(tmp_path):
+    dataset = make_folder_dataset(tmp_path / "ds")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for workers in ("0", "2"):
+        cmd = _train_cmd(dataset, tmp_path / f"w{workers}", "--workers", workers)
+        cmd[cmd.index("--epochs") + 1] = "2"
+        subprocess.run(cmd, check=True, env=env, timeout=600)
+    a = json.loads((tmp_path / "w0" / "training.json").read_text())
+    b = json.loads((tmp_path / "w2" / "training.json").read_text())
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["history"][-1]["validation_dice"] == b["history"][-1]["validation_dice"]
+    assert load_model(str(tmp_path / "w0")).sha256 == load_model(str(tmp_path / "w2")).sha256
+
+
+def test_a_bad_case_in_a_worker_is_reported_as_an_input_error(tmp_path):
+    dataset = make_folder_dataset(tmp_path / "ds", cases=2)
+    broken = dataset / "case1" / "case1-t1c.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    result = subprocess.run(_train_cmd(dataset, tmp_path / "m", "--workers", "2"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 3, result.stderr
+    assert str(broken) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m" / "model.toml").exists()

@@ -348,13 +348,14 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that prepare the cases and draw augmented batches ahead of the network (on a GPU the CPU work is the bottleneck); the batches are the same with any number.")
 @click.option("--init", "init_model", default=None, help="Fine-tune this model (name or folder; checksum verified) instead of starting from random weights; its spacing, filters, sequences and labels must match these options.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing,
           filters, lr, validation_fraction, validate_every, sequence_dropout, preferred_sets, preferred_set_probability,
-          low_resolution, seed, device, init_model, resume, quiet, verbose):
+          low_resolution, seed, device, workers, init_model, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -398,7 +399,7 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
         raise ConfigError(str(e)) from None
     command = "tumorseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tumorseg train"
     card = run_training(list(datasets), output, cfg, label_scheme, resume, device, progress=not quiet,
-                        command=command, exclude=tuple(exclude), init=init)
+                        command=command, exclude=tuple(exclude), init=init, workers=workers)
     click.echo(f"wrote {output / 'model.toml'} (weights sha256 {card.weights.sha256[:16]}...); "
                f"validation Dice {card.metrics.get('validation_dice', {})}")
 
@@ -410,15 +411,16 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
 @click.option("--generator-version", type=click.Choice(["1", "2"]), default="2", show_default=True,
               help="2 paints enhancing normal structures (venous sinuses, choroid plexus) as background; "
                    "1 reproduces earlier data sets, such as the default model's training data.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes making cases in parallel (the files are the same with any number).")
 @click.option("-q", "--quiet", is_flag=True)
-def synth(output, cases, seed, generator_version, quiet):
+def synth(output, cases, seed, generator_version, workers, quiet):
     """Make a Decathlon-layout data set of synthetic tumour cases on real healthy anatomy."""
     _setup_logging(quiet, False)
     from .synth import write_synth_dataset
 
     if cases < 1:
         raise click.BadParameter("--cases must be >= 1")
-    path = write_synth_dataset(output, cases, seed, int(generator_version))
+    path = write_synth_dataset(output, cases, seed, int(generator_version), workers)
     click.echo(f"wrote {cases} cases to {path}")
 
 

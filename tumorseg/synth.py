@@ -26,6 +26,8 @@ The label map is resampled (nearest neighbour) with exactly the same voxel mappi
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -716,14 +718,39 @@ def _check_previous_seed(output: Path, seed: int, generator_version: int) -> Non
                           "or choose another output folder", path=previous)
 
 
-def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENERATOR_VERSION) -> Path:
+def _write_case(job: tuple[Path, Path, int, int]) -> tuple[tuple[int, ...], float]:
+    image_path, label_path, case_seed, version = job
+    started = time.perf_counter()
+    case = synth_case(case_seed, version)
+    _save_nifti(image_path, np.moveaxis(case.image, 0, -1), case.affine)
+    _save_nifti(label_path, case.labels, case.affine)
+    return case.labels.shape, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """``map`` in order, in this process (``workers`` 0) or in that many processes."""
+    if workers == 0:
+        yield builtins
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield pool
+
+
+def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENERATOR_VERSION,
+                        workers: int = 0) -> Path:
     """Write ``cases`` synthetic cases as a Decathlon (Task01) dataset under ``output``; return ``output``.
 
     Layout: ``dataset.json``, ``imagesTr/synth_NNNN.nii.gz`` (float32 4D, last axis the 4 channels)
     and ``labelsTr/synth_NNNN.nii.gz`` (uint8), qform and sform code 1. Case ``i`` is
     ``synth_case(s_i)`` with ``s_i`` drawn from ``SeedSequence([seed, i])`` (recorded in dataset.json).
     Files are written atomically; a case whose two files both exist is skipped, so an interrupted run
-    can be resumed (or a dataset extended with more cases). Raises ConfigError for cases < 1, seed < 0,
+    can be resumed (or a dataset extended with more cases). ``workers`` processes make the cases in
+    parallel (each case depends on its seed alone, so the files are the same). Raises ConfigError for cases < 1, seed < 0,
     an unknown generator ``version``, or an ``output`` whose dataset.json records another seed or version.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
@@ -735,20 +762,15 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
     _template_paths()  # fail before creating anything when nilearn is missing
     _check_previous_seed(output, int(seed), version)
     seeds = _case_seeds(int(seed), int(cases))
-    training = []
-    for i, case_seed in enumerate(seeds):
-        name = f"synth_{i:04d}.nii.gz"
-        image_path, label_path = output / "imagesTr" / name, output / "labelsTr" / name
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        if image_path.is_file() and label_path.is_file():
-            log.debug("synthetic case %d/%d exists, skipped", i + 1, cases)
-            continue
-        started = time.perf_counter()
-        case = synth_case(case_seed, version)
-        _save_nifti(image_path, np.moveaxis(case.image, 0, -1), case.affine)
-        _save_nifti(label_path, case.labels, case.affine)
-        log.info("synthetic case %d/%d written, shape %s (%.1f s)", i + 1, cases,
-                 case.labels.shape, time.perf_counter() - started)
+    names = [f"synth_{i:04d}.nii.gz" for i in range(len(seeds))]
+    training = [{"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"} for name in names]
+    todo = [(output / "imagesTr" / name, output / "labelsTr" / name, case_seed, version)
+            for name, case_seed in zip(names, seeds)
+            if not ((output / "imagesTr" / name).is_file() and (output / "labelsTr" / name).is_file())]
+    log.debug("%d of %d synthetic cases exist, skipped", cases - len(todo), cases)
+    with _pool(workers) as pool:
+        for done, (shape, seconds) in enumerate(pool.map(_write_case, todo), start=cases - len(todo) + 1):
+            log.info("synthetic case %d/%d written, shape %s (%.1f s)", done, cases, shape, seconds)
     description = {
         "name": "tumorseg-synth",
         "description": "Synthetic gliomas (edema, non-enhancing/necrotic core, enhancing tumour) on the "

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Leave-one-out folds of the default model's recipe (benchmarks/leave_one_out.py) on a lent GPU
+# machine, in one run of at most about 9.5 minutes. The synthetic data (13 GB) is made there.
+#
+#   bash benchmarks/loo_gpu.sh --prepare        # here: fills device-carry/loo (wheels, brats2015-dev)
+#   device tool: run(command="bash benchmarks/loo_gpu.sh brats_2013_pat0004_1 ...", carry=["device-carry/loo"], timeout_s=600)
+#
+# Each fold's two models come back as $OUT/CASE.tar (model cards, weights, training logs; whatever
+# finished), with $OUT/CASE.json (the held-out scores) and $OUT/CASE.log. For a dry run on a CPU:
+#   SYNTH=existing-synth-train DEVICE=cpu LOO_ARGS="--epochs 1 --iterations 2" OUT=/tmp/o bash benchmarks/loo_gpu.sh CASE
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CARRY=device-carry/loo
+
+if [ "${1:-}" = "--prepare" ]; then  # run inside the project's venv, with ../shared/data
+    set -e
+    version() { python3 -m pip show "$1" | awk '/^Version/{print $2}'; }
+    mkdir -p "$CARRY/whl" "$CARRY/brats2015-dev"
+    # What the GPU image lacks for training, scoring and tumorseg synth (the MNI template ships in nilearn).
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$CARRY/whl" "monai==$(version monai)" "nibabel==$(version nibabel)" "pydicom==$(version pydicom)" \
+        "connected-components-3d==$(version connected-components-3d)" "tomli-w==$(version tomli_w)" \
+        "nilearn==$(version nilearn)"
+    for case in ../shared/data/brats2015-dev/*/; do  # the images, truth and licence; not the brain masks
+        mkdir -p "$CARRY/brats2015-dev/$(basename "$case")"
+        cp "$case"/Flair_* "$case"/T1c_* "$case"/OTMultiClass* "$case"/License* "$CARRY/brats2015-dev/$(basename "$case")/"
+    done
+    du -sh "$CARRY"
+    exit 0
+fi
+
+OUT=${OUT:-loo-gpu-results}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+python3 -c "import monai, nibabel, pydicom, cc3d, tomli_w, nilearn" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$CARRY"/whl/*.whl || exit 1
+cores=$(nproc)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "$cores cores; folds: $*"
+# A few seconds of the same training and scoring first, so that a failure costs little device time.
+smoke=(--dataset "$CARRY/brats2015-dev" --label-scheme brats2015 -o /tmp/smoke --epochs 1 --iterations 3
+       --patch-size 64,64,64 --spacing 1.5,1.5,1.5 --filters 16,32,64,128 --validation-fraction 0.25 -q)
+case=$(ls "$CARRY/brats2015-dev" | head -1)
+timeout 120 python3 -m tumorseg.cli train "${smoke[@]}" --device "${DEVICE:-cuda}" --workers 2 &&
+    timeout 60 python3 -m tumorseg.cli predict --model /tmp/smoke --device "${DEVICE:-cuda}" -o /tmp/smoke-out -q \
+        --flair "$CARRY/brats2015-dev/$case"/Flair_*.nii.gz --t1gd "$CARRY/brats2015-dev/$case"/T1c_*.nii.gz ||
+    { echo "smoke test failed"; exit 1; }
+started=$SECONDS
+SYNTH=${SYNTH:-/tmp/synth}  # an existing complete set is only checked
+timeout 200 python3 -m tumorseg.cli synth -o "$SYNTH" --cases 240 --seed 1000 --generator-version 1 \
+    --workers "$cores" -q || exit 1
+echo "synthetic data: $((SECONDS - started)) s"
+# Every fold at once, each with its share of the cores; folds after the second at low priority, so
+# that the first two finish in time even where the cores are slower than expected.
+workers=$(( cores / ($# < 2 ? 1 : 2) - 1 ))
+i=0
+for case in "$@"; do
+    priority=$(( i++ < 2 ? 0 : 19 ))
+    timeout $(( 540 - SECONDS )) nice -n $priority python3 benchmarks/leave_one_out.py --synth "$SYNTH" --brats "$CARRY/brats2015-dev" \
+        -o /tmp/loo --case "$case" --json "$OUT/$case.json" --device "${DEVICE:-cuda}" --workers "$workers" \
+        ${LOO_ARGS:-} >"$OUT/$case.log" 2>&1 &
+done
+wait
+echo "folds: $((SECONDS - started)) s"
+for case in "$@"; do
+    (cd /tmp/loo && tar -cf "$OUT/$case.tar" "$case"/step*/{model.toml,model.safetensors,training.json} 2>/dev/null)
+    grep -a "held out\|Error\|error" "$OUT/$case.log" | tail -3
+done
+ls -la "$OUT"
