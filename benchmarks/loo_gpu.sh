@@ -5,8 +5,9 @@
 #   bash benchmarks/loo_gpu.sh --prepare        # here: fills device-carry/loo (wheels, brats2015-dev)
 #   device tool: run(command="bash benchmarks/loo_gpu.sh brats_2013_pat0004_1 ...", carry=["device-carry/loo"], timeout_s=600)
 #
-# Each fold's two models come back as $OUT/CASE.tar (model cards, weights, training logs; whatever
-# finished), with $OUT/CASE.json (the held-out scores) and $OUT/CASE.log. For a dry run on a CPU:
+# Each fold comes back as one file, $OUT/CASE.tar (a device run returns at most 8): CASE/CASE.json (the
+# held-out scores), CASE/CASE.log, and the two models' cards, weights and training logs (whatever
+# finished). For a dry run on a CPU:
 #   SYNTH=existing-synth-train DEVICE=cpu LOO_ARGS="--epochs 1 --iterations 2" OUT=/tmp/o bash benchmarks/loo_gpu.sh CASE
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,14 +59,15 @@ workers=$(( cores / ($# < 2 ? 1 : 2) - 1 ))
 i=0
 for case in "$@"; do
     priority=$(( i++ < 2 ? 0 : 19 ))
+    mkdir -p "/tmp/loo/$case"
     timeout $(( 540 - SECONDS )) nice -n $priority python3 benchmarks/leave_one_out.py --synth "$SYNTH" --brats "$CARRY/brats2015-dev" \
-        -o /tmp/loo --case "$case" --json "$OUT/$case.json" --device "${DEVICE:-cuda}" --workers "$workers" \
-        ${LOO_ARGS:-} >"$OUT/$case.log" 2>&1 &
+        -o /tmp/loo --case "$case" --json "/tmp/loo/$case/$case.json" --device "${DEVICE:-cuda}" --workers "$workers" \
+        ${LOO_ARGS:-} >"/tmp/loo/$case/$case.log" 2>&1 &
 done
 wait
 echo "folds: $((SECONDS - started)) s"
 for case in "$@"; do
-    (cd /tmp/loo && tar -cf "$OUT/$case.tar" "$case"/step*/{model.toml,model.safetensors,training.json} 2>/dev/null)
-    grep -a "held out\|Error\|error" "$OUT/$case.log" | tail -3
+    (cd /tmp/loo && tar -cf "$OUT/$case.tar" "$case/$case".{json,log} "$case"/step*/{model.toml,model.safetensors,training.json} 2>/dev/null)
+    grep -a "held out\|Error\|error" "/tmp/loo/$case/$case.log" | tail -3
 done
 ls -la "$OUT"
