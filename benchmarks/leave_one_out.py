@@ -70,8 +70,9 @@ def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
 
 def step_command(step: str, case: str, synth: Path, brats: Path, output: Path, epochs: int, iterations: int,
                  init: Path | None, runs_on: tuple[str, ...] = ()) -> list[str]:
-    """The ``tumorseg train`` command of one step; ``runs_on``: options of where it runs (--device,
-    --workers), which do not change what is trained."""
+    """The ``tumorseg train`` command of one step; ``runs_on``: options of where it runs, outside the
+    recipe: --workers does not change the batches, but --device cuda trains in mixed precision, so
+    its weights differ a little from a CPU run's."""
     options = list(COMMON)
     options[options.index("--epochs") + 1] = str(epochs)
     options[options.index("--iterations") + 1] = str(iterations)
@@ -110,6 +111,8 @@ def main() -> None:
                         help="for training (on CUDA in mixed precision); scoring runs where predict would")
     parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
     args = parser.parse_args()
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
     runs_on = ("--device", args.device, "--workers", str(args.workers))
 
     results = {}

@@ -8,7 +8,8 @@
 # Each fold comes back as one file, $OUT/CASE.tar (a device run returns at most 8): CASE/CASE.json (the
 # held-out scores), CASE/CASE.log, and the two models' cards, weights and training logs (whatever
 # finished). For a dry run on a CPU:
-#   SYNTH=existing-synth-train DEVICE=cpu LOO_ARGS="--epochs 1 --iterations 2" OUT=/tmp/o bash benchmarks/loo_gpu.sh CASE
+#   SYNTH=existing-synth-train DEVICE=cpu DEADLINE=3600 LOO_ARGS="--epochs 1 --iterations 2" OUT=/tmp/o \
+#       bash benchmarks/loo_gpu.sh CASE
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=device-carry/loo
@@ -31,8 +32,13 @@ if [ "${1:-}" = "--prepare" ]; then  # run inside the project's venv, with ../sh
     exit 0
 fi
 
+for case in "$@"; do  # before any device time is spent
+    grep -q "\"$case\"" benchmarks/leave_one_out.py || { echo "$case: not one of leave_one_out.IN_TRAINING"; exit 2; }
+done
+[ $# -ge 1 ] || { echo "usage: bash benchmarks/loo_gpu.sh CASE... (or --prepare)"; exit 2; }
+DEADLINE=${DEADLINE:-540}  # seconds from the start by which the folds are stopped, so the tars still come back
 OUT=${OUT:-loo-gpu-results}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 python3 -c "import monai, nibabel, pydicom, cc3d, tomli_w, nilearn" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -44,6 +50,7 @@ echo "$cores cores; folds: $*"
 smoke=(--dataset "$CARRY/brats2015-dev" --label-scheme brats2015 -o /tmp/smoke --epochs 1 --iterations 3
        --patch-size 64,64,64 --spacing 1.5,1.5,1.5 --filters 16,32,64,128 --validation-fraction 0.25 -q)
 case=$(ls "$CARRY/brats2015-dev" | head -1)
+rm -rf /tmp/smoke /tmp/smoke-out
 timeout 120 python3 -m tumorseg.cli train "${smoke[@]}" --device "${DEVICE:-cuda}" --workers 2 &&
     timeout 60 python3 -m tumorseg.cli predict --model /tmp/smoke --device "${DEVICE:-cuda}" -o /tmp/smoke-out -q \
         --flair "$CARRY/brats2015-dev/$case"/Flair_*.nii.gz --t1gd "$CARRY/brats2015-dev/$case"/T1c_*.nii.gz ||
@@ -53,6 +60,9 @@ SYNTH=${SYNTH:-/tmp/synth}  # an existing complete set is only checked
 timeout 200 python3 -m tumorseg.cli synth -o "$SYNTH" --cases 240 --seed 1000 --generator-version 1 \
     --workers "$cores" -q || exit 1
 echo "synthetic data: $((SECONDS - started)) s"
+left=$(( DEADLINE - SECONDS ))
+[ "$left" -ge 60 ] || { echo "only $left s left before DEADLINE for the folds"; exit 1; }
+started=$SECONDS
 # Every fold at once, each with its share of the cores; folds after the second at low priority, so
 # that the first two finish in time even where the cores are slower than expected.
 workers=$(( cores / ($# < 2 ? 1 : 2) - 1 ))
@@ -60,14 +70,15 @@ i=0
 for case in "$@"; do
     priority=$(( i++ < 2 ? 0 : 19 ))
     mkdir -p "/tmp/loo/$case"
-    timeout $(( 540 - SECONDS )) nice -n $priority python3 benchmarks/leave_one_out.py --synth "$SYNTH" --brats "$CARRY/brats2015-dev" \
+    timeout "$left" nice -n $priority python3 benchmarks/leave_one_out.py --synth "$SYNTH" --brats "$CARRY/brats2015-dev" \
         -o /tmp/loo --case "$case" --json "/tmp/loo/$case/$case.json" --device "${DEVICE:-cuda}" --workers "$workers" \
         ${LOO_ARGS:-} >"/tmp/loo/$case/$case.log" 2>&1 &
 done
 wait
 echo "folds: $((SECONDS - started)) s"
 for case in "$@"; do
-    (cd /tmp/loo && tar -cf "$OUT/$case.tar" "$case/$case".{json,log} "$case"/step*/{model.toml,model.safetensors,training.json} 2>/dev/null)
+    (cd /tmp/loo && ls -d "$case/$case".{json,log} "$case"/step*/{model.toml,model.safetensors,training.json} 2>/dev/null |
+        tar -cf "$OUT/$case.tar" -T -)  # whatever finished
     grep -a "held out\|Error\|error" "/tmp/loo/$case/$case.log" | tail -3
 done
 ls -la "$OUT"

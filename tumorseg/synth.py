@@ -34,6 +34,8 @@ import importlib.util
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -718,27 +720,37 @@ def _check_previous_seed(output: Path, seed: int, generator_version: int) -> Non
                           "or choose another output folder", path=previous)
 
 
-def _write_case(job: tuple[Path, Path, int, int]) -> tuple[tuple[int, ...], float]:
+def _write_case(job: tuple[Path, Path, int, int]) -> tuple[str, tuple[int, ...], float]:
     image_path, label_path, case_seed, version = job
     started = time.perf_counter()
     case = synth_case(case_seed, version)
     _save_nifti(image_path, np.moveaxis(case.image, 0, -1), case.affine)
     _save_nifti(label_path, case.labels, case.affine)
-    return case.labels.shape, time.perf_counter() - started
+    return image_path.name, case.labels.shape, time.perf_counter() - started
+
+
+def _ignore_interrupt() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
 @contextlib.contextmanager
 def _pool(workers: int):
-    """``map`` in order, in this process (``workers`` 0) or in that many processes."""
+    """``map`` in order, in this process (``workers`` 0) or in that many processes; an error or
+    Ctrl-C cancels the cases not started (files are written atomically, so a rerun resumes)."""
     if workers == 0:
         yield builtins
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupt)
+    try:
         yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENERATOR_VERSION,
@@ -769,8 +781,8 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
             if not ((output / "imagesTr" / name).is_file() and (output / "labelsTr" / name).is_file())]
     log.debug("%d of %d synthetic cases exist, skipped", cases - len(todo), cases)
     with _pool(workers) as pool:
-        for done, (shape, seconds) in enumerate(pool.map(_write_case, todo), start=cases - len(todo) + 1):
-            log.info("synthetic case %d/%d written, shape %s (%.1f s)", done, cases, shape, seconds)
+        for done, (name, shape, seconds) in enumerate(pool.map(_write_case, todo), start=cases - len(todo) + 1):
+            log.info("%s written (%d of %d), shape %s (%.1f s)", name, done, cases, shape, seconds)
     description = {
         "name": "tumorseg-synth",
         "description": "Synthetic gliomas (edema, non-enhancing/necrotic core, enhancing tumour) on the "

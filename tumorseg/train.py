@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,8 @@ def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[
 
 
 def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of augmented patches; data sets (groups) are drawn by ``cfg.dataset_weights``."""
+    """A batch of augmented patches (float images, uint8 class indices); data sets (groups) are
+    drawn by ``cfg.dataset_weights``."""
     images, labels = [], []
     patch = np.array(cfg.patch_size)
     spec = cfg.card().input
@@ -232,7 +234,7 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
         img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng,
                                cfg.augment, preferred)
         images.append(img_t)
-        labels.append(lab_t)
+        labels.append(lab_t.to(torch.uint8))  # an eighth of int64's bytes between processes
     return torch.stack(images), torch.stack(labels)[:, None]
 
 
@@ -269,15 +271,15 @@ class _Batches(torch.utils.data.Dataset):
 
 def _in_order(items: torch.utils.data.Dataset, workers: int, pin_memory: bool = False):
     """The items of ``items`` in order, made in this process (``workers`` 0) or ahead of use by
-    ``workers`` processes. Forked where the platform can, so the workers share the prepared cases
-    instead of receiving a copy each."""
+    ``workers`` processes. Forked on Linux, so the workers share the prepared cases instead of
+    receiving a copy each."""
     if workers == 0:
         return (items[i] for i in range(len(items)))
-    import multiprocessing
-
-    context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    # Not on macOS, where forking a process that has started torch is unsafe.
+    context = "fork" if sys.platform.startswith("linux") else None
     return torch.utils.data.DataLoader(items, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                       multiprocessing_context=context, prefetch_factor=4, pin_memory=pin_memory)
+                                       multiprocessing_context=context, prefetch_factor=2, pin_memory=pin_memory,
+                                       generator=torch.Generator())  # leaves the global RNG as with 0 workers
 
 
 def _as_is(item):
@@ -377,39 +379,42 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     start_epoch = 0
     checkpoint_path = output / CHECKPOINT_NAME
     if resume:
-        start_epoch, history = _load_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler)
+        start_epoch, history = _load_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, scaler)
         log.info("resuming after epoch %d", start_epoch)
     elif checkpoint_path.exists():
         raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
 
     network.train()
     batches = iter(_in_order(_Batches(prepared, cfg, start_epoch), workers, pin_memory=device.type == "cuda"))
-    for epoch in range(start_epoch, cfg.epochs):
-        started, losses = time.perf_counter(), []
-        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for _ in bar:
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = loss_fn(network(images), labels)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        val = {}
-        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
-            network.eval()
-            val = validate(network, prepared_val, card, device)
-            network.train()
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
-                        "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})
-        log.info("epoch %d: loss %.4f, validation Dice %s", epoch + 1, np.mean(losses), val.get("mean"))
-        _save_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, epoch + 1, history)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            started, losses = time.perf_counter(), []
+            bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+            for _ in bar:
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    loss = loss_fn(network(images), labels)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            val = {}
+            if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
+                network.eval()
+                val = validate(network, prepared_val, card, device)
+                network.train()
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
+                            "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})
+            log.info("epoch %d: loss %.4f, validation Dice %s", epoch + 1, np.mean(losses), val.get("mean"))
+            _save_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, scaler, epoch + 1, history)
+    finally:
+        del batches  # ends the workers now, also when an exception keeps this frame alive
 
     network.eval()
     card = dataclasses.replace(
@@ -445,7 +450,7 @@ def _provenance(init: LoadedModel) -> dict[str, Any]:
     return out
 
 
-def _save_checkpoint(path, cfg, network, optimizer, scheduler, epoch, history) -> None:
+def _save_checkpoint(path, cfg, network, optimizer, scheduler, scaler, epoch, history) -> None:
     state = {
         "config": json.dumps(to_dict(cfg), sort_keys=True),
         "epoch": epoch,
@@ -453,12 +458,13 @@ def _save_checkpoint(path, cfg, network, optimizer, scheduler, epoch, history) -
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),  # the loss scale of mixed precision ({} on the CPU)
     }
     with atomic_path(path) as tmp:
         torch.save(state, str(tmp))
 
 
-def _load_checkpoint(path, cfg, network, optimizer, scheduler) -> tuple[int, list]:
+def _load_checkpoint(path, cfg, network, optimizer, scheduler, scaler) -> tuple[int, list]:
     if not path.is_file():
         raise ConfigError("--resume given but there is no checkpoint", path)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -470,4 +476,6 @@ def _load_checkpoint(path, cfg, network, optimizer, scheduler) -> tuple[int, lis
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # absent from earlier checkpoints and from CPU runs
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]), json.loads(state["history"])
