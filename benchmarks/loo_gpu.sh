@@ -16,14 +16,8 @@ CARRY=device-carry/loo
 
 if [ "${1:-}" = "--prepare" ]; then  # run inside the project's venv, with ../shared/data
     set -e
-    version() { python3 -m pip show "$1" | awk '/^Version/{print $2}'; }
-    mkdir -p "$CARRY/whl" "$CARRY/brats2015-dev"
     # What the GPU image lacks for training, scoring and tumorseg synth (the MNI template ships in nilearn).
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$CARRY/whl" "monai==$(version monai)" "nibabel==$(version nibabel)" "pydicom==$(version pydicom)" \
-        "connected-components-3d==$(version connected-components-3d)" "tomli-w==$(version tomli_w)" \
-        "nilearn==$(version nilearn)"
+    bash benchmarks/fetch_device_wheels.sh "$CARRY/whl" monai nibabel pydicom connected-components-3d tomli-w nilearn
     for case in ../shared/data/brats2015-dev/*/; do  # the images, truth and licence; not the brain masks
         mkdir -p "$CARRY/brats2015-dev/$(basename "$case")"
         cp "$case"/Flair_* "$case"/T1c_* "$case"/OTMultiClass* "$case"/License* "$CARRY/brats2015-dev/$(basename "$case")/"

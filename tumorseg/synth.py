@@ -776,9 +776,9 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
     seeds = _case_seeds(int(seed), int(cases))
     names = [f"synth_{i:04d}.nii.gz" for i in range(len(seeds))]
     training = [{"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"} for name in names]
-    todo = [(output / "imagesTr" / name, output / "labelsTr" / name, case_seed, version)
-            for name, case_seed in zip(names, seeds)
-            if not ((output / "imagesTr" / name).is_file() and (output / "labelsTr" / name).is_file())]
+    jobs = [(output / "imagesTr" / name, output / "labelsTr" / name, case_seed, version)
+            for name, case_seed in zip(names, seeds)]
+    todo = [job for job in jobs if not (job[0].is_file() and job[1].is_file())]
     log.debug("%d of %d synthetic cases exist, skipped", cases - len(todo), cases)
     with _pool(workers) as pool:
         for done, (name, shape, seconds) in enumerate(pool.map(_write_case, todo), start=cases - len(todo) + 1):

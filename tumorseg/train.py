@@ -8,6 +8,7 @@ epoch from it and so repeats exactly what an uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -361,9 +362,9 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
                 raise case
             ready.append(case)
             bar.update()
-    ends = np.cumsum([len(group) for group in train_groups])
-    prepared = [ready[end - len(group):end] for group, end in zip(train_groups, ends)]
-    prepared_val = ready[len(train_cases):]
+    in_order = iter(ready)
+    prepared = [list(itertools.islice(in_order, len(group))) for group in train_groups]
+    prepared_val = list(in_order)
 
     torch.manual_seed(cfg.seed)
     network = build_network(card)
