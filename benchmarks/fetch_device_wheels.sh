@@ -2,8 +2,9 @@
 # Wheels that a lent GPU machine lacks (its image has torch, scipy, scikit-image, matplotlib,
 # safetensors, click and tqdm, but not these), for its Python 3.12, into device-carry/whl
 # (ignored by git; carry it), or into DEST with only the PACKAGEs named:
-#   bash benchmarks/fetch_device_wheels.sh [DEST PACKAGE...] SimpleITK (50 MB) is left out: only NRRD, MHA and DICOM reading
-# need it, and the GPU checks read NIfTI. --no-deps: the image's torch (2.11) must satisfy monai's
+#   bash benchmarks/fetch_device_wheels.sh [DEST PACKAGE...]
+# SimpleITK (50 MB) is left out: only NRRD, MHA and DICOM reading need it, and the GPU checks read
+# NIfTI. --no-deps: the image's torch (2.11) must satisfy monai's
 # own requirement (torch >= 2.8 for monai 1.6). Run on a machine with PyPI access, inside the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
