@@ -1,19 +1,20 @@
 """Leave-one-out for the default model's recipe: retrain it without one real case, score that case.
 
-The default model (models/default) was trained in two steps, on synthetic cases and on three of the
-four BraTS 2015 cases in ../shared/data/brats2015-dev (pat0006 held out). Its scores on the other
-three say little, as it saw them. For each case given, this script trains both steps again with that
-case left out and the other three real cases in, pat0006 included (the card's recorded commands, see
-``RECIPE``), then scores the held-out case as ``predict`` runs on it (FLAIR and T1c):
+The default model (models/default) was trained in three steps, on synthetic cases and on three of
+the four BraTS 2015 cases in ../shared/data/brats2015-dev (pat0006 held out). Its scores on the other
+three say little, as it saw them. For each case given, this script trains all three steps again with
+that case left out and the other three real cases in, pat0006 included (the card's recorded
+commands, see ``RECIPE``), then scores the held-out case as ``predict`` runs on it (FLAIR and T1c):
 
     tumorseg synth -o synth-train --cases 240 --seed 1000 --generator-version 1   # the card's data
     python benchmarks/leave_one_out.py --synth synth-train --brats ../shared/data/brats2015-dev \\
         -o loo/ --json loo.json
 
-One fold is about 95 minutes on a 2-core CPU, and about 4 on one H200 with `--device cuda --workers 7`
-(three folds at once, see loo_gpu.sh). A step already trained is reused and a killed one
-resumes, so a rerun only does what is missing. ``--epochs``/``--iterations`` shrink the recipe for a
-quick check of the mechanics (the scores then mean nothing).
+One fold is about 2 hours on a 2-core CPU (steps 1 and 2 about 95 minutes, step 3 about 35), and
+a few minutes on one H200 with `--device cuda --workers 7` (three folds at once, see loo_gpu.sh). A
+step already trained is reused and a killed one resumes, so a rerun only does what is missing.
+``--epochs``/``--iterations`` shrink every step for a quick check of the mechanics (the scores then
+mean nothing).
 """
 from __future__ import annotations
 
@@ -33,16 +34,22 @@ from tumorseg.pipeline import Segmenter  # noqa: E402
 #: The real cases the default model was trained on.
 IN_TRAINING = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1")
 
-#: The default card's two training commands without their data paths, output, name and exclusions
-#: (tests/test_leave_one_out.py checks them against models/default/model.toml). Step 1 used the first
-#: 123 synthetic cases; ``--low-resolution 0`` because that augmentation came later.
-COMMON = ["--label-scheme", "brats2015", "--epochs", "20", "--iterations", "100", "--batch-size", "2",
-          "--patch-size", "64,64,64", "--spacing", "1.5,1.5,1.5", "--filters", "16,32,64,128",
-          "--validation-fraction", "0.05", "--low-resolution", "0"]
+#: The default card's three training commands without their data paths, output, name and
+#: exclusions (tests/test_leave_one_out.py checks them against models/default/model.toml). Step 1
+#: used the first 123 synthetic cases; steps 1 and 2 ``--low-resolution 0`` because that
+#: augmentation came later, step 3 its default of then, 0.2.
+COMMON = ["--label-scheme", "brats2015", "--batch-size", "2", "--patch-size", "64,64,64", "--spacing", "1.5,1.5,1.5",
+          "--filters", "16,32,64,128", "--validation-fraction", "0.05"]
 RECIPE = {
-    "step1": {"synthetic_cases": 123, "options": ["--lr", "2e-3", "--validate-every", "5", "--seed", "0"]},
-    "step2": {"synthetic_cases": None, "options": ["--lr", "1e-3", "--validate-every", "10", "--seed", "1"]},
+    "step1": {"synthetic_cases": 123, "epochs": 20,
+              "options": ["--lr", "2e-3", "--validate-every", "5", "--seed", "0", "--low-resolution", "0"]},
+    "step2": {"synthetic_cases": None, "epochs": 20,
+              "options": ["--lr", "1e-3", "--validate-every", "10", "--seed", "1", "--low-resolution", "0"]},
+    "step3": {"synthetic_cases": None, "epochs": 15,
+              "options": ["--lr", "5e-4", "--validate-every", "15", "--preferred-set", "flair,t1gd", "--seed", "5",
+                          "--low-resolution", "0.2"]},
 }
+ITERATIONS = 100  # per epoch, in every step
 
 
 def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
@@ -68,27 +75,29 @@ def synthetic_subset(synth: Path, cases: int, target: Path) -> Path:
     return target
 
 
-def step_command(step: str, case: str, synth: Path, brats: Path, output: Path, epochs: int, iterations: int,
+def step_length(step: str, epochs: int | None, iterations: int | None) -> tuple[int, int]:
+    """Epochs and iterations per epoch of one step: the recipe's, unless shrunk."""
+    return epochs or RECIPE[step]["epochs"], iterations or ITERATIONS
+
+
+def step_command(step: str, case: str, synth: Path, brats: Path, output: Path, length: tuple[int, int],
                  init: Path | None, runs_on: tuple[str, ...] = ()) -> list[str]:
     """The ``tumorseg train`` command of one step; ``runs_on``: options of where it runs, outside the
     recipe: --workers does not change the batches, but --device cuda trains in mixed precision, so
     its weights differ a little from a CPU run's."""
-    options = list(COMMON)
-    options[options.index("--epochs") + 1] = str(epochs)
-    options[options.index("--iterations") + 1] = str(iterations)
     command = [sys.executable, "-m", "tumorseg.cli", "train", "--dataset", str(synth), "--dataset", str(brats),
-               "-o", str(output), "--name", f"tumorseg-loo-{case}", "--exclude", case, *options,
-               *RECIPE[step]["options"], *runs_on]
+               "-o", str(output), "--name", f"tumorseg-loo-{case}", "--exclude", case, *COMMON,
+               "--epochs", str(length[0]), "--iterations", str(length[1]), *RECIPE[step]["options"], *runs_on]
     return command + (["--init", str(init)] if init else [])
 
 
-def train_step(command: list[str], output: Path, case: str, epochs: int, iterations: int, init: Path | None) -> None:
+def train_step(command: list[str], output: Path, case: str, length: tuple[int, int], init: Path | None) -> None:
     """Run one training step unless ``output`` holds it already (resuming a killed one)."""
     if (output / "model.toml").exists():
         training = load_model(str(output)).card.training
         config = training["config"]
         base = load_model(str(init)).sha256 if init else None
-        if (config["epochs"], config["iterations_per_epoch"]) != (epochs, iterations) or \
+        if (config["epochs"], config["iterations_per_epoch"]) != length or \
                 case not in training.get("excluded_cases", []) or config.get("init_weights_sha256") != base:
             raise SystemExit(f"{output} holds a model trained with other settings; choose another --output")
         print(f"{output}: trained already, reused", flush=True)
@@ -102,10 +111,10 @@ def main() -> None:
     parser.add_argument("--synth", type=Path, required=True,
                         help="the data of tumorseg synth --cases 240 --seed 1000 --generator-version 1")
     parser.add_argument("--brats", type=Path, required=True, help="the brats2015-dev case folders")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="one folder per fold: step1/, step2/")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="one folder per fold: step1/ to step3/")
     parser.add_argument("--case", action="append", choices=IN_TRAINING, help="fold(s) to run  [default: all three]")
-    parser.add_argument("--epochs", type=int, default=20, help="per step (recipe: 20)")
-    parser.add_argument("--iterations", type=int, default=100, help="per epoch (recipe: 100)")
+    parser.add_argument("--epochs", type=int, help="per step, to shrink the recipe (its: 20, 20, 15)")
+    parser.add_argument("--iterations", type=int, help=f"per epoch, to shrink the recipe (its: {ITERATIONS})")
     parser.add_argument("--json", type=Path, help="write the held-out scores here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="for training (on CUDA in mixed precision); scoring runs where predict would")
@@ -120,17 +129,19 @@ def main() -> None:
         fold = args.output / case
         step1_data = synthetic_subset(args.synth, RECIPE["step1"]["synthetic_cases"], fold / "synth-step1")
         init = None
-        for step, synth in (("step1", step1_data), ("step2", args.synth)):
-            command = step_command(step, case, synth, args.brats, fold / step, args.epochs, args.iterations, init,
-                                   runs_on)
-            train_step(command, fold / step, case, args.epochs, args.iterations, init)
+        for step in RECIPE:
+            synth = step1_data if step == "step1" else args.synth
+            length = step_length(step, args.epochs, args.iterations)
+            command = step_command(step, case, synth, args.brats, fold / step, length, init, runs_on)
+            train_step(command, fold / step, case, length, init)
             init = fold / step
         print(f"fold {case}: scoring the held-out case with {init}", flush=True)
         segmenter = Segmenter(str(init), load_pipeline("default"))
         results[case] = score(segmenter, args.brats, "brats2015", only={case})["cases"][case]
         if args.json:  # after every fold: a later fold's failure loses nothing
-            args.json.write_text(json.dumps({"recipe": "models/default (both steps)", "held_out": results,
-                                             "epochs": args.epochs, "iterations": args.iterations}, indent=2))
+            args.json.write_text(json.dumps({"recipe": "models/default (all three steps)", "held_out": results,
+                                             "lengths": {s: step_length(s, args.epochs, args.iterations) for s in RECIPE}},
+                                            indent=2))
     for case, row in results.items():
         print(f"held out {case}: " + ", ".join(f"{r} {row[r]:.3f}" for r in ("WT", "TC", "ET")))
 

@@ -6,7 +6,7 @@
 #   device tool: run(command="bash benchmarks/loo_gpu.sh brats_2013_pat0004_1 ...", carry=["device-carry/loo"], timeout_s=600)
 #
 # Each fold comes back as one file, $OUT/CASE.tar (a device run returns at most 8): CASE/CASE.json (the
-# held-out scores), CASE/CASE.log, and the two models' cards, weights and training logs (whatever
+# held-out scores), CASE/CASE.log, and each step's card, weights and training log (whatever
 # finished). For a dry run on a CPU:
 #   SYNTH=existing-synth-train DEVICE=cpu DEADLINE=3600 LOO_ARGS="--epochs 1 --iterations 2" OUT=/tmp/o \
 #       bash benchmarks/loo_gpu.sh CASE

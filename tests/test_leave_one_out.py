@@ -36,24 +36,28 @@ def _datasets(command: list[str]) -> list[str]:
     return [command[i + 1] for i, word in enumerate(command) if word == "--dataset"]
 
 
-def test_recipe_is_the_default_cards_two_commands():
+def test_recipe_is_the_default_cards_three_commands():
     training = load_model(str(ROOT / "models" / "default")).card.training
-    recorded = {"step1": training["initialised_from"]["command"], "step2": training["command"]}
-    for step, text in recorded.items():
-        init = Path("step1") if step == "step2" else None
-        command, card = loo.step_command(step, "x", Path("synth"), Path("brats"), Path("o"), 20, 100, init), shlex.split(text)
+    chain = [training["initialised_from"]["initialised_from"], training["initialised_from"], training]
+    for n, (step, recorded) in enumerate(zip(loo.RECIPE, chain)):
+        init = Path("previous") if n else None
+        length = loo.step_length(step, None, None)
+        command, card = loo.step_command(step, "x", Path("synth"), Path("brats"), Path("o"), length, init), \
+            shlex.split(recorded["command"])
         ours = _options(command)
-        assert ours.pop("--low-resolution") == "0"  # the option came after the default was trained
+        # The option came after steps 1 and 2 were trained; step 3 had its default of then.
+        expected = training["config"]["augment"]["low_resolution"] if step == "step3" else 0
+        assert float(ours.pop("--low-resolution")) == expected
         assert ours == _options(card), step
-        # The order of the data sets matters (the sampler draws by position); step 2 starts from step 1.
+        # The order of the data sets matters (the sampler draws by position); each step starts from the last.
         assert [Path(d).name for d in _datasets(command)] == ["synth", "brats"]
         assert [Path(d).name for d in _datasets(card)] == ["synth-train", "brats2015-dev"]
-        assert ("--init" in command) == ("--init" in card) == (step == "step2")
-    for command in (training["synthetic_data_command"], training["initialised_from"]["synthetic_data_command"]):
-        words = shlex.split(command)
+        assert ("--init" in command) == ("--init" in card) == (step != "step1")
+        words = shlex.split(recorded["synthetic_data_command"])
         assert words[words.index("--seed") + 1] == "1000" and words[words.index("--generator-version") + 1] == "1"
-    cases = shlex.split(training["initialised_from"]["synthetic_data_command"])
-    assert int(cases[cases.index("--cases") + 1]) == loo.RECIPE["step1"]["synthetic_cases"]
+        cases = int(words[words.index("--cases") + 1])
+        assert cases == (loo.RECIPE[step]["synthetic_cases"] or 240)
+    assert [s for s in loo.RECIPE] == ["step1", "step2", "step3"]
 
 
 def test_synthetic_data_of_another_seed_or_generator_is_refused(tmp_path):
@@ -91,7 +95,7 @@ def _tiny_synthetic_set(root: Path, cases: int, generator_version: int = 1) -> P
 
 
 @pytest.mark.slow
-def test_a_shrunken_fold_trains_both_steps_without_the_case_and_scores_it(tmp_path):
+def test_a_shrunken_fold_trains_every_step_without_the_case_and_scores_it(tmp_path):
     brats = shared_data("brats2015-dev")
     synth = _tiny_synthetic_set(tmp_path / "synth", 125)
     case = "brats_2013_pat0004_1"
@@ -101,19 +105,22 @@ def test_a_shrunken_fold_trains_both_steps_without_the_case_and_scores_it(tmp_pa
     subprocess.run(command, check=True, timeout=900)
 
     fold = tmp_path / "loo" / case
-    step1, step2 = (load_model(str(fold / s)).card.training for s in ("step1", "step2"))
-    for training in (step1, step2):
+    step1, step2, step3 = (load_model(str(fold / s)).card.training for s in loo.RECIPE)
+    for training in (step1, step2, step3):
         assert case not in training["training_cases"] + training["validation_cases"]
         assert {c for c in loo.IN_TRAINING if c != case} | {"brats_2013_pat0006_1"} <= set(training["training_cases"])
     assert sum(c.startswith("synth_") for c in step1["training_cases"] + step1["validation_cases"]) == 123
-    assert sum(c.startswith("synth_") for c in step2["training_cases"] + step2["validation_cases"]) == 125
+    for training in (step2, step3):
+        assert sum(c.startswith("synth_") for c in training["training_cases"] + training["validation_cases"]) == 125
     assert step2["initialised_from"]["weights_sha256"] == load_model(str(fold / "step1")).sha256
+    assert step3["initialised_from"]["weights_sha256"] == load_model(str(fold / "step2")).sha256
+    assert step3["config"]["augment"]["preferred_set"] > 0 and step1["config"]["augment"]["low_resolution"] == 0
     result = json.loads((tmp_path / "loo.json").read_text())["held_out"]
     assert list(result) == [case] and all(0.0 <= result[case][r] <= 1.0 for r in ("WT", "TC", "ET"))
 
-    # A rerun reuses both steps; a model trained with other settings is refused, not reused.
+    # A rerun reuses all three steps; a model trained with other settings is refused, not reused.
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
-    assert rerun.stdout.count("trained already, reused") == 2
+    assert rerun.stdout.count("trained already, reused") == 3
     other = command.copy()
     other[other.index("--iterations") + 1] = "2"
     refused = subprocess.run(other, capture_output=True, text=True, timeout=900)
