@@ -124,14 +124,14 @@ def main() -> None:
         parser.error("--workers must be 0 or more")
     runs_on = ("--device", args.device, "--workers", str(args.workers))
 
+    lengths = {step: step_length(step, args.epochs, args.iterations) for step in RECIPE}
     results = {}
     for case in args.case or IN_TRAINING:
         fold = args.output / case
         step1_data = synthetic_subset(args.synth, RECIPE["step1"]["synthetic_cases"], fold / "synth-step1")
         init = None
-        for step in RECIPE:
-            synth = step1_data if step == "step1" else args.synth
-            length = step_length(step, args.epochs, args.iterations)
+        for step, length in lengths.items():
+            synth = step1_data if RECIPE[step]["synthetic_cases"] else args.synth
             command = step_command(step, case, synth, args.brats, fold / step, length, init, runs_on)
             train_step(command, fold / step, case, length, init)
             init = fold / step
@@ -140,8 +140,7 @@ def main() -> None:
         results[case] = score(segmenter, args.brats, "brats2015", only={case})["cases"][case]
         if args.json:  # after every fold: a later fold's failure loses nothing
             args.json.write_text(json.dumps({"recipe": "models/default (all three steps)", "held_out": results,
-                                             "lengths": {s: step_length(s, args.epochs, args.iterations) for s in RECIPE}},
-                                            indent=2))
+                                             "lengths": lengths}, indent=2))
     for case, row in results.items():
         print(f"held out {case}: " + ", ".join(f"{r} {row[r]:.3f}" for r in ("WT", "TC", "ET")))
 

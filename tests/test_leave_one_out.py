@@ -39,6 +39,7 @@ def _datasets(command: list[str]) -> list[str]:
 def test_recipe_is_the_default_cards_three_commands():
     training = load_model(str(ROOT / "models" / "default")).card.training
     chain = [training["initialised_from"]["initialised_from"], training["initialised_from"], training]
+    assert list(loo.RECIPE) == ["step1", "step2", "step3"]  # one recipe step per card command
     for n, (step, recorded) in enumerate(zip(loo.RECIPE, chain)):
         init = Path("previous") if n else None
         length = loo.step_length(step, None, None)
@@ -57,7 +58,6 @@ def test_recipe_is_the_default_cards_three_commands():
         assert words[words.index("--seed") + 1] == "1000" and words[words.index("--generator-version") + 1] == "1"
         cases = int(words[words.index("--cases") + 1])
         assert cases == (loo.RECIPE[step]["synthetic_cases"] or 240)
-    assert [s for s in loo.RECIPE] == ["step1", "step2", "step3"]
 
 
 def test_synthetic_data_of_another_seed_or_generator_is_refused(tmp_path):
