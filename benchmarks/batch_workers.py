@@ -28,6 +28,7 @@ import torch
 
 from tumorseg.batch.cases import discover
 from tumorseg.batch.runner import BatchRunner, quiet_stage_logs
+from tumorseg.config import load_pipeline
 from tumorseg.pipeline import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,15 +67,17 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--worker-mode", default="auto", choices=["auto", "pipelined", "whole_cases"],
                         help="see BatchRunner: auto is whole cases on a CPU device, pipelined on a GPU")
+    parser.add_argument("--tta", action="store_true",
+                        help="8-flip mirroring, as the default pipeline runs (without it one pass, as docs/performance.md measured)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="tumorseg-bench-") as tmp:
         root = args.cases_root or default_cases(Path(tmp) / "cases", args.cases)
         cases = discover(root)
-        segmenter = Segmenter(args.model)
+        segmenter = Segmenter(args.model, load_pipeline("default").with_overrides(tta=args.tta))
         print(f"{len(cases)} cases from {root}; model {segmenter.card.name}; torch threads {torch.get_num_threads()}; "
-              f"device {segmenter.device}; worker mode {args.worker_mode}")
+              f"device {segmenter.device}; worker mode {args.worker_mode}; tta {segmenter.config.inference.tta}")
         seconds: dict[int, float] = {}
         network_share: dict[int, float] = {}
         first_out: Path | None = None

@@ -2,8 +2,9 @@
 
     python benchmarks/cpu_predict.py [--model default] [--case examples/BraTS-GLI-00001-000] [--repeats 2]
 
-Prints, in one run on this machine: tumorseg's whole predict (read to written files), its
-inference stage alone, and two baselines on the same network and normalised input: MONAI
+Prints, in one run on this machine: tumorseg's whole predict (read to written files) as the
+default pipeline runs it (8-flip mirroring) and with ``--no-tta``, its one-pass inference stage
+alone, and two baselines on the same network and normalised input: MONAI
 ``sliding_window_inference`` with its defaults (fp32, one window per batch, overlap 0.25,
 constant blending: less work than ours), and with tumorseg's settings (fp32, one window per
 batch, tumorseg's overlap, Gaussian blending: the same work), each with its ratio and argmax
@@ -40,17 +41,21 @@ def main() -> None:
     start = time.perf_counter()
     segmenter = Segmenter(args.model)
     load_s = time.perf_counter() - start
+    one_pass = Segmenter(segmenter.model, segmenter.config.with_overrides(tta=False))
     study = assign_sequences([args.case], {}, lambda p: volume_count(p) > 1)
     card = segmenter.card
 
-    whole, infer_s = [], []
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            result = segmenter.segment_files(study)
-            write_outputs(result, segmenter.spec, Path(out))
-            whole.append(time.perf_counter() - start)
-            infer_s.append(result.timings["infer"])
+    whole: dict[str, list[float]] = {}
+    infer_s = []
+    for name, seg in (("default pipeline", segmenter), ("--no-tta", one_pass)):
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                result = seg.segment_files(study)
+                write_outputs(result, seg.spec, Path(out))
+                whole.setdefault(name, []).append(time.perf_counter() - start)
+                if seg is one_pass:
+                    infer_s.append(result.timings["infer"])
 
     scan = read.read_study(study)
     array, transform = model_input(scan, card)
@@ -58,7 +63,7 @@ def main() -> None:
     from monai.inferers import sliding_window_inference
 
     network = segmenter.model.network.eval()
-    overlap = segmenter.config.inference.overlap
+    overlap = one_pass.config.inference.overlap
     settings = {
         "defaults": ({}, "fp32, 1 window/batch, overlap 0.25, constant"),
         "our settings": ({"overlap": overlap, "mode": "gaussian", "sigma_scale": infer.SIGMA_SCALE},
@@ -73,13 +78,15 @@ def main() -> None:
                 logits = sliding_window_inference(image, card.input.patch_size, 1, network, **kwargs)
             times.append(time.perf_counter() - start)
         baselines[name] = (min(times), logits[0].argmax(0).numpy())
-    ours = np.argmax(infer.predict_probabilities(segmenter.network, array, card.input.patch_size,
-                                                 segmenter.config.inference, segmenter.device), 0)
+    ours = np.argmax(infer.predict_probabilities(one_pass.network, array, card.input.patch_size,
+                                                 one_pass.config.inference, one_pass.device), 0)
 
     print(f"scan {scan.spatial_shape} x {len(scan.channels)} channels -> model grid {transform.model_shape}")
     print(f"model load                        {load_s:6.2f} s (once per process)")
-    print(f"tumorseg predict, read to write   {min(whole):6.2f} s (best of {args.repeats})")
-    print(f"tumorseg inference stage          {min(infer_s):6.2f} s (overlap {overlap}, Gaussian)")
+    for name, times in whole.items():
+        tta = "8-flip mirroring" if name == "default pipeline" and segmenter.config.inference.tta else "one pass"
+        print(f"tumorseg predict, {name:16s} {min(times):6.2f} s read to write ({tta}; best of {args.repeats})")
+    print(f"tumorseg inference stage, one pass {min(infer_s):6.2f} s (overlap {overlap}, Gaussian)")
     for name, (seconds, labels) in baselines.items():
         print(f"MONAI sliding window, {name:12s}{seconds:6.2f} s ({settings[name][1]}): "
               f"ratio baseline / tumorseg {seconds / min(infer_s):.2f}, "

@@ -50,16 +50,17 @@ def main() -> None:
     parser.add_argument("--decathlon", type=Path, action="append", default=[], help="Decathlon-layout data set")
     parser.add_argument("--cases", type=Path, action="append", default=[], help="folder of BraTS-named case folders")
     parser.add_argument("--truth-scheme", default="brats2015", help="label scheme of --cases ground truth")
-    parser.add_argument("--tta", action="store_true", help="with mirroring test-time augmentation")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="mirroring test-time augmentation on or off  [default: the pipeline's, on]")
     parser.add_argument("--all-sequences", action="store_true",
                         help="every sequence to the model, even where its card prefers a subset")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     segmenter = Segmenter(args.model, load_pipeline("default").with_overrides(
-        tta=args.tta or None, all_sequences=args.all_sequences or None))
+        tta=args.tta, all_sequences=args.all_sequences or None))
     print(f"model {segmenter.card.name} {segmenter.card.version} sha256 {segmenter.model.sha256[:16]}..."
-          f"{' with TTA' if args.tta else ''}{' with all sequences' if args.all_sequences else ''}")
+          f"{' with TTA' if segmenter.config.inference.tta else ' without TTA'}{' with all sequences' if args.all_sequences else ''}")
     out = {"model": segmenter.card.name, "weights_sha256": segmenter.model.sha256, "datasets": {}}
     for root in args.decathlon:
         out["datasets"][root.name] = score(segmenter, root, None)

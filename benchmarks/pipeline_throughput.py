@@ -11,7 +11,7 @@ The default model (1.4 M parameters at 1.5 mm) leaves a GPU idle most of the tim
 of a case (reading, resampling, post-processing, writing) costs far more than its inference.
 ``--random-model 32,64,128,256,320,320`` runs an nnU-Net-sized DynUNet instead (random weights,
 1 mm, 128^3 windows: the network of benchmarks/gpu_inference.py), to measure whether the workers
-keep a GPU fed when the network is what a GPU server would run; ``--tta`` adds 8-flip mirroring.
+keep a GPU fed when the network is what a GPU server would run; one network pass per window unless ``--tta`` (8-flip mirroring, the default pipeline's setting).
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--random-model", metavar="FILTERS", help="random-weights DynUNet of these filters instead")
     parser.add_argument("--windows-per-batch", type=int, help="default: the pipeline's")
-    parser.add_argument("--tta", action="store_true", help="8-flip mirroring test-time augmentation")
+    parser.add_argument("--tta", action="store_true",
+                        help="8-flip mirroring test-time augmentation (without it one pass, as docs/performance.md measured)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
@@ -68,7 +69,7 @@ def main() -> None:
         from tumorseg.config import load_pipeline
 
         config = load_pipeline("default").with_overrides(
-            device=args.device, windows_per_batch=args.windows_per_batch, tta=args.tta or None,
+            device=args.device, windows_per_batch=args.windows_per_batch, tta=args.tta,
             compile=args.compile or None)
         model = args.model
         if args.random_model:

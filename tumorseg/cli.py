@@ -64,7 +64,7 @@ def _pipeline_options(command):
         click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]"),
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
-        click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, off]"),
+        click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, on]"),
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
         click.option("--all-sequences/--preferred-sequences", default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)  [default: from the pipeline, preferred]"),
     ]

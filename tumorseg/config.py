@@ -21,8 +21,9 @@ class InferenceConfig:
     overlap: float = 0.5
     #: Windows per forward pass; on the CPU larger batches do not help.
     windows_per_batch: int = 4
-    #: Mirroring test-time augmentation (8 flips; 8x slower, slightly smoother).
-    tta: bool = False
+    #: Mirroring test-time augmentation: the mean of the softmax of 8 flips. 8x the network time;
+    #: on by default, as it scored higher on unseen real and synthetic cases (docs/default-model.md).
+    tta: bool = True
     device: str = "auto"
     #: torch.compile the network: faster on a GPU after a compilation per process (batches).
     compile: bool = False

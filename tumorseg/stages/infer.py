@@ -16,7 +16,8 @@ fast on a GPU:
 * on out-of-memory: halve the windows per pass, then stitch on the host (only the windows
   travel to the device), instead of failing.
 
-Optional mirroring test-time augmentation averages the softmax of all 8 flips of the three axes.
+Mirroring test-time augmentation (``tta``, on in the default pipeline) averages the softmax of all 8
+flips of the three axes.
 """
 from __future__ import annotations
 
