@@ -11,7 +11,8 @@ The default model (1.4 M parameters at 1.5 mm) leaves a GPU idle most of the tim
 of a case (reading, resampling, post-processing, writing) costs far more than its inference.
 ``--random-model 32,64,128,256,320,320`` runs an nnU-Net-sized DynUNet instead (random weights,
 1 mm, 128^3 windows: the network of benchmarks/gpu_inference.py), to measure whether the workers
-keep a GPU fed when the network is what a GPU server would run; one network pass per window unless ``--tta`` (8-flip mirroring, the default pipeline's setting).
+keep a GPU fed when the network is what a GPU server would run. One network pass per window
+unless ``--tta`` (8-flip mirroring, the default pipeline's setting).
 """
 from __future__ import annotations
 
