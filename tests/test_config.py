@@ -150,9 +150,9 @@ def test_non_finite_postprocess_values_refused(tmp_path, text):
 def test_with_overrides():
     config = PipelineConfig()
     assert config.with_overrides(overlap=None, tta=None) is config
-    changed = config.with_overrides(overlap=0.25, tta=True)
-    assert changed.inference == InferenceConfig(overlap=0.25, windows_per_batch=4, tta=True, device="auto")
-    assert config.inference.overlap == 0.5  # the original is untouched
+    changed = config.with_overrides(overlap=0.25, tta=False)  # tta is on by default: turning it off is the change
+    assert changed.inference == InferenceConfig(overlap=0.25, windows_per_batch=4, tta=False, device="auto")
+    assert (config.inference.overlap, config.inference.tta) == (0.5, True)  # the original is untouched
     with pytest.raises(ConfigError, match="overlap"):
         config.with_overrides(overlap=1.0)
     with pytest.raises(ConfigError, match="windows_per_batch"):
