@@ -1,11 +1,13 @@
 """tumorseg.synth: determinism, label anatomy, contrasts, geometry and the Decathlon writer.
 
-One small dataset (3 cases, seed 2: two cases with a skull and one skull-stripped, all small grids to
-keep the module fast) is generated once per module; most tests read it back from disk, so they also
-check what the files hold.
+One small dataset (3 cases, seed 1: MNI152 skull-stripped, Colin27 skull-stripped and Colin27 with its
+real skull, all small grids to keep the module fast) is generated once per module; most tests read it
+back from disk, so they also check what the files hold. Generator version 3 needs Colin27 from Debian's
+mricron-data: without it those tests skip, saying so, and the MNI152-only tests still run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,11 +20,16 @@ from scipy import ndimage as ndi
 from tumorseg import synth
 from tumorseg.errors import ConfigError
 
-CASES, SEED = 3, 2
+CASES, SEED = 3, 1
+HAVE_COLIN27 = all((synth._COLIN_FOLDER / name).is_file() for name, _ in synth._COLIN_FILES.values())
+needs_colin27 = pytest.mark.skipif(
+    not HAVE_COLIN27, reason=f"Colin27 is not in {synth._COLIN_FOLDER}: apt-get install mricron-data")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
+    if not HAVE_COLIN27:
+        pytest.skip(f"generator version 3 needs Colin27 in {synth._COLIN_FOLDER}: apt-get install mricron-data")
     return synth.write_synth_dataset(tmp_path_factory.mktemp("synth") / "Task01_Synth", CASES, SEED)
 
 
@@ -59,7 +66,9 @@ def test_dataset_json_lists_every_case(dataset):
     assert record["seed"] == SEED and record["cases"] == CASES
     assert record["case_seeds"] == synth._case_seeds(SEED, CASES)
     assert len(set(record["case_seeds"])) == CASES
-    assert "McGill" in record["templates"][0]["licence"]
+    assert record["case_anatomies"] == ["mni152", "colin27", "colin27"]
+    assert [t["name"].split()[0] for t in record["templates"]] == ["MNI", "Colin27"]
+    assert "McGill" in record["templates"][0]["licence"] and "BSD-3" in record["templates"][1]["licence"]
     assert not list(dataset.rglob("*.partial*")), "temporary files left behind"
 
 
@@ -86,7 +95,7 @@ def test_same_seed_gives_identical_case_and_world_positions_survive(loaded):
     np.testing.assert_array_equal(case.labels, labels)
     np.testing.assert_allclose(case.affine, affine, atol=1e-4)
     # Each compartment sits at the same world position before and after acquisition.
-    anatomy = synth._anatomy()
+    anatomy = synth._anatomy(scene.anatomy)
     for value in (1, 2, 3):
         before = np.argwhere(scene.labels == value).mean(axis=0)
         world_before = (geometry.head_pose @ anatomy.affine @ np.r_[before, 1.0])[:3]
@@ -160,8 +169,47 @@ def test_skull_and_skull_stripped_backgrounds(loaded):
     assert sorted(set(kinds)) == ["skull", "stripped"], kinds
 
 
-def test_mass_effect_and_white_matter_edema():
-    anatomy = synth._anatomy()
+@pytest.mark.parametrize("name", ["mni152", pytest.param("colin27", marks=needs_colin27)])
+def test_scans_with_skull_have_dark_bone_between_the_brain_and_a_bright_scalp(name):
+    """MNI152 gets a drawn shell; Colin27 keeps its own scalp, skull and face, exactly as scanned on T1."""
+    anatomy = synth._anatomy(name)
+    rng = np.random.default_rng(np.random.SeedSequence(4))
+    scene = synth._build_scene(rng, anatomy, synth._plan_tumour(rng, anatomy))
+    look = dataclasses.replace(synth._draw_look(rng, 3), skull=True, vessels=False)
+    channels = synth._render(rng, anatomy, scene, look)
+    d = anatomy.band_dist
+    for c in (0, 1):  # FLAIR, T1
+        outside = channels[c].ravel()[anatomy.band]
+        assert np.median(outside[(d > 3) & (d < 5)]) < 0.5 * np.percentile(outside[d > 6], 90), c
+    if anatomy.head is not None:
+        clear = d > 3  # the tumour's partial-volume blur cannot reach here
+        np.testing.assert_allclose(channels[1].ravel()[anatomy.band][clear],
+                                   look.means["wm"][1] * anatomy.head[clear], rtol=1e-5)
+
+
+@needs_colin27
+def test_colin27_tissue_maps_fit_the_mni152_brain():
+    """Colin27's grey and white matter come from its own T1 histogram: they must split the brain as
+    MNI152's probability maps do, on a brain outline that lies where MNI152's does (both in MNI space)."""
+    colin, mni = synth._anatomy("colin27"), synth._anatomy("mni152")
+    for anatomy in (colin, mni):
+        assert 0.45 < anatomy.gm[anatomy.mask].mean() < 0.6 and 0.3 < anatomy.wm[anatomy.mask].mean() < 0.45
+    # Both grids are 1 mm with aligned axes: Colin27 voxel i is MNI152 voxel i + offset.
+    offset = np.round(np.linalg.solve(mni.affine, colin.affine)[:3, 3]).astype(int)
+    lo = np.maximum(offset, 0)
+    hi = np.minimum(offset + colin.mask.shape, mni.mask.shape)
+    on_mni = tuple(slice(a, b) for a, b in zip(lo, hi))
+    on_colin = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset))
+    both = (colin.mask[on_colin] & mni.mask[on_mni]).sum()
+    assert 2 * both / (colin.mask.sum() + mni.mask.sum()) > 0.85
+    # A different brain, so overlap, not identity: Colin27's white matter is mostly MNI152's too.
+    assert mni.wm[on_mni][colin.wm[on_colin] > 0.9].mean() > 0.6
+    assert mni.wm[on_mni][colin.gm[on_colin] > 0.9].mean() < 0.4
+
+
+@pytest.mark.parametrize("name", ["mni152", pytest.param("colin27", marks=needs_colin27)])
+def test_mass_effect_and_white_matter_edema(name):
+    anatomy = synth._anatomy(name)
     rng = np.random.default_rng(np.random.SeedSequence(3))
     plan = synth._plan_tumour(rng, anatomy)
     scene = synth._build_scene(rng, anatomy, plan)
@@ -208,7 +256,7 @@ def test_a_folder_of_another_generator_version_is_refused(dataset, tmp_path):
     assert description["tumorseg_synth"]["generator_version"] == synth.GENERATOR_VERSION
     del description["tumorseg_synth"]["generator_version"]  # as version 1 wrote it
     (copy / "dataset.json").write_text(json.dumps(description))
-    with pytest.raises(ConfigError, match="generator version 1, not 2"):
+    with pytest.raises(ConfigError, match="generator version 1, not 3"):
         synth.write_synth_dataset(copy, CASES + 1, SEED)
     assert not (copy / "labelsTr" / f"synth_{CASES:04d}.nii.gz").exists()
 
@@ -236,8 +284,8 @@ def test_a_version_1_folder_is_extended_only_as_version_1(dataset, tmp_path):
         synth.write_synth_dataset(copy, CASES, SEED)
     synth.write_synth_dataset(copy, CASES, SEED, version=1)  # every case there: nothing regenerated
     assert json.loads((copy / "dataset.json").read_text())["tumorseg_synth"]["generator_version"] == 1
-    with pytest.raises(ConfigError, match=r"one of \[1, 2\]"):
-        synth.write_synth_dataset(tmp_path / "new", 1, SEED, version=3)
+    with pytest.raises(ConfigError, match=r"one of \[1, 2, 3\]"):
+        synth.write_synth_dataset(tmp_path / "new", 1, SEED, version=4)
 
 
 def test_rerun_skips_existing_and_resumes_missing(dataset, tmp_path):
@@ -282,6 +330,30 @@ def test_missing_nilearn_is_named(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="nilearn"):
         synth.write_synth_dataset(tmp_path / "out", 1, 0)
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_colin27_is_named_and_version_2_needs_none(monkeypatch, tmp_path):
+    monkeypatch.setattr(synth, "_COLIN_FOLDER", tmp_path / "no-mricron")
+    with pytest.raises(ConfigError, match="apt-get install mricron-data") as error:
+        synth.write_synth_dataset(tmp_path / "out", 1, 0)
+    assert "ch2.nii.gz" in str(error.value)
+    assert not (tmp_path / "out").exists()
+    written = synth.write_synth_dataset(tmp_path / "v2", 1, 0, version=2)
+    record = json.loads((written / "dataset.json").read_text())["tumorseg_synth"]
+    assert record["case_anatomies"] == ["mni152"] and len(record["templates"]) == 1
+
+
+@needs_colin27
+def test_other_colin27_voxels_are_refused(monkeypatch):
+    """A seed promises the same case: Colin27 files whose voxels differ would break that silently."""
+    files = dict(synth._COLIN_FILES, brain=("ch2bet.nii.gz", "0" * 64))
+    monkeypatch.setattr(synth, "_COLIN_FILES", files)
+    synth._anatomy.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="voxels differ"):
+            synth._anatomy("colin27")
+    finally:
+        synth._anatomy.cache_clear()
 
 
 def test_workers_write_the_same_files(dataset, tmp_path):

@@ -69,7 +69,7 @@ def test_validate_synthetic_dataset_predicts_and_agrees_with_monai(tmp_path):
     pytest.importorskip("nilearn", reason="tumorseg synth needs nilearn (the test extra)")
     from tumorseg.synth import write_synth_dataset
 
-    data = write_synth_dataset(tmp_path / "synth", 2, seed=21)
+    data = write_synth_dataset(tmp_path / "synth", 2, seed=21, version=2)  # MNI152 only: no need for Debian's mricron-data
     # A background bias keeps the random model's masks tumour-sized (and the test quick).
     model = make_tiny_model(tmp_path / "model", spacing=(3.0, 3.0, 3.0), background_bias=3.5)
     out = tmp_path / "report"

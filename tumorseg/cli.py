@@ -408,9 +408,10 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the Decathlon-layout data set.")
 @click.option("--cases", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--generator-version", type=click.Choice(["1", "2"]), default="2", show_default=True,
-              help="2 paints enhancing normal structures (venous sinuses, choroid plexus) as background; "
-                   "1 reproduces earlier data sets, such as the default model's training data.")
+@click.option("--generator-version", type=click.Choice(["1", "2", "3"]), default="3", show_default=True,
+              help="3 draws half the cases on the Colin27 head (needs Debian's mricron-data), with its real "
+                   "skull; 2 and 3 paint enhancing normal structures (venous sinuses, choroid plexus) as "
+                   "background; 1 and 2 reproduce earlier data sets (1: the default model's training data).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes making cases in parallel (the files are the same with any number).")
 @click.option("-q", "--quiet", is_flag=True)
 def synth(output, cases, seed, generator_version, workers, quiet):

@@ -1,8 +1,10 @@
 """Deterministic synthetic brain-tumour MRI cases on real healthy anatomy.
 
-A case starts from the MNI ICBM152 2009a symmetric template (T1 and grey/white-matter probability maps,
-1 mm, the copy inside the nilearn wheel), pushes the tissue away from a tumour (mass effect), paints a
-three-compartment glioma (necrotic core, enhancing rim, white-matter-following edema), renders four
+A case starts from one of two healthy heads: the MNI ICBM152 2009a symmetric template (T1 and
+grey/white-matter probability maps, 1 mm, the copy inside the nilearn wheel), or, from generator version
+3 on, the Colin27 single-subject T1 with and without skull (Debian's mricron-data), whose tissue maps are
+fitted to its own intensities and whose real scalp, skull and face are kept in scans with skull. It
+pushes the tissue away from a tumour (mass effect), paints a three-compartment glioma (necrotic core, enhancing rim, white-matter-following edema), renders four
 MR contrasts (FLAIR, T1w, T1gd, T2w), then "acquires" them like a scanner would: a random head pose,
 a random voxel grid (spacing, axis order and flips, small obliquity, field of view), slice-profile blur,
 a smooth bias field, Rician noise and an arbitrary intensity scale. Some cases keep a scalp and skull,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -56,12 +59,21 @@ CHANNELS = ("flair", "t1", "t1gd", "t2")
 LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
 EDEMA, CORE, ENHANCING = 1, 2, 3
 #: Bumped whenever a seed's images change; recorded in dataset.json, a folder never mixes versions.
-GENERATOR_VERSION = 2
-#: Versions this code still makes, byte for byte (version 1: no enhancing normal structures; the
-#: default model was trained on it, so its card's command needs it).
-GENERATOR_VERSIONS = (1, 2)
+GENERATOR_VERSION = 3
+#: Versions this code still makes, byte for byte (version 1: no enhancing normal structures, and the
+#: default model was trained on it, so its card's command needs it; version 2: MNI152 anatomy only).
+GENERATOR_VERSIONS = (1, 2, 3)
+#: Healthy anatomies: versions 1 and 2 use the first only, version 3 draws one per case.
+ANATOMIES = ("mni152", "colin27")
 
 _TEMPLATE_FILES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
+_COLIN_FOLDER = Path("/usr/share/mricron/templates")
+#: Colin27 with skull and skull-stripped, and the sha256 of their voxels (uint8) as Debian's
+#: mricron-data 1.2.20211006 ships them: other voxels would make other cases from the same seed.
+_COLIN_FILES = {
+    "head": ("ch2.nii.gz", "f5a6ac5d280552d299bc4fb0e6724485f25bad45f69117e87fa5880ebdcce7af"),
+    "brain": ("ch2bet.nii.gz", "1848bfb33c39fdd1c23b7eefefa2aa77442e2c6e620b080b1e0663bf57a04a25"),
+}
 _MNI_LICENCE = (
     "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
     "Institute, McGill University. Permission to use, copy, modify, and distribute this software and "
@@ -111,6 +123,7 @@ class SynthCase:
 class _Anatomy:
     """The healthy template on its 1 mm grid; arrays are shared across cases: never mutate them."""
 
+    name: str  # one of ANATOMIES
     affine: np.ndarray  # template voxel -> MNI mm
     t1: np.ndarray  # float32, template T1 scaled so that white matter ~ 1
     gm: np.ndarray  # float32 probability
@@ -122,6 +135,7 @@ class _Anatomy:
     centre_depth: np.ndarray  # float32 depth (mm) of those centres inside the brain
     centre_in_wm: np.ndarray  # bool, centre is in white matter
     brain_box_mm: np.ndarray  # (2, 3) min/max MNI mm of the brain
+    head: np.ndarray | None  # float32 T1 of the real scalp, skull and face at ``band`` (scaled as t1), or None
 
 
 def _template_paths() -> dict[str, Path]:
@@ -144,26 +158,89 @@ def _template_paths() -> dict[str, Path]:
     return paths
 
 
-@functools.lru_cache(maxsize=1)
-def _anatomy() -> _Anatomy:
+def _colin_paths() -> dict[str, Path]:
+    """Paths of Colin27 with and without skull, from Debian's mricron-data package."""
+    paths = {k: _COLIN_FOLDER / name for k, (name, _) in _COLIN_FILES.items()}
+    missing = [p for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            "is missing, and synthetic generator version 3 draws half its cases on this Colin27 head: "
+            "install Debian's mricron-data package (apt-get install mricron-data), or make MNI152-only "
+            "cases with --generator-version 2", path=missing[0])
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def _anatomy(name: str = "mni152") -> _Anatomy:
+    """The healthy anatomy ``name`` (one of :data:`ANATOMIES`), loaded once per process."""
+    if name == "colin27":
+        return _colin27()
+    if name != "mni152":
+        raise ValueError(f"unknown anatomy {name!r}; known: {list(ANATOMIES)}")
     import nibabel as nib
 
     paths = _template_paths()
     t1_img = nib.load(str(paths["t1"]))
-    affine = np.asarray(t1_img.affine, dtype=np.float64)
     raw_t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
     gm = np.asarray(nib.load(str(paths["gm"])).dataobj, dtype=np.float32) / 255.0
     wm = np.asarray(nib.load(str(paths["wm"])).dataobj, dtype=np.float32) / 255.0
+    # The template is skull-stripped: its scans with skull get a drawn shell (_render).
+    return _finish_anatomy("mni152", paths["t1"], t1_img.affine, raw_t1, gm, wm, raw_t1 > 0, None)
+
+
+def _colin27() -> _Anatomy:
+    import nibabel as nib
+
+    paths = _colin_paths()
+    images = {k: nib.load(str(p)) for k, p in paths.items()}
+    voxels = {k: np.asarray(im.dataobj) for k, im in images.items()}
+    for key, (name, digest) in _COLIN_FILES.items():
+        if hashlib.sha256(np.ascontiguousarray(voxels[key]).tobytes()).hexdigest() != digest:
+            raise ConfigError(f"its voxels differ from the Colin27 {name} this generator was written for "
+                              "(Debian mricron-data 1.2.20211006), so seeds would not give the documented "
+                              "cases; make cases with --generator-version 2 instead", path=paths[key])
+    if not np.allclose(images["head"].affine, images["brain"].affine) or voxels["head"].shape != voxels["brain"].shape:
+        raise ConfigError(f"is not on the grid of {paths['brain']}", path=paths["head"])
+    brain = voxels["brain"].astype(np.float32)
+    mask = ndi.binary_fill_holes(_largest_component(brain > 0))  # BET left a few specks outside
+    gm, wm = _tissue_fractions(brain, mask)
+    raw_t1 = np.where(mask, brain, 0).astype(np.float32)
+    return _finish_anatomy("colin27", paths["brain"], images["brain"].affine, raw_t1, gm, wm, mask,
+                           voxels["head"].astype(np.float32))
+
+
+def _tissue_fractions(t1: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Grey- and white-matter fractions of the voxels in ``mask`` of an integer-valued T1 (the rest
+    of the brain is CSF).
+
+    Partial-volume model: a voxel between two tissues' typical intensities is a linear mix of them.
+    The typical intensities are histogram peaks: white matter the highest, grey matter the highest at
+    least 15 levels darker, CSF the highest darker than half the grey matter. Colin27 (27 averaged
+    scans) has little noise or bias, which is what a histogram model needs.
+    """
+    counts = ndi.gaussian_filter1d(np.bincount(t1[mask].astype(np.int64)).astype(np.float64), 2.0)
+    white = int(np.argmax(counts))
+    grey = int(np.argmax(counts[:white - 15]))
+    csf_level = int(np.argmax(counts[:grey // 2]))
+    wm = np.clip((t1 - grey) / (white - grey), 0, 1) * mask
+    csf = np.clip((grey - t1) / (grey - csf_level), 0, 1) * mask
+    return (mask - wm - csf).astype(np.float32), wm.astype(np.float32)
+
+
+def _finish_anatomy(name: str, path: Path, affine, raw_t1: np.ndarray, gm: np.ndarray, wm: np.ndarray,
+                    mask: np.ndarray, head: np.ndarray | None) -> _Anatomy:
+    """The derived maps every anatomy needs; ``head`` is the full-head T1 (same scale as raw_t1) or None."""
+    affine = np.asarray(affine, dtype=np.float64)
     if not np.allclose(affine[:3, :3], np.eye(3)):  # the code below counts mm in template voxels
-        raise ValueError(f"{paths['t1']}: expected a 1 mm RAS template grid, got affine {affine.tolist()}")
-    mask = raw_t1 > 0  # the template is skull-stripped
+        raise ValueError(f"{path}: expected a 1 mm RAS template grid, got affine {affine.tolist()}")
     total = gm + wm
     over = total > 1.0
     gm[over] /= total[over]
     wm[over] /= total[over]
     gm *= mask
     wm *= mask
-    t1 = raw_t1 / np.float32(raw_t1[wm > 0.9].mean())
+    white = np.float32(raw_t1[wm > 0.9].mean())
+    t1 = raw_t1 / white
 
     outside = ndi.distance_transform_edt(~mask).astype(np.float32)
     band = np.flatnonzero((outside > 0) & (outside < 25))
@@ -180,10 +257,11 @@ def _anatomy() -> _Anatomy:
     lo, hi = index.min(0), index.max(0)
     box = np.stack([lo, hi]).astype(np.float64) @ affine[:3, :3].T + affine[:3, 3]
     return _Anatomy(
-        affine=affine, t1=t1, gm=gm, wm=wm, mask=mask,
+        name=name, affine=affine, t1=t1, gm=gm, wm=wm, mask=mask,
         band=band, band_dist=outside.ravel()[band],
         centres=centres, centre_depth=depth.ravel()[centres], centre_in_wm=wm.ravel()[centres] > 0.6,
         brain_box_mm=np.sort(box, axis=0),
+        head=None if head is None else head.ravel()[band] / white,
     )
 
 
@@ -247,6 +325,7 @@ def _plan_tumour(rng: np.random.Generator, anat: _Anatomy) -> _TumourPlan:
 class _Scene:
     """The case on the template grid, before acquisition."""
 
+    anatomy: str  # the name of the _Anatomy whose grid this is
     gm: np.ndarray
     wm: np.ndarray
     t1: np.ndarray
@@ -392,7 +471,7 @@ def _build_scene(rng: np.random.Generator, anat: _Anatomy, plan: _TumourPlan) ->
     gm[box], wm[box], t1[box] = warped["gm"], warped["wm"], warped["t1"]
     soft = {name: ndi.gaussian_filter((local == value).astype(np.float32), 0.6)
             for name, value in (("edema", EDEMA), ("necrosis", CORE), ("enhancing", ENHANCING))}
-    return _Scene(gm=gm, wm=wm, t1=t1, labels=labels, box=box, soft=soft, edema_strength=strength)
+    return _Scene(anatomy=anat.name, gm=gm, wm=wm, t1=t1, labels=labels, box=box, soft=soft, edema_strength=strength)
 
 
 # --------------------------------------------------------------------------- contrast
@@ -421,11 +500,11 @@ def _draw_look(rng: np.random.Generator, version: int) -> _Look:
                  vessels=vessels)
 
 
-@functools.lru_cache(maxsize=1)
-def _vessel_paths() -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=None)
+def _vessel_paths(name: str = "mni152") -> dict[str, np.ndarray]:
     """Template-voxel centrelines of the superior sagittal and transverse sinuses, and candidate
-    voxels of the choroid plexus (atria of the lateral ventricles), from the template's own mask."""
-    anat = _anatomy()
+    voxels of the choroid plexus (atria of the lateral ventricles), from anatomy ``name``'s own mask."""
+    anat = _anatomy(name)
     aff = anat.affine
     mm = [aff[a, a] * np.arange(n) + aff[a, 3] for a, n in enumerate(anat.mask.shape)]
     midline = int(np.argmin(np.abs(mm[0])))
@@ -455,7 +534,7 @@ def _vessel_paths() -> dict[str, np.ndarray]:
 
 def _vessels(rng: np.random.Generator, anat: _Anatomy) -> np.ndarray:
     """Partial-volume weights (0..1, template grid) of the enhancing normal structures of one case."""
-    paths = _vessel_paths()
+    paths = _vessel_paths(anat.name)
     inward = np.array([0.0, 1.0, -1.0])  # a sinus lies partly inside the brain's outline: forward, down
     tubes = [(paths["sss"] + rng.uniform(0.5, 3.5) * inward, rng.uniform(2.0, 4.5))]
     if rng.random() < 0.7:
@@ -483,13 +562,18 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look) -> list[np.ndarray]:
-    """Four float32 contrasts on the template grid (the skull shell only for skull cases)."""
+    """Four float32 contrasts on the template grid (outside the brain only for skull cases: the
+    anatomy's real head where it has one, else a drawn shell of CSF, bone, marrow and scalp)."""
     csf = np.clip(anat.mask - scene.gm - scene.wm, 0, 1)
     if look.skull:
         d = anat.band_dist
         a1, a2, a3 = look.shell_mm
         beyond_csf, beyond_bone, head = _sigmoid((d - a1) / 0.6), _sigmoid((d - a2) / 0.6), _sigmoid((a3 - d) / 0.6)
         diploe = _sigmoid((d - a1 - 1.5) / 0.6) * _sigmoid((a2 - 1.5 - d) / 0.6)
+        if anat.head is not None:
+            # The real head is a T1 only. Other contrasts: T1-dark is CSF next to the brain and bone or
+            # air beyond it, T1-bright is fat (scalp, marrow), in between a mix (muscle, partial volume).
+            fat = np.clip((anat.head - 0.25) / 0.75, 0, 1)
     box = scene.box
     het = {k: 1 + 0.08 * _smooth_noise(rng, scene.labels[box].shape, 5.0) for k in ("edema", "necrosis", "enhancing")}
     vessels = _vessels(rng, anat) if look.vessels else None
@@ -499,7 +583,14 @@ def _render(rng: np.random.Generator, anat: _Anatomy, scene: _Scene, look: _Look
         ch = m["wm"] * scene.wm + m["gm"] * scene.gm + m["csf"] * csf
         if CHANNELS[c] in ("t1", "t1gd"):  # the real template's T1 contrast adds anatomical detail
             ch = 0.5 * ch + (0.5 * m["wm"]) * scene.t1
-        if look.skull:
+        if look.skull and anat.head is not None:
+            if CHANNELS[c] in ("t1", "t1gd"):
+                shell = m["wm"] * anat.head
+            else:
+                dark = (1 - beyond_csf) * m["csf"] + beyond_csf * m["bone"]
+                shell = (1 - fat) * dark + fat * m["scalp"]
+            ch.ravel()[anat.band] = shell
+        elif look.skull:
             shell = ((1 - beyond_csf) * m["csf"] + (beyond_csf - beyond_bone) * m["bone"]
                      + diploe * (m["marrow"] - m["bone"]) + beyond_bone * head * m["scalp"])
             ch.ravel()[anat.band] = shell
@@ -641,7 +732,7 @@ def _synthesise(seed: int, version: int = GENERATOR_VERSION) -> tuple[SynthCase,
         raise ConfigError(f"synthetic case seed must be a non-negative integer, got {seed!r}")
     _check_version(version)
     rng = np.random.default_rng(np.random.SeedSequence(int(seed)))
-    anat = _anatomy()
+    anat = _anatomy(_draw_anatomy(rng, version))
     plan = _plan_tumour(rng, anat)
     scene = _build_scene(rng, anat, plan)
     look = _draw_look(rng, version)
@@ -651,13 +742,24 @@ def _synthesise(seed: int, version: int = GENERATOR_VERSION) -> tuple[SynthCase,
     return SynthCase(image=image, labels=labels, affine=geom.affine.copy()), scene, geom
 
 
+def _draw_anatomy(rng: np.random.Generator, version: int) -> str:
+    """The case's healthy head: the first draw of its random stream from version 3 on (versions 1 and 2
+    draw nothing, which keeps their stream, so their cases)."""
+    return ANATOMIES[int(rng.integers(len(ANATOMIES)))] if version >= 3 else ANATOMIES[0]
+
+
+def _case_anatomy(seed: int, version: int) -> str:
+    return _draw_anatomy(np.random.default_rng(np.random.SeedSequence(int(seed))), version)
+
+
 def synth_case(seed: int, version: int = GENERATOR_VERSION) -> SynthCase:
     """Generate one synthetic glioma case; the same ``seed`` (>= 0) and generator ``version`` give
     byte-identical arrays.
 
     Returns a :class:`SynthCase`: image float32 (4, I, J, K) in :data:`CHANNELS` order, labels uint8
     (I, J, K) in the MSD scheme, affine voxel -> RAS+ mm. Each dimension is at most 256 voxels.
-    Raises ModuleNotFoundError when nilearn (which ships the anatomical template) is not installed.
+    Raises ModuleNotFoundError when nilearn (which ships the MNI152 template) is not installed, and
+    ConfigError for version 3 without Colin27 (Debian's mricron-data) or with other Colin27 voxels.
     """
     return _synthesise(seed, version)[0]
 
@@ -671,11 +773,21 @@ def _case_seeds(seed: int, cases: int) -> list[int]:
     return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0]) for i in range(cases)]
 
 
-def _provenance() -> list[dict[str, object]]:
+def _provenance(version: int) -> list[dict[str, object]]:
     try:
         nilearn_version = importlib.metadata.version("nilearn")
     except importlib.metadata.PackageNotFoundError:
         nilearn_version = "unknown"
+    colin = [{
+        "name": "Colin27 single-subject T1 (27 averaged scans of one head), with skull and skull-stripped",
+        "files": [name for name, _ in _COLIN_FILES.values()],
+        "voxels_sha256": {name: digest for name, digest in _COLIN_FILES.values()},
+        "source": f"Debian package mricron-data 1.2.20211006 ({_COLIN_FOLDER}), originally "
+                  "https://www.bic.mni.mcgill.ca/ServicesAtlases/Colin27",
+        "licence": "MRIcron templates: BSD-3-clause, Copyright 2006-2010 Chris Rorden (Debian copyright "
+                   "file); Colin27: " + _MNI_LICENCE,
+        "references": ["Holmes et al., J Comput Assist Tomogr 22(2), 1998, doi:10.1097/00004728-199803000-00032"],
+    }] if version >= 3 else []
     return [{
         "name": "MNI ICBM152 2009a nonlinear symmetric template (T1, GM and WM probability maps)",
         "files": sorted(_TEMPLATE_FILES.values()),
@@ -684,7 +796,7 @@ def _provenance() -> list[dict[str, object]]:
         "licence": _MNI_LICENCE,
         "references": ["Fonov et al., NeuroImage 54(1), 2011, doi:10.1016/j.neuroimage.2010.07.033",
                        "Fonov et al., NeuroImage 47 S1, 2009, doi:10.1016/S1053-8119(09)70884-5"],
-    }]
+    }] + colin
 
 
 def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -771,7 +883,9 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
         raise ConfigError(f"synthetic dataset seed must be a non-negative integer, got {seed!r}")
     _check_version(version)
     output = Path(output)
-    _template_paths()  # fail before creating anything when nilearn is missing
+    _template_paths()  # fail before creating anything when nilearn (or Colin27) is missing
+    if version >= 3:
+        _colin_paths()
     _check_previous_seed(output, int(seed), version)
     seeds = _case_seeds(int(seed), int(cases))
     names = [f"synth_{i:04d}.nii.gz" for i in range(len(seeds))]
@@ -785,10 +899,13 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
             log.info("%s written (%d of %d), shape %s (%.1f s)", name, done, cases, shape, seconds)
     description = {
         "name": "tumorseg-synth",
-        "description": "Synthetic gliomas (edema, non-enhancing/necrotic core, enhancing tumour) on the "
-                       "MNI152 2009a healthy template, generated by tumorseg.synth",
+        "description": "Synthetic gliomas (edema, non-enhancing/necrotic core, enhancing tumour) on "
+                       + ("the MNI152 2009a healthy template" if version < 3 else
+                          "two healthy heads (the MNI152 2009a template, Colin27)")
+                       + ", generated by tumorseg.synth",
         "reference": "tumorseg.synth",
-        "licence": "synthetic data derived from the MNI ICBM152 2009 template; see tumorseg_synth.templates",
+        "licence": "synthetic data derived from the healthy anatomy in tumorseg_synth.templates, "
+                   "under their licences",
         "release": "1.0",
         "tensorImageSize": "4D",
         "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
@@ -799,7 +916,8 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
         "test": [],
         "tumorseg_synth": {"seed": int(seed), "generator_version": version, "cases": int(cases),
                            "case_seeds": seeds,
-                           "templates": _provenance()},
+                           "case_anatomies": [_case_anatomy(s, version) for s in seeds],
+                           "templates": _provenance(version)},
     }
     write_bytes_atomic(output / "dataset.json", (json.dumps(description, indent=2) + "\n").encode())
     return output
