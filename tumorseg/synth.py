@@ -4,11 +4,12 @@ A case starts from one of two healthy heads: the MNI ICBM152 2009a symmetric tem
 grey/white-matter probability maps, 1 mm, the copy inside the nilearn wheel), or, from generator version
 3 on, the Colin27 single-subject T1 with and without skull (Debian's mricron-data), whose tissue maps are
 fitted to its own intensities and whose real scalp, skull and face are kept in scans with skull. It
-pushes the tissue away from a tumour (mass effect), paints a three-compartment glioma (necrotic core, enhancing rim, white-matter-following edema), renders four
-MR contrasts (FLAIR, T1w, T1gd, T2w), then "acquires" them like a scanner would: a random head pose,
-a random voxel grid (spacing, axis order and flips, small obliquity, field of view), slice-profile blur,
-a smooth bias field, Rician noise and an arbitrary intensity scale. Some cases keep a scalp and skull,
-others are skull-stripped (zero outside the brain, as in BraTS).
+pushes the tissue away from a tumour (mass effect), paints a three-compartment glioma (necrotic core,
+enhancing rim, white-matter-following edema), renders four MR contrasts (FLAIR, T1w, T1gd, T2w),
+then "acquires" them like a scanner would: a random head pose, a random voxel grid (spacing, axis
+order and flips, small obliquity, field of view), slice-profile blur, a smooth bias field, Rician
+noise and an arbitrary intensity scale. Some cases keep a scalp and skull, others are skull-stripped
+(zero outside the brain, as in BraTS).
 
 Normal structures that enhance on T1gd (the superior sagittal and transverse sinuses, the choroid
 plexus) are painted as well and stay background: on real scans they are the commonest false
