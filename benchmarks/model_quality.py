@@ -4,7 +4,10 @@
         --cases ../shared/data/brats2015-dev --truth-scheme brats2015 --json quality.json
 
 Runs the full ``predict`` pipeline (read to postprocess) on each case and scores WT, TC and ET
-on the input grid; prints per-case rows and mean / worst per data set.
+on the input grid; prints per-case rows and mean / worst per data set. Each row also splits the
+whole-tumour error in mL: true and predicted volume, false positives within 10 mm of the true
+tumour (an outline drawn too wide) and beyond it (a second, false lesion), and false negatives;
+the summary gives the mean WT Dice of small (< 30 mL) and larger tumours.
 """
 from __future__ import annotations
 
@@ -15,12 +18,33 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth, region_scores
 from tumorseg.labels import get_scheme
 from tumorseg.pipeline import Segmenter
 from tumorseg.train import discover_cases
+
+#: False positives farther than this from the true tumour count as a separate false lesion.
+NEAR_MM = 10.0
+#: Whole tumours smaller than this are summarised apart: their Dice is the most sensitive to the outline.
+SMALL_ML = 30.0
+
+
+def wt_errors(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """Whole-tumour volumes and errors in mL for two boolean masks on one grid."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000
+    false_pos = pred & ~truth
+    far = np.zeros_like(false_pos)
+    if truth.any() and false_pos.any():
+        far = false_pos & (ndi.distance_transform_edt(~truth, sampling=spacing) > NEAR_MM)
+    elif false_pos.any():
+        far = false_pos
+    return {"true_ml": truth.sum() * ml, "pred_ml": pred.sum() * ml,
+            "fp_near_ml": (false_pos & ~far).sum() * ml, "fp_far_ml": far.sum() * ml,
+            "fn_ml": (truth & ~pred).sum() * ml}
 
 
 def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[str] | None = None) -> dict:
@@ -34,13 +58,23 @@ def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[
         truth = read_truth(case.label_path)
         check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
         scores = region_scores(result.labels.array, segmenter.card.scheme, truth.labels, case.scheme)
-        rows[case.case_id] = {**scores, "seconds": round(time.perf_counter() - start, 1),
+        errors = wt_errors(segmenter.card.scheme.region_mask(result.labels.array, "WT"),
+                           case.scheme.region_mask(truth.labels, "WT"), truth.affine)
+        rows[case.case_id] = {**scores, "wt_errors": errors, "seconds": round(time.perf_counter() - start, 1),
                               "sequences": list(case.inputs.sequences)}
         print(f"{case.case_id:28s} " + " ".join(f"{r} {scores[r]:.3f}" for r in REGIONS)
+              + "  WT mL: true {true_ml:.1f} pred {pred_ml:.1f} FP near {fp_near_ml:.1f} far {fp_far_ml:.1f}"
+                " FN {fn_ml:.1f}".format(**errors)
               + f"  ({rows[case.case_id]['seconds']} s)", flush=True)
     summary = {r: {"mean": float(np.mean([v[r] for v in rows.values()])),
                    "worst": float(np.min([v[r] for v in rows.values()]))} for r in REGIONS}
     print(f"{root.name}: " + "; ".join(f"{r} mean {s['mean']:.3f} worst {s['worst']:.3f}" for r, s in summary.items()))
+    for name, keep in (("small", lambda v: v < SMALL_ML), ("larger", lambda v: v >= SMALL_ML)):
+        dices = [row["WT"] for row in rows.values() if keep(row["wt_errors"]["true_ml"])]
+        summary[f"WT_{name}"] = {"cases": len(dices), "mean": float(np.mean(dices)) if dices else None}
+        if dices:
+            print(f"  WT of {name} tumours ({'<' if name == 'small' else '>='} {SMALL_ML:g} mL): "
+                  f"{len(dices)} cases, mean {np.mean(dices):.3f}")
     return {"cases": rows, "summary": summary}
 
 
