@@ -32,19 +32,16 @@ NEAR_MM = 10.0
 SMALL_ML = 30.0
 
 
-def wt_errors(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+def wt_errors(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, voxel_ml: float) -> dict[str, float]:
     """Whole-tumour volumes and errors in mL for two boolean masks on one grid."""
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000
     false_pos = pred & ~truth
-    far = np.zeros_like(false_pos)
-    if truth.any() and false_pos.any():
+    if truth.any():
         far = false_pos & (ndi.distance_transform_edt(~truth, sampling=spacing) > NEAR_MM)
-    elif false_pos.any():
+    else:
         far = false_pos
-    return {"true_ml": truth.sum() * ml, "pred_ml": pred.sum() * ml,
-            "fp_near_ml": (false_pos & ~far).sum() * ml, "fp_far_ml": far.sum() * ml,
-            "fn_ml": (truth & ~pred).sum() * ml}
+    return {"true_ml": truth.sum() * voxel_ml, "pred_ml": pred.sum() * voxel_ml,
+            "fp_near_ml": (false_pos & ~far).sum() * voxel_ml, "fp_far_ml": far.sum() * voxel_ml,
+            "fn_ml": (truth & ~pred).sum() * voxel_ml}
 
 
 def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[str] | None = None) -> dict:
@@ -59,7 +56,8 @@ def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[
         check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
         scores = region_scores(result.labels.array, segmenter.card.scheme, truth.labels, case.scheme)
         errors = wt_errors(segmenter.card.scheme.region_mask(result.labels.array, "WT"),
-                           case.scheme.region_mask(truth.labels, "WT"), truth.affine)
+                           case.scheme.region_mask(truth.labels, "WT"),
+                           result.labels.spacing, result.labels.voxel_volume_ml)
         rows[case.case_id] = {**scores, "wt_errors": errors, "seconds": round(time.perf_counter() - start, 1),
                               "sequences": list(case.inputs.sequences)}
         print(f"{case.case_id:28s} " + " ".join(f"{r} {scores[r]:.3f}" for r in REGIONS)
@@ -69,12 +67,12 @@ def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[
     summary = {r: {"mean": float(np.mean([v[r] for v in rows.values()])),
                    "worst": float(np.min([v[r] for v in rows.values()]))} for r in REGIONS}
     print(f"{root.name}: " + "; ".join(f"{r} mean {s['mean']:.3f} worst {s['worst']:.3f}" for r, s in summary.items()))
-    for name, keep in (("small", lambda v: v < SMALL_ML), ("larger", lambda v: v >= SMALL_ML)):
-        dices = [row["WT"] for row in rows.values() if keep(row["wt_errors"]["true_ml"])]
+    sizes = {case_id: row["wt_errors"]["true_ml"] for case_id, row in rows.items()}
+    for name, sign, dices in (("small", "<", [rows[c]["WT"] for c, ml in sizes.items() if ml < SMALL_ML]),
+                              ("larger", ">=", [rows[c]["WT"] for c, ml in sizes.items() if ml >= SMALL_ML])):
         summary[f"WT_{name}"] = {"cases": len(dices), "mean": float(np.mean(dices)) if dices else None}
         if dices:
-            print(f"  WT of {name} tumours ({'<' if name == 'small' else '>='} {SMALL_ML:g} mL): "
-                  f"{len(dices)} cases, mean {np.mean(dices):.3f}")
+            print(f"  WT of {name} tumours ({sign} {SMALL_ML:g} mL): {len(dices)} cases, mean {np.mean(dices):.3f}")
     return {"cases": rows, "summary": summary}
 
 
