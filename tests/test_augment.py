@@ -100,3 +100,35 @@ def test_no_preferred_sets_keeps_the_random_stream():
     a = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), AugmentConfig())
     b = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), cfg, ())
     assert torch.equal(a[0], b[0])
+
+
+def test_bias_field_is_a_smooth_gain_inside_the_brain_only():
+    rng = np.random.default_rng(3)
+    inside = torch.zeros(24, 24, 24, dtype=torch.bool)
+    inside[4:20, 4:20, 4:20] = True
+    image = torch.zeros(4, 24, 24, 24)
+    image[:2, inside] = torch.from_numpy(rng.normal(size=(2, int(inside.sum()))).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, size=(24, 24, 24)))
+    cfg = dataclasses.replace(OFF, bias_field=1.0)
+    out, lab = augment(image, labels, [0, 1], np.random.default_rng(4), cfg)
+    assert torch.equal(lab, labels)
+    assert (out[:, ~inside] == 0).all() and (out[2:] == 0).all()  # background and absent sequences stay 0
+    # out = g * z + (g - 1) * k. The same draws on z + 1 give g * (z + 1) + (g - 1) * k: the
+    # difference is the gain field g itself.
+    shifted = image.clone()
+    shifted[0, inside] += 1.0
+    out_shifted, _ = augment(shifted, labels, [0, 1], np.random.default_rng(4), cfg)
+    gain = (out_shifted - out)[0, 4:20, 4:20, 4:20]
+    assert gain.min() > 0.3 and gain.max() < 3.0 and gain.max() - gain.min() > 0.01
+    # Smooth (log-trilinear): second differences along each axis are tiny against its range.
+    for axis in range(3):
+        second = gain.diff(dim=axis).diff(dim=axis)
+        assert second.abs().max() < 0.02 * float(gain.max() - gain.min()) + 1e-5
+
+
+def test_bias_field_off_keeps_the_random_stream():
+    """Models trained before the bias field existed reproduce from their card's command."""
+    image, labels = _patch()
+    a = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), AugmentConfig())
+    b = augment(image, labels, [0, 1, 2, 3], np.random.default_rng(9), dataclasses.replace(AugmentConfig(), bias_field=None))
+    assert torch.equal(a[0], b[0])

@@ -205,7 +205,7 @@ def test_settings_without_the_new_options_match_earlier_checkpoints():
 
     saved = to_dict(TrainConfig())
     assert "preferred_sets" not in saved and "dataset_weights" not in saved
-    assert "preferred_set" not in saved["augment"]
+    assert "preferred_set" not in saved["augment"] and "bias_field" not in saved["augment"]
 
 
 def test_preferred_set_trained_is_the_one_predict_would_choose():

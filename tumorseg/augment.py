@@ -26,6 +26,10 @@ class AugmentConfig:
     #: then interpolated back), as in the 3-6 mm 2D sequences of many hospital protocols.
     low_resolution: float = 0.2
     low_resolution_factor: tuple[float, float] = (1.5, 4.0)
+    #: Per channel: a smooth multiplicative bias field (log-gain trilinear across the patch, up to
+    #: about 1.6x corner to corner), as in scans without bias correction. None: off (and left out
+    #: of saved settings, so checkpoints of earlier versions still resume and their streams stay).
+    bias_field: float | None = None
     #: Probability of keeping only a random non-empty subset of the sequences present.
     sequence_dropout: float = 0.5
     #: Probability of keeping the ``preferred`` channel set passed to ``augment`` alone (the set a
@@ -47,8 +51,13 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
         if rng.random() < cfg.flip:
             image, labels = image.flip(axis + 1), labels.flip(axis)
     image = image.clone()
+    # Outside the brain every channel is 0 (normalize stage); a bias field must leave it so.
+    inside = (image[present] != 0).any(dim=0) if present else None
     for c in present:
         channel = image[c]
+        # No draw when off: the random stream, and so models trained before, stay as they were.
+        if cfg.bias_field and rng.random() < cfg.bias_field:
+            channel.copy_(torch.where(inside, _bias(channel, rng), channel))
         if rng.random() < cfg.intensity:
             channel.mul_(float(rng.uniform(0.8, 1.2))).add_(float(rng.uniform(-0.2, 0.2)))
         if rng.random() < cfg.gamma:
@@ -93,6 +102,17 @@ def _rotate_scale(image, labels, rng, cfg):
     img = F.grid_sample(image[None].permute(0, 1, 4, 3, 2), grid, mode="bilinear", align_corners=False)
     lab = F.grid_sample(labels[None, None].float().permute(0, 1, 4, 3, 2), grid, mode="nearest", align_corners=False)
     return img.permute(0, 1, 4, 3, 2)[0], lab.permute(0, 1, 4, 3, 2)[0, 0].long()
+
+
+def _bias(channel: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """``channel`` (z-scored) as if its raw intensities had been multiplied by a smooth gain.
+
+    Channels are z-scores, raw = mean + sd * z, so a gain g gives g * z + (g - 1) * mean / sd:
+    mostly an offset, with mean / sd (1-4 in brain MRI) drawn too.
+    """
+    log_gain = torch.from_numpy(rng.normal(0, rng.uniform(0.05, 0.25), (1, 1, 2, 2, 2)).astype(np.float32))
+    gain = torch.exp(F.interpolate(log_gain, size=tuple(channel.shape), mode="trilinear", align_corners=True))[0, 0]
+    return gain * channel + (gain - 1) * float(rng.uniform(1.0, 4.0))
 
 
 def _thick_slices(channel: torch.Tensor, axis: int, factor: float) -> torch.Tensor:

@@ -346,6 +346,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--preferred-set", "preferred_sets", multiple=True, help="Sequences the model should use alone when all of them are given, e.g. flair,t1gd (repeatable): written into the card's preferred_sets and trained on alone with --preferred-set-probability.")
 @click.option("--preferred-set-probability", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Probability of training a patch on the first --preferred-set set its case holds, alone (when the case has more sequences).")
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
+@click.option("--bias-field", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a smooth multiplicative bias field (up to about 1.6x across the patch), as in scans without bias correction.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that prepare the cases and draw augmented batches ahead of the network (on a GPU the CPU work is the bottleneck); the batches are the same with any number.")
@@ -355,7 +356,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("-v", "--verbose", is_flag=True)
 def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing,
           filters, lr, validation_fraction, validate_every, sequence_dropout, preferred_sets, preferred_set_probability,
-          low_resolution, seed, device, workers, init_model, resume, quiet, verbose):
+          low_resolution, bias_field, seed, device, workers, init_model, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -390,7 +391,8 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
             filters=filter_t, strides=(1,) + (2,) * (len(filter_t) - 1), learning_rate=lr,
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout, low_resolution=low_resolution,
-                               preferred_set=preferred_set_probability if sets else None),
+                               preferred_set=preferred_set_probability if sets else None,
+                               bias_field=bias_field or None),
             preferred_sets=sets or None, dataset_weights=weights,
             init_weights_sha256=init.sha256 if init else None,
         )
