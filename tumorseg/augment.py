@@ -52,7 +52,7 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
             image, labels = image.flip(axis + 1), labels.flip(axis)
     image = image.clone()
     # Outside the brain every channel is 0 (normalize stage); a bias field must leave it so.
-    inside = (image[present] != 0).any(dim=0) if present else None
+    inside = (image[present] != 0).any(dim=0) if cfg.bias_field else None
     for c in present:
         channel = image[c]
         # No draw when off: the random stream, and so models trained before, stay as they were.
