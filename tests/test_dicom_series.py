@@ -21,7 +21,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from pydicom.uid import generate_uid
 
 from tumorseg.dicom.select import DEFAULT_RULES, SelectionRules, classify_series, select_series
-from tumorseg.dicom.series import DicomSeries, SeriesInfo, find_series, read_series
+from tumorseg.dicom.series import IN_PLANE_TOLERANCE_MM, DicomSeries, SeriesInfo, find_series, read_series
 from tumorseg.dicom.study import inputs_report, read_dicom_study, resample_to_grid
 from tumorseg.errors import ConfigError, GeometryError, InputError, SequenceError
 
@@ -121,6 +121,47 @@ def test_affine_follows_dicom_definition():
     np.testing.assert_array_equal(volume.array[:, :, 0], pydicom.dcmread(series.paths[0]).pixel_array.T)
     z = np.array(series.positions) @ series.normal
     assert np.all(np.diff(z) > 0)
+
+
+def test_files_without_preamble_read_as_with_it(tmp_path):
+    """Old exporters write the data set without the 128-byte preamble and file meta."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in sorted(decubitus("HFS").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.preamble = None
+        del ds.file_meta
+        ds.save_as(bare / path.name, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not (bare / path.name).read_bytes()[128:132] == b"DICM"
+    (found,) = find_series(bare)
+    volume, series = read_series(found)
+    reference, _ = read_series(decubitus("HFS"))
+    np.testing.assert_array_equal(volume.array, reference.array)
+    np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-9)
+    assert len(series.read_headers()) == 35
+
+
+def test_oblique_cosines_stored_to_four_decimals_are_read(tmp_path):
+    """Direction cosines rounded to 4 decimals are not unit length; the slices still lie on
+    their normal (no false gantry tilt) and the affine's slice axis reaches the last slice."""
+    axis = np.array([1.0, 2.0, 0.5]) / np.linalg.norm([1.0, 2.0, 0.5])
+    angle = np.radians(23)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+    def oblique(ds, index):
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient]).reshape(2, 3) @ rotation.T
+        ds.ImageOrientationPatient = [f"{v:.4f}" for v in iop.ravel()]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in rotation @ [float(v) for v in ds.ImagePositionPatient]]
+    files = copy_series(decubitus("HFS"), tmp_path / "oblique", edit=oblique)
+    stored = np.array([float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient])
+    assert abs(np.linalg.norm(stored[:3]) - 1) + abs(np.linalg.norm(stored[3:]) - 1) > 2e-5
+    volume, series = read_series(tmp_path / "oblique")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine
+    np.testing.assert_allclose(lps[:3, :3].T @ lps[:3, :3], np.diag(np.diag(lps[:3, :3].T @ lps[:3, :3])),
+                               atol=1e-3)
+    last = [float(v) for v in pydicom.dcmread(series.paths[-1], stop_before_pixels=True).ImagePositionPatient]
+    np.testing.assert_allclose(lps @ [0, 0, len(series.paths) - 1, 1], [*last, 1], atol=IN_PLANE_TOLERANCE_MM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +272,15 @@ def test_truncated_pixel_data_is_refused(tmp_path):
 def test_non_image_objects_and_other_files_are_ignored(tmp_path, caplog):
     folder = tmp_path / "series"
     shutil.copytree(decubitus("HFS"), folder)
-    shutil.copy(shared_data("dicom", "rt-utils-mock", "rt.dcm"), folder / "rt.dcm")
+    # Planning-system exports name files after the patient: the name stays out of the log.
+    shutil.copy(shared_data("dicom", "rt-utils-mock", "rt.dcm"), folder / f"RS.{CANARY_ID}.dcm")
     (folder / "README.txt").write_text("not DICOM")
     (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
     with caplog.at_level(logging.INFO, logger="tumorseg"):
         series = find_series(tmp_path)
     assert len(series) == 1 and len(series[0].paths) == 35
     assert "RT Structure Set Storage" in caplog.text
+    assert CANARY_ID not in caplog.text
     volume, dicom = read_series(series[0])
     assert volume.array.shape == (256, 256, 35)
 

@@ -395,6 +395,17 @@ def test_refuses_tilted_or_mixed_stacks():
         sort_source_series(other)
 
 
+def test_pixel_spacing_tolerance_is_the_readers():
+    """A series the reader stacks (PixelSpacing within 1e-4 mm) is one the writer accepts."""
+    close = synthetic_series()
+    close[2].PixelSpacing = [0.50005, 0.7]
+    assert sort_source_series(close).pixel_spacing == (0.5, 0.7)
+    mixed = synthetic_series()
+    mixed[2].PixelSpacing = [0.501, 0.7]
+    with pytest.raises(GeometryError, match="PixelSpacing"):
+        sort_source_series(mixed)
+
+
 def test_non_ascii_roi_names_switch_to_utf8_and_keep_the_patient_name(tmp_path):
     source = synthetic_series()
     for ds in source:

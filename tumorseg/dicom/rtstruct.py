@@ -39,6 +39,8 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryError, InputError
 from ..labels import LabelScheme
+# The reader's tolerances: a series it stacks is one the writers accept.
+from .series import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ REGION_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 REGION_TITLES = {"WT": "whole tumour", "TC": "tumour core", "ET": "enhancing tumour"}
 
-# Tolerances for accepting the source slices as one regular stack.
-_ORIENTATION_TOL = 1e-4  # direction cosines
-_IN_PLANE_TOL_MM = 0.01  # IPP offsets across the slice plane (gantry tilt, jitter)
-_SPACING_REL_TOL = 0.01  # relative deviation of a slice gap from the median gap
 
 # The patient and study attributes copied from the source (Patient and General Study modules).
 _PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
@@ -167,7 +165,7 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
         raise InputError("the source series holds the same SOP Instance UID twice")
 
     iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in slices])
-    if np.abs(iop - iop[0]).max() > _ORIENTATION_TOL:
+    if np.abs(iop - iop[0]).max() > ORIENTATION_TOLERANCE:
         raise GeometryError("the source slices have different ImageOrientationPatient values")
     row_dir, col_dir = iop[0, :3], iop[0, 3:]
     if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
@@ -177,8 +175,8 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
     normal = np.cross(row_dir, col_dir)
 
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
-    spacings = {tuple(round(float(v), 6) for v in ds.PixelSpacing) for ds in slices}
-    if len(sizes) > 1 or len(spacings) > 1:
+    spacings = np.array([[float(v) for v in ds.PixelSpacing] for ds in slices])
+    if len(sizes) > 1 or np.abs(spacings - spacings[0]).max() > PIXEL_SPACING_TOLERANCE_MM:
         raise GeometryError("the source slices differ in Rows/Columns or PixelSpacing")
 
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
@@ -200,7 +198,7 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
 def _check_stack(positions: np.ndarray, z: np.ndarray, normal: np.ndarray) -> None:
     in_plane = (positions - positions[0]) - np.outer(z - z[0], normal)
     offset = float(np.linalg.norm(in_plane, axis=1).max())
-    if offset > _IN_PLANE_TOL_MM:
+    if offset > IN_PLANE_TOLERANCE_MM:
         raise GeometryError(
             f"the slice positions drift {offset:.3f} mm across the slice plane (gantry tilt or "
             "a sheared stack); resample the series first"
@@ -212,7 +210,7 @@ def _check_stack(positions: np.ndarray, z: np.ndarray, normal: np.ndarray) -> No
     if gaps.min() < 1e-3:
         raise GeometryError("two source slices share the same position (a duplicated slice)")
     worst = float(np.abs(gaps - median).max())
-    if worst > _SPACING_REL_TOL * median:
+    if worst > GAP_TOLERANCE * median:
         raise GeometryError(
             f"the slice spacing is not uniform (gaps {gaps.min():.3f} to {gaps.max():.3f} mm, "
             f"median {median:.3f} mm): a slice is missing or the series mixes stacks"

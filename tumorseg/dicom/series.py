@@ -185,17 +185,23 @@ class DicomSeries(SeriesInfo):
         return (self.columns, self.rows, len(self.positions))
 
     @property
-    def normal(self) -> np.ndarray:
+    def _unit_cosines(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column directions at unit length (cosines stored to few decimals are not)."""
         iop = np.asarray(self.orientation, dtype=np.float64)
-        return np.cross(iop[:3], iop[3:])
+        return iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+
+    @property
+    def normal(self) -> np.ndarray:
+        normal = np.cross(*self._unit_cosines)
+        return normal / np.linalg.norm(normal)
 
     @property
     def lps_affine(self) -> np.ndarray:
         """4x4 map from voxel (i, j, k, 1) to LPS mm."""
-        iop = np.asarray(self.orientation, dtype=np.float64)
+        row, col = self._unit_cosines
         affine = np.eye(4)
-        affine[:3, 0] = iop[:3] * self.pixel_spacing[1]
-        affine[:3, 1] = iop[3:] * self.pixel_spacing[0]
+        affine[:3, 0] = row * self.pixel_spacing[1]
+        affine[:3, 1] = col * self.pixel_spacing[0]
         affine[:3, 2] = self.normal * self.slice_step
         affine[:3, 3] = np.asarray(self.positions[0], dtype=np.float64)
         return affine
@@ -207,9 +213,7 @@ class DicomSeries(SeriesInfo):
 
     def read_headers(self) -> list:
         """The slices' pydicom Datasets without pixel data, in sorted slice order."""
-        import pydicom
-
-        return [pydicom.dcmread(p, stop_before_pixels=True) for p in self.paths]
+        return [read_dataset(p, stop_before_pixels=True) for p in self.paths]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +247,9 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
         _check_complete(header, path)
         groups[str(header.SeriesInstanceUID)].append((path, header))
     for (_, reason), paths in ignored.items():
-        log.info("ignored %d non-image object(s) (%s), e.g. %s", len(paths), reason, paths[0])
+        # File names at debug level only: exporters put patient names and IDs in them.
+        log.info("ignored %d non-image object(s) (%s)", len(paths), reason)
+        log.debug("the first of them: %s", paths[0])
     series = [_series_info(uid, members) for uid, members in groups.items()]
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description,
                                s.series_uid))
@@ -283,6 +289,26 @@ def has_dicom_marker(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def read_dataset(path: Path, **kwargs):
+    """``pydicom.dcmread`` that also reads files without the 128-byte preamble and file meta.
+
+    Old exporters (ACR-NEMA style) write the data set straight away; pydicom then needs ``force``
+    and knows the encoding only by guessing, so it is recorded as the transfer syntax the pixel
+    decoder asks for.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if has_dicom_marker(path):
+        return pydicom.dcmread(path, **kwargs)
+    ds = pydicom.dcmread(path, force=True, **kwargs)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                          else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
 def _read_header(path: Path):
     """The file's header without pixel data, or None when the file is not a DICOM object."""
     import pydicom
@@ -302,7 +328,8 @@ def _read_header(path: Path):
             log.debug("skipped non-DICOM file %s", path)
             return None
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            # As for files with the marker: pixel data located, not read (see _check_complete).
+            header = read_dataset(path, defer_size=1024)
         except Exception:  # a guess that failed: not a DICOM file after all
             log.debug("skipped non-DICOM file %s", path)
             return None
@@ -444,12 +471,10 @@ def read_series(series: SeriesInfo | str | Path) -> tuple[Volume, DicomSeries]:
 
 def stack_series(series: SeriesInfo) -> DicomSeries:
     """Check the series' headers form one regular stack and sort them (no pixel data read)."""
-    import pydicom
-
     headers = []
     for path in series.paths:
         try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+            headers.append((path, read_dataset(path, stop_before_pixels=True)))
         except Exception as e:
             raise InputError(f"a DICOM file that cannot be parsed ({_first_line(e)})", path) from None
     headers = _drop_repeated_instances(headers)
@@ -468,7 +493,11 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
             f"{series.label}: ImageOrientationPatient {_fmt(iop)} is not two orthogonal unit "
             "vectors", headers[0][0],
         )
+    # Unit length even when the cosines are stored to few decimals: the tilt check measures
+    # millimetres off this normal, and slice steps along it.
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
     z = positions @ normal
     order = np.argsort(z, kind="stable")
@@ -673,14 +702,12 @@ def _check_grid(headers, positions: np.ndarray, z: np.ndarray, normal: np.ndarra
 
 def _read_pixels(series: DicomSeries) -> np.ndarray:
     """float32 (Columns, Rows, slices) with RescaleSlope/Intercept applied."""
-    import pydicom
-
     for ts, path in zip(series.transfer_syntax_uids, series.paths):
         _check_transfer_syntax(ts, path)
     array = np.empty(series.shape, dtype=np.float32)
     for k, (path, uid) in enumerate(zip(series.paths, series.sop_instance_uids)):
         try:
-            ds = pydicom.dcmread(path)
+            ds = read_dataset(path)
         except Exception as e:
             raise InputError(f"a DICOM file that cannot be parsed (truncated or corrupt: "
                              f"{_first_line(e)})", path) from None
@@ -695,7 +722,7 @@ def _check_transfer_syntax(uid: str, path: Path) -> None:
     from pydicom.uid import UID
 
     if not uid:
-        return  # no file meta (a file without preamble): pydicom guessed the encoding
+        return  # none recorded: pydicom guessed the encoding
     name = UID(uid).name
     try:
         decoder = get_decoder(UID(uid))
