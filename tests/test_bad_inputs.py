@@ -20,6 +20,7 @@ from tumorseg.errors import (
     ModelError,
     SequenceError,
 )
+from tumorseg.stages.read import read_volume
 
 from conftest import brain_phantom, make_tiny_model, save_nifti
 
@@ -163,6 +164,29 @@ def test_nifti_without_qform_or_sform(tmp_path, tiny_model, image):
     assert int(saved["qform_code"]) == 0 and int(saved["sform_code"]) == 0
     result, out = invoke(tmp_path, tiny_model, path)
     assert_refused(result, out, 4, "nogeo-t2f.nii.gz", "qform", "sform")
+
+
+def save_with_forms(path: Path, image: np.ndarray, sform: np.ndarray, qform: np.ndarray) -> Path:
+    nifti = nib.Nifti1Image(image, sform)
+    nifti.header.set_sform(sform, code=2)
+    nifti.header.set_qform(qform, code=1)
+    nib.save(nifti, str(path))
+    return path
+
+
+def test_qform_and_sform_that_disagree(tmp_path, tiny_model, image):
+    """Readers differ on which form wins, so a file whose two forms disagree is refused."""
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ AFFINE  # a left-right flip: LAS against RAS
+    path = save_with_forms(tmp_path / "forms-t2f.nii.gz", image, AFFINE, flipped)
+    result, out = invoke(tmp_path, tiny_model, path)
+    assert_refused(result, out, 4, "forms-t2f.nii.gz", "qform and sform disagree")
+
+
+def test_qform_and_sform_a_rounding_apart_are_one_grid(tmp_path, image):
+    nudged = AFFINE.copy()
+    nudged[:3, 3] += 0.02  # mm, under a tenth of a 1 mm voxel
+    path = save_with_forms(tmp_path / "forms-t2f.nii.gz", image, AFFINE, nudged)
+    assert np.array_equal(read_volume(path).affine, AFFINE)
 
 
 # --- sequence errors (exit 7) ------------------------------------------------------------

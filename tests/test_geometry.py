@@ -100,6 +100,26 @@ def test_label_map_lands_on_input_voxels(name, tmp_path, threshold_segmenter):
     assert np.all(np.abs(error_vox) < 0.5), error_vox
 
 
+def test_nifti2_input_gives_nifti2_output_on_the_same_grid(tmp_path, threshold_segmenter):
+    affine = AFFINES["permuted"]  # 1 mm voxels: no resampling, so the object returns voxel for voxel
+    image = brain_phantom((48, 52, 40), seed=2)
+    obj = asymmetric_object(image.shape) & (image > 0)
+    image[obj] = 400.0
+    source = nib.Nifti2Image(image, affine)
+    source.header.set_qform(affine, code=1)
+    source.header.set_sform(affine, code=2)
+    path = tmp_path / "scan-t2f.nii"
+    nib.save(source, str(path))
+
+    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    written = nib.load(str(write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]))
+
+    assert isinstance(written, nib.Nifti2Image) and int(written.header["sizeof_hdr"]) == 540
+    assert written.shape == image.shape and np.array_equal(written.affine, nib.load(str(path)).affine)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    assert np.array_equal(np.asarray(written.dataobj) == 1, obj)
+
+
 def threshold_segmenter_resamples(segmenter: Segmenter, spacing: np.ndarray) -> bool:
     target = np.array(segmenter.card.input.spacing_mm)
     return bool(np.any(np.abs(np.sort(spacing) - np.sort(target)) > geometry.SPACING_TOLERANCE * target))

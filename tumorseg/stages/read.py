@@ -1,7 +1,7 @@
 """Read stage: NIfTI (nibabel), NRRD and MHA (SimpleITK) into a :class:`~tumorseg.scan.Scan`.
 
 Every failure names the file. Geometry is never guessed: a NIfTI with neither qform nor sform
-set is refused. NaN/inf voxels and constant images are refused (not cleaned): an image with
+set is refused, and so is one whose qform and sform disagree. NaN/inf voxels and constant images are refused (not cleaned): an image with
 them is damaged, and silently replacing values would hide that.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_VOXELS = 1024**3
 #: Affines of channels may differ by this much (mm, per entry) and still count as one grid.
 AFFINE_TOLERANCE_MM = 1e-3
+#: qform and sform (both set) may place a voxel this far apart, in voxels, and count as one.
+FORMS_TOLERANCE_VOXEL = 0.1
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -85,11 +87,36 @@ def _read_nifti(path: Path) -> Volume:
             path,
         )
     _check_size(img.shape, path)
+    _check_forms_agree(header, img.shape[:3], path)
     try:
         array = np.asarray(img.get_fdata(dtype=np.float32))
     except (EOFError, zlib.error, OSError, ValueError) as e:
         raise InputError(f"truncated or corrupt image data ({e})", path) from None
     return Volume(array, np.asarray(img.affine, dtype=np.float64), header.binaryblock, path)
+
+
+def _check_forms_agree(header, shape: tuple[int, ...], path: Path) -> None:
+    """Refuse a header whose qform and sform (both set) place the volume differently.
+
+    Readers disagree on which one wins (nibabel takes the sform, some ITK readers the qform), so
+    the mask would land where one viewer expects it and not another. Rounding (the qform is a
+    quaternion: it cannot hold shear and is rounded to float32) stays far under the bound.
+    """
+    if int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
+        return
+    sform, qform = header.get_sform(), header.get_qform()
+    shape = tuple(shape) + (1,) * (3 - len(shape))  # a 2D image is refused later, by name
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    apart = float(np.linalg.norm((sform @ corners - qform @ corners)[:3], axis=0).max())
+    bound = FORMS_TOLERANCE_VOXEL * float(np.min(header.get_zooms()[:3]))
+    if apart > bound:
+        raise GeometryError(
+            f"the NIfTI header's qform and sform disagree: they place the volume up to "
+            f"{apart:.3g} mm apart (tolerance {bound:.3g} mm), so which voxels the scan covers "
+            "depends on the reader; fix the header (set the wrong one's code to 0) before "
+            "segmenting", path,
+        )
 
 
 def _itk_reader(path: Path):
