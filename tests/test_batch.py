@@ -24,6 +24,7 @@ from tumorseg.cli import main
 from tumorseg.errors import SOME_CASES_FAILED, GeometryError, InputError, SequenceError
 from tumorseg.pipeline import DicomInputs
 from tumorseg.sequences import StudyInputs
+from tumorseg.validate import find_prediction
 
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
 NAMES = {"flair": "case-t2f.nii.gz", "t1": "case-t1n.nii.gz", "t1gd": "case-t1c.nii.gz", "t2": "case-t2w.nii.gz"}
@@ -360,12 +361,15 @@ def test_a_case_that_fails_on_rerun_keeps_no_record_of_old_outputs(tmp_path, bat
     case = phantom_case(root / "a", 1)
     out = tmp_path / "out"
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert find_prediction(out, "a") is not None
     image = brain_phantom(seed=5)
     image[0, 0, 0] = np.nan
     save_nifti(case / NAMES["t1gd"], image, AFFINE)
     assert run_batch(str(root), "-o", str(out), "--model", str(batch_model)).exit_code == SOME_CASES_FAILED
-    assert not (out / "cases" / "a" / "batch-case.json").exists()
     assert manifest(out)["cases"][0]["status"] == "failed"
+    # Nor the outputs themselves: validate would take the old segmentation for this run's.
+    assert sorted(p.name for p in (out / "cases" / "a").iterdir()) == []
+    assert find_prediction(out, "a") is None
 
 
 # Loaded by every interpreter of the batch below (main process and spawned workers) through

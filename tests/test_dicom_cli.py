@@ -150,3 +150,14 @@ def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruc
     rt = pydicom.dcmread(paths["rtstruct"])
     reference = result.labels.source.dicom_series
     assert rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID == reference.series_uid
+
+
+def test_batch_rerun_skips_a_dicom_study_whose_folder_holds_the_output(tmp_path, empty_model):
+    """The batch's outputs (manifest, RTSTRUCT, ...) are not inputs of the study they sit in."""
+    study = canary_series(tmp_path)
+    out = study / "segmentations"
+    for _ in range(2):
+        result = invoke("batch", str(study), "-o", str(out), "--model", str(empty_model), "-q")
+        assert result.exit_code == 0, result.output
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts == {"ok": 1, "failed": 0, "reused": 1, "pending": 0}

@@ -43,12 +43,18 @@ class BatchCase:
     source: str  # where it came from, relative to the batch root (for the manifest)
     problem: TumorsegError | None = None  # why the case cannot run, found at discovery
 
-    def files(self) -> list[Path]:
-        """Every input file of the case (DICOM: every file under its folders), sorted."""
+    def files(self, exclude: Path | None = None) -> list[Path]:
+        """Every input file of the case (DICOM: every file under its folders, except in batch
+        output folders, ``exclude`` or any other), sorted."""
         if self.inputs is None:
             return []
         if isinstance(self.inputs, DicomInputs):
-            return sorted(p for folder in self.inputs.folders for p in Path(folder).rglob("*") if p.is_file())
+            found = []
+            for folder in self.inputs.folders:
+                for here, dirs, names in os.walk(folder):
+                    dirs[:] = [d for d in dirs if not _is_output(Path(here) / d, exclude)]
+                    found.extend(p for p in (Path(here) / n for n in names) if p.is_file())
+            return sorted(found)
         if self.inputs.decathlon_4d is not None:
             return [self.inputs.decathlon_4d]
         return [p for _, p in self.inputs.files]

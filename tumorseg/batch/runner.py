@@ -128,10 +128,11 @@ def config_sha256(spec: PipelineSpec) -> str:
     return hashlib.sha256(json.dumps(to_dict(spec.config), sort_keys=True).encode()).hexdigest()
 
 
-def inputs_sha256(case: BatchCase) -> str:
-    """One checksum over the case's input files' names and contents."""
+def inputs_sha256(case: BatchCase, exclude: Path | None = None) -> str:
+    """One checksum over the case's input files' names and contents (``exclude``: the batch's
+    output folder, which may lie inside a DICOM case's folder)."""
     digest = hashlib.sha256()
-    for path in case.files():
+    for path in case.files(exclude):
         digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return digest.hexdigest()
 
@@ -271,18 +272,19 @@ class BatchRunner:
     def _check_case(self, case: BatchCase) -> tuple[CaseOutcome | None, str]:
         """The outcome without running (a case broken at discovery, or one already done), and
         the checksum of the case's inputs."""
+        case_dir = self.case_dir(case.case_id)
         if case.problem is not None:
+            _retract_previous_outputs(case_dir)
             return _failure(case, case.problem), ""
         try:
-            fingerprint = inputs_sha256(case)
+            fingerprint = inputs_sha256(case, exclude=self.output)
         except OSError as e:
+            _retract_previous_outputs(case_dir)
             return _failure(case, InputError(f"cannot read input ({e.strerror})", e.filename)), ""
-        case_dir = self.case_dir(case.case_id)
         _remove_stale_partials(case_dir)
         reused = None if self.force else self._reuse(case, case_dir, fingerprint)
         if reused is None:
-            # The case runs again: until its new record is written, nothing claims its outputs.
-            (case_dir / CASE_RECORD).unlink(missing_ok=True)
+            _retract_previous_outputs(case_dir)
         return reused, fingerprint
 
     def _reuse(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
@@ -770,6 +772,22 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, another user's
         pass
     return True
+
+
+def _retract_previous_outputs(case_dir: Path) -> None:
+    """Remove a case's record, then the outputs it lists: they came from other inputs or settings,
+    and a rerun that fails must not leave them to be taken for its results (``validate`` reads
+    ``segmentation.nii.gz`` wherever it finds one)."""
+    record_path = case_dir / CASE_RECORD
+    try:
+        outputs = json.loads(record_path.read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        outputs = {}
+    record_path.unlink(missing_ok=True)  # first: from here on nothing claims the outputs
+    for info in outputs.values() if isinstance(outputs, dict) else ():
+        name = info.get("file") if isinstance(info, dict) else None
+        if isinstance(name, str) and name and name == Path(name).name:  # a bare name, never a path
+            (case_dir / name).unlink(missing_ok=True)
 
 
 def _remove_stale_partials(case_dir: Path) -> None:
