@@ -205,18 +205,20 @@ def test_same_instance_twice_is_one_image(tmp_path, caplog):
     assert "skipped 1 file(s) holding another copy" in caplog.text and "CANARY" not in caplog.text
 
 
-def test_four_d_series_is_refused(tmp_path):
-    folder = tmp_path / "multi-echo"
+@pytest.mark.parametrize("keyword, value", [("EchoNumbers", 2), ("ImageType", ["ORIGINAL", "PRIMARY", "P", "ND"])],
+                         ids=["multi-echo", "magnitude-and-phase"])
+def test_four_d_series_is_refused(tmp_path, keyword, value):
+    folder = tmp_path / "series"
     copy_series(decubitus("HFS"), folder)
 
-    def second_echo(ds, index):
+    def second_image(ds, index):
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.EchoNumbers = 2
-    copy_series(folder, tmp_path / "echo2", edit=second_echo)
-    for p in (tmp_path / "echo2").iterdir():
-        p.rename(folder / f"e2-{p.name}")
-    with pytest.raises(GeometryError, match=r"4D series.*EchoNumbers"):
+        setattr(ds, keyword, value)
+    copy_series(folder, tmp_path / "second", edit=second_image)
+    for p in (tmp_path / "second").iterdir():
+        p.rename(folder / f"2-{p.name}")
+    with pytest.raises(GeometryError, match=rf"4D series.*{keyword}"):
         read_series(folder)
 
 

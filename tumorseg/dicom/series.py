@@ -74,10 +74,10 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 # Attributes that tell the images of a 4D series apart at one position (multi-echo, dynamic,
-# diffusion). AcquisitionTime is last: alone it marks a repeated acquisition.
+# diffusion, magnitude and phase). AcquisitionTime is last: alone it marks a repeated acquisition.
 _FOURTH_DIMENSION = (
     "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
-    "InversionTime", "AcquisitionTime",
+    "InversionTime", "ImageType", "AcquisitionTime",
 )
 # Header attributes read while scanning a folder (enough to group, describe and stack a series).
 _PATIENT_STUDY_ATTRIBUTES = (
@@ -634,8 +634,9 @@ def _check_repeated_positions(headers, z: np.ndarray, series: SeriesInfo) -> Non
             raise GeometryError(
                 f"{series.label} is a 4D series: {len(headers)} images at {n_positions} positions, "
                 f"differing in {keyword} ({shown}); tumorseg reads one 3D volume per series "
-                "(multi-echo, dynamic and diffusion series are not supported): export one "
-                "echo/time point as its own series or convert it to NIfTI and give one volume",
+                "(multi-echo, dynamic, diffusion and magnitude-with-phase series are not supported): "
+                "export one echo, time point or image type as its own series or convert it to "
+                "NIfTI and give one volume",
                 series.folder,
             )
     raise GeometryError(
