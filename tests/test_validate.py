@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from conftest import make_tiny_model, save_nifti, shared_data
 from tumorseg.cli import main
-from tumorseg.errors import SOME_CASES_FAILED
+from tumorseg.errors import SOME_CASES_FAILED, ConfigError
 from tumorseg.labels import get_scheme
 from tumorseg.scan import voxel_spacing
 
@@ -141,6 +141,44 @@ def test_validate_brats2015_with_other_tools_predictions(tmp_path):
     empty = document["cases"][0]["scores"]["WT"]
     assert empty["dice"] == 0.0 and empty["volume_pred_ml"] == 0.0 and empty["relative_volume_diff"] == -1.0
     assert document["aggregate"]["WT"]["dice"]["worst"] == 0.0 and document["aggregate"]["WT"]["dice"]["n"] == 4
+
+
+def test_validate_keeps_the_scores_of_a_case_whose_overlay_fails(tmp_path, monkeypatch):
+    """A picture that cannot be drawn (no image beside the labels, another shape) costs the
+    picture, not the case's scores."""
+    import tumorseg.validate
+
+    brats = shared_data("brats2015-dev")
+    brats_predictions(tmp_path / "preds", brats)
+    first = sorted(p.name for p in brats.iterdir() if p.is_dir())[0]
+    draw = tumorseg.validate.background_image
+
+    def failing(case):
+        if case.case_id == first:
+            raise ValueError("image (240, 240, 150) is not on the label grid")
+        return draw(case)
+    monkeypatch.setattr(tumorseg.validate, "background_image", failing)
+    out = tmp_path / "report"
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
+                      "-o", str(out))
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["counts"] == {"ok": 4, "failed": 0}
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3
+
+
+def test_validate_refuses_a_truth_scheme_it_would_ignore(tmp_path):
+    data = tmp_path / "decathlon"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "NCR", "2": "ED", "3": "ET"}, "training": []}))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["validate", "--dataset", str(data), "--truth-scheme", "brats2023",
+                                       "--predictions", str(tmp_path), "-o", str(out), "-q"])
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert "--truth-scheme brats2023" in result.output and "dataset.json" in result.output
+    assert not out.exists()
 
 
 def test_validate_records_cases_it_cannot_score(tmp_path):

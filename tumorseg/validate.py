@@ -145,6 +145,13 @@ def validate(
     from .batch.cases import BatchCase, safe_case_id, unique_case_ids
 
     output = Path(output)
+    if truth_scheme not in (None, "msd") and (Path(dataset) / "dataset.json").is_file():
+        # discover_cases reads a Decathlon set's labels as Task01's: say so rather than ignore it.
+        raise ConfigError(
+            f"{Path(dataset) / 'dataset.json'}: a Decathlon data set is scored in the MSD Task01 "
+            f"scheme that its dataset.json declares, so --truth-scheme {truth_scheme} cannot apply; "
+            "give the cases as a folder of case folders to score another scheme"
+        )
     cases = discover_cases(Path(dataset), truth_scheme)
     ids = unique_case_ids([safe_case_id(c.case_id) for c in cases])
     model = None
@@ -180,7 +187,10 @@ def validate(
             result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm)
             names, _ = structures(prediction_scheme, case.scheme)
             if html:
-                overlays[case_id] = _overlay(case, pred, prediction_scheme, truth)
+                try:
+                    overlays[case_id] = _overlay(case, pred, prediction_scheme, truth)
+                except (TumorsegError, ValueError) as e:  # the scores stand; only the picture is lost
+                    log.warning("%s: no overlay in the HTML report (%s)", case_id, e)
         except TumorsegError as e:
             log.warning("%s not scored: %s", case_id, e)
             result = ScoredCase(case_id, "failed", f"{type(e).__name__}: {e}", None, {})
