@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeometryError
+from .errors import GeometryError, InputError
 from .labels import LabelScheme
 from .stages.read import AFFINE_TOLERANCE_MM, read_volume
 
@@ -37,9 +37,23 @@ class Truth:
     affine: np.ndarray
 
 
+#: Largest distance of a label voxel from an integer (float storage rounding); more is refused.
+LABEL_ROUNDING = 1e-3
+
+
 def read_truth(path: Path) -> Truth:
+    """A label map (ground truth or prediction). Non-integer values are refused, not rounded: a
+    probability map or a linearly resampled label map would otherwise be scored as labels."""
     volume = read_volume(path, allow_constant=True)
-    return Truth(np.rint(volume.array).astype(np.int64), volume.affine)
+    labels = np.rint(volume.array)
+    off = np.abs(volume.array - labels) > LABEL_ROUNDING
+    if off.any():
+        raise InputError(
+            f"not a label map: {int(off.sum())} voxels hold non-integer values (e.g. "
+            f"{float(volume.array[off][0]):g}); give integer labels (nearest-neighbour resampling)",
+            path,
+        )
+    return Truth(labels.astype(np.int64), volume.affine)
 
 
 def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: Truth, path: Path) -> None:
