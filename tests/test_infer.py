@@ -7,7 +7,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import DynUNet
 
-from tumorseg.stages.infer import OutOfMemoryError, plan_windows, robust_sliding_window, sliding_window
+from conftest import ThresholdNet
+from tumorseg.config import InferenceConfig
+from tumorseg.stages.infer import (OutOfMemoryError, plan_windows, predict_probabilities, robust_sliding_window,
+                                   sliding_window)
 
 CPU = torch.device("cpu")
 
@@ -134,3 +137,15 @@ def test_compiled_network_falls_back_to_eager_when_compiling_fails(network, capl
         out = wrapped(x)
         torch.testing.assert_close(out, network(x))
     assert wrapped.failed and "torch.compile failed (RuntimeError: no C++ compiler)" in caplog.text
+
+
+def test_mirroring_undoes_each_flip_on_its_own_axes():
+    """A pointwise network commutes with flips, so 8-flip averaging must give back the plain
+    result exactly; a flip undone on the wrong axis would mirror part of the object."""
+    image = np.zeros((1, 30, 26, 22), np.float32)
+    image[0, 3:12, 4:8, 15:20] = 5.0  # off-centre and asymmetric on every axis
+    image[0, 3:6, 4:20, 15:17] = 5.0
+    plain, mirrored = (predict_probabilities(ThresholdNet(), image, (16, 16, 16),
+                                             InferenceConfig(tta=tta, device="cpu"), CPU) for tta in (False, True))
+    assert (plain.argmax(0) == 1).sum() == (image[0] > 2.5).sum()
+    np.testing.assert_allclose(mirrored, plain, atol=1e-6)
