@@ -39,8 +39,9 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryError, InputError
 from ..labels import LabelScheme
-# The reader's tolerances: a series it stacks is one the writers accept.
-from .series import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
+# The reader's tolerances and axes: a series it stacks is one the writers accept.
+from .series import (GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM,
+                     is_orthonormal, unit_axes)
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +168,9 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
     iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in slices])
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOLERANCE:
         raise GeometryError("the source slices have different ImageOrientationPatient values")
-    row_dir, col_dir = iop[0, :3], iop[0, 3:]
-    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
-            or abs(row_dir @ col_dir) > 1e-3):
+    if not is_orthonormal(iop[0]):
         raise GeometryError(f"ImageOrientationPatient {iop[0].tolist()} is not two orthonormal vectors")
-    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
+    row_dir, col_dir, normal = unit_axes(iop[0])
 
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
     spacings = np.array([[float(v) for v in ds.PixelSpacing] for ds in slices])

@@ -185,24 +185,17 @@ class DicomSeries(SeriesInfo):
         return (self.columns, self.rows, len(self.positions))
 
     @property
-    def _unit_cosines(self) -> tuple[np.ndarray, np.ndarray]:
-        """Row and column directions at unit length (cosines stored to few decimals are not)."""
-        iop = np.asarray(self.orientation, dtype=np.float64)
-        return iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-
-    @property
     def normal(self) -> np.ndarray:
-        normal = np.cross(*self._unit_cosines)
-        return normal / np.linalg.norm(normal)
+        return unit_axes(self.orientation)[2]
 
     @property
     def lps_affine(self) -> np.ndarray:
         """4x4 map from voxel (i, j, k, 1) to LPS mm."""
-        row, col = self._unit_cosines
+        row, col, normal = unit_axes(self.orientation)
         affine = np.eye(4)
         affine[:3, 0] = row * self.pixel_spacing[1]
         affine[:3, 1] = col * self.pixel_spacing[0]
-        affine[:3, 2] = self.normal * self.slice_step
+        affine[:3, 2] = normal * self.slice_step
         affine[:3, 3] = np.asarray(self.positions[0], dtype=np.float64)
         return affine
 
@@ -287,6 +280,25 @@ def has_dicom_marker(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_orthonormal(iop: Sequence[float]) -> bool:
+    """ImageOrientationPatient holds two orthogonal unit vectors (within 1e-3)."""
+    row, col = np.asarray(iop[:3], dtype=np.float64), np.asarray(iop[3:], dtype=np.float64)
+    return (abs(np.linalg.norm(row) - 1) <= 1e-3 and abs(np.linalg.norm(col) - 1) <= 1e-3
+            and abs(row @ col) <= 1e-3)
+
+
+def unit_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and slice-normal directions of ImageOrientationPatient at unit length.
+
+    Cosines stored to few decimals are not unit length, and the tilt checks measure millimetres
+    off the normal (and slices step along it), so every geometry uses these.
+    """
+    iop = np.asarray(iop, dtype=np.float64)
+    row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    normal = np.cross(row, col)
+    return row, col, normal / np.linalg.norm(normal)
 
 
 def read_dataset(path: Path, **kwargs):
@@ -486,18 +498,12 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
     if rows * columns * len(headers) > MAX_VOXELS:
         raise InputError(f"{series.label} of {columns} x {rows} x {len(headers)} voxels exceeds "
                          f"{MAX_VOXELS} voxels", where)
-    row, col = iop[:3], iop[3:]
-    if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3
-            or abs(row @ col) > 1e-3):
+    if not is_orthonormal(iop):
         raise GeometryError(
             f"{series.label}: ImageOrientationPatient {_fmt(iop)} is not two orthogonal unit "
             "vectors", headers[0][0],
         )
-    # Unit length even when the cosines are stored to few decimals: the tilt check measures
-    # millimetres off this normal, and slice steps along it.
-    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
-    normal = np.cross(row, col)
-    normal /= np.linalg.norm(normal)
+    _, _, normal = unit_axes(iop)
     positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
     z = positions @ normal
     order = np.argsort(z, kind="stable")

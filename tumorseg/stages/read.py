@@ -1,8 +1,9 @@
 """Read stage: NIfTI (nibabel), NRRD and MHA (SimpleITK) into a :class:`~tumorseg.scan.Scan`.
 
 Every failure names the file. Geometry is never guessed: a NIfTI with neither qform nor sform
-set is refused, and so is one whose qform and sform disagree. NaN/inf voxels and constant images are refused (not cleaned): an image with
-them is damaged, and silently replacing values would hide that.
+set is refused, and so is one whose qform and sform disagree. NaN/inf voxels and constant images
+are refused (not cleaned): an image with them is damaged, and silently replacing values would
+hide that.
 """
 from __future__ import annotations
 
