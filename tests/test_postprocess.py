@@ -18,7 +18,7 @@ EDEMA, CORE, ENH = 1, 2, 3
 
 def run(labels, spacing=(1.0, 1.0, 1.0), tumour_ml=0.0, **per_label):
     config = PostprocessConfig(tumour_min_component_ml=tumour_ml, labels=per_label)
-    return pp.postprocess(labels, np.asarray(spacing, dtype=float), config, MSD)
+    return pp.postprocess(labels, np.diag([*map(float, spacing), 1.0]), config, MSD)
 
 
 def blobs_map():
@@ -283,3 +283,16 @@ def test_summary_components_and_empty_label():
     assert empty["voxels"] == 0 and empty["volume_ml"] == 0 and empty["components"] == 0
     assert empty["centroid_ras_mm"] is None and empty["centroid_lps_mm"] is None
     assert summary["regions"]["ET"]["voxels"] == 0
+
+
+def test_small_component_threshold_uses_the_reports_voxel_volume_on_a_sheared_grid():
+    # Columns (1,0,0), (0.75,1,0), (0,0,1): voxel spacing 1 x 1.25 x 1 mm but 1 mm^3 per voxel.
+    # A 100-voxel blob is 0.100 mL (as the report says), not 0.125: below a 0.11 mL threshold.
+    affine = np.eye(4)
+    affine[0, 1] = 0.75
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[1:6, 1:6, 1:5] = EDEMA  # 100 voxels
+    config = PostprocessConfig(tumour_min_component_ml=0.11, labels={})
+    assert summarize(label_map(labels, affine))["regions"]["WT"]["volume_ml"] == pytest.approx(0.1)
+    assert not pp.postprocess(labels, affine, config, MSD).any()
+    assert pp.postprocess(labels, np.diag([1.0, 1.25, 1.0, 1.0]), config, MSD).sum() == 100 * EDEMA

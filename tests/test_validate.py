@@ -221,3 +221,24 @@ def test_validate_never_scores_a_prediction_left_by_an_earlier_run(tmp_path):
     cases = {c["case_id"]: c for c in json.loads((out / "metrics.json").read_text())["cases"]}
     assert cases[broken.name]["status"] == "failed" and "prediction failed" in cases[broken.name]["error"]
     assert cases[sorted(data.iterdir())[1].name]["status"] == "ok"
+
+
+def test_volumes_on_a_sheared_grid_match_the_report():
+    # Spacing 1 x 1.25 x 1 mm but 1 mm^3 per voxel (shear): validate must give predict's volume.
+    from tumorseg.evaluate import Truth
+    from tumorseg.scan import LabelMap, SourceGeometry
+    from tumorseg.stages.report import summarize
+    from tumorseg.validate import score_case
+    affine = np.eye(4)
+    affine[0, 1] = 0.75
+    truth = np.zeros((10, 10, 10), np.uint8)
+    truth[2:7, 2:7, 2:6] = 1  # 100 voxels
+    pred = np.zeros_like(truth)
+    pred[2:7, 2:7, 2:8] = 1  # 150 voxels
+    msd = get_scheme("msd")
+    scored = score_case("c", Truth(pred, affine), msd, Truth(truth, affine), msd, Path("t.nii.gz"), 2.0)
+    wt = scored.scores["WT"]
+    report_ml = summarize(LabelMap(pred, affine, msd, SourceGeometry(pred.shape, affine)))["regions"]["WT"]["volume_ml"]
+    assert wt["volume_pred_ml"] == pytest.approx(report_ml) == pytest.approx(0.150)
+    assert wt["volume_truth_ml"] == pytest.approx(0.100)
+    assert wt["dice"] == pytest.approx(2 * 100 / 250)

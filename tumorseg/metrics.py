@@ -15,7 +15,8 @@ Conventions (the text of :data:`CONVENTIONS` goes into reports and docs):
 * NSD (Nikolov et al. 2021, voxel-count form, as MONAI ``compute_surface_dice(use_subvoxels=False)``):
   the fraction of both surfaces' voxels lying within the tolerance (distance <= tolerance) of the
   other surface. 1.0 when both masks are empty, 0.0 when exactly one is.
-* Volumes in mL (voxel volume = product of the spacing / 1000); relative volume difference is
+* Volumes in mL (voxel volume = |det| of the affine's 3x3 part / 1000 when it is given, which
+  sheared grids need; else the product of the spacing / 1000); relative volume difference is
   (pred - truth) / truth, None when the truth is empty.
 """
 from __future__ import annotations
@@ -53,8 +54,9 @@ CONVENTIONS: dict[str, str] = {
            "compute_surface_dice(use_subvoxels=False)) = (surface voxels of each mask within the tolerance, "
            "distance <= tolerance, of the other mask's surface) / (surface voxels of both masks), tolerance "
            f"{DEFAULT_NSD_TOLERANCE_MM:g} mm unless stated; 1.0 when both masks are empty, 0.0 when exactly one is.",
-    "volume_ml": "Volumes in mL = voxel count x product of the voxel spacing (mm) / 1000; the volume "
-                 "difference is prediction minus truth.",
+    "volume_ml": "Volumes in mL = voxel count x voxel volume / 1000, the voxel volume being |det| of the "
+                 "image affine's 3x3 part in mm^3 (the product of the voxel spacing unless the grid is sheared); "
+                 "the volume difference is prediction minus truth.",
     "relative_volume_diff": "Relative volume difference = (prediction - truth volume) / truth volume; "
                             "none (null) when the truth is empty.",
 }
@@ -241,13 +243,18 @@ class MaskScores:
 
 
 def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> MaskScores:
-    """Every metric of :class:`MaskScores`, computing the surface distances once."""
+                tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, voxel_ml: float | None = None) -> MaskScores:
+    """Every metric of :class:`MaskScores`, computing the surface distances once. ``voxel_ml``:
+    the voxel volume from the image affine (``scan.voxel_volume_ml``); default the product of
+    ``spacing``, which is the same unless the grid is sheared."""
     tol = _check_tolerance(tolerance_mm)
     p, t, sp = _validate(pred, truth, spacing)
     d_pt, d_tp = _surface_distances(p, t, sp)
     n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
-    voxel_ml = float(np.prod(sp)) / 1000.0
+    if voxel_ml is None:
+        voxel_ml = float(np.prod(sp)) / 1000.0
+    elif not (math.isfinite(voxel_ml) and voxel_ml > 0):
+        raise ConfigError(f"voxel volume must be a positive number of mL, got {voxel_ml}")
     vol_p, vol_t = n_p * voxel_ml, n_t * voxel_ml
     diff = (n_p - n_t) * voxel_ml
     return MaskScores(

@@ -22,7 +22,7 @@ from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
 from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
-from .scan import LabelMap, Scan, SourceGeometry, voxel_spacing
+from .scan import LabelMap, Scan, SourceGeometry
 from .sequences import StudyInputs
 from .stages import geometry, infer, normalize, postprocess, read, report, write
 
@@ -146,7 +146,7 @@ class PipelineSpec:
             raw = card.scheme.class_values[raw]
         with _timed(timings, "postprocess"):
             cleaned = postprocess.postprocess(
-                raw, voxel_spacing(prepared.source.affine), self.config.postprocess, card.scheme
+                raw, prepared.source.affine, self.config.postprocess, card.scheme
             )
         labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
         with _timed(timings, "report"):

@@ -79,9 +79,15 @@ class LabelMap:
 
     @property
     def voxel_volume_ml(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        return voxel_volume_ml(self.affine)
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each voxel axis (column norms of the 3x3 part)."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL: |det| of the 3x3 part / 1000. Equals the product of
+    :func:`voxel_spacing` unless the affine has shear, where that product overstates it."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0

@@ -27,7 +27,7 @@ from .atomic import write_bytes_atomic
 from .errors import ConfigError, GeometryError, TumorsegError
 from .evaluate import REGIONS, Truth, read_truth
 from .labels import LabelScheme, conversion_table
-from .scan import voxel_spacing
+from .scan import voxel_spacing, voxel_volume_ml
 from .stages import read
 from .stages.read import AFFINE_TOLERANCE_MM
 from .train import TrainingCase, discover_cases
@@ -85,7 +85,8 @@ def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth
         truth_in_pred_scheme = conversion_table(truth_scheme, pred_scheme)[truth.labels]
         for name, value in label_values.items():
             masks[name] = (pred.labels == value, truth_in_pred_scheme == value)
-    scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm).to_dict() for name in names}
+    voxel_ml = voxel_volume_ml(truth.affine)
+    scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm, voxel_ml).to_dict() for name in names}
     return ScoredCase(case_id, "ok", None, [round(float(s), 6) for s in spacing], scores)
 
 

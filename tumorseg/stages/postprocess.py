@@ -14,16 +14,18 @@ from scipy import ndimage
 
 from ..config import LabelPostprocess, PostprocessConfig
 from ..labels import LabelScheme
+from ..scan import voxel_spacing, voxel_volume_ml
 
 CONNECTIVITY = 26
 
 
 def postprocess(
-    labels: np.ndarray, spacing_mm: np.ndarray, config: PostprocessConfig, scheme: LabelScheme
+    labels: np.ndarray, affine: np.ndarray, config: PostprocessConfig, scheme: LabelScheme
 ) -> np.ndarray:
-    """Return a cleaned copy of ``labels`` (I, J, K) uint8 with voxel size ``spacing_mm``."""
+    """Return a cleaned copy of ``labels`` (I, J, K) uint8 on the grid of ``affine``."""
     out = np.array(labels, dtype=np.uint8, copy=True)
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    spacing_mm = voxel_spacing(affine)
+    voxel_ml = voxel_volume_ml(affine)  # the report's voxel volume, so thresholds match its volumes
     if config.tumour_min_component_ml > 0:
         keep = remove_small_components(out > 0, config.tumour_min_component_ml / voxel_ml)
         out[~keep] = 0
