@@ -133,6 +133,24 @@ def test_report_warns_when_the_scan_is_not_skull_stripped(tmp_path, tiny_model):
     assert len(reports["head"]["warnings"]) == 1 and "skull-stripped" in reports["head"]["warnings"][0]
 
 
+def test_report_warns_about_a_sequence_that_covers_part_of_the_brain(tmp_path, tiny_model):
+    flair = brain_phantom((40, 44, 36), seed=4)
+    slab = flair.copy()
+    slab[:, :, 14:] = 0  # a T1gd slab over the lower part of the brain only
+    reports = {}
+    for name, t1gd in (("whole", flair * 1.3), ("slab", slab)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_nifti(folder / "c-flair.nii.gz", flair, np.eye(4))
+        save_nifti(folder / "c-t1c.nii.gz", t1gd, np.eye(4))
+        out = tmp_path / f"out-{name}"
+        assert run_cli("predict", str(folder), "--model", str(tiny_model), "-o", str(out), "-q").exit_code == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    assert reports["whole"]["warnings"] == []
+    (warning,) = reports["slab"]["warnings"]
+    assert warning.startswith("the t1gd image holds data over only ")
+
+
 def test_preferred_set_leaves_other_sequences_unread_and_reported(tmp_path):
     from conftest import make_tiny_model
 

@@ -125,7 +125,7 @@ class PipelineSpec:
             scan = dataclasses.replace(scan, array=scan.array[keep], channels=used)
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
-        warnings = [] if normalize.has_constant_background(scan.array) else [NOT_SKULL_STRIPPED]
+        warnings = input_warnings(scan)
         for warning in warnings:
             log.warning(warning)
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
@@ -185,6 +185,19 @@ NOT_SKULL_STRIPPED = (
     "the scan has no constant background, so it is probably not skull-stripped: tumour marked outside "
     "the brain (scalp, fat, neck) is a known error on such scans; check every contour, or skull-strip first"
 )
+
+
+def input_warnings(scan: Scan) -> list[str]:
+    """What in the input makes the result worth checking (the report's ``warnings``)."""
+    coverage = normalize.channel_coverage(scan.array)
+    if coverage is None:
+        return [NOT_SKULL_STRIPPED]
+    return [
+        f"the {name} image holds data over only {100 * fraction:.0f} % of the brain region that the other "
+        f"sequences cover (a partial field of view, or a sequence not registered to the others?); where it is "
+        "blank the network sees dark tissue: check the result there"
+        for name, fraction in zip(scan.channels, coverage) if fraction < normalize.PARTIAL_COVERAGE_FRACTION
+    ]
 
 
 class Segmenter:

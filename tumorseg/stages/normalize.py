@@ -27,10 +27,25 @@ def background_value(channel: np.ndarray) -> float | None:
     return float(values[best]) if counts[best] >= BACKGROUND_BORDER_FRACTION * border.size else None
 
 
-def has_constant_background(array: np.ndarray) -> bool:
-    """Whether every channel of ``array`` (C, I, J, K) has a constant background (skull-stripped
-    or masked); scans with skull and noise have none."""
-    return all(background_value(channel) is not None for channel in array)
+#: A channel holding image data over less of the brain region than this is reported (partial
+#: field of view, a sequence registered off the others). Real multi-sequence scans: 0.997-1.0.
+PARTIAL_COVERAGE_FRACTION = 0.9
+
+
+def channel_coverage(array: np.ndarray) -> list[float] | None:
+    """For each channel of ``array`` (C, I, J, K), the fraction of the brain region (the union over
+    channels, :func:`brain_mask`) where it differs from its own background; None when the scan has
+    no constant background. Outside its coverage a channel is background, which ``normalize``
+    turns into its lowest z-score, so the network sees tissue there as dark."""
+    masks = []
+    for channel in array:
+        background = background_value(channel)
+        if background is None:
+            return None
+        masks.append(channel != background)
+    union = np.logical_or.reduce(masks)
+    total = int(np.count_nonzero(union))
+    return [int(np.count_nonzero(m)) / total if total else 0.0 for m in masks]
 
 
 def brain_mask(array: np.ndarray) -> np.ndarray:
