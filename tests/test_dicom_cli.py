@@ -60,6 +60,11 @@ def test_predict_dicom_folder_writes_rtstruct_on_the_series(tmp_path, empty_mode
     assert "CANARY" not in logged
     assert not any("CANARY" in p.name for p in out.iterdir())
     assert CANARY not in (out / "report.json").read_text()
+    # A NIfTI run into the same folder writes no DICOM: this patient's RTSTRUCT and SEG must go.
+    nifti = save_nifti(tmp_path / "other-t1n.nii.gz", volume.array.astype(np.float32), volume.affine)
+    result = invoke("predict", str(nifti), "--model", str(empty_model), "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["pipeline.resolved.toml", "report.json", "segmentation.nii.gz"]
 
 
 def test_predict_refuses_dicom_mixed_with_nifti(tmp_path, empty_model):

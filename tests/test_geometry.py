@@ -5,6 +5,7 @@ channel is bright, so an object painted into the input must come back at the sam
 """
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -118,6 +119,24 @@ def test_nifti2_input_gives_nifti2_output_on_the_same_grid(tmp_path, threshold_s
     assert written.shape == image.shape and np.array_equal(written.affine, nib.load(str(path)).affine)
     assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
     assert np.array_equal(np.asarray(written.dataobj) == 1, obj)
+
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+def test_free_text_header_fields_of_the_input_are_not_copied(tmp_path, threshold_segmenter, image_class):
+    image = brain_phantom((40, 44, 36), seed=3)
+    source = image_class(image, np.eye(4))
+    text = {"aux_file": b"DOE^JOHN 1234567", "intent_name": b"19700101", "db_name": b"MRN1234567"}
+    for field, value in text.items():
+        if field in source.header:
+            source.header[field] = value
+    path = tmp_path / "scan-t2f.nii"
+    nib.save(source, str(path))
+    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    written = nib.load(str(write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]))
+    raw = (tmp_path / "out" / "segmentation.nii.gz").read_bytes()
+    header_bytes = gzip.decompress(raw)[: int(written.header["sizeof_hdr"])]
+    assert not any(value in header_bytes for value in text.values())
+    assert int(written.header["intent_code"]) == 1002
 
 
 def threshold_segmenter_resamples(segmenter: Segmenter, spacing: np.ndarray) -> bool:

@@ -361,8 +361,10 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:
     """Write the DICOM outputs (DICOM input only), the label map, the resolved configuration and,
-    last, the JSON report, each atomically. An earlier report in ``output_dir`` is removed first:
-    a folder with a report holds the complete set it lists, never a mix of two runs."""
+    last, the JSON report, each atomically. An earlier report in ``output_dir`` is removed first,
+    and so are DICOM outputs of an earlier run that this one does not write (another study's
+    RTSTRUCT must not lie beside this label map): a folder with a report holds the complete set it
+    lists, never a mix of two runs."""
     import json
 
     import tomli_w
@@ -375,6 +377,8 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
         "configuration": output_dir / CONFIG_NAME,
     }
     paths["report"].unlink(missing_ok=True)
+    for name in (RTSTRUCT_NAME, SEG_NAME):
+        (output_dir / name).unlink(missing_ok=True)
     dicom = write_dicom_outputs(result, spec, output_dir)
     write.write_label_map(result.labels, paths["label_map"])
     paths.update(dicom)

@@ -1,7 +1,7 @@
 """Write stage: the label map as uint8 NIfTI on the input's exact grid, written atomically.
 
 When the reference input was NIfTI (version 1 or 2) its header is copied, so shape, qform, sform
-and their codes are the input's bit for bit; otherwise (NRRD, MHA) qform and sform are both set
+and their codes are the input's bit for bit (its free-text fields are blanked); otherwise (NRRD, MHA) qform and sform are both set
 to the affine with code 1 (scanner).
 """
 from __future__ import annotations
@@ -13,6 +13,11 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..scan import LabelMap
+
+
+#: Header text fields copied from the input that are blanked (``descrip`` is overwritten).
+#: NIfTI-2 has no ``db_name``.
+FREE_TEXT_FIELDS = ("aux_file", "db_name", "intent_name")
 
 
 def label_map_image(labels: LabelMap) -> nib.Nifti1Image | nib.Nifti2Image:
@@ -30,6 +35,9 @@ def label_map_image(labels: LabelMap) -> nib.Nifti1Image | nib.Nifti2Image:
         header["cal_min"], header["cal_max"] = 0.0, float(labels.scheme.max_label)
         header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
         header["descrip"] = b"tumorseg label map"
+        for field in FREE_TEXT_FIELDS:  # may hold what a scanner or a user wrote about the patient
+            if field in header:
+                header[field] = b""
         image = (nib.Nifti2Image if nifti2 else nib.Nifti1Image)(array, None, header=header)
     else:
         image = nib.Nifti1Image(array, source.affine)
