@@ -311,6 +311,26 @@ def test_rerun_skips_existing_and_resumes_missing(dataset, tmp_path):
     assert not (copy / "labelsTr" / f"synth_{CASES:04d}.nii.gz").exists()
 
 
+def test_an_interrupted_folder_is_resumed_only_with_its_own_seed(dataset, tmp_path):
+    # An interrupted run has written cases but not dataset.json (written last).
+    copy = tmp_path / "interrupted"
+    shutil.copytree(dataset, copy)
+    (copy / "dataset.json").unlink()
+    with pytest.raises(ConfigError, match=f"seed {SEED}, not {SEED + 1}") as refused:
+        synth.write_synth_dataset(copy, CASES, SEED + 1)
+    assert Path(refused.value.path).name == synth.STARTED_MARKER
+    with pytest.raises(ConfigError, match="generator version 3, not 2"):
+        synth.write_synth_dataset(copy, CASES, SEED, version=2)
+    assert not (copy / "dataset.json").exists()
+    synth.write_synth_dataset(copy, CASES, SEED)  # its own seed: resumed (every case is there)
+    assert json.loads((copy / "dataset.json").read_text())["tumorseg_synth"]["seed"] == SEED
+    # Case files with no record of their seed are not adopted.
+    (copy / "dataset.json").unlink()
+    (copy / synth.STARTED_MARKER).unlink()
+    with pytest.raises(ConfigError, match="no dataset.json"):
+        synth.write_synth_dataset(copy, CASES, SEED)
+
+
 def test_invalid_arguments_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="-1"):
         synth.synth_case(-1)

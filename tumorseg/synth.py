@@ -812,11 +812,21 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         nib.save(image, str(tmp))
 
 
+#: Seed and generator version of a folder's cases, written before the first case: an interrupted
+#: run has no dataset.json (written last), and its rerun must still not mix seeds or versions.
+STARTED_MARKER = ".tumorseg_synth.json"
+
+
 def _check_previous_seed(output: Path, seed: int, generator_version: int) -> None:
     """Refuse to mix cases of two seeds or generator versions in one folder (existing cases are
-    kept, not regenerated)."""
-    previous = output / "dataset.json"
-    if not previous.is_file():
+    kept, not regenerated): the folder's dataset.json, or the marker an interrupted run left,
+    must record the same; case files with neither are of unknown origin."""
+    previous = next((p for p in (output / "dataset.json", output / STARTED_MARKER) if p.is_file()), None)
+    if previous is None:
+        strays = [p for folder in ("imagesTr", "labelsTr") for p in sorted((output / folder).glob("*.nii*"))]
+        if strays:
+            raise ConfigError("holds image files but no dataset.json saying which seed and generator version made "
+                              "them; choose an empty output folder", path=strays[0])
         return
     try:
         recorded = json.loads(previous.read_text())["tumorseg_synth"]
@@ -876,7 +886,8 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
     Files are written atomically; a case whose two files both exist is skipped, so an interrupted run
     can be resumed (or a dataset extended with more cases). ``workers`` processes make the cases in
     parallel (each case depends on its seed alone, so the files are the same). Raises ConfigError for cases < 1, seed < 0,
-    an unknown generator ``version``, or an ``output`` whose dataset.json records another seed or version.
+    an unknown generator ``version``, or an ``output`` whose dataset.json (or, after an interrupted run,
+    :data:`STARTED_MARKER`) records another seed or version, or that holds case files with neither.
     """
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
         raise ConfigError(f"number of synthetic cases must be a positive integer, got {cases!r}")
@@ -888,6 +899,9 @@ def write_synth_dataset(output: Path, cases: int, seed: int, version: int = GENE
     if version >= 3:
         _colin_paths()
     _check_previous_seed(output, int(seed), version)
+    output.mkdir(parents=True, exist_ok=True)
+    marker = {"tumorseg_synth": {"seed": int(seed), "generator_version": version}}
+    write_bytes_atomic(output / STARTED_MARKER, (json.dumps(marker) + "\n").encode())
     seeds = _case_seeds(int(seed), int(cases))
     names = [f"synth_{i:04d}.nii.gz" for i in range(len(seeds))]
     training = [{"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"} for name in names]
