@@ -15,7 +15,7 @@ import pytest
 from conftest import brain_phantom, save_nifti, shared_data
 from tumorseg.errors import ConfigError
 from tumorseg.model import load_model
-from tumorseg.train import TrainConfig, discover_cases, prepare_case, region_dice
+from tumorseg.train import TrainConfig, discover_cases, prepare_case, region_dice, split_cases
 
 
 def make_folder_dataset(root: Path, cases: int = 3) -> Path:
@@ -59,6 +59,46 @@ def test_prepare_case_converts_labels_to_model_classes(tmp_path):
     assert int((prepared.labels == 2).sum()) == counts[1]
     assert int((prepared.labels == 1).sum()) == counts[2]
     assert int((prepared.labels == 3).sum()) == counts[3]
+
+
+def test_validation_cases_get_the_sequences_predict_would_give_the_network(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", cases=1)
+    case = discover_cases(root, "brats2023")[0]
+    cfg = TrainConfig(patch_size=(32, 32, 32), filters=(4, 8, 16), strides=(1, 2, 2), preferred_sets=(("flair",),))
+    training = prepare_case(case, cfg.card())
+    validation = prepare_case(case, cfg.card(), as_predict=True)
+    assert training.present == [0, 2] and validation.present == [0]
+    assert not validation.image[2].any()
+    np.testing.assert_array_equal(validation.labels, training.labels)
+
+
+def test_split_leaves_a_case_to_train_on():
+    cases = [f"case{n}" for n in range(2)]
+    train, val = split_cases(cases, 0.75, seed=3)  # round(1.5) would take both
+    assert len(train) == 1 and len(val) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "JSONDecodeError"),
+    (json.dumps({"channel_names": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},  # nnU-Net v2 style
+                 "labels": {"background": 0, "edema": 1, "core": 2, "enhancing": 3}}), "background"),
+    (json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                 "labels": {"0": "b", "1": "e", "2": "n", "3": "t"}, "training": [{"image": "./imagesTr/a.nii.gz"}]}),
+     "KeyError: 'label'"),
+    (json.dumps({"modality": {"0": "ADC"}, "labels": {}}), "ADC"),
+])
+def test_a_dataset_json_that_cannot_be_read_is_named(tmp_path, text, message):
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(ConfigError, match=message) as refused:
+        discover_cases(tmp_path, None)
+    assert Path(refused.value.path) == tmp_path / "dataset.json"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"spacing_mm": (1.0, 1.0)}, "three values"), ({"patch_size": (32, 32)}, "three values"), ({"seed": -1}, "seed")])
+def test_malformed_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
 
 
 def test_region_dice_counts_empty_as_perfect():
@@ -126,6 +166,24 @@ def test_resume_refuses_other_settings(tmp_path):
     result = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert result.returncode == ConfigError.exit_code
     assert "other training settings" in result.stderr and "(seed differ" in result.stderr
+
+
+def test_resume_refuses_other_cases_and_unknown_exclusions(tmp_path):
+    cmd = _quick_model(tmp_path, "m")
+    dataset = tmp_path / "ds"
+    # A case added before resuming would move cases between training and validation.
+    added = dataset / "case2"
+    added.mkdir()
+    for f in (dataset / "case1").iterdir():
+        (added / f.name.replace("case1", "case2")).write_bytes(f.read_bytes())
+    result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == ConfigError.exit_code, result.stderr
+    assert "other cases" in result.stderr
+    # An --exclude that matches no case (a typo: ids are case-sensitive) is refused, not recorded.
+    result = subprocess.run([*_with_output(cmd, tmp_path / "m", tmp_path / "x"), "--exclude", "Case0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == ConfigError.exit_code and "--exclude Case0: no such case" in result.stderr
+    assert not (tmp_path / "x" / "model.toml").exists()
 
 
 def _state(model_dir: Path) -> dict:

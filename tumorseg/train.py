@@ -27,7 +27,7 @@ from .atomic import atomic_path, write_bytes_atomic
 from .augment import AugmentConfig, augment
 from .config import InferenceConfig
 from .configio import to_dict
-from .errors import ConfigError, InputError, TumorsegError
+from .errors import ConfigError, InputError, SequenceError, TumorsegError
 from .evaluate import check_same_grid, read_truth, region_scores
 from .heap import keep_freed_heap_memory
 from .labels import LabelScheme, conversion_table, get_scheme
@@ -75,6 +75,11 @@ class TrainConfig:
     init_weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        if len(self.spacing_mm) != 3 or len(self.patch_size) != 3:
+            raise ValueError(f"spacing ({len(self.spacing_mm)} values) and patch size ({len(self.patch_size)} "
+                             "values) need three values each, one per axis")
+        if self.seed < 0:
+            raise ValueError(f"the seed must be a non-negative integer, got {self.seed}")
         if min(self.epochs, self.iterations_per_epoch, self.batch_size, self.validate_every) < 1:
             raise ValueError("epochs, iterations, batch size and validate_every must be >= 1")
         if not 0 <= self.validation_fraction < 1:
@@ -125,23 +130,29 @@ def discover_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
 
 
 def _decathlon_cases(root: Path) -> list[TrainingCase]:
-    spec = json.loads((root / "dataset.json").read_text())
-    modality = spec.get("modality") or spec.get("channel_names") or {}
-    order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
+    path = root / "dataset.json"
+    try:
+        spec = json.loads(path.read_text())
+        modality = spec.get("modality") or spec.get("channel_names") or {}
+        order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
+        labels = spec.get("labels", {})
+        label_values = sorted(int(k) for k in labels)
+        entries = [(root / entry["image"], root / entry["label"]) for entry in spec.get("training", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, SequenceError) as e:
+        # nnU-Net v2's dataset.json (labels by name, one file per channel) lands here too.
+        raise ConfigError(f"is not a Medical Segmentation Decathlon dataset.json (4D images, labels and "
+                          f"modalities keyed by number, training entries with image and label): "
+                          f"{type(e).__name__}: {e}", path) from None
     if order != DECATHLON_ORDER:
-        raise ConfigError(f"{root / 'dataset.json'}: modalities {order} are not in Decathlon order {DECATHLON_ORDER}")
+        raise ConfigError(f"modalities {order} are not in Decathlon order {DECATHLON_ORDER}", path)
     # A Decathlon data set declares its labels: they must be Task01's (the MSD scheme).
     msd = get_scheme("msd")
-    labels = spec.get("labels", {})
-    if sorted(int(k) for k in labels) != [0] + [l.value for l in msd.labels]:
-        raise ConfigError(f"{root / 'dataset.json'}: labels {labels} are not the Decathlon Task01 labels 0-3")
-    scheme = msd
-    cases = []
-    for entry in spec.get("training", []):
-        image, label = root / entry["image"], root / entry["label"]
-        cases.append(TrainingCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, scheme))
+    if label_values != [0] + [l.value for l in msd.labels]:
+        raise ConfigError(f"labels {labels} are not the Decathlon Task01 labels 0-3", path)
+    cases = [TrainingCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, msd)
+             for image, label in entries]
     if not cases:
-        raise InputError("dataset.json lists no training cases", root / "dataset.json")
+        raise InputError("dataset.json lists no training cases", path)
     return cases
 
 
@@ -170,9 +181,15 @@ class PreparedCase:
     foreground: np.ndarray  # (N, 3) indices of tumour voxels
 
 
-def prepare_case(case: TrainingCase, card: ModelCard) -> PreparedCase:
-    """Read, move to the model grid and normalise exactly as ``predict`` does."""
+def prepare_case(case: TrainingCase, card: ModelCard, as_predict: bool = False) -> PreparedCase:
+    """Read, move to the model grid and normalise exactly as ``predict`` does. ``as_predict``
+    (validation cases): only the sequences ``predict`` gives the network (the card's
+    ``preferred_sets``), so the validation Dice measures what ``predict`` does; training cases
+    keep all, for sequence dropout and the preferred-set draw."""
     scan = read.read_study(case.inputs)
+    if as_predict and (used := card.input.choose(scan.channels)) != scan.channels:
+        keep = [scan.channels.index(s) for s in used]
+        scan = dataclasses.replace(scan, array=scan.array[keep], channels=used)
     truth = read_truth(case.label_path)
     check_same_grid(scan.source.shape, scan.source.affine, truth, case.label_path)
     case.scheme.validate_array(truth.labels, f"label map {case.label_path}")
@@ -206,7 +223,8 @@ def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[
     if fraction == 0 or len(cases) < 2:
         return cases, []
     order = np.random.default_rng([seed, 7]).permutation(len(cases))
-    n_val = int(round(fraction * len(cases)))  # a small data set may give no validation case
+    # A small data set may give no validation case; at least one case is always left to train on.
+    n_val = min(int(round(fraction * len(cases))), len(cases) - 1)
     val = {int(i) for i in order[:n_val]}
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
@@ -242,15 +260,15 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
 class _PreparedCases(torch.utils.data.Dataset):
     """``prepare_case`` of each case, for ``_in_order``."""
 
-    def __init__(self, cases: list[TrainingCase], card: ModelCard) -> None:
-        self.cases, self.card = cases, card
+    def __init__(self, cases: list[TrainingCase], card: ModelCard, first_validation: int) -> None:
+        self.cases, self.card, self.first_validation = cases, card, first_validation
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, i: int) -> PreparedCase | TumorsegError:
         try:
-            return prepare_case(self.cases[i], self.card)
+            return prepare_case(self.cases[i], self.card, as_predict=i >= self.first_validation)
         except TumorsegError as e:  # returned, not raised: a worker would re-raise it as a traceback
             return e
 
@@ -346,19 +364,33 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
         check_init_compatible(init.card, card)
     if cfg.dataset_weights is not None and len(cfg.dataset_weights) != len(datasets):
         raise ConfigError(f"{len(cfg.dataset_weights)} dataset weights for {len(datasets)} data sets")
-    train_groups, val_cases = [], []
+    train_groups, val_cases, excluded = [], [], set()
     for dataset in datasets:
-        cases = [c for c in discover_cases(dataset, label_scheme) if c.case_id not in exclude]
+        found = discover_cases(dataset, label_scheme)
+        excluded |= {c.case_id for c in found if c.case_id in exclude}
+        cases = [c for c in found if c.case_id not in exclude]
         if not cases:
             raise InputError("no training cases left after --exclude", dataset)
         train_part, val_part = split_cases(cases, cfg.validation_fraction, cfg.seed)
         train_groups.append(train_part)
         val_cases += val_part
+    if unmatched := sorted(set(exclude) - excluded):
+        # A misspelt id would train on the case it was meant to hold out, and the card would say otherwise.
+        raise ConfigError(f"--exclude {', '.join(unmatched)}: no such case in the data sets (case ids are "
+                          "file or folder names, case-sensitive)")
     train_cases = [c for group in train_groups for c in group]
+    split = {"training": [[c.case_id for c in group] for group in train_groups],
+             "validation": [c.case_id for c in val_cases], "excluded": sorted(excluded)}
+    checkpoint_path = output / CHECKPOINT_NAME
+    saved_state = None
+    if resume:  # checked before the cases are prepared, which takes minutes on a large data set
+        saved_state = _read_checkpoint(checkpoint_path, cfg, split)
+    elif checkpoint_path.exists():
+        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
     log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
     with tqdm(total=len(train_cases) + len(val_cases), desc="preparing", disable=not progress) as bar:
         ready = []
-        for case in _in_order(_PreparedCases(train_cases + val_cases, card), workers):
+        for case in _in_order(_PreparedCases(train_cases + val_cases, card, len(train_cases)), workers):
             if isinstance(case, TumorsegError):
                 raise case
             ready.append(case)
@@ -379,12 +411,10 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    checkpoint_path = output / CHECKPOINT_NAME
-    if resume:
-        start_epoch, history = _load_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, scaler)
+    if saved_state is not None:
+        start_epoch, history = _restore_checkpoint(saved_state, network, optimizer, scheduler, scaler)
+        del saved_state
         log.info("resuming after epoch %d", start_epoch)
-    elif checkpoint_path.exists():
-        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
 
     network.train()
     batches = iter(_in_order(_Batches(prepared, cfg, start_epoch), workers, pin_memory=device.type == "cuda"))
@@ -414,7 +444,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
                             "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})
             log.info("epoch %d: loss %.4f, validation Dice %s", epoch + 1, np.mean(losses), val.get("mean"))
-            _save_checkpoint(checkpoint_path, cfg, network, optimizer, scheduler, scaler, epoch + 1, history)
+            _save_checkpoint(checkpoint_path, cfg, split, network, optimizer, scheduler, scaler, epoch + 1, history)
     finally:
         del batches  # ends the workers now, also when an exception keeps this frame alive
 
@@ -425,7 +455,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
         training={
             "command": command,
             "datasets": [Path(d).name for d in datasets],
-            "excluded_cases": list(exclude),
+            "excluded_cases": split["excluded"],
             "seed": cfg.seed,
             "epochs": cfg.epochs,
             "iterations_per_epoch": cfg.iterations_per_epoch,
@@ -437,8 +467,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
         metrics={"validation_dice": history[-1]["validation_dice"] or {}} if history else {},
     )
     card = save_model(output, card, network.cpu())
-    split = {"training": [c.case_id for c in train_cases], "validation": [c.case_id for c in val_cases]}
-    write_bytes_atomic(output / LOG_NAME, json.dumps({"split": split, "history": history}, indent=2).encode())
+    record = {"training": [c.case_id for c in train_cases], "validation": split["validation"]}
+    write_bytes_atomic(output / LOG_NAME, json.dumps({"split": record, "history": history}, indent=2).encode())
     return card
 
 
@@ -452,9 +482,10 @@ def _provenance(init: LoadedModel) -> dict[str, Any]:
     return out
 
 
-def _save_checkpoint(path, cfg, network, optimizer, scheduler, scaler, epoch, history) -> None:
+def _save_checkpoint(path, cfg, split, network, optimizer, scheduler, scaler, epoch, history) -> None:
     state = {
         "config": json.dumps(to_dict(cfg), sort_keys=True),
+        "split": json.dumps(split, sort_keys=True),  # the cases trained and validated on, by data set
         "epoch": epoch,
         "history": json.dumps(history),
         "network": network.state_dict(),
@@ -466,7 +497,9 @@ def _save_checkpoint(path, cfg, network, optimizer, scheduler, scaler, epoch, hi
         torch.save(state, str(tmp))
 
 
-def _load_checkpoint(path, cfg, network, optimizer, scheduler, scaler) -> tuple[int, list]:
+def _read_checkpoint(path: Path, cfg: TrainConfig, split: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's state, refused when it was made with other settings or other cases (a case
+    added to a data set, or another --exclude, would move cases between training and validation)."""
     if not path.is_file():
         raise ConfigError("--resume given but there is no checkpoint", path)
     state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -475,6 +508,15 @@ def _load_checkpoint(path, cfg, network, optimizer, scheduler, scaler) -> tuple[
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ConfigError(f"the checkpoint was made with other training settings ({', '.join(differ)} differ; "
                           "init_weights_sha256 is set by --init); resume with the same options", path)
+    if "split" in state and state["split"] != json.dumps(split, sort_keys=True):  # absent before 2026-11-29
+        saved = json.loads(state["split"])
+        differ = [k for k in ("training", "validation", "excluded") if saved.get(k) != split[k]]
+        raise ConfigError(f"the checkpoint was made with other cases ({', '.join(differ)} differ: the data sets' "
+                          "cases or --exclude changed); resume with the same data sets and options", path)
+    return state
+
+
+def _restore_checkpoint(state: dict[str, Any], network, optimizer, scheduler, scaler) -> tuple[int, list]:
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
