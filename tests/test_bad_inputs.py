@@ -241,6 +241,18 @@ def test_unknown_model_name(tmp_path, flair):
 
 # --- configuration errors (exit 6) -------------------------------------------------------
 
+def test_output_folder_that_cannot_be_made_is_refused_before_inference(tmp_path, tiny_model, flair, monkeypatch):
+    import tumorseg.pipeline
+
+    monkeypatch.setattr(tumorseg.pipeline.Segmenter, "segment_files", lambda *a: pytest.fail("inference ran"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "-o", str(blocker / "sub"), "-q",
+                                       str(flair)])
+    assert result.exit_code == 6, result.output
+    assert "is a file, not a folder" in result.output and str(blocker) in result.output
+
+
 def test_unknown_key_in_pipeline_file(tmp_path, tiny_model, flair):
     pipeline = tmp_path / "mine.toml"
     pipeline.write_text("[inference]\noverlapp = 0.25\n")

@@ -198,6 +198,11 @@ def test_validate_records_cases_it_cannot_score(tmp_path):
     assert cases[name2]["status"] == "failed" and "not on the grid" in cases[name2]["error"]
     html = (out / "report.html").read_text()
     assert "no prediction" in html
+    # A rerun without HTML must not leave the earlier report.html beside its metrics.
+    predictions[name2].unlink()
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
+                      "-o", str(out), "--no-html")
+    assert result.exit_code == SOME_CASES_FAILED and not (out / "report.html").exists()
 
 
 def test_validate_never_scores_a_prediction_left_by_an_earlier_run(tmp_path):

@@ -162,6 +162,8 @@ def test_overlay_centre_falls_back_to_prediction_then_volume_centre():
     views = overlay_views(image, affine, empty, empty)
     assert views.centre == tuple(n // 2 for n in nib.as_closest_canonical(nib.Nifti1Image(image, affine)).shape)
     assert overlay_png(image, affine, empty, None)[:8] == PNG_SIGNATURE
+    # Case ids are folder names: '$' must not be parsed as mathtext (it failed the picture).
+    assert overlay_png(image, affine, empty, None, title=r"p$\q$")[:8] == PNG_SIGNATURE
 
 
 def test_overlay_ignores_a_constant_nonzero_background():

@@ -44,3 +44,18 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (ConfigError):
+    a file in its place or on its path, or no write permission where it would be made."""
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write the output folder {folder}: {existing} is a file, not a folder", existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output folder {folder}: no write permission in {existing}", existing)

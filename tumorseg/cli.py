@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .atomic import check_output_folder
 from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
 
 log = logging.getLogger("tumorseg")
@@ -126,6 +127,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences)
+    check_output_folder(output)  # before minutes of inference
     dicom = _dicom_inputs(list(inputs), explicit)
     study = None if dicom else assign_sequences(list(inputs), explicit, lambda p: volume_count(p) > 1)
     start = time.perf_counter()
@@ -276,6 +278,7 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
 
     if not (math.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
         raise ConfigError(f"--nsd-tolerance must be a finite number >= 0 mm, got {nsd_tolerance}")
+    check_output_folder(output)
     segmenter = None
     if predictions is None:
         from .pipeline import Segmenter

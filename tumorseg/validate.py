@@ -230,6 +230,9 @@ def _overlay(case: TrainingCase, pred: Truth, pred_scheme: LabelScheme, truth: T
 
 
 def write_reports(output: Path, document: dict[str, Any], overlays: dict[str, bytes] | None) -> None:
+    """Write the metrics files, then the HTML report (``overlays`` None: none). An earlier run's
+    report.html is removed first, so it never sits beside other metrics."""
+    (output / REPORT_HTML).unlink(missing_ok=True)
     write_bytes_atomic(output / METRICS_JSON, (json.dumps(document, indent=2) + "\n").encode())
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

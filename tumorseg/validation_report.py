@@ -236,7 +236,7 @@ def overlay_figure(image: np.ndarray, affine: np.ndarray, pred: Mapping[str, np.
         ax.text(0.5, 0.98, top, ha="center", va="top", **letter)
         ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **letter)
     if title:
-        fig.suptitle(title, color="white", fontsize=11, y=0.985)
+        fig.suptitle(title, color="white", fontsize=11, y=0.985, parse_math=False)  # a case id may hold '$'
 
     handles = [Line2D([], [], color=REGION_COLOURS[r], lw=2, label=f"{r} ({REGION_NAMES[r]})") for r in REGIONS]
     handles.append(Line2D([], [], color="white", lw=1.3, ls="solid", label="prediction"))
