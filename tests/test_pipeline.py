@@ -60,6 +60,16 @@ def test_same_input_twice_gives_identical_bytes(tmp_path, tiny_model):
         outs.append((out / "segmentation.nii.gz").read_bytes())
     assert outs[0] == outs[1]
     assert np.asarray(nib.load(str(tmp_path / "out0" / "segmentation.nii.gz")).dataobj).any()
+    # The resolved configuration reruns the same run, and pins its model's weights.
+    resolved = tmp_path / "out0" / "pipeline.resolved.toml"
+    result = run_cli("predict", str(path), "--pipeline", str(resolved), "-o", str(tmp_path / "again"), "-q")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "segmentation.nii.gz").read_bytes() == outs[0]
+    from conftest import make_tiny_model
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    result = run_cli("predict", str(path), "--pipeline", str(resolved), "--model", str(other), "-o",
+                     str(tmp_path / "other-out"), "-q")
+    assert result.exit_code == 6 and "pins model weights" in result.output
 
 
 def test_a_rerun_that_fails_writing_leaves_no_report_of_the_earlier_run(tmp_path, tiny_model, monkeypatch):

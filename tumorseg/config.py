@@ -92,6 +92,10 @@ class OutputConfig:
 class PipelineConfig:
     #: A bundled model's name, or the path of a model folder.
     model: str = "default"
+    #: When set, the model's weights must have this sha256, or the run is refused. The
+    #: ``pipeline.resolved.toml`` that ``predict`` writes sets it, so rerunning it as ``--pipeline``
+    #: reproduces the run or says why it cannot.
+    model_sha256: str | None = None
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -125,4 +129,11 @@ def load_pipeline(name_or_path: str | Path = "default") -> PipelineConfig:
             known = ", ".join(p.stem for p in sorted(bundled_pipelines_dir().glob("*.toml")))
             raise ConfigError(f"no pipeline file {str(name_or_path)!r} (bundled: {known or 'none'})")
         path = bundled
-    return from_dict(PipelineConfig, read_toml(path), str(path))
+    data = read_toml(path)
+    for key in RESOLVED_PROVENANCE:  # a pipeline.resolved.toml loads as the pipeline that ran
+        data.pop(key, None)
+    return from_dict(PipelineConfig, data, str(path))
+
+
+#: Keys ``pipeline.resolved.toml`` adds to a pipeline file: a record, not settings.
+RESOLVED_PROVENANCE = ("tumorseg_version", "model_card")

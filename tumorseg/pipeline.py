@@ -20,6 +20,7 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
+from .errors import ConfigError
 from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
@@ -214,18 +215,28 @@ class Segmenter:
         if model is None:
             model = config.model
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        if config.model_sha256 is not None and config.model_sha256 != self.model.sha256:
+            raise ConfigError(f"the pipeline pins model weights sha256 {config.model_sha256[:16]}... (model_sha256), "
+                              f"but model {self.model.directory.name} has {self.model.sha256[:16]}...; give that "
+                              "model, or remove model_sha256 from the pipeline file")
         self.device = infer.select_device(config.inference.device)
         self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile)
         self.progress = progress
         self.spec = PipelineSpec(
             self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device)
         )
-        for name in config.postprocess.labels:
-            self.card.scheme.label(name)  # unknown label names fail now, not mid-batch
+        try:
+            for name in config.postprocess.labels:
+                self.card.scheme.label(name)  # unknown label names fail now, not mid-batch
+        except ConfigError as e:
+            raise ConfigError(f"pipeline [postprocess.labels]: {e}") from None
         if config.output.roi_names:  # so do bad ROI names, not after the label map is written
             from .dicom.rtstruct import roi_specs
 
-            roi_specs(self.card.scheme, config.output.roi_names, config.output.include_regions)
+            try:
+                roi_specs(self.card.scheme, config.output.roi_names, config.output.include_regions)
+            except ConfigError as e:
+                raise ConfigError(f"pipeline [output.roi_names]: {e}") from None
 
     @property
     def card(self) -> ModelCard:
@@ -384,9 +395,8 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     paths.update(dicom)
     resolved = {
         "tumorseg_version": __version__,
-        "model_sha256": spec.model_sha256,
         "model_card": spec.model_folder,
-        **to_dict(spec.config),
+        **to_dict(dataclasses.replace(spec.config, model_sha256=spec.model_sha256)),
     }
     write_bytes_atomic(paths["configuration"], tomli_w.dumps(resolved).encode())
     result.report["timings_s"]["write"] = round(time.perf_counter() - start, 3)

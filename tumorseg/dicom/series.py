@@ -246,7 +246,8 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
     series = [_series_info(uid, members) for uid, members in groups.items()]
     series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description,
                                s.series_uid))
-    log.info("found %d image series under %s: %s", len(series), folder,
+    log.debug("searched %s", folder)  # folder names may be patient names: debug only
+    log.info("found %d image series: %s", len(series),
              "; ".join(f"{s.label} ({len(s.paths)} files)" for s in series) or "none")
     return series
 
