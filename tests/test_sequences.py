@@ -224,3 +224,48 @@ def test_real_brats2023_folder_maps_to_all_four_sequences():
 @pytest.mark.parametrize("name", ["AX_T2_FLAIR.nii.gz", "t2-flair.nii.gz", "case_T2FLAIR.nrrd"])
 def test_t2_flair_names_are_flair(name):
     assert sequence_from_filename(Path(name)) == "flair"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("T1+C.nii.gz", "t1gd"), ("T1_MPRAGE_+C.nii.gz", "t1gd"), ("T1 MPRAGE C+.nii.gz", "t1gd"),
+    ("t1_postgad.nii.gz", "t1gd"), ("t1_post_contrast.nii.gz", "t1gd"),
+    ("t1_pre.nii.gz", "t1"), ("t1_native.nii.gz", "t1"), ("t1_post_op.nii.gz", "t1"),
+    ("sub-01_ses-post_T1w.nii.gz", "t1"),  # a session named post, not contrast
+    ("T2_TIRM.nii.gz", "flair"), ("dark-fluid_t2.nii.gz", "flair"),
+])
+def test_contrast_and_flair_spellings(name, expected):
+    assert sequence_from_filename(Path(name)) == expected
+
+
+@pytest.mark.parametrize("name, needle", [
+    # A T1 whose name says both contrast and no contrast is not read either way.
+    ("t1_no_contrast.nii.gz", "had contrast"), ("t1_pre_gd.nii.gz", "had contrast"),
+    ("t1_without_gd.nii.gz", "had contrast"), ("sub-01_ce-none_T1w.nii.gz", "had contrast"),
+    ("T1-C.nii.gz", "had contrast"),
+    # Not one of the four anatomical sequences, or derived from one.
+    ("T2_star.nii.gz", "star"), ("t2_swi.nii.gz", "swi"), ("adc_t2.nii.gz", "adc"), ("pd_t2.nii.gz", "pd"),
+    ("t1_map.nii.gz", "map"), ("localizer_t1.nii.gz", "localizer"), ("T1_CE_subtraction.nii.gz", "subtraction"),
+    ("flair_mask.nii.gz", "mask"), ("t1ce_segmentation.nii.gz", "segmentation"), ("flair_pred.nii.gz", "pred"),
+])
+def test_names_that_could_be_misread_are_refused(name, needle):
+    with pytest.raises(SequenceError, match=needle):
+        sequence_from_filename(Path(name))
+
+
+def test_a_folder_with_its_ground_truth_and_brain_mask_is_read(tmp_path):
+    flair = touch(tmp_path / "case-t2f.nii.gz")
+    touch(tmp_path / "case-seg.nii.gz")
+    touch(tmp_path / "brainmask.nii.gz")
+    assert assign_sequences([tmp_path], {}, never_4d).files == (("flair", flair),)
+
+
+def test_a_multi_volume_file_named_as_one_sequence_is_refused(tmp_path):
+    dce = touch(tmp_path / "t1ce_4vols.nii.gz")
+    with pytest.raises(SequenceError, match="name says t1gd"):
+        assign_sequences([dce], {}, lambda p: True)
+
+
+def test_one_file_for_two_sequences_is_refused(tmp_path):
+    t1 = touch(tmp_path / "x_t1.nii.gz")
+    with pytest.raises(SequenceError, match="one file given as t1 and t1gd"):
+        assign_sequences([t1], {"t1gd": t1}, never_4d)

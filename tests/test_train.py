@@ -45,6 +45,19 @@ def test_discover_folder_dataset_needs_label_scheme(tmp_path):
     assert cases[0].inputs.sequences == ("flair", "t1gd")
 
 
+def test_discovery_skips_masks_and_refuses_two_files_for_a_sequence(tmp_path):
+    from tumorseg.errors import SequenceError
+
+    root = make_folder_dataset(tmp_path / "ds", cases=1)
+    case = root / "case0"
+    (case / "case0-flair_mask.nii.gz").write_bytes((case / "case0-seg.nii.gz").read_bytes())
+    (case / "brainmask.nii.gz").write_bytes((case / "case0-seg.nii.gz").read_bytes())
+    assert dict(discover_cases(root, "brats2023")[0].inputs.files)["flair"].name == "case0-t2f.nii.gz"
+    (case / "case0_flair.nii.gz").write_bytes((case / "case0-t2f.nii.gz").read_bytes())
+    with pytest.raises(SequenceError, match="two files for flair"):
+        discover_cases(root, "brats2023")
+
+
 def test_prepare_case_converts_labels_to_model_classes(tmp_path):
     root = make_folder_dataset(tmp_path / "ds", cases=1)
     case = discover_cases(root, "brats2023")[0]

@@ -6,12 +6,15 @@ appears among its tokens; anything else is refused, never guessed.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SequenceError
+
+log = logging.getLogger(__name__)
 
 SEQUENCES: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
 DESCRIPTIONS = {
@@ -26,22 +29,48 @@ DECATHLON_ORDER: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
 # File-name tokens (lower case) for each sequence: BraTS 2023 (t2f, t1n, t1c, t2w), earlier
 # BraTS (flair, t1, t1ce, t2) and common spellings.
 ALIASES: dict[str, frozenset[str]] = {
-    "flair": frozenset({"flair", "t2f", "t2flair", "fla"}),
+    "flair": frozenset({"flair", "t2f", "t2flair", "fla", "tirm", "darkfluid"}),
     "t1": frozenset({"t1", "t1n", "t1w", "t1native"}),
     "t1gd": frozenset({"t1gd", "t1c", "t1ce", "t1post", "t1contrast", "t1wce"}),
     "t2": frozenset({"t2", "t2w"}),
 }
-#: Tokens that mark a T1 as contrast-enhanced (BIDS ``ce-`` entity values, common spellings).
-CONTRAST_TOKENS = frozenset({"ce", "gd", "gad", "gado", "gadolinium", "contrast", "post", "postcontrast"})
+#: Tokens that mark a T1 as contrast-enhanced (BIDS ``ce-`` entity values, common spellings;
+#: ``pluscontrast`` is what "+C" and "C+" become).
+CONTRAST_TOKENS = frozenset({"ce", "gd", "gad", "gado", "gadolinium", "contrast", "post", "postcontrast",
+                             "postgad", "postgd", "pluscontrast", "enhanced", "km"})
+#: Tokens that say a T1 had no contrast: with a contrast token too ("t1_no_contrast",
+#: "t1_pre_gd"), the name is refused rather than read either way.
+NO_CONTRAST_TOKENS = frozenset({"no", "non", "none", "wo", "without", "pre", "before", "precontrast",
+                                "noncontrast", "nc", "native", "nativ", "ohne", "vor"})
+#: "post" that is not contrast: post-operative, posterior fossa.
+NOT_CONTRAST_POST = frozenset({"op", "operative", "surgery", "fossa"})
+#: Tokens of images that are not one of the four anatomical sequences, or are derived from one
+#: (T2*, susceptibility, diffusion, maps, localizers, subtractions, perfusion, network outputs):
+#: a name with one of these and a sequence's name is refused, never read as that sequence.
+NOT_ANATOMICAL_TOKENS = frozenset({
+    "star", "t2star", "swi", "swan", "gre", "adc", "dwi", "dti", "trace", "pd", "map", "maps", "mapping",
+    "localizer", "localiser", "scout", "sub", "subtraction", "subtracted", "perfusion", "dsc", "dce", "asl",
+    "mip", "prob", "probability", "probabilities", "pred", "prediction", "softmax",
+})
+#: BIDS entities whose values are not about the image's contrast (``ses-post`` is a session).
+_BIDS_OTHER_ENTITIES = re.compile(r"(?:^|_)(?:sub|ses|run|acq|rec|dir|echo|part|task|inv|mt|flip|chunk)-[a-z0-9]+")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: File-name tokens of ground-truth label maps in case folders (BraTS ``*_seg``, ``OTMultiClass``).
-TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor"})
+TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor",
+                               "segmentation", "dseg"})
 #: ... and of other masks that sit beside the sequences (``brainmask``).
 MASK_FILE_TOKENS = frozenset({"brainmask", "mask"})
 
 
 def _name_tokens(path: Path) -> set[str]:
-    return {t for t in re.split(r"[^a-z0-9]+", strip_image_suffix(path.name).lower()) if t}
+    name = strip_image_suffix(path.name).lower()
+    name = re.sub(r"t2\s*\*", " t2star ", name)  # T2*: the '*' would vanish in the split below
+    name = re.sub(r"\+\s*c(?![a-z0-9])|(?<![a-z0-9])c\s*\+", " pluscontrast ", name)  # T1+C, T1 C+
+    name = _BIDS_OTHER_ENTITIES.sub("_", name)
+    tokens = {t for t in re.split(r"[^a-z0-9]+", name) if t}
+    if {"dark", "fluid"} <= tokens:
+        tokens.add("darkfluid")
+    return tokens
 
 
 def is_truth_file(path: Path) -> bool:
@@ -69,11 +98,28 @@ def sequence_from_filename(path: Path) -> str | None:
     """
     tokens = _name_tokens(path)
     found = [seq for seq in SEQUENCES if ALIASES[seq] & tokens]
+    if not found:
+        return None
+    other = tokens & (NOT_ANATOMICAL_TOKENS | TRUTH_FILE_TOKENS | MASK_FILE_TOKENS)
+    if other:
+        raise SequenceError(
+            f"the file name marks it as {', '.join(sorted(other))}, not a {found[0]} scan; give the scan "
+            f"itself, or name the file with --{found[0]} if it is one", path)
     if found == ["flair", "t2"]:
-        found = ["flair"]  # T2_FLAIR, t2-flair: FLAIR is a T2-weighted sequence
-    if "t1" in found and tokens & CONTRAST_TOKENS:
-        found = [s for s in found if s != "t1"] + (["t1gd"] if "t1gd" not in found else [])
-        found = [s for s in SEQUENCES if s in found]  # T1w with ce-gadolinium (BIDS) is T1gd
+        found = ["flair"]  # T2_FLAIR, t2-flair, T2 TIRM: FLAIR is a T2-weighted sequence
+    if {"t1", "t1gd"} & set(found):
+        contrast = tokens & CONTRAST_TOKENS
+        if tokens & NOT_CONTRAST_POST:
+            contrast -= {"post"}
+        no_contrast = tokens & NO_CONTRAST_TOKENS
+        if no_contrast and (contrast or "t1gd" in found) or ("c" in tokens and not contrast):
+            said = sorted(contrast | no_contrast | ({"c"} & tokens) | (ALIASES["t1gd"] & tokens))
+            raise SequenceError(
+                f"the file name does not say clearly whether this T1 had contrast ({', '.join(said)}); "
+                "name it with --t1 or --t1gd", path)
+        if "t1" in found and contrast:
+            found = [s for s in found if s != "t1"] + (["t1gd"] if "t1gd" not in found else [])
+            found = [s for s in SEQUENCES if s in found]  # T1w with ce-gadolinium (BIDS) is T1gd
     if len(found) > 1:
         raise SequenceError(
             f"the file name matches several sequences ({', '.join(found)}); "
@@ -107,16 +153,22 @@ class StudyInputs:
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files named directly, plus the image files directly inside any folder named."""
+    """Files named directly, plus the image files directly inside any folder named, less the label
+    maps and masks that sit beside the sequences (``*-seg``, ``brainmask``)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            inside = sorted(
+            images = sorted(
                 p for p in path.iterdir()
                 if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
             )
-            if not inside:
+            if not images:
                 raise SequenceError("folder holds no NIfTI, NRRD or MHA image", path)
+            inside = [p for p in images if not is_not_a_sequence(p)]
+            if len(inside) < len(images):
+                log.info("left out %d label or mask file(s) in %s", len(images) - len(inside), path.name)
+            if not inside:
+                raise SequenceError("folder holds only label maps or masks, no scan", path)
             files.extend(inside)
         else:
             files.append(path)
@@ -133,6 +185,10 @@ def assign_sequences(
     """
     files = expand_inputs(positional)
     if len(files) == 1 and not explicit and is_multi_volume(files[0]):
+        if (named := sequence_from_filename(files[0])) is not None:
+            raise SequenceError(
+                f"a file with several volumes is read as a Decathlon study (FLAIR, T1w, T1gd, T2w), but its "
+                f"name says {named}: give its sequences as separate 3D files", files[0])
         return StudyInputs(decathlon_4d=files[0])
     assigned: dict[str, Path] = dict(explicit)
     unknown: list[Path] = []
@@ -160,4 +216,11 @@ def assign_sequences(
         )
     if not assigned:
         raise SequenceError("no input scan given")
+    by_file: dict[Path, list[str]] = {}
+    for seq, path in assigned.items():
+        by_file.setdefault(Path(path).resolve(), []).append(seq)
+    for path, seqs in by_file.items():
+        if len(seqs) > 1:
+            raise SequenceError(f"one file given as {' and '.join(sorted(seqs))}; each sequence needs its own scan",
+                                path)
     return StudyInputs(files=tuple((s, assigned[s]) for s in SEQUENCES if s in assigned))

@@ -33,8 +33,8 @@ from .heap import keep_freed_heap_memory
 from .labels import LabelScheme, conversion_table, get_scheme
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
                     save_model)
-from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_truth_file, parse_sequence, sequence_from_filename,
-                        strip_image_suffix)
+from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_not_a_sequence, is_truth_file, parse_sequence,
+                        sequence_from_filename, strip_image_suffix)
 from .pipeline import model_input
 from .stages import geometry, infer, read
 
@@ -163,7 +163,11 @@ def _folder_case(folder: Path, scheme: LabelScheme) -> TrainingCase | None:
             continue
         if is_truth_file(path):
             labels.append(path)
+        elif is_not_a_sequence(path):
+            continue  # brainmask and other masks beside the sequences
         elif (seq := sequence_from_filename(path)) is not None:
+            if seq in files:
+                raise SequenceError(f"two files for {seq}: {files[seq].name} and {path.name}", folder)
             files[seq] = path
     if not files or len(labels) != 1:
         log.warning("skipping %s: %d label files, sequences %s", folder.name, len(labels), sorted(files))
