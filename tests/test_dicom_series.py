@@ -414,6 +414,28 @@ def test_classification_by_description(description, expected):
     assert classify_series(info)[0] == expected
 
 
+@pytest.mark.parametrize("description, expected", [
+    # Said without contrast: the contrast word must not win.
+    ("T1 pre-contrast", "t1"), ("T1 no contrast", "t1"), ("T1 without contrast", "t1"), ("T1 PRE GAD", "t1"),
+    ("T1 ohne KM", "t1"), ("T1 before contrast", "t1"), ("T1 post op", "t1"),
+    # Post-contrast spellings.
+    ("T1 postgad", "t1gd"), ("T1POSTGD", "t1gd"), ("T1 W/C", "t1gd"),
+    # Not an anatomical T1/T2 series.
+    ("T2 star", None), ("T2 SWAN", None), ("T2 MAP", None), ("T1 mapping", None), ("T2 FIESTA", None),
+    ("T1C-T1 SUB", None), ("T1 dynamic", None),
+])
+def test_classification_of_misreadable_descriptions(description, expected):
+    assert classify_series(_info(description))[0] == expected
+
+
+def test_description_and_protocol_that_disagree_are_no_candidate():
+    assert classify_series(_info("T1", protocol_name="t2_tse"))[0] is None
+    assert classify_series(_info("T1 pre", protocol_name="t1_post_gd"))[0] is None
+    assert classify_series(_info("AX T1", protocol_name="t1_se_tra"))[0] == "t1"
+    assert classify_series(_info("T1 NC", contrast_agent="Gadovist"))[0] == "t1"
+    assert classify_series(_info("t1_se", image_type=("ORIGINAL", "PRIMARY", "SUBTRACT")))[0] is None
+
+
 def test_contrast_agent_tag_and_image_type():
     assert classify_series(_info("t1_se_tra", contrast_agent="Gadovist"))[0] == "t1gd"
     assert classify_series(_info("t1_se_tra_pre", contrast_agent="Gadovist"))[0] == "t1"

@@ -136,8 +136,8 @@ DEFAULT_RULES = SelectionRules(
         # T1-weighted FLAIR (GE "T1 FLAIR") is a T1, not a FLAIR.
         SequenceRule("flair", include=(_FLAIR,), exclude=(r"(?<![a-z0-9])t1(?![0-9])",)),
         SequenceRule("t2", include=(_T2, r"t2w", r"(?<![a-z])tse(?![a-z]).*(?<![a-z0-9])t2"),
-                     exclude=(r"t2\*", r"t2_?star", r"(?<![a-z])swi(?![a-z])", r"hemo", r"medic",
-                              r"(?<![a-z])gre(?![a-z])")),
+                     exclude=(r"t2\*", r"t2[ _-]?star", r"(?<![a-z])(swi|swan)(?![a-z])", r"hemo", r"medic",
+                              r"(?<![a-z])gre(?![a-z])", r"(?<![a-z])me2d", r"fiesta", r"(?<![a-z])ciss")),
         SequenceRule("t1gd", include=(_T1, r"(?<![a-z0-9])t1(c|ce|gd|post)(?![a-z])"), contrast=True),
         SequenceRule("t1", include=(_T1, r"(?<![a-z0-9])t1(n|w)(?![a-z])"), contrast=False),
     ),
@@ -148,20 +148,26 @@ DEFAULT_RULES = SelectionRules(
                       r"(?<![a-z])adc(?![a-z])|trace|tensor|(?<![a-z])resolve|(?<![a-z])fa(?![a-z])|colfa"),
         ("perfusion", r"perf|(?<![a-z])(dsc|dce|asl|pcasl|pasl|rcbv|rcbf|cbv|cbf|mtt|ttp|tmax)(?![a-z])"),
         ("functional, angiographic, susceptibility or spectroscopic series",
-         r"(?<![a-z])(bold|fmri|mra|tof|swi|svs|csi|mip|mpr)(?![a-z])|angio|spectro|phase"),
+         r"(?<![a-z])(bold|fmri|mra|tof|swi|swan|svs|csi|mip|mpr)(?![a-z])|angio|spectro|phase"),
+        ("quantitative map, subtraction, dynamic or reformatted series",
+         r"(?<![a-z])(maps?|mapping|relaxometry|sub|dyn|dynamic)(?![a-z])|subtract|reformat"),
     ),
     skip_image_types=("LOCALIZER", "MPR", "MIP", "PROJECTION IMAGE", "REFORMATTED", "CPR",
                       "CSA MPR", "CSAPARALLEL", "ADC", "TRACEW", "FA", "DIFFUSION", "PERFUSION",
-                      "SUBTRACTION", "SUB", "MOSAIC", "P", "PHASE", "R", "REAL", "IMAGINARY"),
+                      "SUBTRACTION", "SUBTRACT", "SUB", "MOSAIC", "P", "PHASE", "R", "REAL", "IMAGINARY"),
     skip_derived=True,
     modalities=("MR",),
     contrast_patterns=(
-        r"\+ ?c(?![a-z])", r"(?<![a-z])c ?\+", r"(?<![a-z])post(?![a-z]|-?op)", r"(?<![a-z])gd(?![a-z])",
+        r"\+ ?c(?![a-z])", r"(?<![a-z])c ?\+", r"(?<![a-z])post(?![a-z]|[ _-]?(op|fossa))",
+        r"post[ _-]?(gd|gad|gado|contrast|km)", r"(?<![a-z])w ?/ ?c(?![a-z])", r"(?<![a-z])gd(?![a-z])",
         r"gado", r"(?<![a-z])gad(?![a-z])", r"(?<![a-z])ce(?![a-z])", r"contrast", r"kontrast",
         r"(?<![a-z0-9])t1c(?![a-z])", r"t1ce", r"t1gd", r"(?<![a-z])km(?![a-z])",
     ),
-    precontrast_patterns=(r"(?<![a-z])pre(?![a-z])", r"native?", r"(?<![a-z0-9])t1n(?![a-z])",
-                          r"(?<![a-z])no[ _-]?(contrast|gd|gad)"),
+    # Phrases first: each match is blanked out before the contrast patterns are tried, so that
+    # "no contrast" or "pre Gd" is not also read as contrast.
+    precontrast_patterns=(r"(?<![a-z])(no|non|without|w/o|wo|pre|before|ohne|vor)[ _-]?(contrast|kontrast|gd|gad|gado|km)",
+                          r"(?<![a-z])pre(?![a-z])", r"precontrast", r"native?", r"(?<![a-z0-9])t1n(?![a-z])",
+                          r"(?<![a-z])nc(?![a-z])"),
 )
 
 
@@ -189,12 +195,24 @@ def skip_reason(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -> st
 
 
 def classify_series(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -> tuple[str | None, str]:
-    """The sequence ``series`` is a candidate for (or None), and why, in words for the log."""
+    """The sequence ``series`` is a candidate for (or None), and why, in words for the log.
+    A series whose description and protocol name each name a sequence, not the same one, is
+    no candidate: which of the two is right cannot be told."""
     reason = skip_reason(series, rules)
     if reason is not None:
         return None, f"skipped: {reason}"
-    text = series_text(series)
+    description, protocol = series.series_description.strip(), series.protocol_name.strip()
+    if description and protocol and description.lower() != protocol.lower():
+        said = [_classify_text(series, text, rules)[0] for text in (description, protocol)]
+        if None not in said and said[0] != said[1]:
+            return None, f"skipped: its description says {said[0]}, its protocol name {said[1]}"
+    return _classify_text(series, series_text(series), rules)
+
+
+def _classify_text(series: SeriesInfo, text: str, rules: SelectionRules) -> tuple[str | None, str]:
     contrast, contrast_why = _contrast(series, text, rules)
+    if contrast is None:
+        return None, f"skipped: {contrast_why}"
     for rule in rules.rules:
         m = next((m for p in rule.include if (m := _compile(p).search(text))), None)
         if m is None or any(_compile(p).search(text) for p in rule.exclude):
@@ -208,11 +226,19 @@ def classify_series(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -
     return None, "not recognised as any sequence by the description rules"
 
 
-def _contrast(series: SeriesInfo, text: str, rules: SelectionRules) -> tuple[bool, str]:
-    for p in rules.contrast_patterns:
+def _contrast(series: SeriesInfo, text: str, rules: SelectionRules) -> tuple[bool | None, str]:
+    """Whether the text marks contrast; None when it has both a pre-contrast and a contrast marker
+    (``T1 pre | t1_post_gd``): such a T1 is neither candidate."""
+    pre = None
+    for p in rules.precontrast_patterns:
         if m := _compile(p).search(text):
-            return True, f"contrast marker {m.group(0)!r}"
-    pre = next((m for p in rules.precontrast_patterns if (m := _compile(p).search(text))), None)
+            pre = pre or m
+            text = _compile(p).sub(lambda found: " " * len(found.group(0)), text)
+    post = next((m for p in rules.contrast_patterns if (m := _compile(p).search(text))), None)
+    if pre is not None and post is not None:
+        return None, f"both a pre-contrast marker {pre.group(0)!r} and a contrast marker {post.group(0)!r}"
+    if post is not None:
+        return True, f"contrast marker {post.group(0)!r}"
     if pre is not None:
         return False, f"pre-contrast marker {pre.group(0)!r}"
     if rules.contrast_agent_tag and series.contrast_agent:
