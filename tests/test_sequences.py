@@ -232,6 +232,7 @@ def test_t2_flair_names_are_flair(name):
     ("t1_pre.nii.gz", "t1"), ("t1_native.nii.gz", "t1"), ("t1_post_op.nii.gz", "t1"),
     ("sub-01_ses-post_T1w.nii.gz", "t1"),  # a session named post, not contrast
     ("T2_TIRM.nii.gz", "flair"), ("dark-fluid_t2.nii.gz", "flair"),
+    ("c-t1c.nii.gz", "t1gd"),  # a case named c: its T1c is still T1gd
 ])
 def test_contrast_and_flair_spellings(name, expected):
     assert sequence_from_filename(Path(name)) == expected

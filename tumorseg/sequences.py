@@ -112,7 +112,7 @@ def sequence_from_filename(path: Path) -> str | None:
         if tokens & NOT_CONTRAST_POST:
             contrast -= {"post"}
         no_contrast = tokens & NO_CONTRAST_TOKENS
-        if no_contrast and (contrast or "t1gd" in found) or ("c" in tokens and not contrast):
+        if no_contrast and (contrast or "t1gd" in found) or ("c" in tokens and found == ["t1"] and not contrast):
             said = sorted(contrast | no_contrast | ({"c"} & tokens) | (ALIASES["t1gd"] & tokens))
             raise SequenceError(
                 f"the file name does not say clearly whether this T1 had contrast ({', '.join(said)}); "
