@@ -40,6 +40,8 @@ def test_region_scores_refuse_mismatched_shapes_and_unknown_labels():
         region_scores(np.zeros((2, 2, 2), int), msd, np.zeros((2, 2, 3), int), msd)
     with pytest.raises(Exception, match="values \\[7\\]"):
         region_scores(np.zeros((2, 2, 2), int), msd, np.full((2, 2, 2), 7), msd)
+    with pytest.raises(Exception, match="prediction.*values \\[4\\]"):  # a BraTS 2021 map scored as MSD
+        region_scores(np.full((2, 2, 2), 4), msd, np.zeros((2, 2, 2), int), msd)
 
 
 def test_empty_ground_truth_reads_but_empty_scan_does_not(tmp_path):

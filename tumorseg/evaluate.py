@@ -28,6 +28,7 @@ def region_scores(pred: np.ndarray, pred_scheme: LabelScheme, truth: np.ndarray,
     if pred.shape != truth.shape:
         raise GeometryError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
     truth_scheme.validate_array(truth, "ground truth")
+    pred_scheme.validate_array(pred, "prediction")
     return {r: dice(pred_scheme.region_mask(pred, r), truth_scheme.region_mask(truth, r)) for r in REGIONS}
 
 
