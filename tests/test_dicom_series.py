@@ -397,6 +397,15 @@ def test_no_patient_identifiers_in_logs_or_messages(tmp_path, caplog):
         assert canary_value not in text
 
 
+def test_the_searched_folder_is_not_logged_at_info(tmp_path, caplog):
+    # Exported studies sit in folders named after the patient.
+    folder = tmp_path / "DOE_JOHN_1234567"
+    copy_series(decubitus("HFS"), folder / "s1")
+    with caplog.at_level(logging.INFO):
+        assert len(find_series(folder)) == 1
+    assert caplog.records and "DOE_JOHN" not in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # Selection rules
 # --------------------------------------------------------------------------------------------
