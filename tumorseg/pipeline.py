@@ -122,8 +122,7 @@ class PipelineSpec:
         ignored = tuple(s for s in self.card.input.sequences if s in left_out)
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
-            keep = [scan.channels.index(s) for s in used]
-            scan = dataclasses.replace(scan, array=scan.array[keep], channels=used)
+            scan = scan.with_channels(used)
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
         warnings = input_warnings(scan)

@@ -63,6 +63,11 @@ class Scan:
     def with_array(self, array: np.ndarray, affine: np.ndarray | None = None) -> "Scan":
         return replace(self, array=array, affine=self.affine if affine is None else affine)
 
+    def with_channels(self, names: tuple[str, ...]) -> "Scan":
+        """A copy holding only the channels ``names``, in that order."""
+        keep = [self.channels.index(s) for s in names]
+        return replace(self, array=self.array[keep], channels=tuple(names))
+
 
 @dataclass(frozen=True)
 class LabelMap:

@@ -192,8 +192,7 @@ def prepare_case(case: TrainingCase, card: ModelCard, as_predict: bool = False) 
     keep all, for sequence dropout and the preferred-set draw."""
     scan = read.read_study(case.inputs)
     if as_predict and (used := card.input.choose(scan.channels)) != scan.channels:
-        keep = [scan.channels.index(s) for s in used]
-        scan = dataclasses.replace(scan, array=scan.array[keep], channels=used)
+        scan = scan.with_channels(used)
     truth = read_truth(case.label_path)
     check_same_grid(scan.source.shape, scan.source.affine, truth, case.label_path)
     case.scheme.validate_array(truth.labels, f"label map {case.label_path}")

@@ -32,31 +32,35 @@ def background_value(channel: np.ndarray) -> float | None:
 PARTIAL_COVERAGE_FRACTION = 0.9
 
 
-def channel_coverage(array: np.ndarray) -> list[float] | None:
-    """For each channel of ``array`` (C, I, J, K), the fraction of the brain region (the union over
-    channels, :func:`brain_mask`) where it differs from its own background; None when the scan has
-    no constant background. Outside its coverage a channel is background, which ``normalize``
-    turns into its lowest z-score, so the network sees tissue there as dark."""
+def channel_masks(array: np.ndarray) -> list[np.ndarray] | None:
+    """For each channel of ``array`` (C, I, J, K), where it differs from its constant background;
+    None when a channel has none (scans with skull and noise)."""
     masks = []
     for channel in array:
         background = background_value(channel)
         if background is None:
             return None
         masks.append(channel != background)
-    union = np.logical_or.reduce(masks)
-    total = int(np.count_nonzero(union))
+    return masks
+
+
+def channel_coverage(array: np.ndarray) -> list[float] | None:
+    """For each channel of ``array`` (C, I, J, K), the fraction of the brain region (the union over
+    channels, :func:`brain_mask`) where it differs from its own background; None when the scan has
+    no constant background. Outside its coverage a channel is background, which ``normalize``
+    turns into its lowest z-score, so the network sees tissue there as dark."""
+    masks = channel_masks(array)
+    if masks is None:
+        return None
+    total = int(np.count_nonzero(np.logical_or.reduce(masks)))
     return [int(np.count_nonzero(m)) / total if total else 0.0 for m in masks]
 
 
 def brain_mask(array: np.ndarray) -> np.ndarray:
-    """Voxels where any channel of ``array`` (C, I, J, K) differs from its constant background."""
-    mask = np.zeros(array.shape[1:], dtype=bool)
-    for channel in array:
-        background = background_value(channel)
-        if background is None:
-            return np.ones(array.shape[1:], dtype=bool)
-        mask |= channel != background
-    return mask
+    """Voxels where any channel of ``array`` (C, I, J, K) differs from its constant background;
+    every voxel when a channel has none."""
+    masks = channel_masks(array)
+    return np.ones(array.shape[1:], dtype=bool) if masks is None else np.logical_or.reduce(masks)
 
 
 def normalize(scan: Scan, params: Normalization, mask: np.ndarray) -> Scan:

@@ -1,8 +1,8 @@
 """Write stage: the label map as uint8 NIfTI on the input's exact grid, written atomically.
 
 When the reference input was NIfTI (version 1 or 2) its header is copied, so shape, qform, sform
-and their codes are the input's bit for bit (its free-text fields are blanked); otherwise (NRRD, MHA) qform and sform are both set
-to the affine with code 1 (scanner).
+and their codes are the input's bit for bit (its free-text fields are blanked); otherwise (NRRD,
+MHA) qform and sform are both set to the affine with code 1 (scanner).
 """
 from __future__ import annotations
 
