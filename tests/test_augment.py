@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from tumorseg.augment import AugmentConfig, _thick_slices, augment
+from tumorseg.augment import AugmentConfig, _thick_slices, augment, moved_during_scan
 
 OFF = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
                     low_resolution=0)
@@ -135,3 +135,36 @@ def test_bias_field_off_draws_nothing():
     b = augment(image, labels, [0, 1, 2, 3], rarely, dataclasses.replace(AugmentConfig(), bias_field=1e-12))
     assert off.bit_generator.state != rarely.bit_generator.state
     assert not torch.equal(a[0], b[0])  # the later draws moved
+
+
+def test_motion_during_the_whole_scan_is_a_shift_and_after_it_nothing():
+    """A head shifted for every k-space line is the image shifted (circularly, as k-space is);
+    shifted after the last line, the image is untouched; half way, ghosts along the read axis."""
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(16, 20, 12)).astype(np.float32))
+    shift = np.array([2.0, 0.0, -3.0])
+    assert torch.allclose(moved_during_scan(image, 1, 0.0, shift), torch.roll(image, (2, 0, -3), (0, 1, 2)), atol=1e-5)
+    assert torch.allclose(moved_during_scan(image, 1, 1.0, shift), image, atol=1e-5)
+    half = moved_during_scan(image, 0, 0.5, np.array([0.0, 3.0, 0.0]))
+    assert not torch.allclose(half, image, atol=0.1)
+    assert abs(float(half.mean() - image.mean())) < 1e-4  # the centre line (the mean) was read before the move
+
+
+def test_motion_leaves_background_labels_and_absent_sequences_alone():
+    rng = np.random.default_rng(3)
+    inside = torch.zeros(24, 24, 24, dtype=torch.bool)
+    inside[4:20, 4:20, 4:20] = True
+    image = torch.zeros(4, 24, 24, 24)
+    image[:2, inside] = torch.from_numpy(rng.normal(size=(2, int(inside.sum()))).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, size=(24, 24, 24)))
+    out, lab = augment(image, labels, [0, 1], np.random.default_rng(4), dataclasses.replace(OFF, motion=1.0))
+    assert torch.equal(lab, labels)
+    assert (out[:, ~inside] == 0).all() and (out[2:] == 0).all()
+    assert not torch.equal(out[:2], image[:2])
+
+
+def test_motion_off_draws_nothing():
+    image, labels = _patch()
+    off, rarely = np.random.default_rng(9), np.random.default_rng(9)
+    augment(image, labels, [0, 1, 2, 3], off, AugmentConfig())
+    augment(image, labels, [0, 1, 2, 3], rarely, dataclasses.replace(AugmentConfig(), motion=1e-12))
+    assert off.bit_generator.state != rarely.bit_generator.state

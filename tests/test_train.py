@@ -45,6 +45,31 @@ def test_discover_folder_dataset_needs_label_scheme(tmp_path):
     assert cases[0].inputs.sequences == ("flair", "t1gd")
 
 
+def test_label_scheme_once_for_all_data_sets_or_once_each():
+    from tumorseg.train import dataset_schemes
+
+    two = [Path("brats2018"), Path("brats2015")]
+    assert dataset_schemes(two, ()) == [None, None]  # Decathlon data sets declare theirs
+    assert dataset_schemes(two, ("brats2021",)) == ["brats2021", "brats2021"]
+    assert dataset_schemes(two, ("brats2021", "brats2015")) == ["brats2021", "brats2015"]
+    with pytest.raises(ConfigError, match="3 label schemes for 2 data sets"):
+        dataset_schemes(two, ("msd", "brats2021", "brats2015"))
+
+
+def test_each_data_set_read_with_its_own_label_scheme(tmp_path):
+    """BraTS 2015 label 3 is non-enhancing core, BraTS 2023 label 3 enhancing: two folders trained
+    together must each be read with their own scheme, and a wrong count is refused before any work."""
+    a, b = make_folder_dataset(tmp_path / "a", cases=2), make_folder_dataset(tmp_path / "b", cases=2)
+    result = subprocess.run([sys.executable, "-m", "tumorseg.cli", "train", "--dataset", str(a), "--dataset", str(b),
+                             "-o", str(tmp_path / "m"), "--label-scheme", "brats2023", "--label-scheme", "brats2015",
+                             "--label-scheme", "msd", "-q"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 6 and "3 label schemes for 2 data sets" in result.stderr
+    assert not (tmp_path / "m" / "checkpoint.pt").exists()
+    from tumorseg.train import dataset_schemes
+    cases = [discover_cases(d, s) for d, s in zip((a, b), dataset_schemes([a, b], ("brats2023", "brats2015")))]
+    assert [c[0].scheme.name for c in cases] == ["brats2023", "brats2015"]
+
+
 def test_discovery_skips_masks_and_refuses_two_files_for_a_sequence(tmp_path):
     from tumorseg.errors import SequenceError
 
@@ -112,6 +137,14 @@ def test_a_dataset_json_that_cannot_be_read_is_named(tmp_path, text, message):
 def test_malformed_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**settings)
+
+
+def test_two_level_network_is_refused_before_training(tmp_path):
+    """MONAI's DynUNet needs three levels; --filters 4,8 ended as an internal error after the cases
+    were prepared."""
+    result = subprocess.run(_train_cmd(make_folder_dataset(tmp_path / "ds", cases=1), tmp_path / "m", "--filters", "4,8"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 6 and "at least 3" in result.stderr and "internal error" not in result.stderr
 
 
 def test_region_dice_counts_empty_as_perfect():
@@ -260,7 +293,7 @@ def test_dataset_weights_set_each_data_set_share():
     groups = [[_prepared("a")], [_prepared("bb")]]  # told apart by their intensity
     off = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
                         low_resolution=0)
-    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8), strides=(1, 2), batch_size=1, augment=off,
+    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8, 16), strides=(1, 2, 2), batch_size=1, augment=off,
                       dataset_weights=(1.0, 3.0))
     firsts = [float(sample_batch(groups, cfg, np.random.default_rng(s))[0].max()) for s in range(400)]
     assert 0.68 < firsts.count(2.0) / len(firsts) < 0.82
@@ -277,6 +310,7 @@ def test_settings_without_the_new_options_match_earlier_checkpoints():
     saved = to_dict(TrainConfig())
     assert "preferred_sets" not in saved and "dataset_weights" not in saved
     assert "preferred_set" not in saved["augment"] and "bias_field" not in saved["augment"]
+    assert "motion" not in saved["augment"]
 
 
 def test_preferred_set_trained_is_the_one_predict_would_choose():
@@ -285,7 +319,7 @@ def test_preferred_set_trained_is_the_one_predict_would_choose():
 
     off = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
                         low_resolution=0, preferred_set=1.0)
-    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8), strides=(1, 2), batch_size=1, augment=off,
+    cfg = TrainConfig(patch_size=(8, 8, 8), filters=(4, 8, 16), strides=(1, 2, 2), batch_size=1, augment=off,
                       preferred_sets=(("flair", "t1gd", "t2"), ("flair", "t1gd")))
     groups = [[_prepared("a")]]  # all four sequences
     # The first set the case holds is what inference would give the network: FLAIR, T1gd and T2

@@ -5,11 +5,15 @@ only on its seed: training resumed from a checkpoint repeats it exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+#: Largest head shift of ``AugmentConfig.motion``, voxels per axis (4 mm at 1 mm, 6 at 1.5).
+MOTION_SHIFT = 4.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class AugmentConfig:
     #: about 1.6x corner to corner), as in scans without bias correction. None: off (and left out
     #: of saved settings, so checkpoints of earlier versions still resume and their streams stay).
     bias_field: float | None = None
+    #: Per channel: the head moved once during the acquisition (k-space lines after a random moment
+    #: see it shifted by up to ``MOTION_SHIFT`` voxels), giving the ghosts and blur of a patient
+    #: who moved. None: off (and left out of saved settings, as ``bias_field``).
+    motion: float | None = None
     #: Probability of keeping only a random non-empty subset of the sequences present.
     sequence_dropout: float = 0.5
     #: Probability of keeping the ``preferred`` channel set passed to ``augment`` alone (the set a
@@ -51,13 +59,17 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
         if rng.random() < cfg.flip:
             image, labels = image.flip(axis + 1), labels.flip(axis)
     image = image.clone()
-    # Outside the brain every channel is 0 (normalize stage); a bias field must leave it so.
-    inside = (image[present] != 0).any(dim=0) if cfg.bias_field else None
+    # Outside the brain every channel is 0 (normalize stage); a bias field or motion must leave it so.
+    inside = (image[present] != 0).any(dim=0) if cfg.bias_field or cfg.motion else None
     for c in present:
         channel = image[c]
         # No draw when off: the random stream, and so models trained before, stay as they were.
         if cfg.bias_field and rng.random() < cfg.bias_field:
             channel.copy_(torch.where(inside, _bias(channel, rng), channel))
+        if cfg.motion and rng.random() < cfg.motion:
+            moved = moved_during_scan(channel, int(rng.integers(3)), float(rng.uniform(0.2, 0.8)),
+                                      rng.uniform(-MOTION_SHIFT, MOTION_SHIFT, 3))
+            channel.copy_(torch.where(inside, moved, channel))
         if rng.random() < cfg.intensity:
             channel.mul_(float(rng.uniform(0.8, 1.2))).add_(float(rng.uniform(-0.2, 0.2)))
         if rng.random() < cfg.gamma:
@@ -113,6 +125,21 @@ def _bias(channel: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     log_gain = torch.from_numpy(rng.normal(0, rng.uniform(0.05, 0.25), (1, 1, 2, 2, 2)).astype(np.float32))
     gain = torch.exp(F.interpolate(log_gain, size=tuple(channel.shape), mode="trilinear", align_corners=True))[0, 0]
     return gain * channel + (gain - 1) * float(rng.uniform(1.0, 4.0))
+
+
+def moved_during_scan(channel: torch.Tensor, axis: int, moment: float, shift: np.ndarray) -> torch.Tensor:
+    """``channel`` (X, Y, Z) as acquired by a scan whose k-space lines along ``axis`` are read
+    in order, lowest frequency first, with the head shifted by ``shift`` voxels (X, Y, Z) for the
+    lines read after ``moment`` (0-1 of the scan). A shift of k-space lines is a phase ramp; the
+    image is the real part of the result (ghosts along ``axis``, blur across it)."""
+    k = torch.fft.fftn(channel.to(torch.float64))
+    freqs = [torch.fft.fftfreq(n, dtype=torch.float64) for n in channel.shape]
+    ramp = sum(-2j * math.pi * float(d) * f.view([-1 if a == i else 1 for a in range(3)])
+               for i, (f, d) in enumerate(zip(freqs, shift)))
+    lines = freqs[axis].argsort().argsort()  # each line's place in the read order
+    after = (lines >= moment * channel.shape[axis]).view([-1 if a == axis else 1 for a in range(3)])
+    k = torch.where(after, k * torch.exp(ramp), k)
+    return torch.fft.ifftn(k).real.to(channel.dtype)
 
 
 def _thick_slices(channel: torch.Tensor, axis: int, factor: float) -> torch.Tensor:

@@ -334,7 +334,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--dataset-weights", default=None, help="Relative share of the patches for each --dataset, in order, e.g. 1,1,2  [default: equal]")
 @click.option("--exclude", multiple=True, help="Case id to leave out entirely (repeatable; for leave-one-out).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
-@click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
+@click.option("--label-scheme", "label_schemes", multiple=True, type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), help="Label scheme of the ground truth: once for every --dataset, or once per --dataset in the same order  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--name", default="tumorseg-model", show_default=True, help="Model name written into the card.")
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--iterations", type=int, default=100, show_default=True, help="Iterations per epoch.")
@@ -350,6 +350,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--preferred-set-probability", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Probability of training a patch on the first --preferred-set set its case holds, alone (when the case has more sequences).")
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
 @click.option("--bias-field", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a smooth multiplicative bias field (up to about 1.6x across the patch), as in scans without bias correction.")
+@click.option("--motion", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a patient who moved during the scan (k-space lines after a random moment shifted by up to 4 voxels: ghosts and blur).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that prepare the cases and draw augmented batches ahead of the network (on a GPU the CPU work is the bottleneck); the batches are the same with any number.")
@@ -357,9 +358,9 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs, iterations, batch_size, patch_size, spacing,
+def train(datasets, dataset_weights, exclude, output, label_schemes, name, epochs, iterations, batch_size, patch_size, spacing,
           filters, lr, validation_fraction, validate_every, sequence_dropout, preferred_sets, preferred_set_probability,
-          low_resolution, bias_field, seed, device, workers, init_model, resume, quiet, verbose):
+          low_resolution, bias_field, motion, seed, device, workers, init_model, resume, quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -395,7 +396,7 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout, low_resolution=low_resolution,
                                preferred_set=preferred_set_probability if sets else None,
-                               bias_field=bias_field or None),
+                               bias_field=bias_field or None, motion=motion or None),
             preferred_sets=sets or None, dataset_weights=weights,
             init_weights_sha256=init.sha256 if init else None,
         )
@@ -403,7 +404,7 @@ def train(datasets, dataset_weights, exclude, output, label_scheme, name, epochs
     except ValueError as e:
         raise ConfigError(str(e)) from None
     command = "tumorseg train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tumorseg train"
-    card = run_training(list(datasets), output, cfg, label_scheme, resume, device, progress=not quiet,
+    card = run_training(list(datasets), output, cfg, label_schemes, resume, device, progress=not quiet,
                         command=command, exclude=tuple(exclude), init=init, workers=workers)
     click.echo(f"wrote {output / 'model.toml'} (weights sha256 {card.weights.sha256[:16]}...); "
                f"validation Dice {card.metrics.get('validation_dice', {})}")

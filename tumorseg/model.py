@@ -117,8 +117,9 @@ class Architecture:
     def __post_init__(self) -> None:
         if self.name != "DynUNet":
             raise ValueError(f"architecture name must be 'DynUNet', got {self.name!r}")
-        if len(self.filters) != len(self.strides) or len(self.filters) < 2:
-            raise ValueError("filters and strides need the same length (at least 2)")
+        if len(self.filters) != len(self.strides) or len(self.filters) < 3:  # MONAI's DynUNet needs 3 levels
+            raise ValueError(f"filters and strides need the same length, at least 3 (DynUNet levels), got "
+                             f"{len(self.filters)} filters and {len(self.strides)} strides")
         if self.strides[0] != 1:
             raise ValueError(f"the first stride must be 1, got {self.strides[0]}")
 

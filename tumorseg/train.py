@@ -342,14 +342,28 @@ def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.
     return {"mean": mean, "cases": per_case}
 
 
-def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: str | None = None, resume: bool = False,
+def dataset_schemes(datasets: list[Path], label_schemes: tuple[str, ...]) -> list[str | None]:
+    """The ground truth's label scheme for each data set: none given (Decathlon data sets declare
+    theirs), one for all, or one per data set in order (BraTS 2018 and 2015 folders differ)."""
+    if not label_schemes:
+        return [None] * len(datasets)
+    if len(label_schemes) == 1:
+        return list(label_schemes) * len(datasets)
+    if len(label_schemes) != len(datasets):
+        raise ConfigError(f"{len(label_schemes)} label schemes for {len(datasets)} data sets: give one for all "
+                          "of them or one per --dataset, in the same order")
+    return list(label_schemes)
+
+
+def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: tuple[str, ...] = (), resume: bool = False,
           device_name: str = "auto", progress: bool = True, command: str = "",
           exclude: tuple[str, ...] = (), init: LoadedModel | None = None, workers: int = 0) -> ModelCard:
     """Train, checkpointing every epoch; returns the card of the model written to ``output``.
 
     Each data set in ``datasets`` is split into training and validation cases on its own and
     contributes the share of the patches ``cfg.dataset_weights`` gives it (equal by default);
-    ``exclude`` names cases left out entirely (for leave-one-out evaluation). ``init`` is a model
+    ``exclude`` names cases left out entirely (for leave-one-out evaluation). ``label_schemes``: see
+    ``dataset_schemes``. ``init`` is a model
     to fine-tune instead of starting from random weights; ``cfg.init_weights_sha256`` must name
     its weights. ``workers`` processes prepare the cases and draw the augmented batches ahead of the
     network (on a GPU the CPU work is the bottleneck); the batches are the same as with 0 workers.
@@ -368,8 +382,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_scheme: st
     if cfg.dataset_weights is not None and len(cfg.dataset_weights) != len(datasets):
         raise ConfigError(f"{len(cfg.dataset_weights)} dataset weights for {len(datasets)} data sets")
     train_groups, val_cases, excluded = [], [], set()
-    for dataset in datasets:
-        found = discover_cases(dataset, label_scheme)
+    for dataset, scheme in zip(datasets, dataset_schemes(datasets, label_schemes)):
+        found = discover_cases(dataset, scheme)
         excluded |= {c.case_id for c in found if c.case_id in exclude}
         cases = [c for c in found if c.case_id not in exclude]
         if not cases:
