@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 
 from tumorseg.dicom.select import DEFAULT_RULES, SelectionRules, classify_series, select_series
 from tumorseg.dicom.series import IN_PLANE_TOLERANCE_MM, DicomSeries, SeriesInfo, find_series, read_series
-from tumorseg.dicom.study import inputs_report, read_dicom_study, resample_to_grid
+from tumorseg.dicom.study import inputs_report, read_dicom_study
+from tumorseg.itk import resample_to_grid
 from tumorseg.errors import ConfigError, GeometryError, InputError, SequenceError
 
 from conftest import shared_data

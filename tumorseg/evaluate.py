@@ -13,7 +13,8 @@ import numpy as np
 
 from .errors import GeometryError, InputError
 from .labels import LabelScheme
-from .stages.read import AFFINE_TOLERANCE_MM, read_volume
+from .scan import same_grid
+from .stages.read import read_volume
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -59,7 +60,7 @@ def read_truth(path: Path) -> Truth:
 
 def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: Truth, path: Path) -> None:
     """Refuse ground truth whose shape or affine differs from its scan's grid."""
-    if truth.labels.shape != tuple(shape) or not np.allclose(affine, truth.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+    if not same_grid(truth.labels.shape, truth.affine, shape, affine):
         raise GeometryError(
             f"ground truth (shape {truth.labels.shape}) is not on the grid of the scan it belongs to "
             f"(shape {tuple(shape)})", path)

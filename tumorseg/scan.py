@@ -14,6 +14,17 @@ import numpy as np
 from .labels import LabelScheme
 
 
+#: Affines may differ by this much (mm, per entry) and still count as one grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def same_grid(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> bool:
+    """Whether two (I, J, K) grids are the same voxels: equal shapes, affines within
+    AFFINE_TOLERANCE_MM per entry."""
+    return tuple(shape_a) == tuple(shape_b) and bool(
+        np.allclose(affine_a, affine_b, atol=AFFINE_TOLERANCE_MM, rtol=0))
+
+
 @dataclass(frozen=True)
 class SourceGeometry:
     """What the writer needs to put a result back on the input's exact grid.

@@ -25,6 +25,9 @@ DESCRIPTIONS = {
 }
 #: Order of the channels in a Medical Segmentation Decathlon Task01_BrainTumour 4D image.
 DECATHLON_ORDER: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
+#: Which sequence's grid the others go onto (and the outputs land on): the first present. T1 after
+#: contrast is what radiotherapy planners contour on, and usually the finest 3D series.
+REFERENCE_ORDER: tuple[str, ...] = ("t1gd", "flair", "t1", "t2")
 
 # File-name tokens (lower case) for each sequence: BraTS 2023 (t2f, t1n, t1c, t2w), earlier
 # BraTS (flair, t1, t1ce, t2) and common spellings.
@@ -224,3 +227,16 @@ def assign_sequences(
             raise SequenceError(f"one file given as {' and '.join(sorted(seqs))}; each sequence needs its own scan",
                                 path)
     return StudyInputs(files=tuple((s, assigned[s]) for s in SEQUENCES if s in assigned))
+
+
+def reference_sequence(sequences: tuple[str, ...] | list[str], reference: str | None = None) -> str:
+    """The sequence whose grid is the reference: ``reference`` if given, else by REFERENCE_ORDER."""
+    if reference is not None:
+        if reference not in sequences:
+            raise SequenceError(f"reference sequence {reference!r} is not among the series read "
+                                f"({', '.join(sequences)})")
+        return reference
+    for seq in REFERENCE_ORDER:
+        if seq in sequences:
+            return seq
+    return sequences[0]

@@ -29,7 +29,7 @@ from .evaluate import REGIONS, Truth, read_truth
 from .labels import LabelScheme, conversion_table
 from .scan import voxel_spacing, voxel_volume_ml
 from .stages import read
-from .stages.read import AFFINE_TOLERANCE_MM
+from .scan import same_grid
 from .train import TrainingCase, discover_cases
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def structures(pred_scheme: LabelScheme, truth_scheme: LabelScheme) -> tuple[lis
 def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth, truth_scheme: LabelScheme,
                truth_path: Path, tolerance_mm: float) -> ScoredCase:
     """Every structure's scores for one case (prediction and truth on one grid)."""
-    if pred.labels.shape != truth.labels.shape or not np.allclose(pred.affine, truth.affine, atol=AFFINE_TOLERANCE_MM,
-                                                                  rtol=0):
+    if not same_grid(pred.labels.shape, pred.affine, truth.labels.shape, truth.affine):
         raise GeometryError(f"prediction (shape {pred.labels.shape}) is not on the grid of its ground truth "
                             f"(shape {truth.labels.shape}); scores need the same voxels", truth_path)
     pred_scheme.validate_array(pred.labels, "prediction")

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeometryError, InputError
+from ..itk import LPS_TO_RAS
 from ..stages.read import MAX_VOXELS, Volume, check_values
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ SLICE_POSITION_TOLERANCE_MM = 0.01
 #: Two slices closer than this along the normal share one position, mm.
 SAME_POSITION_MM = 1e-3
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 # Attributes that tell the images of a 4D series apart at one position (multi-echo, dynamic,
@@ -202,7 +202,7 @@ class DicomSeries(SeriesInfo):
     @property
     def affine(self) -> np.ndarray:
         """4x4 map from voxel (i, j, k, 1) to RAS mm (tumorseg's convention)."""
-        return _LPS_TO_RAS @ self.lps_affine
+        return LPS_TO_RAS @ self.lps_affine
 
     def read_headers(self) -> list:
         """The slices' pydicom Datasets without pixel data, in sorted slice order."""

@@ -1,6 +1,6 @@
 """A DICOM study in: the chosen series of each sequence, on one grid, as one multi-channel Scan.
 
-The reference grid is the chosen series of the first sequence in :data:`REFERENCE_ORDER` that is
+The reference grid is the chosen series of the first sequence in :data:`~tumorseg.sequences.REFERENCE_ORDER` that is
 present: T1 after contrast (usually the finest 3D series, and the one planners contour on), else
 FLAIR, else native T1, else T2. The other sequences are resampled onto it with SimpleITK
 (linear interpolation; 0 outside their own field of view) in patient coordinates. Series are
@@ -21,17 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeometryError, InputError, SequenceError
-from ..scan import Scan, SourceGeometry
-from ..sequences import SEQUENCES
-from ..stages.read import AFFINE_TOLERANCE_MM, Volume
+from ..itk import resample_to_grid
+from ..scan import Scan, SourceGeometry, same_grid
+from ..sequences import SEQUENCES, reference_sequence
+from ..stages.read import Volume
 from .select import SelectionRules, select_series
 from .series import DicomSeries, SeriesInfo, find_series, read_series
 
 log = logging.getLogger(__name__)
 
-#: Which sequence's series gives the grid the others are resampled onto: the first present.
-REFERENCE_ORDER: tuple[str, ...] = ("t1gd", "flair", "t1", "t2")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def series_to_scan(volume: Volume, series: DicomSeries, sequence: str) -> Scan:
@@ -63,7 +61,7 @@ def read_dicom_study(
 
     ``sequences``: the sequences wanted (channels come in SEQUENCES order, only those found);
     ``rules``/``explicit``: see :func:`~tumorseg.dicom.select.select_series`; ``reference``:
-    the sequence whose grid to use (default: the first of REFERENCE_ORDER read); ``use``: given
+    the sequence whose grid to use (default: the first of sequences.REFERENCE_ORDER read); ``use``: given
     the sequences found, those to read (a model card's preferred sets). The others are neither
     read nor on the reference's shortlist; ``meta["unread_sequences"]`` names them.
     Raises SequenceError when no wanted sequence is found or a choice is ambiguous.
@@ -89,19 +87,6 @@ def read_dicom_study(
     scan = combine_series(volumes, reference=reference)
     scan.meta["unread_sequences"] = tuple(seq for seq in found_sequences if seq not in wanted)
     return scan
-
-
-def reference_sequence(sequences: Sequence[str], reference: str | None = None) -> str:
-    """The sequence whose grid is the reference: ``reference`` if given, else by REFERENCE_ORDER."""
-    if reference is not None:
-        if reference not in sequences:
-            raise SequenceError(f"reference sequence {reference!r} is not among the series read "
-                                f"({', '.join(sequences)})")
-        return reference
-    for seq in REFERENCE_ORDER:
-        if seq in sequences:
-            return seq
-    return sequences[0]
 
 
 def combine_series(volumes: Mapping[str, tuple[Volume, DicomSeries]], reference: str | None = None) -> Scan:
@@ -180,8 +165,7 @@ def _check_same_frame(series: DicomSeries, ref: DicomSeries, seq: str, ref_seq: 
 
 def _on_grid(volume: Volume, series: DicomSeries, seq: str, ref_volume: Volume, ref: DicomSeries,
              ref_seq: str) -> np.ndarray:
-    if volume.array.shape == ref_volume.array.shape and np.allclose(
-            volume.affine, ref_volume.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+    if same_grid(volume.array.shape, volume.affine, ref_volume.array.shape, ref_volume.affine):
         return volume.array
     array, covered = resample_to_grid(volume.array, volume.affine, ref_volume.array.shape, ref_volume.affine)
     level = logging.WARNING if covered < 0.9 else logging.INFO
@@ -189,34 +173,3 @@ def _on_grid(volume: Volume, series: DicomSeries, seq: str, ref_volume: Volume, 
             "%.0f%% of the reference grid lies inside the %s series (0 elsewhere)",
             series.label, seq, ref.label, ref_seq, 100 * covered, seq)
     return array
-
-
-def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape: Sequence[int],
-                     reference_affine: np.ndarray, order: int = 1) -> tuple[np.ndarray, float]:
-    """Resample float (I, J, K) ``array`` with RAS ``affine`` onto the grid (``shape``,
-    ``reference_affine``); linear (``order`` 1) or nearest (0); 0 outside. Returns the new
-    float32 array and the fraction of its voxels that lie inside the source volume."""
-    import SimpleITK as sitk
-
-    moving = _to_sitk(array.astype(np.float32, copy=False), affine)
-    fixed = _to_sitk(np.zeros(tuple(shape), dtype=np.uint8), reference_affine)
-    interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    out = sitk.Resample(moving, fixed, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
-    inside = sitk.Resample(_to_sitk(np.ones(array.shape, dtype=np.uint8), affine), fixed,
-                           sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    result = np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
-    covered = float(sitk.GetArrayViewFromImage(inside).mean())
-    return result.astype(np.float32, copy=False), covered
-
-
-def _to_sitk(array: np.ndarray, affine: np.ndarray):
-    """A SimpleITK image for (I, J, K) ``array`` with RAS ``affine`` (ITK works in LPS)."""
-    import SimpleITK as sitk
-
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
-    image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
-    return image

@@ -14,18 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeometryError, InputError, SequenceError
-from ..scan import Scan, SourceGeometry
+from ..itk import ras_affine
+from ..scan import Scan, SourceGeometry, same_grid
 from ..sequences import DECATHLON_ORDER, StudyInputs
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 #: Largest image accepted, in voxels per file (guards against headers that declare absurd sizes).
 MAX_VOXELS = 1024**3
-#: Affines of channels may differ by this much (mm, per entry) and still count as one grid.
-AFFINE_TOLERANCE_MM = 1e-3
 #: qform and sform (both set) may place a voxel this far apart, in voxels, and count as one.
 FORMS_TOLERANCE_VOXEL = 0.1
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -148,15 +146,10 @@ def _read_itk(path: Path) -> Volume:
     dim = image.GetDimension()
     if dim < 3:
         raise GeometryError(f"a {dim}D image; tumorseg segments 3D volumes", path)
-    # GetArrayFromImage is indexed [k, j, i]; reverse to (i, j, k) to match the affine below.
+    # GetArrayFromImage is indexed [k, j, i]; reverse to (i, j, k) to match the affine.
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array = np.ascontiguousarray(np.transpose(array, tuple(range(array.ndim))[::-1]))
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    spacing = np.array(image.GetSpacing(), dtype=np.float64)[:3]
-    lps = np.eye(4)
-    lps[:3, :3] = direction @ np.diag(spacing)
-    lps[:3, 3] = np.array(image.GetOrigin(), dtype=np.float64)[:3]
-    return Volume(array, _LPS_TO_RAS @ lps, None, path)
+    return Volume(array, ras_affine(image), None, path)
 
 
 def _first_line(e: Exception) -> str:
@@ -213,8 +206,8 @@ def check_values(array: np.ndarray, path: Path, allow_constant: bool) -> None:
 def read_study(inputs: StudyInputs) -> Scan:
     """Read the study's files into one Scan whose channels share one grid.
 
-    Channels must have equal shapes and affines (within AFFINE_TOLERANCE_MM); files on other
-    grids are refused rather than resampled.
+    Channels must have equal shapes and affines (``scan.same_grid``); files on other grids are
+    refused rather than resampled (``stack_volumes``).
     """
     if inputs.decathlon_4d is not None:
         vol = read_volume(inputs.decathlon_4d)
@@ -229,8 +222,12 @@ def read_study(inputs: StudyInputs) -> Scan:
         return _make_scan(array, DECATHLON_ORDER, vol, {s: vol.path for s in DECATHLON_ORDER})
     if not inputs.files:
         raise SequenceError("no input scan given")
+    return stack_volumes(read_sequences(inputs))
+
+
+def read_sequences(inputs: StudyInputs) -> dict[str, Volume]:
+    """One 3D volume per sequence of ``inputs.files``, each on its own grid, in the files' order."""
     volumes = {seq: read_volume(path) for seq, path in inputs.files}
-    reference_seq, reference = next(iter(volumes.items()))
     for seq, vol in volumes.items():
         if vol.array.ndim != 3:
             raise GeometryError(
@@ -238,13 +235,21 @@ def read_study(inputs: StudyInputs) -> Scan:
                 "give one 3D volume per sequence",
                 vol.path,
             )
+    return volumes
+
+
+def stack_volumes(volumes: dict[str, Volume]) -> Scan:
+    """One Scan of ``volumes`` (sequence -> 3D volume), which must share one grid: the first's.
+    Volumes on other grids are refused rather than resampled."""
+    reference_seq, reference = next(iter(volumes.items()))
+    for seq, vol in volumes.items():
         if vol.array.shape != reference.array.shape:
             raise GeometryError(
                 f"shape {vol.array.shape} ({seq}) differs from {reference.array.shape} "
                 f"({reference_seq}, {reference.path}); co-register the sequences first",
                 vol.path,
             )
-        if not np.allclose(vol.affine, reference.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        if not same_grid(vol.array.shape, vol.affine, reference.array.shape, reference.affine):
             raise GeometryError(
                 f"affine of {seq} differs from that of {reference_seq} ({reference.path}) by "
                 f"{np.abs(vol.affine - reference.affine).max():.4g} mm; the sequences are not on "
