@@ -1,0 +1,360 @@
+"""K-fold cross-validation of a training recipe over the real cases, scored as ``predict`` runs.
+
+    python benchmarks/cross_validation.py \\
+        --dataset ../shared/data/brats2018-train:brats2021 --dataset ../shared/data/brats2015-dev:brats2015 \\
+        -o cv/ --json cv.json [--synth synth-train] [--device cuda --workers 7] [--fold 0 --fold 1] [--fold final]
+
+Folds. The cases of every data set are grouped by patient (a case whose expert labels match another
+data set's case voxel for voxel, WT Dice >= 0.9 on the same grid, is the same patient: BraTS 2018's
+Brats18_2013_20_1 is brats2015-dev's pat0006), the groups are shuffled by ``--seed`` and dealt to the
+folds, four-sequence cases first so that every fold holds its share of them. ``OUT/folds.json``
+records the folds; a rerun with other data, seed or fold count is refused rather than mixing folds.
+
+Training. Fold k is ``tumorseg train`` on every data set with fold k's cases left out (``--exclude``),
+the same ``RECIPE`` for every fold, into ``OUT/fold<k>/``; ``--fold final`` trains the same command on
+all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold is reused, a killed one resumes.
+``--epochs``/``--iterations`` shrink the recipe for a check of the mechanics (scores then mean nothing).
+
+Scoring, on the held-out cases of each fold, on the input grid, with the full pipeline: once as
+``predict`` runs by default (every sequence the case has, the card's preferred sets applied), then
+with each non-empty subset of its sequences given alone (15 for a four-sequence case): WT/TC/ET
+Dice and HD95. Scores are kept per fold in ``OUT/fold<k>/scores.json`` and reused when the model and
+settings are the same. The summary prints the missing-sequence table beside published results on
+BraTS 2018 (``published_missing_modality.json``: other data and splits, for orientation only) and
+the ``preferred_sets`` that the table supports (``preferred_sets``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tumorseg.atomic import write_bytes_atomic
+from tumorseg.config import load_pipeline
+from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
+from tumorseg.labels import SCHEMES
+from tumorseg.metrics import score_masks
+from tumorseg.model import load_model
+from tumorseg.pipeline import Segmenter
+from tumorseg.sequences import SEQUENCES, StudyInputs
+from tumorseg.train import TrainingCase, discover_cases
+
+HERE = Path(__file__).resolve().parent
+PUBLISHED = HERE / "published_missing_modality.json"
+
+#: The training options every fold shares (and the shipped model), less data, output, name and
+#: exclusions. Sized by benchmarks/architecture_size.py: 16-32-64-128-256 at 1.5 mm with 96^3
+#: windows (5.6 M parameters, 22.6 MB) predicts in about half the default model's time on a 2-core
+#: CPU, and its checkpoint (weights and AdamW state, about 68 MB) comes back from a device run in 5
+#: files of 16 MiB. One label scheme per --dataset follows from the data sets given.
+RECIPE = ["--patch-size", "96,96,96", "--spacing", "1.5,1.5,1.5", "--filters", "16,32,64,128,256",
+          "--batch-size", "2", "--lr", "1e-3", "--validation-fraction", "0",
+          "--sequence-dropout", "0.5", "--low-resolution", "0.2", "--bias-field", "0.3", "--motion", "0.1",
+          "--seed", "0"]
+EPOCHS, ITERATIONS = 40, 100
+#: Same patient: whole-tumour labels this alike on one grid.
+SAME_PATIENT_DICE = 0.9
+#: ``preferred_sets``: a subset must beat the sequences it leaves out by this much mean Dice per
+#: sequence dropped before the network is given it alone (more sequences are kept on a near tie).
+MARGIN_PER_SEQUENCE = 0.01
+
+
+def parse_dataset(text: str) -> tuple[Path, str]:
+    """``PATH:SCHEME`` (the ground truth's label scheme) of one --dataset."""
+    path, _, scheme = text.rpartition(":")
+    if not path or scheme not in SCHEMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: give PATH:SCHEME, SCHEME one of {', '.join(SCHEMES)}")
+    return Path(path), scheme
+
+
+def discover(datasets: list[tuple[Path, str]]) -> list[TrainingCase]:
+    """Every case of every data set; case ids must be unique across them (--exclude takes ids)."""
+    cases = [case for path, scheme in datasets for case in discover_cases(path, scheme)]
+    ids = [c.case_id for c in cases]
+    if dupes := sorted({i for i in ids if ids.count(i) > 1}):
+        raise SystemExit(f"case ids in more than one data set: {', '.join(dupes)} (tumorseg train --exclude "
+                         "could not tell them apart)")
+    return cases
+
+
+def same_patient_groups(cases: list[TrainingCase], threshold: float = SAME_PATIENT_DICE) -> list[list[str]]:
+    """Case ids grouped by patient: cases whose whole-tumour labels agree (Dice >= ``threshold``)
+    on the same grid are one patient, transitively. Order: the first case of each group in input order."""
+    masks = []
+    for case in cases:
+        truth = read_truth(case.label_path)
+        masks.append((truth.labels.shape, truth.affine, case.scheme.region_mask(truth.labels, "WT")))
+    parent = list(range(len(cases)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in itertools.combinations(range(len(cases)), 2):
+        (shape_i, affine_i, wt_i), (shape_j, affine_j, wt_j) = masks[i], masks[j]
+        if shape_i != shape_j or not np.allclose(affine_i, affine_j, atol=1e-3):
+            continue
+        total = int(wt_i.sum()) + int(wt_j.sum())
+        if total and 2 * int(np.count_nonzero(wt_i & wt_j)) / total >= threshold:
+            parent[root(j)] = root(i)
+    groups: dict[int, list[str]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(root(i), []).append(case.case_id)
+    return list(groups.values())
+
+
+def make_folds(groups: list[list[str]], four_sequence: set[str], k: int, seed: int) -> list[list[str]]:
+    """Deal patient groups to ``k`` folds: shuffled by ``seed``, larger groups first, each to the
+    fold with the fewest four-sequence cases, then the fewest cases (then the lowest index)."""
+    if len(groups) < k:
+        raise SystemExit(f"{len(groups)} patients cannot fill {k} folds")
+    order = np.random.default_rng([seed, 25]).permutation(len(groups))
+    shuffled = sorted((groups[i] for i in order), key=len, reverse=True)  # stable: the shuffle breaks ties
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for group in shuffled:
+        load = [(sum(c in four_sequence for c in f), len(f), n) for n, f in enumerate(folds)]
+        folds[min(load)[2]].extend(group)
+    return [sorted(f) for f in folds]
+
+
+def fold_plan(datasets: list[tuple[Path, str]], k: int, seed: int, output: Path) -> dict:
+    """The folds, made once and recorded in ``output/folds.json``. A rerun takes the recorded folds
+    when its data sets hold the same cases and its seed and fold count are the same, and is
+    refused otherwise (a case trained on in one run must not be scored as unseen in the next)."""
+    cases = discover(datasets)
+    listing = [{"name": p.name, "label_scheme": s, "cases": [c.case_id for c in discover_cases(p, s)]}
+               for p, s in datasets]
+    path = output / "folds.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if (recorded["seed"], len(recorded["folds"]), recorded["datasets"]) != (seed, k, listing):
+            raise SystemExit(f"{path} records other folds (data sets, seed or fold count changed); "
+                             "choose another -o or rerun with the recorded settings")
+        return recorded
+    four = {c.case_id for c in cases if set(c.inputs.sequences) == set(SEQUENCES)}
+    groups = same_patient_groups(cases)
+    plan = {"seed": seed, "folds": make_folds(groups, four, k, seed), "datasets": listing,
+            "same_patient": [g for g in groups if len(g) > 1], "four_sequence_cases": sorted(four),
+            "rule": f"patients (WT Dice >= {SAME_PATIENT_DICE} on one grid) dealt to {k} folds, shuffled by seed"}
+    output.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(plan, indent=1).encode())
+    return plan
+
+
+def train_command(datasets: list[tuple[Path, str]], synth: Path | None, output: Path, name: str,
+                  exclude: list[str], length: tuple[int, int], runs_on: tuple[str, ...] = ()) -> list[str]:
+    """The ``tumorseg train`` command of one fold (``exclude``: its held-out cases) or of the final
+    model (none); ``runs_on``: where it runs (--device, --workers), outside the recipe."""
+    command = [sys.executable, "-m", "tumorseg.cli", "train", "-o", str(output), "--name", name]
+    for path, scheme in datasets + ([(synth, "msd")] if synth else []):
+        command += ["--dataset", str(path), "--label-scheme", scheme]
+    for case in exclude:
+        command += ["--exclude", case]
+    return command + RECIPE + ["--epochs", str(length[0]), "--iterations", str(length[1]), *runs_on]
+
+
+def train_once(command: list[str], output: Path, exclude: list[str], length: tuple[int, int]) -> None:
+    """Run ``command`` unless ``output`` holds its model already; resume a killed run."""
+    if (output / "model.toml").exists():
+        training = load_model(str(output)).card.training
+        config = training["config"]
+        if (config["epochs"], config["iterations_per_epoch"]) != length or \
+                sorted(training.get("excluded_cases", [])) != sorted(exclude):
+            raise SystemExit(f"{output} holds a model trained with other settings or cases; choose another -o")
+        print(f"{output}: trained already, reused", flush=True)
+        return
+    resume = ["--resume"] if (output / "checkpoint.pt").exists() else []
+    subprocess.run(command + resume, check=True)
+
+
+def subsets(sequences: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``sequences``, in SEQUENCES order, fewest sequences first."""
+    ordered = [s for s in SEQUENCES if s in sequences]
+    return [c for n in range(1, len(ordered) + 1) for c in itertools.combinations(ordered, n)]
+
+
+def key(sequences: tuple[str, ...]) -> str:
+    return "+".join(sequences)
+
+
+def score_result(result, case: TrainingCase, scheme) -> dict:
+    truth = read_truth(case.label_path)
+    check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
+    out = {}
+    for region in REGIONS:
+        s = score_masks(scheme.region_mask(result.labels.array, region), case.scheme.region_mask(truth.labels, region),
+                        result.labels.spacing, voxel_ml=result.labels.voxel_volume_ml)
+        out[region] = {"dice": round(s.dice, 4), "hd95_mm": round(s.hd95_mm, 2)}
+    return out
+
+
+def score_fold(model_dir: Path, cases: list[TrainingCase], tta: bool, with_subsets: bool) -> dict:
+    """Scores of the held-out ``cases``, kept in ``model_dir/scores.json`` (reused for the same
+    model and settings, so a killed scoring run goes on where it stopped)."""
+    model = load_model(str(model_dir))
+    pipeline = load_pipeline("default")
+    as_predict = Segmenter(model, pipeline.with_overrides(tta=tta))
+    exact = Segmenter(model, pipeline.with_overrides(tta=tta, all_sequences=True))
+    path = model_dir / "scores.json"
+    settings = {"model_sha256": model.sha256, "tta": tta, "subsets": with_subsets}
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    scores = kept.get("cases", {}) if kept.get("settings") == settings else {}
+    for case in cases:
+        if case.case_id in scores:
+            continue
+        start = time.perf_counter()
+        files = dict(case.inputs.files)
+        row = {"sequences": list(case.inputs.sequences),
+               "predict_used": list(model.card.input.choose(case.inputs.sequences)),
+               "predict": score_result(as_predict.segment_files(case.inputs), case, model.card.scheme), "subsets": {}}
+        for subset in subsets(case.inputs.sequences) if with_subsets else []:
+            inputs = StudyInputs(files=tuple((s, files[s]) for s in subset))
+            row["subsets"][key(subset)] = score_result(exact.segment_files(inputs), case, model.card.scheme)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        scores[case.case_id] = row
+        write_bytes_atomic(path, json.dumps({"settings": settings, "cases": scores}, indent=1).encode())
+        print(f"  {case.case_id:24s} as predict runs ({key(row['predict_used'])}): "
+              + " ".join(f"{r} {row['predict'][r]['dice']:.3f}" for r in REGIONS) + f"  ({row['seconds']} s)", flush=True)
+    return {c.case_id: scores[c.case_id] for c in cases}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and worst Dice and mean HD95 per region over ``rows`` (each {region: {dice, hd95_mm}})."""
+    out = {"cases": len(rows)}
+    for region in REGIONS:
+        dice = [r[region]["dice"] for r in rows]
+        hd95 = [r[region]["hd95_mm"] for r in rows]
+        out[region] = {"dice_mean": round(float(np.mean(dice)), 4), "dice_worst": round(float(np.min(dice)), 4),
+                       "hd95_mean_mm": round(float(np.mean(hd95)), 2)}
+    return out
+
+
+def preferred_sets(mean_dice: dict[tuple[str, ...], float]) -> list[tuple[str, ...]]:
+    """The card's ``preferred_sets`` that the table supports: for every set of sequences a case
+    may have, the network is given its subset with the highest mean Dice, counting
+    ``MARGIN_PER_SEQUENCE`` for each sequence kept (so a subset must be clearly better to drop one).
+    ``InputSpec.choose`` gives the first listed set the case holds, so the sets are listed by that
+    score, best first, and only those needed for the choices are kept."""
+    worth = {s: d + MARGIN_PER_SEQUENCE * len(s) for s, d in mean_dice.items()}
+    ranked = sorted(worth, key=lambda s: (-worth[s], -len(s), s))
+    best = {have: next(s for s in ranked if set(s) <= set(have)) for have in mean_dice}
+
+    def choose(listed: list[tuple[str, ...]], have: tuple[str, ...]) -> tuple[str, ...]:
+        return next((s for s in listed if set(s) <= set(have)), have)
+
+    # Listed: every subset chosen for a larger set, and a set that is its own best where one of
+    # those lies inside it (else that subset would be chosen for it); the rest need no entry.
+    smaller = {best[have] for have in mean_dice if best[have] != have}
+    keep_own = {have for have in mean_dice if best[have] == have and any(set(t) < set(have) for t in smaller)}
+    listed = [s for s in ranked if s in smaller | keep_own]
+    assert all(choose(listed, have) == best[have] for have in mean_dice)
+    return listed
+
+
+def report(plan: dict, scores: dict[str, dict]) -> dict:
+    """The CV table: as predict runs (all real cases; four-sequence cases), and per subset."""
+    four = [scores[c] for c in plan["four_sequence_cases"] if c in scores]
+    out = {"as_predict_runs": {"all_cases": summarise([r["predict"] for r in scores.values()]),
+                               "four_sequence_cases": summarise([r["predict"] for r in four]) if four else None},
+           "subsets": {}}
+    for subset in subsets(tuple(SEQUENCES)):
+        rows = [r["subsets"][key(subset)] for r in four if key(subset) in r["subsets"]]
+        if rows:
+            out["subsets"][key(subset)] = summarise(rows)
+    if len(out["subsets"]) == 15:
+        mean = {tuple(k.split("+")): float(np.mean([v[r]["dice_mean"] for r in REGIONS]))
+                for k, v in out["subsets"].items()}
+        out["preferred_sets"] = [list(s) for s in preferred_sets(mean)]
+    return out
+
+
+def print_table(table: dict) -> None:
+    published = json.loads(PUBLISHED.read_text())
+    columns = {key(tuple(s)): i for i, s in enumerate(published["subsets"])}
+    names = {"flair": "FLAIR", "t1": "T1", "t1gd": "T1gd", "t2": "T2"}
+    for label, row in table["as_predict_runs"].items():
+        if row:
+            print(f"as predict runs, {label} ({row['cases']}): " + "; ".join(
+                f"{r} {row[r]['dice_mean']:.3f} (worst {row[r]['dice_worst']:.3f}, HD95 {row[r]['hd95_mean_mm']:.1f} mm)"
+                for r in REGIONS))
+    if not table["subsets"]:
+        return
+    methods = list(published["methods"])
+    print("\n| sequences | cases | WT | TC | ET | HD95 WT/TC/ET mm | " + " | ".join(f"{m} WT/TC/ET" for m in methods) + " |")
+    print("|---" * (5 + len(methods) + 1) + "|")
+    for subset, row in table["subsets"].items():
+        theirs = [published["methods"][m] for m in methods]
+        i = columns[subset]
+        print(f"| {' + '.join(names[s] for s in subset.split('+'))} | {row['cases']} | "
+              + " | ".join(f"{row[r]['dice_mean']:.3f}" for r in REGIONS) + " | "
+              + "/".join(f"{row[r]['hd95_mean_mm']:.1f}" for r in REGIONS) + " | "
+              + " | ".join("/".join(f"{t[r][i] / 100:.3f}" for r in REGIONS) for t in theirs) + " |")
+    if "preferred_sets" in table:
+        print(f"\npreferred_sets the table supports: {table['preferred_sets'] or 'none (give every sequence)'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=parse_dataset, action="append", required=True, metavar="PATH:SCHEME",
+                        help="case folders with expert labels and their label scheme (repeat; order kept)")
+    parser.add_argument("--synth", type=Path, help="a tumorseg synth data set trained on in every fold (never scored)")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="deals the patients to the folds")
+    parser.add_argument("--fold", action="append", help="train and score only these folds (0-based; repeat), "
+                        "or 'final': train the recipe on every case (OUT/final)  [default: every fold]")
+    parser.add_argument("--no-train", action="store_true", help="only score folds already trained")
+    parser.add_argument("--no-subsets", action="store_true", help="score as predict runs only (no missing-sequence table)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                        help="mirroring test-time augmentation when scoring (predict's default: on)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="to shrink the recipe for a quick check")
+    parser.add_argument("--iterations", type=int, default=ITERATIONS, help="per epoch, to shrink the recipe")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training")
+    parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
+    parser.add_argument("--json", type=Path, help="write the folds, per-case scores and the table here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.folds < 2 or args.workers < 0:
+        parser.error("--folds must be 2 or more and --workers 0 or more")
+
+    plan = fold_plan(args.dataset, args.folds, args.seed, args.output)
+    print(f"{args.folds} folds (seed {args.seed}): " + "; ".join(f"{k}: {len(f)} cases" for k, f in enumerate(plan["folds"]))
+          + f"; same patient: {plan['same_patient'] or 'none'}", flush=True)
+    length, runs_on = (args.epochs, args.iterations), ("--device", args.device, "--workers", str(args.workers), "-q")
+    chosen = args.fold or [str(k) for k in range(args.folds)]
+    if bad := [k for k in chosen if k != "final" and k not in {str(n) for n in range(args.folds)}]:
+        parser.error(f"--fold {', '.join(bad)}: folds are 0 to {args.folds - 1}, or final")
+    wanted = [int(k) for k in chosen if k != "final"]
+    by_id = {c.case_id: c for c in discover(args.dataset)}
+    scores: dict[str, dict] = {}
+    for k in wanted:
+        held_out, folder = plan["folds"][k], args.output / f"fold{k}"
+        if not args.no_train:
+            command = train_command(args.dataset, args.synth, folder, f"tumorseg-cv-fold{k}", held_out, length, runs_on)
+            train_once(command, folder, held_out, length)
+        if not (folder / "model.toml").exists():
+            print(f"fold {k}: not trained, not scored", flush=True)
+            continue
+        print(f"fold {k}: scoring {len(held_out)} held-out cases", flush=True)
+        scores.update(score_fold(folder, [by_id[c] for c in held_out], args.tta, not args.no_subsets))
+    if "final" in chosen and not args.no_train:
+        train_once(train_command(args.dataset, args.synth, args.output / "final", "tumorseg-default", [], length,
+                                 runs_on), args.output / "final", [], length)
+    table = report(plan, scores) if scores else {}
+    if table:
+        print_table(table)
+    if args.json:
+        args.json.write_text(json.dumps({"plan": plan, "recipe": RECIPE, "length": length, "tta": args.tta,
+                                         "cases": scores, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""benchmarks/cross_validation.py: patients stay in one fold, folds are recorded, the preferred-set
+rule follows the table, and a shrunken run trains, resumes nothing twice and scores every subset."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import brain_phantom, save_nifti, shared_data
+from tumorseg.model import load_model
+from tumorseg.train import discover_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cross_validation as cv  # noqa: E402
+
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def make_cases(root: Path, prefix: str, centres: list[int], sequences=("flair", "t1", "t1ce", "t2"),
+               label_values=(1, 2, 4)) -> Path:
+    """BraTS-2018-named case folders, one per tumour centre; the same centre gives the same labels."""
+    shape = (36, 40, 32)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    for n, centre in enumerate(centres):
+        case = f"{prefix}_{n}"
+        folder = root / case
+        folder.mkdir(parents=True)
+        r = np.linalg.norm(grid - np.array([centre, 20, 14]), axis=-1)
+        core, edema, rim = label_values
+        labels = np.select([r < 3, r < 5, r < 8], [core, rim, edema], 0).astype(np.uint8)
+        for i, seq in enumerate(sequences):
+            image = brain_phantom(shape, seed=n + 10 * i)
+            image[labels > 0] *= 1.5 + i
+            save_nifti(folder / f"{case}_{seq}.nii.gz", image, AFFINE)
+        save_nifti(folder / f"{case}_seg.nii.gz", labels, AFFINE)
+    return root
+
+
+def test_same_patient_in_two_data_sets_is_found_and_kept_in_one_fold(tmp_path):
+    a = make_cases(tmp_path / "a", "A", [10, 12, 14, 16, 18, 20])
+    b = make_cases(tmp_path / "b", "B", [14, 25], sequences=("flair", "t1ce"), label_values=(1, 2, 4))
+    cases = [c for root in (a, b) for c in discover_cases(root, "brats2021")]
+    groups = cv.same_patient_groups(cases)
+    assert ["A_2", "B_0"] in groups and sum(len(g) for g in groups) == 8 and len(groups) == 7
+    four = {c.case_id for c in cases if c.case_id.startswith("A")}
+    for seed in range(6):
+        folds = cv.make_folds(groups, four, 3, seed)
+        assert sorted(c for f in folds for c in f) == sorted(c.case_id for c in cases)
+        assert any({"A_2", "B_0"} <= set(f) for f in folds)  # one patient, one fold
+        assert sorted(sum(c in four for c in f) for f in folds) == [2, 2, 2]  # four-sequence cases dealt evenly
+    assert cv.make_folds(groups, four, 3, 0) == cv.make_folds(groups, four, 3, 0)
+    assert any(cv.make_folds(groups, four, 3, 0) != cv.make_folds(groups, four, 3, s) for s in range(1, 6))
+    with pytest.raises(SystemExit, match="cannot fill"):
+        cv.make_folds(groups, four, 8, 0)
+
+
+def test_real_duplicate_patient_is_grouped():
+    brats2018, brats2015 = shared_data("brats2018-train"), shared_data("brats2015-dev")
+    cases = discover_cases(brats2018, "brats2021") + discover_cases(brats2015, "brats2015")
+    groups = cv.same_patient_groups(cases)
+    # The data's README: Brats18_2013_20_1 is brats_2013_pat0006_1; no other case is shared.
+    assert [g for g in groups if len(g) > 1] == [["Brats18_2013_20_1", "brats_2013_pat0006_1"]]
+
+
+def test_recorded_folds_must_match_a_rerun(tmp_path):
+    a = make_cases(tmp_path / "a", "A", [10, 12, 14, 16])
+    plan = cv.fold_plan([(a, "brats2021")], 2, 0, tmp_path / "cv")
+    assert json.loads((tmp_path / "cv" / "folds.json").read_text()) == plan
+    assert cv.fold_plan([(a, "brats2021")], 2, 0, tmp_path / "cv") == plan
+    with pytest.raises(SystemExit, match="records other folds"):
+        cv.fold_plan([(a, "brats2021")], 2, 1, tmp_path / "cv")
+    make_cases(tmp_path / "a2", "X", [12])
+    (tmp_path / "a2" / "X_0").rename(a / "X_0")  # a case added to the data set
+    with pytest.raises(SystemExit, match="records other folds"):
+        cv.fold_plan([(a, "brats2021")], 2, 0, tmp_path / "cv")
+
+
+def test_preferred_sets_follow_the_table():
+    everything = cv.subsets(("flair", "t1", "t1gd", "t2"))
+    assert len(everything) == 15
+    # More sequences never hurt: give the network whatever the case has.
+    monotone = {s: 0.5 + 0.1 * len(s) for s in everything}
+    assert cv.preferred_sets(monotone) == []
+    # FLAIR + T1gd clearly beats every set that holds it: it alone is listed, and choose() then
+    # gives it wherever it is available, and every other set as it comes.
+    better = dict(monotone)
+    better[("flair", "t1gd")] = 0.95
+    assert cv.preferred_sets(better) == [("flair", "t1gd")]
+    # A near tie with all four (within the margin per sequence dropped) keeps all four; but FLAIR +
+    # T1gd still beats the three-sequence sets that hold it, so it is listed after all four.
+    tie = dict(monotone)
+    tie[("flair", "t1gd")] = monotone[("flair", "t1", "t1gd", "t2")] + 0.005
+    assert cv.preferred_sets(tie) == [("flair", "t1", "t1gd", "t2"), ("flair", "t1gd")]
+
+
+@pytest.mark.slow
+def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """Two folds of a tiny recipe: trained, scored as predict runs and per subset, table and JSON
+    written; a rerun reuses the models and the scores."""
+    a = make_cases(tmp_path / "a", "A", [10, 13, 16, 19])
+    b = make_cases(tmp_path / "b", "B", [12, 22], sequences=("flair", "t1ce"), label_values=(1, 2, 4))
+    monkeypatch.setattr(cv, "RECIPE", ["--patch-size", "16,16,16", "--spacing", "2,2,2", "--filters", "4,8,16",
+                                       "--batch-size", "1", "--validation-fraction", "0", "--motion", "0.5",
+                                       "--bias-field", "0.3", "--seed", "0"])
+    argv = ["cross_validation.py", "--dataset", f"{a}:brats2021", "--dataset", f"{b}:brats2021", "-o",
+            str(tmp_path / "cv"), "--folds", "2", "--epochs", "1", "--iterations", "2", "--no-tta", "--json",
+            str(tmp_path / "cv.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    cv.main()
+    out = json.loads((tmp_path / "cv.json").read_text())
+    folds = out["plan"]["folds"]
+    assert sorted(out["cases"]) == sorted(c for f in folds for c in f) and len(out["cases"]) == 6
+    for k, held_out in enumerate(folds):
+        card = load_model(str(tmp_path / "cv" / f"fold{k}")).card.training
+        assert sorted(card["excluded_cases"]) == sorted(held_out)  # each fold left exactly its cases out
+        assert not set(card["training_cases"]) & set(held_out)
+    four = out["cases"]["A_0"]
+    assert len(four["subsets"]) == 15 and four["predict_used"] == ["flair", "t1", "t1gd", "t2"]
+    assert len(out["cases"]["B_0"]["subsets"]) == 3
+    assert set(out["table"]["subsets"]) == {cv.key(s) for s in cv.subsets(("flair", "t1", "t1gd", "t2"))}
+    assert out["table"]["subsets"]["flair+t1+t1gd+t2"]["cases"] == 4
+    assert "preferred_sets" in out["table"]
+    printed = capsys.readouterr().out
+    assert "| FLAIR + T1gd |" in printed and "as predict runs, all_cases (6)" in printed
+    # A rerun trains nothing and scores nothing again.
+    scores = (tmp_path / "cv" / "fold0" / "scores.json").stat().st_mtime_ns
+    cv.main()
+    printed = capsys.readouterr().out
+    assert printed.count("trained already, reused") == 2
+    assert (tmp_path / "cv" / "fold0" / "scores.json").stat().st_mtime_ns == scores
