@@ -2,6 +2,8 @@
 problem, no traceback, and no output written."""
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 from pathlib import Path
@@ -136,18 +138,26 @@ def test_4d_three_volumes_given_as_flair(tmp_path, tiny_model, image):
     assert_refused(result, out, 4, "series.nii.gz", "3 volumes", "flair")
 
 
-def test_shapes_disagree(tmp_path, tiny_model, flair):
+def test_shapes_disagree_is_resampled_not_refused(tmp_path, tiny_model, flair):
+    """Sequences on other grids were refused ("co-register first"); they now reach the reference
+    grid (T1gd) through the register stage, which the report records (tests/test_register.py)."""
     other = save_nifti(tmp_path / "case-t1c.nii.gz", brain_phantom((40, 40, 38)), AFFINE)
-    result, out = invoke(tmp_path, tiny_model, flair, other)
-    assert_refused(result, out, 4, "case-t1c.nii.gz", "shape", "(40, 40, 38)")
+    result, out = invoke(tmp_path, tiny_model, flair, other, "--registration", "none")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["registration"]["reference"] == "t1gd" and report["input_grid"]["shape"] == [40, 40, 38]
+    assert report["registration"]["sequences"]["flair"]["method"] == "scanner coordinates"
 
 
-def test_affines_disagree(tmp_path, tiny_model, flair, image):
+def test_affines_disagree_is_registered(tmp_path, tiny_model, flair, image):
     shifted = AFFINE.copy()
     shifted[0, 3] = 3.0
     other = save_nifti(tmp_path / "case-t1c.nii.gz", image, shifted)
     result, out = invoke(tmp_path, tiny_model, flair, other)
-    assert_refused(result, out, 4, "case-t1c.nii.gz", "affine", "3 mm")
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "report.json").read_text())["registration"]["sequences"]["flair"]
+    # The same image: the T1gd reference lies 3 mm further along x, so its points are 3 mm back in the FLAIR.
+    assert entry["method"] == "rigid" and abs(entry["translation_mm"][0] + 3.0) < 0.5
 
 
 def test_nifti_without_qform_or_sform(tmp_path, tiny_model, image):

@@ -489,9 +489,10 @@ def test_sequences_resampled_onto_reference_grid(tmp_path):
     names = sorted(p.name for p in decubitus("HFS").iterdir())
     copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR",
                 series_number=11, edit=lambda ds, i: names[i] in keep)
-    scan = read_dicom_study(tmp_path)
+    scan = read_dicom_study(tmp_path, registration="none")  # by scanner coordinates: exact where slices coincide
     assert scan.channels == ("flair", "t1gd")
     assert scan.meta["reference_sequence"] == "t1gd"
+    assert [r.method for r in scan.meta["registration"]] == ["reference", "scanner coordinates"]
     reference = scan.meta["dicom_series"]
     assert reference.series_number == 10 and scan.source.shape == (256, 256, 35)
     np.testing.assert_allclose(scan.source.affine, reference.affine)
@@ -505,11 +506,31 @@ def test_sequences_resampled_onto_reference_grid(tmp_path):
     assert report["flair"]["shape"] == [256, 256, 18] and len(report["flair"]["sha256"]) == 64
 
 
-def test_different_frames_of_reference_are_not_combined(tmp_path):
+def test_a_series_on_another_grid_is_registered_not_placed_by_scanner_coordinates(tmp_path):
+    """The same head, FLAIR every other slice of the T1gd series: registered (auto), it lands within
+    a fraction of a degree and a millimetre of where the scanner put it."""
+    copy_series(decubitus("HFS"), tmp_path / "t1gd", new_uids=True, description="T1 POST GD", series_number=10)
+    keep = {p.name for p in files_by_position(decubitus("HFS"))[::2]}
+    names = sorted(p.name for p in decubitus("HFS").iterdir())
+    copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR",
+                series_number=11, edit=lambda ds, i: names[i] in keep)
+    scan = read_dicom_study(tmp_path)
+    reference, flair = scan.meta["registration"]
+    assert reference.method == "reference" and flair.method == "rigid"
+    centre = scan.source.affine @ np.append((np.array(scan.source.shape) - 1) / 2, 1)
+    assert flair.rotation_deg < 0.5 and np.linalg.norm(flair.translation_mm(centre[:3])) < 0.5
+
+
+def test_different_frames_of_reference_are_registered_or_refused(tmp_path):
+    """Another Frame of Reference (the same volunteer scanned prone): its scanner coordinates mean
+    nothing beside the reference's, so it is registered, or with --registration none refused."""
     copy_series(decubitus("HFS"), tmp_path / "a", new_uids=True, description="T1 POST GD")
     copy_series(decubitus("HFP"), tmp_path / "b", new_uids=True, description="FLAIR")
     with pytest.raises(GeometryError, match="different Frame of Reference"):
-        read_dicom_study(tmp_path)
+        read_dicom_study(tmp_path, registration="none")
+    scan = read_dicom_study(tmp_path)
+    flair = scan.meta["registration"][1]
+    assert flair.method == "rigid" and flair.rotation_deg > 2  # the head lay otherwise in the coil
 
 
 def test_series_the_model_will_not_use_are_not_read(tmp_path):
@@ -519,20 +540,25 @@ def test_series_the_model_will_not_use_are_not_read(tmp_path):
     copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR", series_number=11)
     copy_series(decubitus("HFP"), tmp_path / "t2", new_uids=True, description="T2 TSE", series_number=12)
     with pytest.raises(GeometryError, match="different Frame of Reference"):
-        read_dicom_study(tmp_path)
+        read_dicom_study(tmp_path, registration="none")
     offered = []
 
     def flair_and_t1gd(found):
         offered.append(found)
         return tuple(s for s in found if s in ("flair", "t1gd"))
 
-    scan = read_dicom_study(tmp_path, use=flair_and_t1gd)
+    scan = read_dicom_study(tmp_path, use=flair_and_t1gd, registration="none")
     assert offered == [("flair", "t1gd", "t2")]
     assert scan.channels == ("flair", "t1gd") and scan.meta["unread_sequences"] == ("t2",)
     assert set(inputs_report(scan)) == {"flair", "t1gd"}
-    scan = read_dicom_study(tmp_path, use=lambda found: ("flair",))
-    assert scan.channels == ("flair",) and scan.meta["reference_sequence"] == "flair"
-    assert scan.meta["dicom_series"].series_number == 11
+    # The reference (T1gd: the planning series) is read for its grid even where the model uses
+    # FLAIR alone; the pipeline then leaves it out of the network's input.
+    scan = read_dicom_study(tmp_path, use=lambda found: ("flair",), registration="none")
+    assert scan.channels == ("flair", "t1gd") and scan.meta["reference_sequence"] == "t1gd"
+    assert scan.meta["dicom_series"].series_number == 10
+    assert scan.meta["unread_sequences"] == ("t2",)
+    scan = read_dicom_study(tmp_path, use=lambda found: ("flair",), reference="flair", registration="none")
+    assert scan.channels == ("flair",) and scan.meta["dicom_series"].series_number == 11
     assert scan.meta["unread_sequences"] == ("t1gd", "t2")
 
 

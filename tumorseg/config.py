@@ -86,6 +86,31 @@ class OutputConfig:
     roi_names: Mapping[str, str] = field(default_factory=dict)
     #: ROIs for the regions WT, TC and ET besides one per label.
     include_regions: bool = True
+    #: Each sequence as the network's input was made from it: on the reference grid, after
+    #: registration, before normalisation (registered/<sequence>.nii.gz), for checking in a viewer.
+    save_registered: bool = False
+
+
+REGISTRATION_MODES = ("auto", "rigid", "none")
+REFERENCES = ("", "flair", "t1", "t1gd", "t2")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How the sequences of a study reach one grid (tumorseg/stages/register.py)."""
+
+    #: auto: register the sequences whose grid differs from the reference's (same-grid ones are
+    #: copied); rigid: register every one; none: trust the scanner's coordinates (resample only).
+    registration: str = "auto"
+    #: The sequence whose grid the others go onto and the outputs land on; "": the first of T1gd,
+    #: FLAIR, T1, T2 present (T1 after contrast is what radiotherapy planners contour on).
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        if self.registration not in REGISTRATION_MODES:
+            raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, got {self.registration!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of flair, t1, t1gd, t2 (or empty), got {self.reference!r}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,7 @@ class PipelineConfig:
     #: ``pipeline.resolved.toml`` that ``predict`` writes sets it, so rerunning it as ``--pipeline``
     #: reproduces the run or says why it cannot.
     model_sha256: str | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -110,6 +136,16 @@ class PipelineConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return dataclasses.replace(self, inference=new)
+
+    def with_preprocess(self, **preprocess: object) -> "PipelineConfig":
+        """A copy with the given preprocess settings replaced (None values are ignored)."""
+        changes = {k: v for k, v in preprocess.items() if v is not None}
+        if not changes:
+            return self
+        try:
+            return dataclasses.replace(self, preprocess=dataclasses.replace(self.preprocess, **changes))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def bundled_pipelines_dir() -> Path:

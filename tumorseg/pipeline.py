@@ -24,13 +24,15 @@ from .errors import ConfigError
 from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
-from .sequences import StudyInputs
-from .stages import geometry, infer, normalize, postprocess, read, report, write
+from .sequences import StudyInputs, reference_sequence
+from .stages import geometry, infer, normalize, postprocess, read, register, report, write
 
 log = logging.getLogger(__name__)
 
 LABEL_MAP_NAME = "segmentation.nii.gz"
 REPORT_NAME = "report.json"
+#: --save-registered: each sequence on the reference grid, <sequence>.nii.gz
+REGISTERED_DIR = "registered"
 CONFIG_NAME = "pipeline.resolved.toml"
 RTSTRUCT_NAME = "rtstruct.dcm"
 SEG_NAME = "seg.dcm"
@@ -41,6 +43,8 @@ class Result:
     labels: LabelMap
     report: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    #: Each sequence on the label map's grid before normalisation (output.save_registered).
+    registered: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class PreparedScan:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # for the report: what to check in the result
     ignored: tuple[str, ...] = ()  # sequences given but not used (the card's preferred_sets), card order
+    registration: dict[str, Any] = field(default_factory=dict)  # the report's "registration"
+    #: Each sequence on the reference grid before normalisation, when output.save_registered asks.
+    registered: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,15 +106,21 @@ class PipelineSpec:
                 from .dicom.study import inputs_report, read_dicom_study
 
                 scan = read_dicom_study(list(inputs.folders), sequences=self.card.input.sequences,
-                                        explicit=dict(inputs.explicit), use=self._sequences_to_use)
+                                        explicit=dict(inputs.explicit), use=self._sequences_to_use,
+                                        reference=self.config.preprocess.reference or None,
+                                        registration=self.config.preprocess.registration)
                 unread = scan.meta["unread_sequences"]
                 describe = inputs_report
             else:
                 if inputs.files:  # one file per sequence: those the model will not use are not read
                     used = self._sequences_to_use(inputs.sequences)
-                    unread = tuple(s for s in inputs.sequences if s not in used)
-                    inputs = dataclasses.replace(inputs, files=tuple(f for f in inputs.files if f[0] in used))
-                scan = read.read_study(inputs)
+                    reference = reference_sequence(inputs.sequences, self.config.preprocess.reference or None)
+                    unread = tuple(s for s in inputs.sequences if s not in used and s != reference)
+                    inputs = dataclasses.replace(inputs, files=tuple(f for f in inputs.files if f[0] not in unread))
+                    scan = register.register_study(read.read_sequences(inputs), reference,
+                                                   self.config.preprocess.registration)
+                else:  # one 4D file: one grid
+                    scan = read.read_study(inputs)
                 describe = _files_report
         prepared = self.prepare(scan, describe(scan), unread)
         prepared.timings = {**timings, **prepared.timings}
@@ -123,13 +136,20 @@ class PipelineSpec:
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             scan = scan.with_channels(used)
+        registered = ({s: scan.array[i] for i, s in enumerate(scan.channels)}
+                      if self.config.output.save_registered and scan.meta.get("registration") else {})
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
         warnings = input_warnings(scan)
+        records = scan.meta.get("registration", [])
+        warnings += [r.warning for r in records if r.warning]
         for warning in warnings:
             log.warning(warning)
+        centre = register.grid_centre(scan.source.shape, scan.source.affine)
+        registration = {"reference": scan.meta["reference_sequence"],
+                        "sequences": {r.sequence: r.to_report(centre) for r in records}} if records else {}
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
-                            warnings, ignored)
+                            warnings, ignored, registration, registered)
 
     def _sequences_to_use(self, available: tuple[str, ...]) -> tuple[str, ...]:
         """The available sequences the network is given (the card's ``preferred_sets``)."""
@@ -151,7 +171,8 @@ class PipelineSpec:
         labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
         with _timed(timings, "report"):
             summary = report.summarize(labels)
-        return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings)
+        return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings,
+                      registered=prepared.registered)
 
     def _report(self, prepared: PreparedScan, summary: dict, timings: dict) -> dict[str, Any]:
         card = self.card
@@ -170,6 +191,7 @@ class PipelineSpec:
             },
             "model_grid": {"shape": list(prepared.transform.model_shape), "resampled": prepared.transform.resampled},
             "inputs": prepared.inputs,
+            **({"registration": prepared.registration} if prepared.registration else {}),
             "results": summary,
             "empty": summary["regions"]["WT"]["voxels"] == 0,
             "warnings": prepared.warnings,
@@ -389,9 +411,15 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     paths["report"].unlink(missing_ok=True)
     for name in (RTSTRUCT_NAME, SEG_NAME):
         (output_dir / name).unlink(missing_ok=True)
+    for old in (output_dir / REGISTERED_DIR).glob("*.nii.gz"):
+        old.unlink()
     dicom = write_dicom_outputs(result, spec, output_dir)
     write.write_label_map(result.labels, paths["label_map"])
     paths.update(dicom)
+    for seq, array in result.registered.items():
+        (output_dir / REGISTERED_DIR).mkdir(exist_ok=True)
+        paths[f"registered_{seq}"] = write.write_on_source_grid(
+            array, result.labels.source, output_dir / REGISTERED_DIR / f"{seq}.nii.gz", f"tumorseg {seq} registered")
     resolved = {
         "tumorseg_version": __version__,
         "model_card": spec.model_folder,
@@ -399,6 +427,6 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     }
     write_bytes_atomic(paths["configuration"], tomli_w.dumps(resolved).encode())
     result.report["timings_s"]["write"] = round(time.perf_counter() - start, 3)
-    result.report["outputs"] = {k: p.name for k, p in paths.items()}
+    result.report["outputs"] = {k: str(p.relative_to(output_dir)) for k, p in paths.items()}
     write_bytes_atomic(paths["report"], (json.dumps(result.report, indent=2) + "\n").encode())
     return paths

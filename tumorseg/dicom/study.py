@@ -1,11 +1,12 @@
 """A DICOM study in: the chosen series of each sequence, on one grid, as one multi-channel Scan.
 
-The reference grid is the chosen series of the first sequence in :data:`~tumorseg.sequences.REFERENCE_ORDER` that is
-present: T1 after contrast (usually the finest 3D series, and the one planners contour on), else
-FLAIR, else native T1, else T2. The other sequences are resampled onto it with SimpleITK
-(linear interpolation; 0 outside their own field of view) in patient coordinates. Series are
-only combined when they share the Frame of Reference UID (one patient coordinate system) and
-the Patient ID; a series on the reference grid already is copied, not interpolated.
+The reference grid is the chosen series of the first sequence in
+:data:`~tumorseg.sequences.REFERENCE_ORDER` that is present (or the one named): T1 after contrast
+(usually the finest 3D series, and the one planners contour on), else FLAIR, else native T1, else
+T2. The other sequences reach it through the register stage (:mod:`tumorseg.stages.register`):
+by default a series on another grid, or of another Frame of Reference, is registered rigidly and
+resampled; a series on the reference grid already is copied, not interpolated. Series of
+different Patient IDs are never combined.
 
 The Scan's ``source`` is the reference series' grid (shape and RAS affine, no NIfTI header),
 ``meta["dicom_series"]`` its :class:`~tumorseg.dicom.series.DicomSeries` (for the RTSTRUCT/SEG
@@ -21,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeometryError, InputError, SequenceError
-from ..itk import resample_to_grid
-from ..scan import Scan, SourceGeometry, same_grid
+from ..scan import Scan, SourceGeometry
 from ..sequences import SEQUENCES, reference_sequence
 from ..stages.read import Volume
+from ..stages.register import register_volumes
 from .select import SelectionRules, select_series
 from .series import DicomSeries, SeriesInfo, find_series, read_series
 
@@ -56,14 +57,17 @@ def read_dicom_study(
     explicit: Mapping[str, str | int] | None = None,
     reference: str | None = None,
     use: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+    registration: str = "auto",
 ) -> Scan:
     """Find, choose, read and combine the series under ``folder`` (one folder or several).
 
     ``sequences``: the sequences wanted (channels come in SEQUENCES order, only those found);
     ``rules``/``explicit``: see :func:`~tumorseg.dicom.select.select_series`; ``reference``:
     the sequence whose grid to use (default: the first of sequences.REFERENCE_ORDER read); ``use``: given
-    the sequences found, those to read (a model card's preferred sets). The others are neither
-    read nor on the reference's shortlist; ``meta["unread_sequences"]`` names them.
+    the sequences found, those to read (a model card's preferred sets); the reference is read in
+    any case. The others are neither read nor on the reference's shortlist;
+    ``meta["unread_sequences"]`` names them. ``registration``: see
+    :func:`~tumorseg.stages.register.register_volumes`.
     Raises SequenceError when no wanted sequence is found or a choice is ambiguous.
     """
     folders = [folder] if isinstance(folder, (str, Path)) else list(folder)
@@ -82,32 +86,41 @@ def read_dicom_study(
         )
     _check_same_patient(chosen)
     found_sequences = tuple(seq for seq in SEQUENCES if seq in chosen)
-    wanted = use(found_sequences) if use else found_sequences
+    ref_seq = reference_sequence(found_sequences, reference)
+    wanted = set(use(found_sequences) if use else found_sequences) | {ref_seq}
     volumes = {seq: read_series(info) for seq, info in chosen.items() if seq in wanted}
-    scan = combine_series(volumes, reference=reference)
+    scan = combine_series(volumes, reference=ref_seq, registration=registration)
     scan.meta["unread_sequences"] = tuple(seq for seq in found_sequences if seq not in wanted)
     return scan
 
 
-def combine_series(volumes: Mapping[str, tuple[Volume, DicomSeries]], reference: str | None = None) -> Scan:
-    """Stack one volume per sequence on the reference series' grid into one Scan."""
+def combine_series(volumes: Mapping[str, tuple[Volume, DicomSeries]], reference: str | None = None,
+                   registration: str = "auto") -> Scan:
+    """Every sequence's volume on the reference series' grid, stacked into one Scan. Series of
+    another Frame of Reference are registered (``registration`` ``auto`` or ``rigid``), never
+    placed by their scanner coordinates, which mean nothing beside the reference's."""
     if not volumes:
         raise SequenceError("no series to combine")
     ref_seq = reference_sequence(tuple(volumes), reference)
     ref_volume, ref_series = volumes[ref_seq]
+    other_frame = frozenset(seq for seq, (_, series) in volumes.items()
+                            if seq != ref_seq and not _same_frame(series, ref_series))
+    if registration == "none" and other_frame:
+        seq = sorted(other_frame)[0]
+        raise GeometryError(
+            f"{volumes[seq][1].label} ({seq}) and {ref_series.label} ({ref_seq}) have different Frame of "
+            "Reference UIDs, so their patient coordinates are not comparable (the patient was repositioned or "
+            "they come from different sessions); register them (--registration auto)", volumes[seq][1].folder)
+    ordered = {ref_seq: ref_volume, **{seq: volume for seq, (volume, _) in volumes.items() if seq != ref_seq}}
+    on_grid, records = register_volumes(ordered, ref_seq, registration, untrusted=other_frame)
     channels = tuple(seq for seq in SEQUENCES if seq in volumes)
-    arrays = []
-    for seq in channels:
-        volume, series = volumes[seq]
-        if seq != ref_seq:
-            _check_same_frame(series, ref_series, seq, ref_seq)
-        arrays.append(_on_grid(volume, series, seq, ref_volume, ref_series, ref_seq))
     scan = series_to_scan(ref_volume, ref_series, ref_seq)
     meta = dict(scan.meta)
     meta["paths"] = {seq: volumes[seq][0].path for seq in channels}
     meta["dicom_series_by_sequence"] = {seq: volumes[seq][1] for seq in channels}
-    return Scan(array=np.stack(arrays).astype(np.float32, copy=False), affine=ref_volume.affine,
-                channels=channels, source=scan.source, meta=meta)
+    meta["registration"] = records
+    return Scan(array=np.stack([on_grid[seq].array for seq in channels]).astype(np.float32, copy=False),
+                affine=ref_volume.affine, channels=channels, source=scan.source, meta=meta)
 
 
 def series_sha256(series: DicomSeries) -> str:
@@ -153,23 +166,5 @@ def _check_same_patient(chosen: Mapping[str, SeriesInfo]) -> None:
             )
 
 
-def _check_same_frame(series: DicomSeries, ref: DicomSeries, seq: str, ref_seq: str) -> None:
-    if not series.frame_of_reference_uid or series.frame_of_reference_uid != ref.frame_of_reference_uid:
-        raise GeometryError(
-            f"{series.label} ({seq}) and {ref.label} ({ref_seq}) have different Frame of Reference "
-            "UIDs, so their patient coordinates are not comparable (the patient was repositioned or "
-            "they come from different sessions); co-register them and give NIfTI files instead",
-            series.folder,
-        )
-
-
-def _on_grid(volume: Volume, series: DicomSeries, seq: str, ref_volume: Volume, ref: DicomSeries,
-             ref_seq: str) -> np.ndarray:
-    if same_grid(volume.array.shape, volume.affine, ref_volume.array.shape, ref_volume.affine):
-        return volume.array
-    array, covered = resample_to_grid(volume.array, volume.affine, ref_volume.array.shape, ref_volume.affine)
-    level = logging.WARNING if covered < 0.9 else logging.INFO
-    log.log(level, "DICOM: resampled %s (%s) onto the grid of %s (%s), linear interpolation; "
-            "%.0f%% of the reference grid lies inside the %s series (0 elsewhere)",
-            series.label, seq, ref.label, ref_seq, 100 * covered, seq)
-    return array
+def _same_frame(series: DicomSeries, ref: DicomSeries) -> bool:
+    return bool(series.frame_of_reference_uid) and series.frame_of_reference_uid == ref.frame_of_reference_uid

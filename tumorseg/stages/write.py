@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from ..atomic import atomic_path
-from ..scan import LabelMap
+from ..scan import LabelMap, SourceGeometry
 
 
 #: Header text fields copied from the input that are blanked (``descrip`` is overwritten).
@@ -21,20 +21,26 @@ FREE_TEXT_FIELDS = ("aux_file", "db_name", "intent_name")
 
 
 def label_map_image(labels: LabelMap) -> nib.Nifti1Image | nib.Nifti2Image:
-    array = np.asarray(labels.array, dtype=np.uint8)
-    source = labels.source
-    if array.shape != source.shape:
-        raise ValueError(f"label map {array.shape} is not on the input grid {source.shape}")
+    if labels.array.shape != labels.source.shape:
+        raise ValueError(f"label map {labels.array.shape} is not on the input grid {labels.source.shape}")
+    return _on_source_grid(np.asarray(labels.array, dtype=np.uint8), labels.source, b"tumorseg label map",
+                           label_max=float(labels.scheme.max_label))
+
+
+def _on_source_grid(array: np.ndarray, source: SourceGeometry, descrip: bytes,
+                    label_max: float | None = None) -> nib.Nifti1Image | nib.Nifti2Image:
+    """``array`` as a NIfTI image with the reference input's header (or its affine); a label map
+    when ``label_max`` is given (intent label, display range 0 to it)."""
     if source.nifti_header is not None:
         # The input's NIfTI version too: a NIfTI-2 header is 540 bytes, NIfTI-1's 348.
         nifti2 = len(source.nifti_header) == nib.Nifti2Header.sizeof_hdr
         header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header)(source.nifti_header)
-        header.set_data_dtype(np.uint8)
+        header.set_data_dtype(array.dtype)
         header.set_data_shape(array.shape)
         header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-        header["cal_min"], header["cal_max"] = 0.0, float(labels.scheme.max_label)
-        header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
-        header["descrip"] = b"tumorseg label map"
+        header["cal_min"], header["cal_max"] = (0.0, label_max) if label_max is not None else (0.0, 0.0)
+        header["intent_code"] = 1002 if label_max is not None else 0  # NIFTI_INTENT_LABEL
+        header["descrip"] = descrip
         for field in FREE_TEXT_FIELDS:  # may hold what a scanner or a user wrote about the patient
             if field in header:
                 header[field] = b""
@@ -43,13 +49,25 @@ def label_map_image(labels: LabelMap) -> nib.Nifti1Image | nib.Nifti2Image:
         image = nib.Nifti1Image(array, source.affine)
         image.header.set_qform(source.affine, code=1)
         image.header.set_sform(source.affine, code=1)
-        image.header.set_intent("label")
+        if label_max is not None:
+            image.header.set_intent("label")
     return image
 
 
 def write_label_map(labels: LabelMap, path: Path) -> Path:
     """Write ``labels`` to ``path`` (.nii or .nii.gz) atomically and return the path."""
     image = label_map_image(labels)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
+def write_on_source_grid(array: np.ndarray, source: SourceGeometry, path: Path, description: str) -> Path:
+    """Write float (I, J, K) ``array`` on the reference input's grid (a registered sequence, for
+    checking in a viewer) to ``path`` atomically, with the reference's header as the label map."""
+    if array.shape != source.shape:
+        raise ValueError(f"image {array.shape} is not on the input grid {source.shape}")
+    image = _on_source_grid(np.asarray(array, dtype=np.float32), source, description.encode()[:79])
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return path

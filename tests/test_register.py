@@ -1,0 +1,165 @@
+"""Register stage: known motions recovered, same-grid input untouched, refusals, and predict on a
+study whose sequences lie on different grids."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import save_nifti, shared_data
+from tumorseg.errors import GeometryError
+from tumorseg.itk import resample_to_grid
+from tumorseg.stages import register
+from tumorseg.stages.read import Volume, read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import registration as bench  # noqa: E402
+
+
+def head(shape=(64, 72, 56), seed=0) -> Volume:
+    """A head-like phantom, asymmetric on every axis (so no rotation maps it onto itself), 2 mm voxels."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    r = np.linalg.norm(grid / [0.8, 0.9, 0.75], axis=-1)
+    image = np.where(r < 1, 100 + 40 * grid[..., 0] + 20 * grid[..., 1] ** 2, 0.0)
+    for centre, value in (((0.3, 0.2, -0.1), 250), ((-0.4, 0.1, 0.3), 40), ((0.1, -0.5, 0.2), 180)):
+        image[np.linalg.norm(grid - centre, axis=-1) < 0.18] = value
+    image = image + np.where(r < 1, rng.normal(0, 3, shape), 0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -np.array(shape) + 1
+    return Volume(image.astype(np.float32), affine, None, Path("phantom-t1c.nii.gz"))
+
+
+def points(volume: Volume) -> np.ndarray:
+    inside = np.argwhere(volume.array > 50)[::20]
+    return np.c_[inside, np.ones(len(inside))] @ volume.affine.T
+
+
+def test_a_known_motion_on_another_grid_is_recovered():
+    reference = head()
+    centre = register.grid_centre(reference.array.shape, reference.affine)
+    truth = bench.motion(np.random.default_rng(1), centre)  # up to 15 degrees and 20 mm
+    shape, affine = (60, 64, 26), np.diag([2.5, 2.5, 5.0, 1.0])  # thick slices
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    array, _ = resample_to_grid(reference.array, reference.affine, shape, affine, matrix_ras=np.linalg.inv(truth))
+    moving = Volume(array, affine, None, Path("phantom-flair.nii.gz"))
+    matrix, metric = register.rigid_transform(reference, moving, "flair")
+    mean, worst = bench.tre(matrix, truth, points(reference))
+    assert mean < 1.5 and worst < 3.0 and metric < register.WARN_METRIC  # under a voxel (2 mm; 5 mm slices)
+    # Deterministic: the same bytes again.
+    again, _ = register.rigid_transform(reference, moving, "flair")
+    assert again.tobytes() == matrix.tobytes()
+    on_grid, records = register.register_volumes({"t1gd": reference, "flair": moving}, "t1gd")
+    assert [r.method for r in records] == ["reference", "rigid"]
+    assert on_grid["flair"].array.shape == reference.array.shape
+    assert np.array_equal(on_grid["flair"].affine, reference.affine)
+    assert records[1].to_report(centre)["rotation_deg"] == pytest.approx(
+        np.degrees(np.arccos((np.trace(truth[:3, :3]) - 1) / 2)), abs=1.0)
+
+
+def test_same_grid_is_copied_and_none_trusts_the_scanner():
+    reference = head()
+    other = Volume(reference.array * 0.5 + 3, reference.affine.copy(), None, Path("x-flair.nii.gz"))
+    on_grid, records = register.register_volumes({"t1gd": reference, "flair": other}, "t1gd")
+    assert on_grid["flair"] is other and records[1].method == "same grid"
+    assert np.array_equal(records[1].matrix_ras, np.eye(4))
+    shifted = Volume(other.array, other.affine @ np.array([[1, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]),
+                     None, other.path)
+    on_grid, records = register.register_volumes({"t1gd": reference, "flair": shifted}, "t1gd", mode="none")
+    assert records[1].method == "scanner coordinates" and np.array_equal(records[1].matrix_ras, np.eye(4))
+    np.testing.assert_allclose(on_grid["flair"].array[2:], other.array[:-2], atol=1e-4)  # two voxels along i
+    with pytest.raises(ValueError, match="registration must be one of"):
+        register.register_volumes({"t1gd": reference}, "t1gd", mode="affine")
+
+
+def test_what_cannot_be_registered_is_refused_naming_the_sequence():
+    reference = head()
+    two_slices = Volume(reference.array[:, :, 20:22], reference.affine, None, Path("thin-flair.nii.gz"))
+    with pytest.raises(GeometryError, match="flair sequence has 2 slices") as refused:
+        register.register_volumes({"t1gd": reference, "flair": two_slices}, "t1gd")
+    assert "thin-flair.nii.gz" in str(refused.value)
+    noise = np.random.default_rng(0).uniform(0, 100, reference.array.shape).astype(np.float32)
+    with pytest.raises(GeometryError, match="could not be registered.*share next to no structure"):
+        register.register_volumes({"t1gd": reference, "flair": Volume(noise, reference.affine, None, Path("f.nii"))},
+                                  "t1gd", mode="rigid")
+    # Far from where the scanner put it, but the same head: found (from the centres of mass), and warned.
+    far = reference.affine.copy()
+    far[:3, 3] += 300
+    _, records = register.register_volumes(
+        {"t1gd": reference, "flair": Volume(reference.array, far, None, Path("f.nii"))}, "t1gd")
+    assert records[1].method == "rigid" and "moved" in records[1].warning
+    assert np.allclose(records[1].matrix_ras[:3, 3], 300, atol=1.0)
+
+
+def test_predict_registers_a_moved_thick_slice_series_onto_the_reference(tmp_path, tiny_model):
+    from tumorseg.cli import main
+
+    reference = head()
+    centre = register.grid_centre(reference.array.shape, reference.affine)
+    truth = bench.motion(np.random.default_rng(2), centre)
+    shape, affine = (60, 64, 26), np.diag([2.5, 2.5, 5.0, 1.0])
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    moved, _ = resample_to_grid(reference.array, reference.affine, shape, affine, matrix_ras=np.linalg.inv(truth))
+    t1c = save_nifti(tmp_path / "case-t1c.nii.gz", reference.array, reference.affine)
+    flair = save_nifti(tmp_path / "case-t2f.nii.gz", moved, affine)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--flair", str(flair), "--t1gd", str(t1c), "--model",
+                                       str(tiny_model), "-o", str(out), "--no-tta", "--save-registered", "-q"])
+    assert result.exit_code == 0, result.output
+    labels = nib.load(str(out / "segmentation.nii.gz"))
+    source = nib.load(str(t1c))
+    assert labels.shape == source.shape and np.array_equal(labels.affine, source.affine)
+    assert np.array_equal(labels.header.get_qform(), source.header.get_qform())
+    report = json.loads((out / "report.json").read_text())
+    entry = report["registration"]["sequences"]["flair"]
+    assert report["registration"]["reference"] == "t1gd" and entry["method"] == "rigid"
+    mean, _ = bench.tre(np.array(entry["matrix_ras"]), truth, points(reference))
+    assert mean < 1.5
+    saved = nib.load(str(out / "registered" / "flair.nii.gz"))
+    assert saved.shape == source.shape and np.array_equal(saved.affine, source.affine)
+    moved_back = np.asarray(saved.dataobj)
+    inside = (reference.array > 50) & (moved_back != 0)  # where the thick-slice series has data
+    assert inside.sum() > 0.8 * (reference.array > 50).sum() and np.corrcoef(moved_back[inside], reference.array[inside])[0, 1] > 0.75
+    # --registration none keeps the scanner's placement: the report says so.
+    result = CliRunner().invoke(main, ["predict", "--flair", str(flair), "--t1gd", str(t1c), "--model",
+                                       str(tiny_model), "-o", str(out), "--no-tta", "--registration", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["registration"]["sequences"]["flair"]["method"] == "scanner coordinates"
+    assert not (out / "registered" / "flair.nii.gz").exists()  # not asked for this time: not left behind
+
+
+def test_same_grid_study_gives_the_same_bytes_whatever_the_registration_mode(tmp_path, tiny_model):
+    from tumorseg.cli import main
+
+    reference = head()
+    t1c = save_nifti(tmp_path / "case-t1c.nii.gz", reference.array, reference.affine)
+    flair = save_nifti(tmp_path / "case-t2f.nii.gz", reference.array[::-1].copy(), reference.affine)
+    outputs = []
+    for mode in ("auto", "none"):
+        out = tmp_path / mode
+        result = CliRunner().invoke(main, ["predict", str(flair), str(t1c), "--model", str(tiny_model), "-o", str(out),
+                                           "--no-tta", "--registration", mode, "-q"])
+        assert result.exit_code == 0, result.output
+        outputs.append((out / "segmentation.nii.gz").read_bytes())
+        assert json.loads((out / "report.json").read_text())["registration"]["sequences"]["flair"]["method"] == "same grid"
+    assert outputs[0] == outputs[1]
+
+
+def test_real_case_moved_five_millimetre_flair_is_registered():
+    case = shared_data("brats2018-train", "Brats18_2013_11_1")
+    reference = read_volume(case / "Brats18_2013_11_1_t1ce.nii.gz")
+    flair = read_volume(case / "Brats18_2013_11_1_flair.nii.gz")
+    centre = register.grid_centre(reference.array.shape, reference.affine)
+    truth = bench.motion(np.random.default_rng(7), centre)
+    moving = bench.acquire(flair, "axial 5 mm", truth, centre)
+    matrix, _ = register.rigid_transform(reference, moving, "flair")
+    brain = np.argwhere(reference.array > 0)[::100]
+    mean, worst = bench.tre(matrix, truth, np.c_[brain, np.ones(len(brain))] @ reference.affine.T)
+    assert mean < 1.0 and worst < 2.0
