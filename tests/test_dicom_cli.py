@@ -64,7 +64,7 @@ def test_predict_dicom_folder_writes_rtstruct_on_the_series(tmp_path, empty_mode
     nifti = save_nifti(tmp_path / "other-t1n.nii.gz", volume.array.astype(np.float32), volume.affine)
     result = invoke("predict", str(nifti), "--model", str(empty_model), "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["pipeline.resolved.toml", "report.json", "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["overview.png", "pipeline.resolved.toml", "report.json", "segmentation.nii.gz"]
 
 
 def test_predict_refuses_dicom_mixed_with_nifti(tmp_path, empty_model):

@@ -126,6 +126,13 @@ def test_predict_registers_a_moved_thick_slice_series_onto_the_reference(tmp_pat
     moved_back = np.asarray(saved.dataobj)
     inside = (reference.array > 50) & (moved_back != 0)  # where the thick-slice series has data
     assert inside.sum() > 0.8 * (reference.array > 50).sum() and np.corrcoef(moved_back[inside], reference.array[inside])[0, 1] > 0.75
+    # The quick look: the registered FLAIR in a second row, the reference's edges over it.
+    from PIL import Image
+
+    from tumorseg.stages.overview import EDGE_COLOUR
+    rgb = np.asarray(Image.open(out / "overview.png").convert("RGB"))
+    assert report["outputs"]["overview"] == "overview.png"
+    assert np.all(rgb[rgb.shape[0] // 2:] == EDGE_COLOUR, axis=-1).any()
     # --registration none keeps the scanner's placement: the report says so.
     result = CliRunner().invoke(main, ["predict", "--flair", str(flair), "--t1gd", str(t1c), "--model",
                                        str(tiny_model), "-o", str(out), "--no-tta", "--registration", "none", "-q"])

@@ -89,6 +89,9 @@ class OutputConfig:
     #: Each sequence as the network's input was made from it: on the reference grid, after
     #: registration, before normalisation (registered/<sequence>.nii.gz), for checking in a viewer.
     save_registered: bool = False
+    #: overview.png: three planes through the largest tumour with each label's outline, and each
+    #: moved sequence with the reference's edges over it.
+    overview: bool = True
 
 
 REGISTRATION_MODES = ("auto", "rigid", "none")

@@ -25,12 +25,14 @@ from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
 from .sequences import StudyInputs, reference_sequence
-from .stages import geometry, infer, normalize, postprocess, read, register, report, write
+from .stages import geometry, infer, normalize, overview, postprocess, read, register, report, write
 
 log = logging.getLogger(__name__)
 
 LABEL_MAP_NAME = "segmentation.nii.gz"
 REPORT_NAME = "report.json"
+#: A quick look: three planes through the tumour with each label's outline (tumorseg/stages/overview.py)
+OVERVIEW_NAME = "overview.png"
 #: --save-registered: each sequence on the reference grid, <sequence>.nii.gz
 REGISTERED_DIR = "registered"
 CONFIG_NAME = "pipeline.resolved.toml"
@@ -45,6 +47,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     #: Each sequence on the label map's grid before normalisation (output.save_registered).
     registered: dict[str, np.ndarray] = field(default_factory=dict)
+    overview_png: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class PreparedScan:
     registration: dict[str, Any] = field(default_factory=dict)  # the report's "registration"
     #: Each sequence on the reference grid before normalisation, when output.save_registered asks.
     registered: dict[str, np.ndarray] = field(default_factory=dict)
+    #: For overview.png: the reference and each moved sequence as uint8 grey levels on its grid.
+    overview: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,26 +135,31 @@ class PipelineSpec:
                 unread: tuple[str, ...] = ()) -> PreparedScan:
         """``unread``: sequences that were given but left unread, as the model will not use them."""
         self.card.input.check_available(scan.channels)
+        records = scan.meta.get("registration", [])
+        # Every sequence read, the reference too where the network does not use it.
+        registered = ({s: scan.array[i] for i, s in enumerate(scan.channels)}
+                      if self.config.output.save_registered and records else {})
+        reference = scan.meta.get("reference_sequence") or reference_sequence(scan.channels)
+        moved = [r.sequence for r in records if r.method in ("rigid", "scanner coordinates")]
+        shown = {s: overview.window(scan.array[scan.channels.index(s)]) for s in [reference, *moved]} \
+            if self.config.output.overview else {}
         used = self._sequences_to_use(scan.channels)
         left_out = set(unread) | {s for s in scan.channels if s not in used}
         ignored = tuple(s for s in self.card.input.sequences if s in left_out)
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             scan = scan.with_channels(used)
-        registered = ({s: scan.array[i] for i, s in enumerate(scan.channels)}
-                      if self.config.output.save_registered and scan.meta.get("registration") else {})
         timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
         warnings = input_warnings(scan)
-        records = scan.meta.get("registration", [])
         warnings += [r.warning for r in records if r.warning]
         for warning in warnings:
             log.warning(warning)
         centre = register.grid_centre(scan.source.shape, scan.source.affine)
-        registration = {"reference": scan.meta["reference_sequence"],
+        registration = {"reference": reference,
                         "sequences": {r.sequence: r.to_report(centre) for r in records}} if records else {}
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
-                            warnings, ignored, registration, registered)
+                            warnings, ignored, registration, registered, shown)
 
     def _sequences_to_use(self, available: tuple[str, ...]) -> tuple[str, ...]:
         """The available sequences the network is given (the card's ``preferred_sets``)."""
@@ -171,8 +181,12 @@ class PipelineSpec:
         labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
         with _timed(timings, "report"):
             summary = report.summarize(labels)
+            png = None
+            if prepared.overview:
+                png = overview.png_bytes(overview.render(prepared.overview, next(iter(prepared.overview)), cleaned,
+                                                         prepared.source.affine, card.scheme))
         return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings,
-                      registered=prepared.registered)
+                      registered=prepared.registered, overview_png=png)
 
     def _report(self, prepared: PreparedScan, summary: dict, timings: dict) -> dict[str, Any]:
         card = self.card
@@ -411,11 +425,15 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     paths["report"].unlink(missing_ok=True)
     for name in (RTSTRUCT_NAME, SEG_NAME):
         (output_dir / name).unlink(missing_ok=True)
+    (output_dir / OVERVIEW_NAME).unlink(missing_ok=True)
     for old in (output_dir / REGISTERED_DIR).glob("*.nii.gz"):
         old.unlink()
     dicom = write_dicom_outputs(result, spec, output_dir)
     write.write_label_map(result.labels, paths["label_map"])
     paths.update(dicom)
+    if result.overview_png is not None:
+        paths["overview"] = output_dir / OVERVIEW_NAME
+        write_bytes_atomic(paths["overview"], result.overview_png)
     for seq, array in result.registered.items():
         (output_dir / REGISTERED_DIR).mkdir(exist_ok=True)
         paths[f"registered_{seq}"] = write.write_on_source_grid(

@@ -129,9 +129,7 @@ def register_volumes(volumes: dict[str, Volume], reference: str, mode: str = "au
                     f"the {seq} sequence could not be registered to the {reference} reference: after "
                     f"registration it covers {100 * overlap:.0f} % of the reference's head (at least "
                     f"{100 * MIN_OVERLAP:.0f} % needed); check that both series show the same head", vol.path)
-        record = _with_warning(record, grid_centre(ref.array.shape, ref.affine))
-        if record.warning:
-            log.warning("%s", record.warning)
+        record = _with_warning(record, grid_centre(ref.array.shape, ref.affine))  # logged with the report's warnings
         log.info("registration: %s onto %s by %s (rotation %.1f deg)", seq, reference, record.method,
                  record.rotation_deg)
         records.append(record)
