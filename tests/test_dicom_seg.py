@@ -102,3 +102,25 @@ def test_empty_mask_gives_a_valid_all_empty_seg(tmp_path):
     assert not read_back(path, source, scheme).any()
     returncode, errors = dciodvfy_errors(path)
     assert errors == [] and returncode == 0, "\n".join(errors)
+
+
+def test_seg_export_keeps_source_uids_out_of_the_log(tmp_path):
+    """highdicom logs the source SOP Instance UIDs at INFO; docs/rtstruct.md promises that no source
+    header text enters tumorseg's log, so the CLI keeps highdicom at warnings."""
+    import nibabel as nib
+
+    from tumorseg.dicom.series import find_series, read_series
+
+    folder = shared_data("dicom", "decubitus-t1", "HFS")
+    volume, series = read_series(find_series(folder)[0])
+    labels = label_map(series.shape, (1, 2, 3))
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(labels, volume.affine), str(mask))
+    result = subprocess.run(["tumorseg", "rtstruct", "--mask", str(mask), "--series", str(folder), "-o",
+                             str(tmp_path / "out"), "--label-scheme", "msd", "--seg"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "seg.dcm").exists()
+    logged = result.stdout + result.stderr
+    assert "INFO" in logged  # the log was on
+    assert not [s.SOPInstanceUID for s in read_source("HFS") if s.SOPInstanceUID in logged]

@@ -562,6 +562,24 @@ def test_series_the_model_will_not_use_are_not_read(tmp_path):
     assert scan.meta["unread_sequences"] == ("t1gd", "t2")
 
 
+def test_several_candidates_for_a_sequence_that_is_not_read_stop_nothing(tmp_path):
+    """A clinical study often holds three T1-like series; with a model that uses FLAIR and T1gd
+    alone, that ambiguity must not refuse the study (it did), while for a sequence that is read it
+    still does."""
+    for n, description in enumerate(("T1 POST GD", "FLAIR", "T1 SE", "T1 MPRAGE")):
+        copy_series(decubitus("HFS"), tmp_path / f"s{n}", new_uids=True, description=description,
+                    series_number=10 + n)
+    with pytest.raises(SequenceError, match="2 candidate series for t1"):
+        read_dicom_study(tmp_path, registration="none")
+    scan = read_dicom_study(tmp_path, registration="none",
+                            use=lambda found: tuple(s for s in found if s in ("flair", "t1gd")))
+    assert scan.channels == ("flair", "t1gd") and scan.meta["unread_sequences"] == ("t1",)
+    # The T1 as the reference would be read: refused.
+    with pytest.raises(SequenceError, match="2 candidate series for t1"):
+        read_dicom_study(tmp_path, registration="none", reference="t1",
+                         use=lambda found: tuple(s for s in found if s in ("flair", "t1gd")))
+
+
 def test_predict_on_dicom_reports_the_series_left_unread(tmp_path):
     from click.testing import CliRunner
 

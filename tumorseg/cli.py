@@ -26,6 +26,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     if not verbose:
         for noisy in ("monai", "torch", "nibabel"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    # highdicom's INFO lines name the source instances (SOP Instance UIDs): no source header text
+    # enters tumorseg's log, --verbose included (docs/rtstruct.md).
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 class _Group(click.Group):

@@ -263,6 +263,7 @@ def select_series(
     rules: SelectionRules | None = None,
     explicit: Mapping[str, str | int] | None = None,
     sequences: Sequence[str] = SEQUENCES,
+    ambiguous: dict[str, str] | None = None,
 ) -> dict[str, S]:
     """Choose one series per sequence; returns ``{sequence: series}`` in SEQUENCES order.
 
@@ -271,7 +272,9 @@ def select_series(
     taken without applying the rules. ``sequences``: the sequences wanted; several candidates
     for a wanted sequence raise :class:`SequenceError`, for others they are only logged. A
     wanted sequence without a candidate is simply absent from the result (the caller decides
-    whether the model can run without it).
+    whether the model can run without it). ``ambiguous``: when given, a wanted sequence with
+    several candidates is recorded there (sequence -> the refusal's message) instead of raised, so
+    that the caller can refuse only when it will read that sequence.
     """
     rules = DEFAULT_RULES if rules is None else rules
     explicit = dict(explicit or {})
@@ -311,10 +314,12 @@ def select_series(
         if len(found) > 1:
             listing = _listing([s for s, _ in found])
             if seq in sequences:
-                raise SequenceError(
-                    f"{len(found)} candidate series for {seq}: {listing}; name the one to use by "
-                    f"its SeriesNumber or SeriesInstanceUID (--{seq} SERIES)"
-                )
+                message = (f"{len(found)} candidate series for {seq}: {listing}; name the one to use by "
+                           f"its SeriesNumber or SeriesInstanceUID (--{seq} SERIES)")
+                if ambiguous is None:
+                    raise SequenceError(message)
+                ambiguous[seq] = message
+                continue
             log.info("DICOM: %d candidate series for %s, which is not wanted: %s", len(found), seq, listing)
             continue
         s, why = found[0]

@@ -76,18 +76,25 @@ def read_dicom_study(
         found.extend(find_series(f))
     if not found:
         raise InputError("no DICOM image series found", ", ".join(str(f) for f in folders))
-    chosen = select_series(found, rules=rules, explicit=explicit, sequences=sequences)
-    if not chosen:
+    ambiguous: dict[str, str] = {}
+    chosen = select_series(found, rules=rules, explicit=explicit, sequences=sequences, ambiguous=ambiguous)
+    if not chosen and not ambiguous:
         listing = "; ".join(s.label for s in found)
         raise SequenceError(
             f"none of the series found is recognised as {', '.join(sequences)} ({listing}); "
             "name the series to use per sequence (SeriesNumber or SeriesInstanceUID)",
             ", ".join(str(f) for f in folders),
         )
-    _check_same_patient(chosen)
-    found_sequences = tuple(seq for seq in SEQUENCES if seq in chosen)
+    found_sequences = tuple(seq for seq in SEQUENCES if seq in chosen or seq in ambiguous)
     ref_seq = reference_sequence(found_sequences, reference)
     wanted = set(use(found_sequences) if use else found_sequences) | {ref_seq}
+    # Several candidates for a sequence that will not be read stop nothing (a study often holds
+    # three T1-like series); for one that will, the run is refused, never guessed.
+    for seq, message in ambiguous.items():
+        if seq in wanted:
+            raise SequenceError(message)
+        log.info("DICOM: %s not read (the model does not use it), so its several candidates do not matter", seq)
+    _check_same_patient(chosen)
     volumes = {seq: read_series(info) for seq, info in chosen.items() if seq in wanted}
     scan = combine_series(volumes, reference=ref_seq, registration=registration)
     scan.meta["unread_sequences"] = tuple(seq for seq in found_sequences if seq not in wanted)
