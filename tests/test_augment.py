@@ -102,13 +102,19 @@ def test_no_preferred_sets_keeps_the_random_stream():
     assert torch.equal(a[0], b[0])
 
 
-def test_bias_field_is_a_smooth_gain_inside_the_brain_only():
+def _brain_patch():
+    """A 24^3 patch: a brain cube with FLAIR and T1 (channels 0, 1) inside, T1gd and T2 absent."""
     rng = np.random.default_rng(3)
     inside = torch.zeros(24, 24, 24, dtype=torch.bool)
     inside[4:20, 4:20, 4:20] = True
     image = torch.zeros(4, 24, 24, 24)
     image[:2, inside] = torch.from_numpy(rng.normal(size=(2, int(inside.sum()))).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, 4, size=(24, 24, 24)))
+    return inside, image, labels
+
+
+def test_bias_field_is_a_smooth_gain_inside_the_brain_only():
+    inside, image, labels = _brain_patch()
     cfg = dataclasses.replace(OFF, bias_field=1.0)
     out, lab = augment(image, labels, [0, 1], np.random.default_rng(4), cfg)
     assert torch.equal(lab, labels)
@@ -150,12 +156,7 @@ def test_motion_during_the_whole_scan_is_a_shift_and_after_it_nothing():
 
 
 def test_motion_leaves_background_labels_and_absent_sequences_alone():
-    rng = np.random.default_rng(3)
-    inside = torch.zeros(24, 24, 24, dtype=torch.bool)
-    inside[4:20, 4:20, 4:20] = True
-    image = torch.zeros(4, 24, 24, 24)
-    image[:2, inside] = torch.from_numpy(rng.normal(size=(2, int(inside.sum()))).astype(np.float32))
-    labels = torch.from_numpy(rng.integers(0, 4, size=(24, 24, 24)))
+    inside, image, labels = _brain_patch()
     out, lab = augment(image, labels, [0, 1], np.random.default_rng(4), dataclasses.replace(OFF, motion=1.0))
     assert torch.equal(lab, labels)
     assert (out[:, ~inside] == 0).all() and (out[2:] == 0).all()
