@@ -592,3 +592,33 @@ def test_an_output_folder_that_cannot_be_written_is_a_named_error(tmp_path, batc
     (tmp_path / "file").write_text("a file where a folder should be")
     result = run_batch(str(root), "-o", str(tmp_path / "file" / "out"), "--model", str(batch_model))
     assert result.exit_code == 6 and "cannot write into the output folder" in result.output, result.output
+
+
+def test_outputs_in_a_subfolder_are_recorded_reused_and_retracted(tmp_path, batch_model):
+    """registered/<sequence>.nii.gz (a pipeline with save_registered) sits one level down in the
+    case folder: the case record must find it on a rerun (else the case ran again every time) and
+    remove it when the case runs again, without ever reaching outside the case folder."""
+    from tumorseg.batch.runner import CASE_RECORD
+
+    root = tmp_path / "in"
+    phantom_case(root / "a", 1)
+    pipeline = tmp_path / "pipeline.toml"
+    pipeline.write_text('[output]\nsave_registered = true\n')
+    out = tmp_path / "out"
+    args = (str(root), "-o", str(out), "--model", str(batch_model), "--pipeline", str(pipeline))
+    assert run_batch(*args).exit_code == 0
+    case_dir = out / "cases" / "a"
+    record = json.loads((case_dir / CASE_RECORD).read_text())
+    assert record["outputs"]["registered_t1gd"]["file"] == "registered/t1gd.nii.gz"
+    assert (case_dir / "registered" / "t1gd.nii.gz").is_file()
+    assert run_batch(*args).exit_code == 0
+    assert manifest(out)["counts"]["reused"] == 1
+    (root / "a" / NAMES["t2"]).unlink()  # other inputs: the old outputs are retracted, then rewritten
+    outside = tmp_path / "keep.txt"
+    outside.write_text("not the batch's")
+    record["outputs"]["evil"] = {"file": "../../keep.txt", "sha256": "0" * 64}
+    (case_dir / CASE_RECORD).write_text(json.dumps(record))
+    assert run_batch(*args).exit_code == 0
+    assert manifest(out)["counts"] == {"ok": 1, "failed": 0, "reused": 0, "pending": 0}
+    assert outside.read_text() == "not the batch's"
+    assert not (case_dir / "registered" / "t2.nii.gz").exists() and (case_dir / "registered" / "t1gd.nii.gz").is_file()

@@ -691,7 +691,9 @@ def _finish_and_write(job: _Finish) -> CaseOutcome:
         )
         record = {
             "fingerprint": {**job.batch_fingerprint, "inputs_sha256": fingerprint},
-            "outputs": {name: {"file": p.name, "sha256": sha256_file(p)} for name, p in paths.items()},
+            # Relative to the case folder (registered/<sequence>.nii.gz sits one level down).
+            "outputs": {name: {"file": p.relative_to(case_path).as_posix(), "sha256": sha256_file(p)}
+                        for name, p in paths.items()},
             # Not the source path: case folders are what gets shared, and with --hashed-ids the
             # input folders are named after patients (the manifest keeps the mapping).
             "outcome": {k: v for k, v in outcome.__dict__.items() if k != "source"},
@@ -786,7 +788,8 @@ def _retract_previous_outputs(case_dir: Path) -> None:
     record_path.unlink(missing_ok=True)  # first: from here on nothing claims the outputs
     for info in outputs.values() if isinstance(outputs, dict) else ():
         name = info.get("file") if isinstance(info, dict) else None
-        if isinstance(name, str) and name and name == Path(name).name:  # a bare name, never a path
+        # Inside the case folder only: never an absolute path or one that climbs out of it.
+        if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
             (case_dir / name).unlink(missing_ok=True)
 
 
