@@ -36,8 +36,9 @@ MODES = ("auto", "rigid", "none")
 #: Resolutions of the rigid search: shrink factors and smoothing sigmas (mm), coarse to fine.
 SHRINK_FACTORS = (4, 2, 1)
 SMOOTHING_MM = (2.0, 1.0, 0.0)
-#: Share of the reference's voxels the metric samples (regular grid, fixed seed).
-SAMPLING = 0.2
+#: Share of the sampled (fixed) image's voxels the metric uses (regular grid, fixed seed); 10 % kept a 5 mm
+#: series under 20 s with the same accuracy as 20 % within 0.25 mm on the three cases tried.
+SAMPLING = 0.1
 SAMPLING_SEED = 25
 HISTOGRAM_BINS = 32
 #: A registered sequence must cover this share of the reference's head, or it is refused.
@@ -154,6 +155,13 @@ def rigid_transform(fixed: Volume, moving: Volume, sequence: str) -> tuple[np.nd
     if min(moving.array.shape[:3]) < 3:
         raise GeometryError(f"the {sequence} sequence has {min(moving.array.shape[:3])} slices along one "
                             "axis: too few to register; give the whole series", moving.path)
+    # The metric samples the fixed image's voxels and interpolates the moving one: the image with
+    # fewer voxels (usually the thick-slice series) is sampled, where its data really is, and the
+    # finer one interpolated; the transform found is then inverted. On BraTS FLAIR re-acquired at
+    # 5 mm this lowered the mean TRE of three cases from 1.07 to 0.83 mm (benchmarks/registration.py).
+    swap = moving.array.size < fixed.array.size
+    if swap:
+        fixed, moving = moving, fixed
     fixed_image = to_sitk(fixed.array.astype(np.float32, copy=False), fixed.affine)
     moving_image = to_sitk(moving.array.astype(np.float32, copy=False), moving.affine)
     # One thread for every filter of the search (the metric alone is not enough: the pyramid's
@@ -162,38 +170,76 @@ def rigid_transform(fixed: Volume, moving: Volume, sequence: str) -> tuple[np.nd
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.Euler3DTransform(),
-                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
-        method.SetMetricSamplingStrategy(method.REGULAR)
-        method.SetMetricSamplingPercentage(SAMPLING, SAMPLING_SEED)
-        method.SetInterpolator(sitk.sitkLinear)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=200,
-                                                        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel(list(SHRINK_FACTORS))
-        method.SetSmoothingSigmasPerLevel(list(SMOOTHING_MM))
-        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        method.SetInitialTransform(initial, inPlace=False)
-        final = method.Execute(fixed_image, moving_image)
-        metric = float(method.GetMetricValue())
+        # Three starts searched at the coarse levels (the coarsest alone chose wrongly), the best
+        # (lowest metric there) refined at full resolution: the centres of mass alone went 6 mm wrong on a FLAIR that covers part
+        # of the brain (its centre of mass is not the brain's), where the scanner's placement or
+        # the grids' centres start closer.
+        starts = [sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.Euler3DTransform(), mode)
+                  for mode in (sitk.CenteredTransformInitializerFilter.MOMENTS,
+                               sitk.CenteredTransformInitializerFilter.GEOMETRY)]
+        starts.append(sitk.Euler3DTransform())  # where the scanner put it
+        coarse, failures = [], []
+        for start in starts:
+            try:
+                coarse.append(_search(fixed_image, moving_image, start, SHRINK_FACTORS[:-1], SMOOTHING_MM[:-1]))
+            except RuntimeError as e:  # a start with no overlap (the scanner's, far off): the others may do
+                failures.append(e)
+        if not coarse:
+            raise failures[0]
+        best, _ = min(coarse, key=lambda found: found[1])
+        final, metric = _search(fixed_image, moving_image, best, SHRINK_FACTORS[-1:], SMOOTHING_MM[-1:])
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise GeometryError(f"the {sequence} sequence could not be registered to the reference "
-                            f"({lines[-1] if lines else type(e).__name__})", moving.path) from None
+                            f"({lines[-1] if lines else type(e).__name__})", (fixed if swap else moving).path) from None
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     if not np.isfinite(metric) or metric > REFUSE_METRIC:
         raise GeometryError(f"the {sequence} sequence could not be registered to the reference: the images share "
                             f"next to no structure after registration (mutual information {metric:.3f}); check "
-                            "that both series show the same head", moving.path)
-    return _matrix_ras(final), metric
+                            "that both series show the same head", (fixed if swap else moving).path)
+    matrix = _matrix_ras(final)
+    return (np.linalg.inv(matrix) if swap else matrix), metric
 
 
-def _matrix_ras(transform) -> np.ndarray:
+def _search(fixed_image, moving_image, start, shrink: tuple[int, ...], smoothing_mm: tuple[float, ...]):
+    """Mattes MI rigid registration from ``start`` over the given resolutions: (transform, metric)."""
+    import SimpleITK as sitk
+
+    centre = np.array(fixed_image.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in fixed_image.GetSize()]))
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(SAMPLING, SAMPLING_SEED)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=200,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(list(shrink))
+    method.SetSmoothingSigmasPerLevel(list(smoothing_mm))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(_as_euler(start, centre), inPlace=False)
+    found = method.Execute(fixed_image, moving_image)
+    return _as_euler(found, centre), float(method.GetMetricValue())
+
+
+def _as_euler(transform, centre):
+    """A rigid SimpleITK transform of any wrapping (the initializer's, a composite from a search)
+    as one Euler3DTransform about ``centre`` (LPS mm)."""
+    import SimpleITK as sitk
+
+    lps = _lps_matrix(transform)
+    euler = sitk.Euler3DTransform()
+    euler.SetCenter(tuple(float(v) for v in centre))
+    euler.SetMatrix(tuple(float(v) for v in lps[:3, :3].ravel()))
+    euler.SetTranslation(tuple(float(v) for v in lps[:3, 3] + lps[:3, :3] @ centre - centre))
+    return euler
+
+
+def _lps_matrix(transform) -> np.ndarray:
     """A SimpleITK transform (LPS points of the fixed image -> the moving image's), affine in
-    fact, as a 4x4 RAS matrix: read off from where it sends the origin and the unit vectors."""
+    fact, as a 4x4 LPS matrix: read off from where it sends the origin and the unit vectors."""
     origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
     lps = np.eye(4)
     for axis in range(3):
@@ -201,7 +247,12 @@ def _matrix_ras(transform) -> np.ndarray:
         unit[axis] = 1.0
         lps[:3, axis] = np.array(transform.TransformPoint(tuple(unit))) - origin
     lps[:3, 3] = origin
-    return LPS_TO_RAS @ lps @ LPS_TO_RAS
+    return lps
+
+
+def _matrix_ras(transform) -> np.ndarray:
+    """A SimpleITK transform (fixed -> moving points, LPS) as a 4x4 RAS matrix."""
+    return LPS_TO_RAS @ _lps_matrix(transform) @ LPS_TO_RAS
 
 
 def head_mask(array: np.ndarray) -> np.ndarray:
