@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from tumorseg.itk import resample_to_grid
+from tumorseg.itk import matrix_ras, resample_to_grid
 from tumorseg.stages import register
 from tumorseg.stages.read import Volume, read_volume
 from tumorseg.train import discover_cases
@@ -127,7 +127,7 @@ def elastix_rigid(fixed: Volume, moving: Volume) -> np.ndarray | None:
     import SimpleITK as sitk
 
     euler = sitk.Euler3DTransform(centre.tolist(), *angles, shift.tolist())
-    return register._matrix_ras(euler)
+    return matrix_ras(euler)
 
 
 def segment_both(segmenters: dict, reference_path: Path, moving: Volume, truth_motion: np.ndarray,

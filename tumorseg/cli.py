@@ -13,7 +13,9 @@ import click
 
 from . import __version__
 from .atomic import check_output_folder
+from .config import REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
+from .sequences import SEQUENCES
 
 log = logging.getLogger("tumorseg")
 
@@ -70,8 +72,8 @@ def _pipeline_options(command):
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
         click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, on]"),
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
-        click.option("--registration", type=click.Choice(["auto", "rigid", "none"]), default=None, help="How sequences reach the reference grid: auto registers (rigidly, mutual information) those on another grid and copies the others; rigid registers every one; none trusts the scanner's coordinates  [default: from the pipeline, auto]"),
-        click.option("--reference", type=click.Choice(["flair", "t1", "t1gd", "t2"]), default=None, help="The sequence whose grid the others go onto and the outputs land on  [default: from the pipeline: T1gd, else FLAIR, T1, T2]"),
+        click.option("--registration", type=click.Choice(REGISTRATION_MODES), default=None, help="How sequences reach the reference grid: auto registers (rigidly, mutual information) those on another grid and copies the others; rigid registers every one; none trusts the scanner's coordinates  [default: from the pipeline, auto]"),
+        click.option("--reference", type=click.Choice(SEQUENCES), default=None, help="The sequence whose grid the others go onto and the outputs land on  [default: from the pipeline: T1gd, else FLAIR, T1, T2]"),
         click.option("--all-sequences/--preferred-sequences", default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)  [default: from the pipeline, preferred]"),
     ]
     for option in reversed(options):

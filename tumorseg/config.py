@@ -9,6 +9,7 @@ from typing import Mapping
 
 from .configio import from_dict, read_toml
 from .errors import ConfigError
+from .sequences import SEQUENCES
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -95,7 +96,8 @@ class OutputConfig:
 
 
 REGISTRATION_MODES = ("auto", "rigid", "none")
-REFERENCES = ("", "flair", "t1", "t1gd", "t2")
+#: "" for the default order (sequences.REFERENCE_ORDER).
+REFERENCES = ("",) + SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class PreprocessConfig:
         if self.registration not in REGISTRATION_MODES:
             raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, got {self.registration!r}")
         if self.reference not in REFERENCES:
-            raise ValueError(f"reference must be one of flair, t1, t1gd, t2 (or empty), got {self.reference!r}")
+            raise ValueError(f"reference must be one of {', '.join(SEQUENCES)} (or empty), got {self.reference!r}")
 
 
 @dataclass(frozen=True)

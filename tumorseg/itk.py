@@ -49,6 +49,25 @@ def sitk_transform(matrix_ras: np.ndarray):
     return transform
 
 
+def lps_matrix(transform) -> np.ndarray:
+    """A SimpleITK transform that is affine in fact, as a 4x4 LPS matrix: read off from where it
+    sends the origin and the unit vectors (works for any wrapping: composite, Euler, affine)."""
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    lps = np.eye(4)
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        lps[:3, axis] = np.array(transform.TransformPoint(tuple(unit))) - origin
+    lps[:3, 3] = origin
+    return lps
+
+
+def matrix_ras(transform) -> np.ndarray:
+    """The 4x4 RAS matrix of a SimpleITK transform (fixed -> moving points): the inverse of
+    :func:`sitk_transform`."""
+    return LPS_TO_RAS @ lps_matrix(transform) @ LPS_TO_RAS
+
+
 def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape: Sequence[int],
                      reference_affine: np.ndarray, order: int = 1,
                      matrix_ras: np.ndarray | None = None) -> tuple[np.ndarray, float]:

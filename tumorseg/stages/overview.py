@@ -28,7 +28,8 @@ MAX_SIDE = 320
 
 def window(array: np.ndarray) -> np.ndarray:
     """``array`` as uint8 grey levels: its 1st to 99.5th percentile of non-background voxels."""
-    values = array[array != array.flat[0]] if np.any(array != array.flat[0]) else array
+    foreground = array != array.flat[0]
+    values = array[foreground] if foreground.any() else array
     sample = values[:: max(1, values.size // 200_000)]
     lo, hi = np.percentile(sample, [1.0, 99.5]) if sample.size else (0.0, 1.0)
     if hi - lo < 1e-6:  # flat tissue: the whole range, background to tissue
