@@ -164,7 +164,8 @@ def segment_both(segmenters: dict, reference_path: Path, moving: Volume, truth_m
 def decubitus(folder: Path, out: Path | None) -> dict:
     """The four-position DICOM series of one volunteer registered onto the supine one: the motion
     found, how well chained registrations agree, and a quick-look image per position."""
-    from tumorseg.dicom.series import find_series, read_series
+    from tumorseg.dicom.find import find_series
+    from tumorseg.dicom.volume import read_series
     from tumorseg.labels import get_scheme
     from tumorseg.stages import overview
 

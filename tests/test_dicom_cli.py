@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import dicom3tools_findings, run_tool, save_nifti, shared_data
 from tumorseg.cli import main
-from tumorseg.dicom.series import read_series
+from tumorseg.dicom.volume import read_series
 
 CANARY = "CANARY^PATIENT"
 

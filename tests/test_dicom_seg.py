@@ -109,7 +109,8 @@ def test_seg_export_keeps_source_uids_out_of_the_log(tmp_path):
     header text enters tumorseg's log, so the CLI keeps highdicom at warnings."""
     import nibabel as nib
 
-    from tumorseg.dicom.series import find_series, read_series
+    from tumorseg.dicom.find import find_series
+    from tumorseg.dicom.volume import read_series
 
     folder = shared_data("dicom", "decubitus-t1", "HFS")
     volume, series = read_series(find_series(folder)[0])

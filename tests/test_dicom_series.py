@@ -21,7 +21,10 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from pydicom.uid import generate_uid
 
 from tumorseg.dicom.select import DEFAULT_RULES, SelectionRules, classify_series, select_series
-from tumorseg.dicom.series import IN_PLANE_TOLERANCE_MM, DicomSeries, SeriesInfo, find_series, read_series
+from tumorseg.dicom.find import find_series
+from tumorseg.dicom.series import DicomSeries, SeriesInfo
+from tumorseg.dicom.stack import IN_PLANE_TOLERANCE_MM
+from tumorseg.dicom.volume import read_series
 from tumorseg.dicom.study import inputs_report, read_dicom_study
 from tumorseg.itk import resample_to_grid
 from tumorseg.errors import ConfigError, GeometryError, InputError, SequenceError

@@ -168,7 +168,7 @@ def _dicom_inputs(inputs: list[Path], options: dict[str, Path]) -> tuple[list[Pa
     A per-sequence option names a folder holding that sequence's one series, or (beside DICOM
     inputs) a SeriesNumber or SeriesInstanceUID. Mixing DICOM and image files is refused.
     """
-    from .dicom.series import find_series, looks_like_dicom_folder
+    from .dicom.find import find_series, looks_like_dicom_folder
     from .errors import SequenceError
 
     folders = [p for p in inputs if p.is_dir() and looks_like_dicom_folder(p)]

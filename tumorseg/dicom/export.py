@@ -15,7 +15,9 @@ from .. import __version__
 from ..errors import GeometryError, InputError, SequenceError
 from ..labels import get_scheme
 from ..stages.read import read_volume
-from .series import DicomSeries, find_series, stack_series
+from .find import find_series
+from .series import DicomSeries
+from .stack import stack_series
 
 #: A mask's affine may differ from the series' by this much (mm) and still be on its grid
 #: (NIfTI converters store affines in float32).

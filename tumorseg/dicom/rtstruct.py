@@ -40,8 +40,8 @@ from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryError, InputError
 from ..labels import LabelScheme
 # The reader's tolerances and axes: a series it stacks is one the writers accept.
-from .series import (GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM,
-                     is_orthonormal, unit_axes)
+from .series import is_orthonormal, unit_axes
+from .stack import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from ..sequences import SEQUENCES, reference_sequence
 from ..stages.read import Volume
 from ..stages.register import register_volumes
 from .select import SelectionRules, select_series
-from .series import DicomSeries, SeriesInfo, find_series, read_series
+from .find import find_series
+from .series import DicomSeries, SeriesInfo
+from .volume import read_series
 
 log = logging.getLogger(__name__)
-
 
 
 def series_to_scan(volume: Volume, series: DicomSeries, sequence: str) -> Scan:

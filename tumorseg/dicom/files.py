@@ -1,0 +1,148 @@
+"""DICOM files: recognising them, parsing headers, and the small helpers every reader module shares.
+
+Nothing here knows about series; :mod:`tumorseg.dicom.find` groups the files this reads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def walk_files(folder: Path) -> Iterable[Path]:
+    """Every file under ``folder``, recursively, in a fixed (sorted) order."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if path.is_file():
+                yield path
+
+
+def has_dicom_marker(path: Path) -> bool:
+    """The file carries the DICOM marker ('DICM' after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_dataset(path: Path, **kwargs):
+    """``pydicom.dcmread`` that also reads files without the 128-byte preamble and file meta.
+
+    Old exporters (ACR-NEMA style) write the data set straight away; pydicom then needs ``force``
+    and knows the encoding only by guessing, so it is recorded as the transfer syntax the pixel
+    decoder asks for.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if has_dicom_marker(path):
+        return pydicom.dcmread(path, **kwargs)
+    ds = pydicom.dcmread(path, force=True, **kwargs)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                          else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def read_header(path: Path):
+    """The file's header without pixel data, or None when the file is not a DICOM object."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if path.name.upper() == "DICOMDIR":
+        log.debug("skipped DICOMDIR %s", path)
+        return None
+    if not has_dicom_marker(path):
+        # Old files without the 128-byte preamble start straight with a group 0008 element.
+        try:
+            with open(path, "rb") as f:
+                start = f.read(4)
+        except OSError as e:
+            raise InputError(f"cannot read the file ({e.strerror})", path) from None
+        if start[:2] != b"\x08\x00":
+            log.debug("skipped non-DICOM file %s", path)
+            return None
+        try:
+            # As for files with the marker: pixel data located, not read (see _check_complete).
+            header = read_dataset(path, defer_size=1024)
+        except Exception:  # a guess that failed: not a DICOM file after all
+            log.debug("skipped non-DICOM file %s", path)
+            return None
+        if "SOPClassUID" not in header or "SeriesInstanceUID" not in header:
+            log.debug("skipped non-DICOM file %s", path)
+            return None
+        return header
+    try:
+        # Values over 1 KiB (pixel data, vendor blobs) are not read now, only located.
+        header = pydicom.dcmread(path, defer_size=1024)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
+            "remove or replace it", path,
+        ) from None
+    sop_class = str(getattr(header, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    if sop_class == DICOMDIR_SOP_CLASS or str(header.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        log.debug("skipped DICOMDIR %s", path)
+        return None
+    missing = [a for a in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID") if a not in header]
+    if missing:
+        raise InputError(
+            f"a DICOM file without {', '.join(missing)} (truncated or not a stored instance); "
+            "remove or replace it", path,
+        )
+    return header
+
+
+def check_complete(header, path: Path) -> None:
+    """Refuse an image file cut short: pydicom parses a truncated file silently, as far as it goes.
+
+    An image without pixel data was cut before it; pixel data that would end beyond the end of
+    the file was cut inside it (checked on the undecoded element, so no pixel data is read).
+    """
+    if not any(k in header for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError(
+            "an image file without pixel data: the file is truncated or damaged; remove or "
+            "replace it (copy it again from the source)", path,
+        )
+    raw = getattr(header, "_dict", {}).get(0x7FE00010)
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if tell is None or length in (None, 0xFFFFFFFF):
+        return
+    size = path.stat().st_size
+    if tell + length > size:
+        raise InputError(
+            f"truncated pixel data: {max(size - tell, 0)} of {length} bytes; the file is damaged "
+            "(copy it again from the source)", path,
+        )
+
+
+def sop_class_name(uid: str) -> str:
+    """The SOP class's name ('Enhanced MR Image Storage'), or "" when pydicom does not know it."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return "" if name == uid else name
+
+
+def header_text(header, keyword: str) -> str:
+    """An attribute's value as stripped text ("" when absent or empty)."""
+    value = header.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type's name)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__

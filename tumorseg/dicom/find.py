@@ -1,0 +1,116 @@
+"""Find the image series under a folder: group DICOM files by SeriesInstanceUID and describe each.
+
+Objects without an image (RTSTRUCT, SEG, SR, presentation states, raw data, spectroscopy ...)
+are ignored with a log line. DICOMDIR files and files without the DICOM marker are skipped. A file
+that carries the marker but cannot be parsed is refused wherever it is: its series cannot be known,
+and skipping it could silently drop an end slice.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import InputError
+from .files import check_complete, has_dicom_marker, header_text, read_header, sop_class_name, walk_files
+from .series import PATIENT_STUDY_ATTRIBUTES, PatientStudy, SeriesInfo
+
+log = logging.getLogger(__name__)
+
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def find_series(folder: str | Path) -> list[SeriesInfo]:
+    """Every image series under ``folder`` (recursively, any file names), by SeriesInstanceUID.
+
+    Files without the DICOM marker and DICOMDIR files are skipped; objects without an image
+    (RTSTRUCT, SEG, SR, presentation states ...) are ignored with a log line. A file that
+    carries the DICOM marker but cannot be parsed is refused (InputError naming it). Series are
+    returned ordered by SeriesNumber, then description.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError("folder not found", folder)
+    if not folder.is_dir():
+        raise InputError("not a folder (give the folder that holds the DICOM files)", folder)
+    groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    ignored: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for path in walk_files(folder):
+        header = read_header(path)
+        if header is None:
+            continue
+        reason = _non_image_reason(header)
+        if reason is not None:
+            ignored[(str(header.get("SeriesInstanceUID", "")), reason)].append(path)
+            continue
+        check_complete(header, path)
+        groups[str(header.SeriesInstanceUID)].append((path, header))
+    for (_, reason), paths in ignored.items():
+        # File names at debug level only: exporters put patient names and IDs in them.
+        log.info("ignored %d non-image object(s) (%s)", len(paths), reason)
+        log.debug("the first of them: %s", paths[0])
+    series = [_series_info(uid, members) for uid, members in groups.items()]
+    series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description,
+                               s.series_uid))
+    log.debug("searched %s", folder)  # folder names may be patient names: debug only
+    log.info("found %d image series: %s", len(series),
+             "; ".join(f"{s.label} ({len(s.paths)} files)" for s in series) or "none")
+    return series
+
+
+def looks_like_dicom_folder(folder: str | Path, max_files: int = 200) -> bool:
+    """True when a file with the DICOM marker lies under ``folder`` (checks up to ``max_files``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    for n, path in enumerate(walk_files(folder)):
+        if n >= max_files:
+            return False
+        if has_dicom_marker(path):
+            return True
+    return False
+
+def _non_image_reason(header) -> str | None:
+    """Why an object is not an image tumorseg can stack, or None when it is one."""
+    uid = str(header.SOPClassUID)
+    name = sop_class_name(uid)
+    modality = str(header.get("Modality", "") or "?")
+    if name and "Image Storage" not in name:
+        return f"{modality}, {name}"
+    if uid.startswith(_SECONDARY_CAPTURE_PREFIX):
+        return f"{modality}, {name or uid} (a screen capture, no patient geometry)"
+    if "Rows" not in header or "Columns" not in header:
+        return f"{modality}, {name or uid} without Rows/Columns"
+    return None
+
+
+def _series_info(uid: str, members: list[tuple[Path, object]]) -> SeriesInfo:
+    first = members[0][1]
+    number = first.get("SeriesNumber", None)
+    try:
+        series_number = None if number in (None, "") else int(number)
+    except (TypeError, ValueError):
+        series_number = None
+    image_type = first.get("ImageType", ())
+    if isinstance(image_type, str):
+        image_type = (image_type,)
+    return SeriesInfo(
+        series_uid=uid,
+        study_uid=header_text(first, "StudyInstanceUID"),
+        frame_of_reference_uid=header_text(first, "FrameOfReferenceUID"),
+        sop_class_uid=header_text(first, "SOPClassUID"),
+        modality=header_text(first, "Modality"),
+        series_number=series_number,
+        series_description=header_text(first, "SeriesDescription"),
+        protocol_name=header_text(first, "ProtocolName"),
+        image_type=tuple(str(v).strip().upper() for v in image_type),
+        contrast_agent=header_text(first, "ContrastBolusAgent"),
+        sequence_name=header_text(first, "SequenceName"),
+        paths=tuple(p for p, _ in members),
+        patient=_patient_study(first),
+    )
+
+
+def _patient_study(header) -> PatientStudy:
+    return PatientStudy(*(header_text(header, k) for k in PATIENT_STUDY_ATTRIBUTES))
+

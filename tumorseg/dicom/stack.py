@@ -1,0 +1,277 @@
+"""Stack one series: check that its images form one regular 3D grid and sort them (no pixels read).
+
+See :mod:`tumorseg.dicom.series` for the conventions. Refused, each with a named error that names
+the file or the series folder (:class:`~tumorseg.errors.GeometryError`): multi-frame images
+(NumberOfFrames > 1) and 4D series (several images at one position that differ in EchoNumbers,
+TemporalPositionIdentifier, AcquisitionTime, TriggerTime or b-value); mixed orientations (IOP
+differing by more than :data:`ORIENTATION_TOLERANCE`), mixed Rows/Columns or PixelSpacing; a
+duplicated position (two images at one position that differ in nothing else); missing slices (a gap
+that is a multiple of the usual one); non-uniform spacing (a gap more than :data:`GAP_TOLERANCE` off
+the median gap, or a slice more than ``max(SLICE_POSITION_TOLERANCE_MM, GAP_TOLERANCE * step)`` off
+the uniform grid through the first and last slices); gantry tilt or sheared stacks (a slice more
+than :data:`IN_PLANE_TOLERANCE_MM` off the normal through the first slice).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, InputError
+from ..stages.read import MAX_VOXELS
+from .files import first_line, header_text, read_dataset, sop_class_name
+from .series import DicomSeries, SeriesInfo, is_orthonormal, unit_axes
+
+log = logging.getLogger(__name__)
+
+#: Largest difference between two slices' ImageOrientationPatient values (direction cosines).
+ORIENTATION_TOLERANCE = 1e-4
+#: Largest difference between two slices' PixelSpacing values, mm.
+PIXEL_SPACING_TOLERANCE_MM = 1e-4
+#: Largest distance of a slice's IPP from the slice normal through the first slice, mm (larger:
+#: gantry tilt or a sheared stack). The RTSTRUCT writer uses the same bound.
+IN_PLANE_TOLERANCE_MM = 0.01
+#: Largest relative deviation of a gap between neighbouring slices from the median gap.
+GAP_TOLERANCE = 0.01
+#: Floor of the tolerance for a slice's distance from the uniform grid, mm.
+SLICE_POSITION_TOLERANCE_MM = 0.01
+#: Two slices closer than this along the normal share one position, mm.
+SAME_POSITION_MM = 1e-3
+
+# Attributes that tell the images of a 4D series apart at one position (multi-echo, dynamic,
+# diffusion, magnitude and phase). AcquisitionTime is last: alone it marks a repeated acquisition.
+_FOURTH_DIMENSION = (
+    "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
+    "InversionTime", "ImageType", "AcquisitionTime",
+)
+
+def stack_series(series: SeriesInfo) -> DicomSeries:
+    """Check the series' headers form one regular stack and sort them (no pixel data read)."""
+    headers = []
+    for path in series.paths:
+        try:
+            headers.append((path, read_dataset(path, stop_before_pixels=True)))
+        except Exception as e:
+            raise InputError(f"a DICOM file that cannot be parsed ({first_line(e)})", path) from None
+    headers = _drop_repeated_instances(headers)
+    where = series.folder
+    _check_single_frame(headers)
+    _check_present(headers)
+    iop = _common_orientation(headers, series)
+    rows, columns, spacing = _common_size(headers, series)
+    if rows * columns * len(headers) > MAX_VOXELS:
+        raise InputError(f"{series.label} of {columns} x {rows} x {len(headers)} voxels exceeds "
+                         f"{MAX_VOXELS} voxels", where)
+    if not is_orthonormal(iop):
+        raise GeometryError(
+            f"{series.label}: ImageOrientationPatient {_fmt(iop)} is not two orthogonal unit "
+            "vectors", headers[0][0],
+        )
+    _, _, normal = unit_axes(iop)
+    positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
+    z = positions @ normal
+    order = np.argsort(z, kind="stable")
+    headers = [headers[i] for i in order]
+    positions, z = positions[order], z[order]
+    _check_repeated_positions(headers, z, series)
+    if len(headers) < 2:
+        raise GeometryError(f"{series.label} holds a single slice; tumorseg segments 3D volumes",
+                            where)
+    step = float((z[-1] - z[0]) / (len(z) - 1))
+    _check_gaps(headers, z, series)
+    _check_grid(headers, positions, z, normal, step, series)
+    return DicomSeries(
+        series_uid=series.series_uid,
+        study_uid=series.study_uid,
+        frame_of_reference_uid=series.frame_of_reference_uid,
+        sop_class_uid=series.sop_class_uid,
+        modality=series.modality,
+        series_number=series.series_number,
+        series_description=series.series_description,
+        protocol_name=series.protocol_name,
+        image_type=series.image_type,
+        contrast_agent=series.contrast_agent,
+        sequence_name=series.sequence_name,
+        paths=tuple(p for p, _ in headers),
+        patient=series.patient,
+        sop_instance_uids=tuple(str(h.SOPInstanceUID) for _, h in headers),
+        positions=tuple(tuple(float(v) for v in p) for p in positions),  # type: ignore[misc]
+        orientation=tuple(float(v) for v in iop),  # type: ignore[arg-type]
+        pixel_spacing=spacing,
+        slice_step=step,
+        rows=rows,
+        columns=columns,
+        transfer_syntax_uids=tuple(
+            str(getattr(h, "file_meta", {}).get("TransferSyntaxUID", "")) for _, h in headers
+        ),
+    )
+
+
+def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[Path, object]]:
+    """One file per SOP Instance UID: the same instance stored twice is one image."""
+    seen: dict[str, Path] = {}
+    kept = []
+    copies = 0
+    for path, h in headers:
+        uid = str(h.SOPInstanceUID)
+        if uid in seen:
+            copies += 1
+            # Names at debug level only: exporters put patient names in file names too.
+            log.debug("%s is another copy of the instance in %s", path.name, seen[uid].name)
+            continue
+        seen[uid] = path
+        kept.append((path, h))
+    if copies:
+        log.warning("skipped %d file(s) holding another copy of an instance already read", copies)
+    return kept
+
+
+def _check_single_frame(headers) -> None:
+    for path, h in headers:
+        try:
+            frames = int(h.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        if frames > 1:
+            name = sop_class_name(str(h.SOPClassUID)) or str(h.SOPClassUID)
+            raise GeometryError(
+                f"a multi-frame image ({frames} frames, {name}); tumorseg reads series of "
+                "single-frame images only: convert it to NIfTI (e.g. with dcm2niix) and give that",
+                path,
+            )
+
+
+def _check_present(headers) -> None:
+    needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    for path, h in headers:
+        missing = [a for a in needed if a not in h or h.get(a) in (None, "")]
+        if missing:
+            raise GeometryError(
+                f"the image lacks {', '.join(missing)}, so its position in the patient is unknown",
+                path,
+            )
+
+
+def _common_orientation(headers, series: SeriesInfo) -> np.ndarray:
+    iops = np.array([[float(v) for v in h.ImageOrientationPatient] for _, h in headers])
+    if iops.shape[1] != 6:
+        raise GeometryError(f"ImageOrientationPatient has {iops.shape[1]} values, not 6",
+                            headers[0][0])
+    worst = np.abs(iops - iops[0]).max(axis=1)
+    if worst.max() > ORIENTATION_TOLERANCE:
+        k = int(np.argmax(worst))
+        raise GeometryError(
+            f"mixed orientations in {series.label}: ImageOrientationPatient {_fmt(iops[0])} in "
+            f"{headers[0][0].name} but {_fmt(iops[k])} in {headers[k][0].name} (a localizer or "
+            "several stacks in one series); choose another series",
+            series.folder,
+        )
+    return iops[0]
+
+
+def _common_size(headers, series: SeriesInfo) -> tuple[int, int, tuple[float, float]]:
+    path0, h0 = headers[0]
+    rows, columns = int(h0.Rows), int(h0.Columns)
+    spacing = np.array([float(v) for v in h0.PixelSpacing])
+    for path, h in headers[1:]:
+        if (int(h.Rows), int(h.Columns)) != (rows, columns):
+            raise GeometryError(
+                f"mixed image sizes in {series.label}: {rows} x {columns} (Rows x Columns) in "
+                f"{path0.name} but {int(h.Rows)} x {int(h.Columns)} in {path.name}", series.folder,
+            )
+        other = np.array([float(v) for v in h.PixelSpacing])
+        if other.shape != spacing.shape or np.abs(other - spacing).max() > PIXEL_SPACING_TOLERANCE_MM:
+            raise GeometryError(
+                f"mixed PixelSpacing in {series.label}: {_fmt(spacing)} mm in {path0.name} but "
+                f"{_fmt(other)} mm in {path.name}", series.folder,
+            )
+    if spacing.shape != (2,) or (spacing <= 0).any():
+        raise GeometryError(f"PixelSpacing {_fmt(spacing)} is not two positive values", path0)
+    return rows, columns, (float(spacing[0]), float(spacing[1]))
+
+
+def _check_repeated_positions(headers, z: np.ndarray, series: SeriesInfo) -> None:
+    """Several images at one position: a 4D series (they differ in echo/time) or a duplicate."""
+    same = np.flatnonzero(np.diff(z) < SAME_POSITION_MM)
+    if same.size == 0:
+        return
+    a, b = headers[same[0]], headers[same[0] + 1]
+    for keyword in _FOURTH_DIMENSION:
+        if header_text(a[1], keyword) != header_text(b[1], keyword):
+            values = {header_text(h, keyword) for _, h in headers}
+            n_positions = len(np.unique(np.round(z / SAME_POSITION_MM)))
+            shown = ", ".join(sorted(values)[:6]) + (" ..." if len(values) > 6 else "")
+            raise GeometryError(
+                f"{series.label} is a 4D series: {len(headers)} images at {n_positions} positions, "
+                f"differing in {keyword} ({shown}); tumorseg reads one 3D volume per series "
+                "(multi-echo, dynamic, diffusion and magnitude-with-phase series are not supported): "
+                "export one echo, time point or image type as its own series or convert it to "
+                "NIfTI and give one volume",
+                series.folder,
+            )
+    raise GeometryError(
+        f"duplicated slice in {series.label}: {a[0].name} and {b[0].name} are different images "
+        f"(SOP Instance UIDs differ) at the same position ({z[same[0]]:.3f} mm along the slice "
+        "normal); remove the extra file",
+        series.folder,
+    )
+
+
+def _check_gaps(headers, z: np.ndarray, series: SeriesInfo) -> None:
+    gaps = np.diff(z)
+    median = float(np.median(gaps))
+    off = np.abs(gaps - median) > GAP_TOLERANCE * median
+    if not off.any():
+        return
+    k = int(np.argmax(np.abs(gaps - median)))
+    ratio = gaps[k] / median
+    before, after = headers[k][0].name, headers[k + 1][0].name
+    if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1:
+        missing = int(round(ratio)) - 1
+        raise GeometryError(
+            f"missing slice{'s' if missing > 1 else ''} in {series.label}: a gap of "
+            f"{gaps[k]:.3f} mm between {before} and {after} where the series steps "
+            f"{median:.3f} mm ({missing} slice{'s' if missing > 1 else ''} missing); "
+            "give the complete series",
+            series.folder,
+        )
+    raise GeometryError(
+        f"non-uniform slice spacing in {series.label}: gaps from {gaps.min():.3f} to "
+        f"{gaps.max():.3f} mm (median {median:.3f} mm, tolerance {100 * GAP_TOLERANCE:g}%), "
+        f"worst between {before} and {after}; tumorseg does not stack such series "
+        "(the slices would be misplaced)",
+        series.folder,
+    )
+
+
+def _check_grid(headers, positions: np.ndarray, z: np.ndarray, normal: np.ndarray, step: float,
+                series: SeriesInfo) -> None:
+    """Each slice on the orthogonal uniform grid through the first and last slices."""
+    in_plane = (positions - positions[0]) - np.outer(z - z[0], normal)
+    offset = np.linalg.norm(in_plane, axis=1)
+    k = int(np.argmax(offset))
+    if offset[k] > IN_PLANE_TOLERANCE_MM:
+        angle = np.degrees(np.arctan2(offset[k], abs(z[k] - z[0])))
+        raise GeometryError(
+            f"{series.label} is not stacked along its slice normal: {headers[k][0].name} lies "
+            f"{offset[k]:.3f} mm off the normal through the first slice ({angle:.2f} degrees; "
+            "gantry tilt or a sheared stack); tumorseg does not correct tilt: convert the series "
+            "with tilt correction (e.g. dcm2niix) and give the NIfTI file",
+            series.folder,
+        )
+    along = np.abs(z - (z[0] + step * np.arange(len(z))))
+    tolerance = max(SLICE_POSITION_TOLERANCE_MM, GAP_TOLERANCE * step)
+    k = int(np.argmax(along))
+    if along[k] > tolerance:
+        raise GeometryError(
+            f"non-uniform slice spacing in {series.label}: {headers[k][0].name} lies "
+            f"{along[k]:.3f} mm from where a uniform step of {step:.4f} mm puts it "
+            f"(tolerance {tolerance:.3f} mm)",
+            series.folder,
+        )
+
+
+def _fmt(values: Sequence[float] | np.ndarray) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
