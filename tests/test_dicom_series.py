@@ -193,9 +193,52 @@ def test_duplicated_slice_is_refused(tmp_path):
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(folder / "extra-copy.dcm")
     before = listing(tmp_path)
-    with pytest.raises(GeometryError, match="duplicated slice"):
+    with pytest.raises(GeometryError, match="duplicated slice.*1 of 35 positions hold more than one"):
         read_series(folder)
     assert listing(tmp_path) == before
+
+
+def test_repeated_volumes_are_called_a_time_series_not_a_duplicate(tmp_path):
+    """GE fMRI, diffusion with private b-values, Philips ASL: whole volumes repeated at the same
+    positions, differing in no attribute the reader knows. Not "remove the extra file"."""
+    folder = tmp_path / "series"
+    copy_series(decubitus("HFS"), folder)
+    for t in (2, 3):
+        copy_series(decubitus("HFS"), tmp_path / f"t{t}", edit=lambda ds, i: setattr(ds, "SOPInstanceUID", generate_uid()))
+        for p in (tmp_path / f"t{t}").iterdir():
+            p.rename(folder / f"{t}-{p.name}")
+    with pytest.raises(GeometryError, match="3 images at each of its 35 positions: a series of repeated "
+                                            "volumes") as err:
+        read_series(folder)
+    assert "duplicated" not in str(err.value) and "remove" not in str(err.value)
+
+
+def test_mosaic_is_called_a_mosaic(tmp_path):
+    """A Siemens mosaic holds a whole volume in one image (not "a single slice"); a UIH diffusion
+    mosaic has no ImagePositionPatient of its own (not "lacks ImagePositionPatient")."""
+    siemens = tmp_path / "siemens"
+
+    def mosaic(ds, index):
+        if index:
+            return False
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+        ds.Manufacturer = "SIEMENS"
+        ds.add_new((0x0019, 0x0010), "LO", "SIEMENS CSA HEADER")
+        ds.add_new((0x0019, 0x100A), "US", 36)
+    copy_series(decubitus("HFS"), siemens, edit=mosaic)
+    with pytest.raises(GeometryError, match="is a mosaic: each image tiles a whole volume of 36 slices"):
+        read_series(siemens)
+
+    uih = tmp_path / "uih"
+
+    def uih_dti(ds, index):
+        ds.Manufacturer = "UIH"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION", "MOSAIC"]
+        del ds.ImagePositionPatient
+    copy_series(decubitus("HFS"), uih, edit=uih_dti)
+    with pytest.raises(GeometryError, match="is a mosaic") as err:
+        read_series(uih)
+    assert "lacks" not in str(err.value)
 
 
 def test_same_instance_twice_is_one_image(tmp_path, caplog):

@@ -104,11 +104,24 @@ def _series_info(uid: str, members: list[tuple[Path, object]]) -> SeriesInfo:
         series_description=header_text(first, "SeriesDescription"),
         protocol_name=header_text(first, "ProtocolName"),
         image_type=tuple(str(v).strip().upper() for v in image_type),
-        contrast_agent=header_text(first, "ContrastBolusAgent"),
-        sequence_name=header_text(first, "SequenceName"),
+        contrast_agent=_contrast_agent(first),
+        # Enhanced MR images name the sequence PulseSequenceName.
+        sequence_name=header_text(first, "SequenceName") or header_text(first, "PulseSequenceName"),
         paths=tuple(p for p, _ in members),
         patient=_patient_study(first),
     )
+
+
+def _contrast_agent(header) -> str:
+    """ContrastBolusAgent, or the coded agent of an enhanced image (Enhanced Contrast/Bolus module)."""
+    text = header_text(header, "ContrastBolusAgent")
+    if text:
+        return text
+    for item in header.get("ContrastBolusAgentSequence", None) or []:
+        meaning = header_text(item, "CodeMeaning")
+        if meaning:
+            return meaning
+    return ""
 
 
 def _patient_study(header) -> PatientStudy:

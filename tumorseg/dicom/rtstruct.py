@@ -160,10 +160,11 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
                                "Rows", "Columns", "SOPInstanceUID", "SOPClassUID") if a not in ds]
         if missing:
             raise InputError(f"source slice {ds.get('InstanceNumber', '?')} lacks {', '.join(missing)}")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InputError("multi-frame source images are not supported; pass single-frame slices")
-    if len({ds.SOPInstanceUID for ds in slices}) != len(slices):
-        raise InputError("the source series holds the same SOP Instance UID twice")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "ReferencedFrameNumber" not in ds:
+            raise InputError("a multi-frame source image given whole; pass one header per frame "
+                             "(DicomSeries.read_headers)")
+    if len({_frame_key(ds) for ds in slices}) != len(slices):
+        raise InputError("the source series holds the same SOP Instance UID twice (the same frame of it, for a multi-frame image)")
 
     iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in slices])
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOLERANCE:
@@ -520,7 +521,18 @@ def _image_reference(image: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = image.SOPClassUID
     item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    if "ReferencedFrameNumber" in image:  # one frame of a multi-frame image (DicomSeries.read_headers)
+        item.ReferencedFrameNumber = image.ReferencedFrameNumber
     return item
+
+
+def _referenced_frame_key(item: Dataset) -> tuple[str, int]:
+    return str(item.ReferencedSOPInstanceUID), int(item.get("ReferencedFrameNumber", 0) or 0)
+
+
+def _frame_key(image: Dataset) -> tuple[str, int]:
+    """What one slice of the source is: an instance, and its frame in a multi-frame image (0: none)."""
+    return str(image.SOPInstanceUID), int(image.get("ReferencedFrameNumber", 0) or 0)
 
 
 def _add_rois(ds: Dataset, labels: np.ndarray, series: SourceSeries, specs: list[_RoiSpec],
@@ -556,8 +568,7 @@ def _add_rois(ds: Dataset, labels: np.ndarray, series: SourceSeries, specs: list
         voxels = int(mask.sum())
         summaries.append(RoiSummary(
             number=number, name=spec.name, kind=spec.kind, key=spec.key, values=spec.values,
-            contours=len(contours), slices=len({c.ContourImageSequence[0].ReferencedSOPInstanceUID
-                                                for c in contours}),
+            contours=len(contours), slices=len({_referenced_frame_key(c.ContourImageSequence[0]) for c in contours}),
             voxels=voxels, volume_ml=voxels * series.voxel_volume_ml,
         ))
     return summaries

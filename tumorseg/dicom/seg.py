@@ -22,6 +22,8 @@ from pydicom.uid import generate_uid
 from .. import __version__
 from ..atomic import atomic_path
 from ..labels import ED, NCR, Label, LabelScheme
+from ..errors import InputError
+from .frames import image_of_frame
 from .rtstruct import _check_labels, _lo, _series_number, sort_source_series
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,15 @@ def write_seg(
     for number, label in enumerate(scheme.labels, start=1):
         lut[label.value] = number
     segment_map = lut[labels.astype(np.intp)].transpose(2, 1, 0)
+    source_images, segment_map = _source_images(series, segment_map)
 
     sop_uid = generate_uid()
     with warnings.catch_warnings():
         # highdicom checks the patient name it copies from the source; a warning about the
         # source's name form is not ours to fix (the RTSTRUCT copies it unchanged too).
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        seg = _segmentation(hd, series, segment_map, scheme, sop_uid, algorithm_name, algorithm_version)
+        seg = _segmentation(hd, series, source_images, segment_map, scheme, sop_uid, algorithm_name,
+                            algorithm_version)
 
     final = Path(path)
     if final.is_dir():
@@ -111,10 +115,53 @@ def write_seg(
     return final
 
 
-def _segmentation(hd, series, segment_map: np.ndarray, scheme: LabelScheme, sop_uid: str,
-                  algorithm_name: str, algorithm_version: str):
+def _source_images(series, segment_map: np.ndarray) -> tuple[list[Dataset], np.ndarray]:
+    """What highdicom takes as the source, and the mask frames in its order.
+
+    Slice files go as they are. The frames of one multi-frame image go as that image, with one mask
+    frame per source frame in frame-number order: highdicom then takes each frame's position from
+    the image's own functional groups.
+    """
+    if "ReferencedFrameNumber" not in series.first:
+        return list(series.slices), segment_map
+    image = image_of_frame(series.first)
+    numbers = [int(ds.ReferencedFrameNumber) for ds in series.slices]
+    frames = int(image.get("NumberOfFrames", 0) or 0)
+    if ({str(ds.SOPInstanceUID) for ds in series.slices} != {str(image.SOPInstanceUID)}
+            or sorted(numbers) != list(range(1, frames + 1))):
+        raise InputError("a DICOM SEG is written for a multi-frame source only when the series is "
+                         "exactly the frames of one image")
+    ordered = np.empty_like(segment_map)
+    ordered[np.asarray(numbers) - 1] = segment_map
+    return [_with_shared_geometry(image)], ordered
+
+
+def _with_shared_geometry(image: Dataset) -> Dataset:
+    """The image with its pixel measures and orientation in the shared functional groups.
+
+    highdicom reads them there only; scanners (Siemens XA) repeat them in every frame's groups
+    instead. The stack check made them equal across frames, so the first frame's are the shared.
+    """
+    from pydicom.sequence import Sequence as DicomSequence
+
+    shared = Dataset()
+    shared.update((image.get("SharedFunctionalGroupsSequence") or [Dataset()])[0])
+    first = image.PerFrameFunctionalGroupsSequence[0]
+    for group in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
+        if group not in shared and group in first:
+            shared[group] = first[group]
+    out = Dataset()
+    out.file_meta = image.file_meta
+    out.update(image)  # shares the image's elements: replace, never assign into them
+    del out.SharedFunctionalGroupsSequence
+    out.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    return out
+
+
+def _segmentation(hd, series, source_images: list[Dataset], segment_map: np.ndarray,
+                  scheme: LabelScheme, sop_uid: str, algorithm_name: str, algorithm_version: str):
     return hd.seg.Segmentation(
-        source_images=list(series.slices),
+        source_images=source_images,
         pixel_array=np.ascontiguousarray(segment_map),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(scheme, algorithm_name, algorithm_version),

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..itk import LPS_TO_RAS
 from .files import read_dataset
+from .frames import frame_as_image, frame_headers
 
 # Header attributes copied for the writers (Patient and General Study modules).
 PATIENT_STUDY_ATTRIBUTES = (
@@ -118,8 +119,8 @@ class SeriesInfo:
 class DicomSeries(SeriesInfo):
     """A series stacked into one regular 3D grid: what the RTSTRUCT/SEG writers need.
 
-    Per-slice tuples (``paths``, ``sop_instance_uids``, ``positions``) are in sorted slice order
-    (``k``). ``positions`` are IPP in LPS mm; ``orientation`` is IOP (row cosine, then column
+    Per-slice tuples (``paths``, ``sop_instance_uids``, ``positions``, ``frame_numbers``) are in
+    sorted slice order (``k``); a multi-frame image appears once per frame. ``positions`` are IPP in LPS mm; ``orientation`` is IOP (row cosine, then column
     cosine); ``pixel_spacing`` is PixelSpacing (row spacing, column spacing) in mm;
     ``slice_step`` the distance between neighbouring slices along the normal in mm.
     """
@@ -132,6 +133,8 @@ class DicomSeries(SeriesInfo):
     rows: int
     columns: int
     transfer_syntax_uids: tuple[str, ...]
+    #: Per slice: its frame number in a multi-frame (enhanced) image, 0 for a single-frame image.
+    frame_numbers: tuple[int, ...]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -159,8 +162,23 @@ class DicomSeries(SeriesInfo):
         return LPS_TO_RAS @ self.lps_affine
 
     def read_headers(self) -> list:
-        """The slices' pydicom Datasets without pixel data, in sorted slice order."""
-        return [read_dataset(p, stop_before_pixels=True) for p in self.paths]
+        """The slices' pydicom Datasets without pixel data, in sorted slice order.
+
+        A frame of a multi-frame image comes as the image's header with that frame's position,
+        orientation and pixel spacing at the top level and ``ReferencedFrameNumber`` set to its
+        frame number: what a reference to it (an RTSTRUCT's Contour Image Sequence) must carry.
+        """
+        out, images = [], {}
+        for path, number in zip(self.paths, self.frame_numbers):
+            if number == 0:
+                out.append(read_dataset(path, stop_before_pixels=True))
+                continue
+            if path not in images:
+                header = read_dataset(path, stop_before_pixels=True)
+                images[path] = (header, frame_headers(header))
+            header, frames = images[path]
+            out.append(frame_as_image(header, frames[number - 1], number))
+        return out
 
 
 def is_orthonormal(iop: Sequence[float]) -> bool:

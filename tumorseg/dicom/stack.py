@@ -1,15 +1,18 @@
 """Stack one series: check that its images form one regular 3D grid and sort them (no pixels read).
 
-See :mod:`tumorseg.dicom.series` for the conventions. Refused, each with a named error that names
-the file or the series folder (:class:`~tumorseg.errors.GeometryError`): multi-frame images
-(NumberOfFrames > 1) and 4D series (several images at one position that differ in EchoNumbers,
-TemporalPositionIdentifier, AcquisitionTime, TriggerTime or b-value); mixed orientations (IOP
-differing by more than :data:`ORIENTATION_TOLERANCE`), mixed Rows/Columns or PixelSpacing; a
-duplicated position (two images at one position that differ in nothing else); missing slices (a gap
-that is a multiple of the usual one); non-uniform spacing (a gap more than :data:`GAP_TOLERANCE` off
-the median gap, or a slice more than ``max(SLICE_POSITION_TOLERANCE_MM, GAP_TOLERANCE * step)`` off
-the uniform grid through the first and last slices); gantry tilt or sheared stacks (a slice more
-than :data:`IN_PLANE_TOLERANCE_MM` off the normal through the first slice).
+See :mod:`tumorseg.dicom.series` for the conventions. An enhanced multi-frame image is stacked
+frame by frame (:mod:`~tumorseg.dicom.frames`), like a series of slice files. Refused, each with a
+named error that names the file or the series folder and says what the series is
+(:class:`~tumorseg.errors.GeometryError`): multi-frame images without functional groups; mosaics
+(Siemens, UIH: a whole volume tiled into one image); 4D series (several images at one position
+that differ in echo, time, b-value or image type, or whole volumes repeated at the same positions
+and told apart only by private attributes: fMRI, ASL, diffusion); mixed orientations (IOP differing
+by more than :data:`ORIENTATION_TOLERANCE`), mixed Rows/Columns or PixelSpacing; a duplicated
+position (an extra image at some positions only); missing slices (a gap that is a multiple of the
+usual one); non-uniform spacing (a gap more than :data:`GAP_TOLERANCE` off the median gap, or a
+slice more than ``max(SLICE_POSITION_TOLERANCE_MM, GAP_TOLERANCE * step)`` off the uniform grid
+through the first and last slices); gantry tilt or sheared stacks (a slice more than
+:data:`IN_PLANE_TOLERANCE_MM` off the normal through the first slice).
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ..errors import GeometryError, InputError
 from ..stages.read import MAX_VOXELS
 from .files import first_line, header_text, read_dataset, sop_class_name
+from .frames import frame_headers, is_multi_frame, number_of_frames
 from .series import DicomSeries, SeriesInfo, is_orthonormal, unit_axes
 
 log = logging.getLogger(__name__)
@@ -41,11 +46,13 @@ SLICE_POSITION_TOLERANCE_MM = 0.01
 SAME_POSITION_MM = 1e-3
 
 # Attributes that tell the images of a 4D series apart at one position (multi-echo, dynamic,
-# diffusion, magnitude and phase). AcquisitionTime is last: alone it marks a repeated acquisition.
+# diffusion, magnitude and phase). The acquisition times are last: alone they mark a repeated
+# acquisition.
 _FOURTH_DIMENSION = (
-    "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
-    "InversionTime", "ImageType", "AcquisitionTime",
+    "EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "TriggerTime", "DiffusionBValue",
+    "InversionTime", "ImageType", "AcquisitionDateTime", "AcquisitionTime",
 )
+
 
 def stack_series(series: SeriesInfo) -> DicomSeries:
     """Check the series' headers form one regular stack and sort them (no pixel data read)."""
@@ -57,7 +64,8 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
             raise InputError(f"a DICOM file that cannot be parsed ({first_line(e)})", path) from None
     headers = _drop_repeated_instances(headers)
     where = series.folder
-    _check_single_frame(headers)
+    headers, frame_numbers = _frames(headers)
+    _check_not_mosaic(headers, series)
     _check_present(headers)
     iop = _common_orientation(headers, series)
     rows, columns, spacing = _common_size(headers, series)
@@ -74,6 +82,7 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
     z = positions @ normal
     order = np.argsort(z, kind="stable")
     headers = [headers[i] for i in order]
+    frame_numbers = [frame_numbers[i] for i in order]
     positions, z = positions[order], z[order]
     _check_repeated_positions(headers, z, series)
     if len(headers) < 2:
@@ -96,6 +105,7 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
         sequence_name=series.sequence_name,
         paths=tuple(p for p, _ in headers),
         patient=series.patient,
+        frame_numbers=tuple(frame_numbers),
         sop_instance_uids=tuple(str(h.SOPInstanceUID) for _, h in headers),
         positions=tuple(tuple(float(v) for v in p) for p in positions),  # type: ignore[misc]
         orientation=tuple(float(v) for v in iop),  # type: ignore[arg-type]
@@ -128,19 +138,57 @@ def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[P
     return kept
 
 
-def _check_single_frame(headers) -> None:
+def _frames(headers: list[tuple[Path, object]]) -> tuple[list[tuple[Path, object]], list[int]]:
+    """Each image as one header per frame it holds, and its frame number (0: a single-frame image).
+
+    An enhanced image (functional groups) gives one flattened header per frame; any other
+    multi-frame image is refused, its frames having no position of their own.
+    """
+    out: list[tuple[Path, object]] = []
+    numbers: list[int] = []
     for path, h in headers:
-        try:
-            frames = int(h.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
-            frames = 1
-        if frames > 1:
+        if not is_multi_frame(h):
+            out.append((path, h))
+            numbers.append(0)
+            continue
+        if "PerFrameFunctionalGroupsSequence" not in h:
             name = sop_class_name(str(h.SOPClassUID)) or str(h.SOPClassUID)
             raise GeometryError(
-                f"a multi-frame image ({frames} frames, {name}); tumorseg reads series of "
-                "single-frame images only: convert it to NIfTI (e.g. with dcm2niix) and give that",
+                f"a multi-frame image ({number_of_frames(h)} frames, {name}) without per-frame "
+                "functional groups, so its frames have no position; convert it to NIfTI (e.g. with "
+                "dcm2niix) and give that", path,
+            )
+        for number, frame in enumerate(frame_headers(h), start=1):
+            frame.file_meta = getattr(h, "file_meta", Dataset())
+            out.append((path, frame))
+            numbers.append(number)
+    return out, numbers
+
+
+def _check_not_mosaic(headers, series: SeriesInfo) -> None:
+    """A mosaic (Siemens, UIH) tiles a whole volume's slices into one image: no slice of its own."""
+    for path, h in headers:
+        image_type = {str(v).strip().upper() for v in (h.get("ImageType", None) or [])}
+        tiles = h.get((0x0019, 0x100A), None)  # Siemens NumberOfImagesInMosaic (CSA, private)
+        if "MOSAIC" in image_type or (tiles is not None and _is_siemens(h)):
+            count = f" of {_int(tiles.value)} slices" if tiles is not None and _int(tiles.value) else ""
+            raise GeometryError(
+                f"{series.label} is a mosaic: each image tiles a whole volume{count} into one "
+                "frame (how Siemens and UIH store fMRI and diffusion), not a slice; tumorseg does "
+                "not unpack mosaics: convert the series with dcm2niix and give the NIfTI file",
                 path,
             )
+
+
+def _is_siemens(header) -> bool:
+    return "SIEMENS" in header_text(header, "Manufacturer").upper()
+
+
+def _int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _check_present(headers) -> None:
@@ -211,10 +259,30 @@ def _check_repeated_positions(headers, z: np.ndarray, series: SeriesInfo) -> Non
                 "NIfTI and give one volume",
                 series.folder,
             )
+    images, counts = np.unique(np.round(z / SAME_POSITION_MM), return_counts=True)
+    if counts.min() == counts.max():
+        # The same number of images at every position: whole volumes repeated, told apart only by
+        # vendor-private attributes (GE fMRI, diffusion with private b-values, Philips ASL).
+        raise GeometryError(
+            f"{series.label} holds {int(counts[0])} images at each of its {len(images)} positions: "
+            "a series of repeated volumes (a time series such as fMRI, perfusion or ASL label and "
+            "control, or diffusion directions), not one 3D volume; tumorseg reads one 3D volume "
+            "per series: export one volume as its own series or convert the series with dcm2niix "
+            "and give one volume as NIfTI",
+            series.folder,
+        )
+    if a[0] == b[0]:
+        raise GeometryError(
+            f"{series.label}: two frames of {a[0].name} lie at the same position "
+            f"({z[same[0]]:.3f} mm along the slice normal) and differ in nothing tumorseg reads; "
+            "it is not one 3D volume", series.folder,
+        )
+    repeated = int((counts > 1).sum())
     raise GeometryError(
         f"duplicated slice in {series.label}: {a[0].name} and {b[0].name} are different images "
         f"(SOP Instance UIDs differ) at the same position ({z[same[0]]:.3f} mm along the slice "
-        "normal); remove the extra file",
+        f"normal); {repeated} of {len(images)} positions hold more than one image. If one of them "
+        "is a re-sent or reprocessed copy, give the series without it",
         series.folder,
     )
 

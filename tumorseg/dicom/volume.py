@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..stages.read import Volume, check_values
 from .files import first_line, header_text, read_dataset
 from .find import find_series
+from .frames import frame_headers, number_of_frames
 from .series import DicomSeries, SeriesInfo
 from .stack import stack_series
 
@@ -47,11 +48,14 @@ def read_series(series: SeriesInfo | str | Path) -> tuple[Volume, DicomSeries]:
 
 
 def _read_pixels(series: DicomSeries) -> np.ndarray:
-    """float32 (Columns, Rows, slices) with RescaleSlope/Intercept applied."""
-    for ts, path in zip(series.transfer_syntax_uids, series.paths):
+    """float32 (Columns, Rows, slices) with RescaleSlope/Intercept applied (per frame when enhanced)."""
+    for path, ts in dict(zip(series.paths, series.transfer_syntax_uids)).items():
         _check_transfer_syntax(ts, path)
     array = np.empty(series.shape, dtype=np.float32)
-    for k, (path, uid) in enumerate(zip(series.paths, series.sop_instance_uids)):
+    slices_of: dict[tuple[Path, str], list[int]] = {}
+    for k, key in enumerate(zip(series.paths, series.sop_instance_uids)):
+        slices_of.setdefault(key, []).append(k)
+    for (path, uid), ks in slices_of.items():  # each file read once, however many frames it holds
         try:
             ds = read_dataset(path)
         except Exception as e:
@@ -59,7 +63,14 @@ def _read_pixels(series: DicomSeries) -> np.ndarray:
                              f"{first_line(e)})", path) from None
         if str(ds.SOPInstanceUID) != uid:
             raise InputError("the file changed while it was read; read the series again", path)
-        array[:, :, k] = _slice_pixels(ds, path, series).T
+        if series.frame_numbers[ks[0]] == 0:
+            array[:, :, ks[0]] = _rescaled(_image_pixels(ds, path, series, 1), ds).T
+            continue
+        pixels = _image_pixels(ds, path, series, number_of_frames(ds))
+        frames = frame_headers(ds)
+        for k in ks:
+            n = series.frame_numbers[k] - 1
+            array[:, :, k] = _rescaled(pixels[n], frames[n]).T
     return array
 
 
@@ -88,7 +99,8 @@ def _check_transfer_syntax(uid: str, path: Path) -> None:
         )
 
 
-def _slice_pixels(ds, path: Path, series: DicomSeries) -> np.ndarray:
+def _image_pixels(ds, path: Path, series: DicomSeries, frames: int) -> np.ndarray:
+    """The decoded stored values: (Rows, Columns), or (frames, Rows, Columns) for several frames."""
     if "PixelData" not in ds:
         raise InputError("the image has no pixel data", path)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -101,7 +113,7 @@ def _slice_pixels(ds, path: Path, series: DicomSeries) -> np.ndarray:
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
     if ts and not _is_compressed(ts):
         bits = int(ds.get("BitsAllocated", 16) or 16)
-        expected = series.rows * series.columns * bits // 8
+        expected = series.rows * series.columns * bits // 8 * frames
         if len(ds.PixelData) < expected:
             raise InputError(
                 f"truncated pixel data: {len(ds.PixelData)} of {expected} bytes; the file is "
@@ -112,13 +124,17 @@ def _slice_pixels(ds, path: Path, series: DicomSeries) -> np.ndarray:
     except Exception as e:
         name = _sop_ts_name(ts)
         raise InputError(f"cannot decode the pixel data ({name}: {first_line(e)})", path) from None
-    if pixels.shape != (series.rows, series.columns):
-        raise InputError(
-            f"pixel data of shape {pixels.shape}, expected (Rows, Columns) = "
-            f"({series.rows}, {series.columns})", path,
-        )
-    slope = _float(ds, "RescaleSlope", 1.0)
-    intercept = _float(ds, "RescaleIntercept", 0.0)
+    expected_shape = (series.rows, series.columns) if frames == 1 else (frames, series.rows, series.columns)
+    if pixels.shape != expected_shape:
+        raise InputError(f"pixel data of shape {pixels.shape}, expected {expected_shape} "
+                         "((frames,) Rows, Columns)", path)
+    return pixels
+
+
+def _rescaled(pixels: np.ndarray, header) -> np.ndarray:
+    """Stored values to real values with the image's (or frame's) RescaleSlope/Intercept, float32."""
+    slope = _float(header, "RescaleSlope", 1.0)
+    intercept = _float(header, "RescaleIntercept", 0.0)
     values = pixels.astype(np.float64)
     if slope != 1.0 or intercept != 0.0:
         values = values * slope + intercept
