@@ -64,7 +64,9 @@ def test_predict_dicom_folder_writes_rtstruct_on_the_series(tmp_path, empty_mode
     nifti = save_nifti(tmp_path / "other-t1n.nii.gz", volume.array.astype(np.float32), volume.affine)
     result = invoke("predict", str(nifti), "--model", str(empty_model), "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["overview.png", "pipeline.resolved.toml", "report.json", "segmentation.nii.gz"]
+    # A real head with skull: its brain was extracted (tests/test_brain.py), and the mask written.
+    assert sorted(p.name for p in out.iterdir()) == ["brain_mask.nii.gz", "overview.png", "pipeline.resolved.toml",
+                                                     "report.json", "segmentation.nii.gz"]
 
 
 def test_predict_refuses_dicom_mixed_with_nifti(tmp_path, empty_model):
@@ -133,6 +135,7 @@ def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruc
     from conftest import ThresholdNet
     from test_dicom_series import copy_series, decubitus, files_by_position
     from tumorseg.model import LoadedModel, load_card
+    from tumorseg.config import load_pipeline
     from tumorseg.pipeline import Segmenter, write_outputs
 
     study = tmp_path / "study"
@@ -141,7 +144,9 @@ def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruc
     names = sorted(p.name for p in decubitus("HFS").iterdir())
     copy_series(decubitus("HFS"), study / "flair", new_uids=True, description="FLAIR", series_number=11,
                 edit=lambda ds, i: names[i] in keep)
-    segmenter = Segmenter(LoadedModel(load_card(empty_model), empty_model, ThresholdNet()))
+    # Brain extraction off: the threshold net's contours are on the whole head, skull included.
+    segmenter = Segmenter(LoadedModel(load_card(empty_model), empty_model, ThresholdNet()),
+                          load_pipeline("default").with_preprocess(brain_extraction="off"))
     result = segmenter.segment_dicom([study])
     assert result.report["inputs"]["t1gd"]["reference_grid"] and not result.report["inputs"]["flair"]["reference_grid"]
     assert not result.report["empty"]

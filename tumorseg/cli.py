@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .atomic import check_output_folder
-from .config import REGISTRATION_MODES
+from .config import BRAIN_EXTRACTION_MODES, REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
 from .sequences import SEQUENCES
 
@@ -74,6 +74,7 @@ def _pipeline_options(command):
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
         click.option("--registration", type=click.Choice(REGISTRATION_MODES), default=None, help="How sequences reach the reference grid: auto registers (rigidly, mutual information) those on another grid and copies the others; rigid registers every one; none trusts the scanner's coordinates  [default: from the pipeline, auto]"),
         click.option("--reference", type=click.Choice(SEQUENCES), default=None, help="The sequence whose grid the others go onto and the outputs land on  [default: from the pipeline: T1gd, else FLAIR, T1, T2]"),
+        click.option("--brain-extraction", type=click.Choice(BRAIN_EXTRACTION_MODES), default=None, help="auto: the network sees only the brain when the scan still has its skull (HD-BET; pip install 'tumorseg[brain]'), skull-stripped scans are left as they are; on: always; off: never  [default: from the pipeline, auto]"),
         click.option("--all-sequences/--preferred-sequences", default=None, help="Give the model every sequence, even where its card prefers a subset (see the report's sequences_ignored)  [default: from the pipeline, preferred]"),
     ]
     for option in reversed(options):
@@ -82,14 +83,15 @@ def _pipeline_options(command):
 
 
 def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences=None, registration=None,
-                     reference=None):
+                     reference=None, brain_extraction=None):
     from dataclasses import replace
 
     from .config import load_pipeline
 
     config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap,
                                                          all_sequences=all_sequences)
-    config = config.with_preprocess(registration=registration, reference=reference)
+    config = config.with_preprocess(registration=registration, reference=reference,
+                                    brain_extraction=brain_extraction)
     if model is not None:
         config = replace(config, model=model)
     if seg:
@@ -108,7 +110,7 @@ def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequen
 @click.option("--save-registered", is_flag=True, help="Also write each sequence on the reference grid as the network's input was made from it (registered/<sequence>.nii.gz), to check the registration in a viewer.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
-def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, registration, reference,
+def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction,
             all_sequences, save_registered, quiet, verbose):
     """Segment one study and write segmentation.nii.gz, report.json and the resolved configuration.
 
@@ -136,7 +138,8 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     explicit = {k: v for k, v in {"flair": flair, "t1": t1, "t1gd": t1gd, "t2": t2}.items() if v is not None}
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
-    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference)
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
+                              brain_extraction)
     if save_registered:
         from dataclasses import replace
 
@@ -229,7 +232,7 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @click.option("--hashed-ids", is_flag=True, help="Name cases case-<keyed hash of their id> instead of after their folders (for folders named by patient); the key is OUTPUT/case-id.key (keep it private), the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, all_sequences, workers, force, hashed_ids, quiet,
+def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, force, hashed_ids, quiet,
           verbose):
     """Segment every case under INPUT_ROOT; one bad case never stops the batch.
 
@@ -248,7 +251,8 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
     from .errors import SOME_CASES_FAILED
     from .pipeline import Segmenter
 
-    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference)
+    config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
+                              brain_extraction)
     cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)
     segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
@@ -274,7 +278,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_tolerance, model, pipeline_file, device,
-             seg, tta, overlap, registration, reference, all_sequences, workers, force, no_html, quiet, verbose):
+             seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, force, no_html, quiet, verbose):
     """Score predictions against ground truth: Dice, HD95, NSD and volume difference per case,
     label and region (WT, TC, ET), aggregated, in report.html, metrics.json and CSV.
 
@@ -297,7 +301,8 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
     if predictions is None:
         from .pipeline import Segmenter
 
-        config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference)
+        config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
+                              brain_extraction)
         segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         document = run_validation(dataset, output, truth_scheme, predictions, get_scheme(prediction_scheme),

@@ -96,13 +96,16 @@ class OutputConfig:
 
 
 REGISTRATION_MODES = ("auto", "rigid", "none")
+#: auto: extract the brain when the scan still has its skull; on: always; off: never.
+BRAIN_EXTRACTION_MODES = ("auto", "on", "off")
 #: "" for the default order (sequences.REFERENCE_ORDER).
 REFERENCES = ("",) + SEQUENCES
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How the sequences of a study reach one grid (tumorseg/stages/register.py)."""
+    """How the sequences of a study reach one grid (tumorseg/stages/register.py), and whether the
+    network sees only the brain (tumorseg/stages/brain.py)."""
 
     #: auto: register the sequences whose grid differs from the reference's (same-grid ones are
     #: copied); rigid: register every one; none: trust the scanner's coordinates (resample only).
@@ -110,8 +113,14 @@ class PreprocessConfig:
     #: The sequence whose grid the others go onto and the outputs land on; "": the first of T1gd,
     #: FLAIR, T1, T2 present (T1 after contrast is what radiotherapy planners contour on).
     reference: str = ""
+    #: auto: the network sees only the brain when the scan still has its skull (tumorseg/stages/brain.py:
+    #: HD-BET, the ``brain`` extra), skull-stripped scans are left as they are; on: always; off: never.
+    brain_extraction: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.brain_extraction not in BRAIN_EXTRACTION_MODES:
+            raise ValueError(f"brain_extraction must be one of {', '.join(BRAIN_EXTRACTION_MODES)}, "
+                             f"got {self.brain_extraction!r}")
         if self.registration not in REGISTRATION_MODES:
             raise ValueError(f"registration must be one of {', '.join(REGISTRATION_MODES)}, got {self.registration!r}")
         if self.reference not in REFERENCES:

