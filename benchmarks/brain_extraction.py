@@ -46,11 +46,10 @@ def candidates() -> dict:
     if hdbet.available():
         extractor = hdbet.load_extractor("cpu")
         found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
-    try:
-        import deepbet  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("deepbet") is not None:
         found["deepbet"] = _deepbet
-    except ImportError:
-        pass
     return found
 
 

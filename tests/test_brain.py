@@ -3,7 +3,6 @@ the brain only; skull-stripped scans are left exactly as they were."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
