@@ -141,7 +141,7 @@ def predict_rows(shared: Path) -> list[dict]:
             tumour = result.labels.array > 0
             if result.brain_mask is not None:
                 masks[case] = result.brain_mask
-            mask = masks[case]
+            mask = masks.get(case, np.ones_like(tumour))  # auto did not extract: judged against the whole grid
             row = {"case": case, "brain_extraction": mode, "lesion_dice": round(dice(tumour, lesion), 3),
                    "tumour_ml": round(ml(tumour, result.labels.affine), 2),
                    "tumour_outside_brain_ml": round(ml(tumour & ~mask, result.labels.affine), 2),

@@ -174,3 +174,25 @@ def test_rtstruct_and_seg_reference_each_frame(tmp_path):
         source_sop_instance_uid=uid, source_frame_numbers=list(series.frame_numbers),
         combine_segments=True, relabel=False, assert_missing_frames_are_empty=True)  # empty frames are omitted
     np.testing.assert_array_equal(frames.transpose(2, 1, 0), labels)
+
+
+def test_enhanced_files_of_one_frame_each_stack_like_slices(tmp_path):
+    """Some exporters write an enhanced series as one file per frame: NumberOfFrames 1, the position
+    still only in the functional groups."""
+    original, original_series = read_series(enhanced_folder())
+    folder = tmp_path / "series"
+    folder.mkdir()
+    source = pydicom.dcmread(enhanced_file())
+    pixels = source.pixel_array
+    for number in (10, 11, 12):
+        ds = copy.deepcopy(source)
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence([copy.deepcopy(source.PerFrameFunctionalGroupsSequence[number - 1])])
+        ds.NumberOfFrames = 1
+        ds.PixelData = np.ascontiguousarray(pixels[number - 1]).tobytes()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / f"frame{number}.dcm", enforce_file_format=True)
+    volume, series = read_series(folder)
+    assert volume.array.shape == (128, 128, 3) and series.frame_numbers == (1, 1, 1)
+    ks = [original_series.frame_numbers.index(n) for n in (10, 11, 12)]
+    k0 = min(ks)
+    np.testing.assert_array_equal(volume.array, original.array[..., k0:k0 + 3])

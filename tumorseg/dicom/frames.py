@@ -51,6 +51,11 @@ def is_multi_frame(header) -> bool:
     return number_of_frames(header) > 1
 
 
+def has_functional_groups(header) -> bool:
+    """The image describes its frames in functional groups (an enhanced image, of any frame count)."""
+    return "PerFrameFunctionalGroupsSequence" in header
+
+
 def number_of_frames(header) -> int:
     try:
         return max(int(header.get("NumberOfFrames", 1) or 1), 1)

@@ -141,7 +141,8 @@ class SourceSeries:
 def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
     """Sort image slices (any order) into one stack and check that it is regular.
 
-    Raises :class:`InputError` for a series that is not one set of single-frame images, and
+    Raises :class:`InputError` for a series that is not one set of images (or of frames, each given
+    with its ReferencedFrameNumber by ``DicomSeries.read_headers``), and
     :class:`GeometryError` for mixed orientations or sizes, gantry tilt, duplicate or missing
     slices (non-uniform spacing).
     """

@@ -122,8 +122,11 @@ def _source_images(series, segment_map: np.ndarray) -> tuple[list[Dataset], np.n
     frame per source frame in frame-number order: highdicom then takes each frame's position from
     the image's own functional groups.
     """
-    if "ReferencedFrameNumber" not in series.first:
+    if not any("ReferencedFrameNumber" in ds for ds in series.slices):
         return list(series.slices), segment_map
+    if not all("ReferencedFrameNumber" in ds for ds in series.slices):
+        raise InputError("a DICOM SEG is not written for a series that mixes slice files and frames of "
+                         "multi-frame images")
     image = image_of_frame(series.first)
     numbers = [int(ds.ReferencedFrameNumber) for ds in series.slices]
     frames = int(image.get("NumberOfFrames", 0) or 0)
@@ -153,7 +156,8 @@ def _with_shared_geometry(image: Dataset) -> Dataset:
     out = Dataset()
     out.file_meta = image.file_meta
     out.update(image)  # shares the image's elements: replace, never assign into them
-    del out.SharedFunctionalGroupsSequence
+    if "SharedFunctionalGroupsSequence" in out:
+        del out.SharedFunctionalGroupsSequence
     out.SharedFunctionalGroupsSequence = DicomSequence([shared])
     return out
 

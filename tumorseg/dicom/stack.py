@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from ..errors import GeometryError, InputError
 from ..stages.read import MAX_VOXELS
 from .files import first_line, header_text, read_dataset, sop_class_name
-from .frames import frame_headers, is_multi_frame, number_of_frames
+from .frames import frame_headers, has_functional_groups, is_multi_frame, number_of_frames
 from .series import DicomSeries, SeriesInfo, is_orthonormal, unit_axes
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,12 @@ def _frames(headers: list[tuple[Path, object]]) -> tuple[list[tuple[Path, object
     out: list[tuple[Path, object]] = []
     numbers: list[int] = []
     for path, h in headers:
-        if not is_multi_frame(h):
+        enhanced = has_functional_groups(h)  # an enhanced image of one frame has them too
+        if not enhanced and not is_multi_frame(h):
             out.append((path, h))
             numbers.append(0)
             continue
-        if "PerFrameFunctionalGroupsSequence" not in h:
+        if not enhanced:
             name = sop_class_name(str(h.SOPClassUID)) or str(h.SOPClassUID)
             raise GeometryError(
                 f"a multi-frame image ({number_of_frames(h)} frames, {name}) without per-frame "
@@ -170,7 +171,7 @@ def _check_not_mosaic(headers, series: SeriesInfo) -> None:
     for path, h in headers:
         image_type = {str(v).strip().upper() for v in (h.get("ImageType", None) or [])}
         tiles = h.get((0x0019, 0x100A), None)  # Siemens NumberOfImagesInMosaic (CSA, private)
-        if "MOSAIC" in image_type or (tiles is not None and _is_siemens(h)):
+        if "MOSAIC" in image_type or (tiles is not None and _int(tiles.value) > 1 and _is_siemens(h)):
             count = f" of {_int(tiles.value)} slices" if tiles is not None and _int(tiles.value) else ""
             raise GeometryError(
                 f"{series.label} is a mosaic: each image tiles a whole volume{count} into one "
@@ -251,6 +252,8 @@ def _check_repeated_positions(headers, z: np.ndarray, series: SeriesInfo) -> Non
             values = {header_text(h, keyword) for _, h in headers}
             n_positions = len(np.unique(np.round(z / SAME_POSITION_MM)))
             shown = ", ".join(sorted(values)[:6]) + (" ..." if len(values) > 6 else "")
+            if "Date" in keyword:  # a date is patient data: the count only
+                shown = f"{len(values)} values"
             raise GeometryError(
                 f"{series.label} is a 4D series: {len(headers)} images at {n_positions} positions, "
                 f"differing in {keyword} ({shown}); tumorseg reads one 3D volume per series "

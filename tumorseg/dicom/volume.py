@@ -66,7 +66,10 @@ def _read_pixels(series: DicomSeries) -> np.ndarray:
         if series.frame_numbers[ks[0]] == 0:
             array[:, :, ks[0]] = _rescaled(_image_pixels(ds, path, series, 1), ds).T
             continue
-        pixels = _image_pixels(ds, path, series, number_of_frames(ds))
+        count = number_of_frames(ds)
+        pixels = _image_pixels(ds, path, series, count)
+        if count == 1:  # an enhanced image of one frame: pydicom gives (Rows, Columns)
+            pixels = pixels[np.newaxis]
         frames = frame_headers(ds)
         for k in ks:
             n = series.frame_numbers[k] - 1
