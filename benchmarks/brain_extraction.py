@@ -36,7 +36,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ml(mask: np.ndarray, affine: np.ndarray) -> float:
-    return float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    from tumorseg.scan import voxel_volume_ml
+
+    return float(mask.sum()) * voxel_volume_ml(affine)
 
 
 def candidates() -> dict:

@@ -7,8 +7,6 @@ a second time point).
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from conftest import dicom3tools_findings, run_tool, shared_data
-from test_dicom_series import reorient_like
+from test_dicom_series import dcm2niix_reference, reorient_like
 from test_rtstruct import _inside
 from tumorseg.dicom.export import export_mask
 from tumorseg.dicom.find import find_series
@@ -52,11 +50,7 @@ def edited_copy(tmp_path: Path, edit) -> Path:
 
 def test_reads_as_dcm2niix_does(tmp_path):
     folder = enhanced_folder()
-    if shutil.which("dcm2niix") is None:
-        pytest.skip("dcm2niix is not installed (apt-get install dcm2niix; CI installs it)")
-    subprocess.run(["dcm2niix", "-z", "y", "-f", "out", "-o", str(tmp_path), str(folder)],
-                   check=True, capture_output=True, timeout=60)
-    reference = nib.load(str(tmp_path / "out.nii.gz"))
+    reference = dcm2niix_reference(folder, tmp_path)
     volume, series = read_series(find_series(folder)[0])
 
     assert volume.array.shape == (128, 128, FRAMES)

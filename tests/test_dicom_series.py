@@ -95,14 +95,19 @@ def reorient_like(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarr
     return apply_orientation(array, transform), affine @ inv_ornt_aff(transform, array.shape)
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-def test_affine_and_voxels_match_dcm2niix(position, tmp_path):
-    folder = decubitus(position)
+def dcm2niix_reference(folder: Path, tmp_path: Path) -> nib.Nifti1Image:
+    """The reference converter's NIfTI of the series in ``folder`` (skips where dcm2niix is missing)."""
     if shutil.which("dcm2niix") is None:
         pytest.skip("dcm2niix is not installed (apt-get install dcm2niix; CI installs it)")
     subprocess.run(["dcm2niix", "-z", "y", "-f", "out", "-o", str(tmp_path), str(folder)],
                    check=True, capture_output=True, timeout=60)
-    reference = nib.load(str(tmp_path / "out.nii.gz"))
+    return nib.load(str(tmp_path / "out.nii.gz"))
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_affine_and_voxels_match_dcm2niix(position, tmp_path):
+    folder = decubitus(position)
+    reference = dcm2niix_reference(folder, tmp_path)
     volume, series = read_series(find_series(folder)[0])
 
     assert volume.array.dtype == np.float32 and volume.array.shape == (256, 256, 35)

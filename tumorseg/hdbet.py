@@ -25,6 +25,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from .errors import ConfigError
+from .scan import voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class HdBet:
         to_hdbet = ornt_transform(io_orientation(affine), axcodes2ornt(ORIENTATION))
         oriented = apply_orientation(np.asarray(image, dtype=np.float32), to_hdbet)
         oriented_affine = affine @ inv_ornt_aff(to_hdbet, image.shape)
-        spacing = np.sqrt((oriented_affine[:3, :3] ** 2).sum(axis=0))
+        spacing = voxel_spacing(oriented_affine)
         zyx = np.ascontiguousarray(oriented.transpose(2, 1, 0))
         spacing_zyx = tuple(float(s) for s in spacing[::-1])
         data = preprocess_image_numpy(zyx, spacing_zyx, spacing_target=MODEL_SPACING)

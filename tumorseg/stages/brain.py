@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import ndimage
 
-from ..scan import Scan
+from ..scan import Scan, voxel_spacing, voxel_volume_ml
 from . import normalize
 
 #: A brain outside this range (mL) is reported as implausible: adult brains are about 1000-1600 mL,
@@ -52,7 +52,7 @@ def needs_extraction(scan: Scan) -> bool:
     if masks is None:
         return True
     foreground = np.logical_or.reduce(masks)
-    return float(np.count_nonzero(foreground)) * voxel_ml(scan.affine) > MAX_BRAIN_FOREGROUND_ML
+    return float(np.count_nonzero(foreground)) * voxel_volume_ml(scan.affine) > MAX_BRAIN_FOREGROUND_ML
 
 
 def apply_brain_mask(scan: Scan, mask: np.ndarray) -> Scan:
@@ -67,18 +67,14 @@ def grow(mask: np.ndarray, affine: np.ndarray, margin_mm: float = MARGIN_MM) -> 
     """``mask`` with every voxel within ``margin_mm`` of it (distances in mm, any voxel size)."""
     if not mask.any():
         return mask.copy()
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     return ndimage.distance_transform_edt(~mask, sampling=spacing) <= margin_mm
-
-
-def voxel_ml(affine: np.ndarray) -> float:
-    return float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
 def brain_summary(mask: np.ndarray, affine: np.ndarray, method: str, sequence: str) -> dict[str, Any]:
     """The report's ``brain``: method, the sequence it saw, the brain's volume (mL, the extractor's
     mask before the margin), the margin, and a warning if the volume is implausible."""
-    volume = float(mask.sum()) * voxel_ml(affine)
+    volume = float(mask.sum()) * voxel_volume_ml(affine)
     entry: dict[str, Any] = {"method": method, "from_sequence": sequence, "volume_ml": round(volume, 1),
                              "margin_mm": MARGIN_MM}
     low, high = PLAUSIBLE_BRAIN_ML
@@ -91,10 +87,10 @@ def brain_summary(mask: np.ndarray, affine: np.ndarray, method: str, sequence: s
 def tumour_at_border(mask: np.ndarray, tumour: np.ndarray, affine: np.ndarray) -> str | None:
     """A warning when much of the tumour's surface lies at the mask's edge (the mask may have cut
     it), else None."""
-    whole = float(tumour.sum()) * voxel_ml(affine)
+    whole = float(tumour.sum()) * voxel_volume_ml(affine)
     if whole < BORDER_MIN_ML:
         return None
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     shell = mask & (ndimage.distance_transform_edt(mask, sampling=spacing) <= BORDER_MM)
     surface = tumour & ~ndimage.binary_erosion(tumour)
     share = float((surface & shell).sum()) / float(surface.sum())

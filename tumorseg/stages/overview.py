@@ -20,6 +20,7 @@ from nibabel.orientations import io_orientation
 from scipy import ndimage as ndi
 
 from ..labels import LabelScheme
+from ..scan import voxel_spacing
 
 EDGE_COLOUR = (0, 255, 255)
 #: The brain mask's outline on the reference row, when the brain was extracted.
@@ -61,7 +62,7 @@ def render(volumes: dict[str, np.ndarray], reference: str, labels: np.ndarray, a
     label map's grid (``window``), the reference first, then each moved sequence. ``brain_mask``:
     its outline in white on the reference row (drawn under the labels' outlines)."""
     ornt = io_orientation(affine).astype(int)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     centre = centre_of_largest(labels)
     ras_centre, ras_spacing = np.zeros(3, dtype=int), np.zeros(3)
     for axis, (out_axis, flip) in enumerate(ornt):
