@@ -482,8 +482,8 @@ def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[
         paths["overview"] = output_dir / OVERVIEW_NAME
         write_bytes_atomic(paths["overview"], result.overview_png)
     if result.brain_mask is not None:
-        paths["brain_mask"] = write.write_mask_on_source_grid(result.brain_mask, result.labels.source,
-                                                             output_dir / BRAIN_MASK_NAME, "tumorseg brain mask")
+        paths["brain_mask"] = write.write_on_source_grid(result.brain_mask, result.labels.source,
+                                                        output_dir / BRAIN_MASK_NAME, "tumorseg brain mask", mask=True)
     for seq, array in result.registered.items():
         (output_dir / REGISTERED_DIR).mkdir(exist_ok=True)
         paths[f"registered_{seq}"] = write.write_on_source_grid(

@@ -17,12 +17,6 @@ from pydicom.dataset import Dataset
 
 from ..errors import GeometryError
 
-#: SOP classes whose frames are described by functional groups (PS3.3 C.7.6.16).
-FUNCTIONAL_GROUP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
-}
-
 # (functional group, attribute in it, attribute of the flattened frame header).
 _GROUP_ATTRIBUTES = (
     ("PlanePositionSequence", "ImagePositionPatient", "ImagePositionPatient"),
@@ -64,21 +58,14 @@ def number_of_frames(header) -> int:
 
 
 def frame_headers(header) -> list[Dataset]:
-    """One header per frame (frame ``n`` at index ``n - 1``) of an image with functional groups.
+    """One header per frame (frame ``n`` at index ``n - 1``) of an image with functional groups
+    (:func:`has_functional_groups`; stack.py refuses multi-frame images without them).
 
-    Raises :class:`GeometryError` when the image is multi-frame without them (no frame geometry),
-    or when the per-frame sequence does not hold one item per frame.
+    Raises :class:`GeometryError` when the per-frame sequence does not hold one item per frame.
     """
     frames = number_of_frames(header)
-    per_frame = header.get("PerFrameFunctionalGroupsSequence", None)
+    per_frame = header.PerFrameFunctionalGroupsSequence
     shared_items = header.get("SharedFunctionalGroupsSequence", None) or [Dataset()]
-    if per_frame is None:
-        name = str(header.get("SOPClassUID", "?"))
-        raise GeometryError(
-            f"a multi-frame image ({frames} frames, SOP class {FUNCTIONAL_GROUP_CLASSES.get(name, name)}) "
-            "without per-frame functional groups, so the frames' positions are unknown; convert it "
-            "to NIfTI (e.g. with dcm2niix) and give that", getattr(header, "filename", None),
-        )
     if len(per_frame) != frames:
         raise GeometryError(
             f"the image declares {frames} frames but describes {len(per_frame)} in its "
@@ -120,12 +107,7 @@ def frame_as_image(header, frame: Dataset, number: int) -> Dataset:
     frame, as PS3.3's Image SOP Instance Reference Macro requires for a multi-frame image. The
     functional groups stay, so :func:`image_of_frame` gives the image's own header back.
     """
-    out = Dataset()
-    out.file_meta = getattr(header, "file_meta", Dataset())
-    out.update(header)  # shares the header's elements: replace them, never assign into them
-    for keyword in (*_FRAME_TOP_LEVEL, "ReferencedFrameNumber"):
-        if keyword in out:
-            delattr(out, keyword)
+    out = _copy_without_frame_geometry(header)
     for keyword in _FRAME_TOP_LEVEL:
         if keyword in frame:
             setattr(out, keyword, frame[keyword].value)
@@ -135,9 +117,15 @@ def frame_as_image(header, frame: Dataset, number: int) -> Dataset:
 
 def image_of_frame(frame_image: Dataset) -> Dataset:
     """The multi-frame image's own header from one :func:`frame_as_image` (a copy)."""
+    return _copy_without_frame_geometry(frame_image)
+
+
+def _copy_without_frame_geometry(header) -> Dataset:
+    """A shallow copy of ``header`` without a frame's top-level geometry and frame number. It shares
+    the header's elements: callers replace elements, never assign into them."""
     out = Dataset()
-    out.file_meta = getattr(frame_image, "file_meta", Dataset())
-    out.update(frame_image)
+    out.file_meta = getattr(header, "file_meta", Dataset())
+    out.update(header)
     for keyword in (*_FRAME_TOP_LEVEL, "ReferencedFrameNumber"):
         if keyword in out:
             delattr(out, keyword)

@@ -120,9 +120,10 @@ class DicomSeries(SeriesInfo):
     """A series stacked into one regular 3D grid: what the RTSTRUCT/SEG writers need.
 
     Per-slice tuples (``paths``, ``sop_instance_uids``, ``positions``, ``frame_numbers``) are in
-    sorted slice order (``k``); a multi-frame image appears once per frame. ``positions`` are IPP in LPS mm; ``orientation`` is IOP (row cosine, then column
-    cosine); ``pixel_spacing`` is PixelSpacing (row spacing, column spacing) in mm;
-    ``slice_step`` the distance between neighbouring slices along the normal in mm.
+    sorted slice order (``k``); a multi-frame image appears once per frame. ``positions`` are IPP
+    in LPS mm; ``orientation`` is IOP (row cosine, then column cosine); ``pixel_spacing`` is
+    PixelSpacing (row spacing, column spacing) in mm; ``slice_step`` the distance between
+    neighbouring slices along the normal in mm.
     """
 
     sop_instance_uids: tuple[str, ...]

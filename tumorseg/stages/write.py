@@ -54,17 +54,6 @@ def _on_source_grid(array: np.ndarray, source: SourceGeometry, descrip: bytes,
     return image
 
 
-def write_mask_on_source_grid(mask: np.ndarray, source: SourceGeometry, path: Path, description: str) -> Path:
-    """Write a boolean (I, J, K) ``mask`` (the brain mask) as uint8 0/1 on the reference input's grid,
-    atomically, with the reference's header as the label map."""
-    if mask.shape != source.shape:
-        raise ValueError(f"mask {mask.shape} is not on the input grid {source.shape}")
-    image = _on_source_grid(np.asarray(mask, dtype=np.uint8), source, description.encode()[:79], label_max=1.0)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return path
-
-
 def write_label_map(labels: LabelMap, path: Path) -> Path:
     """Write ``labels`` to ``path`` (.nii or .nii.gz) atomically and return the path."""
     image = label_map_image(labels)
@@ -73,12 +62,15 @@ def write_label_map(labels: LabelMap, path: Path) -> Path:
     return path
 
 
-def write_on_source_grid(array: np.ndarray, source: SourceGeometry, path: Path, description: str) -> Path:
-    """Write float (I, J, K) ``array`` on the reference input's grid (a registered sequence, for
-    checking in a viewer) to ``path`` atomically, with the reference's header as the label map."""
+def write_on_source_grid(array: np.ndarray, source: SourceGeometry, path: Path, description: str,
+                         mask: bool = False) -> Path:
+    """Write (I, J, K) ``array`` on the reference input's grid to ``path`` atomically, with the
+    reference's header as the label map: float32 (a registered sequence, for checking in a viewer),
+    or with ``mask`` uint8 0/1 marked as a label map (the brain mask)."""
     if array.shape != source.shape:
         raise ValueError(f"image {array.shape} is not on the input grid {source.shape}")
-    image = _on_source_grid(np.asarray(array, dtype=np.float32), source, description.encode()[:79])
+    values = np.asarray(array, dtype=np.uint8 if mask else np.float32)
+    image = _on_source_grid(values, source, description.encode()[:79], label_max=1.0 if mask else None)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return path
