@@ -86,11 +86,15 @@ def main() -> None:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
     rows: list[dict] = []
 
+    kept: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}  # the decubitus masks, per method
+
     def run(name: str, image: np.ndarray, affine: np.ndarray, **extra) -> dict:
         row = {"scan": name}
         for method, extract in methods.items():
             start = time.perf_counter()
             mask = extract(image, affine)
+            if name.startswith("decubitus"):
+                kept[method][name.split()[-1]] = mask
             entry = {"seconds": round(time.perf_counter() - start, 1), "brain_ml": round(ml(mask, affine), 1)}
             if "reference" in extra:
                 entry["dice"] = round(dice(mask, extra["reference"]), 4)
@@ -111,18 +115,55 @@ def main() -> None:
         lesion = read_volume(args.shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0
         run(f"lesion-t1c {case}", image.array, image.affine, lesion=lesion)
     volumes: dict[str, list[float]] = {m: [] for m in methods}
-    for position in ("HFS", "HFP", "HFDL", "HFDR"):
+    series = {}
+    for position in POSITIONS:
         volume, _ = read_series(args.shared / "dicom" / "decubitus-t1" / position)
+        series[position] = volume
         row = run(f"decubitus {position}", volume.array, volume.affine)
         for m in methods:
             volumes[m].append(row[m]["brain_ml"])
     spread = {m: round(100.0 * (max(v) - min(v)) / float(np.mean(v)), 2) for m, v in volumes.items()}
     print("decubitus brain volume spread (max - min) / mean, %: " + ", ".join(f"{m} {s}" for m, s in spread.items()))
-    result: dict = {"masks": rows, "decubitus_spread_pct": spread}
+    common = {m: common_view_volumes(series, kept[m]) for m in methods}
+    for m, entry in common.items():
+        print(f"decubitus, inside the field of view all four share (registered onto HFS), {m}: "
+              + ", ".join(f"{p} {v} mL" for p, v in entry["brain_ml"].items()) + f"; spread {entry['spread_pct']} %")
+    result: dict = {"masks": rows, "decubitus_spread_pct": spread, "decubitus_common_view": common}
     if args.predict:
         result["predict"] = predict_rows(args.shared)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+POSITIONS = ("HFS", "HFP", "HFDL", "HFDR")
+
+
+def common_view_volumes(series: dict, masks: dict[str, np.ndarray]) -> dict:
+    """Brain volume per position inside the part of the head that every position's slab holds.
+
+    The four sagittal slabs are 168 mm wide and the head lies off-centre in some, so a slab can end
+    inside the brain: whole-mask volumes then differ for want of field of view, not of extraction.
+    Each position is registered rigidly onto HFS (the pipeline's registration), its mask and its
+    field of view resampled there; the volumes are counted where all four fields of view overlap."""
+    from tumorseg.itk import resample_to_grid
+    from tumorseg.stages.register import rigid_transform
+
+    fixed = series["HFS"]
+    shape, affine = fixed.array.shape, fixed.affine
+    on_fixed: dict[str, np.ndarray] = {}
+    view = np.ones(shape, dtype=bool)
+    for position in POSITIONS:
+        moving = series[position]
+        matrix = None if position == "HFS" else rigid_transform(fixed, moving, position)[0]
+        mask, _ = resample_to_grid(masks[position].astype(np.float32), moving.affine, shape, affine, matrix_ras=matrix)
+        inside, _ = resample_to_grid(np.ones(moving.array.shape, np.float32), moving.affine, shape, affine,
+                                     order=0, matrix_ras=matrix)
+        on_fixed[position] = mask >= 0.5
+        view &= inside > 0
+    volumes = {p: round(ml(m & view, affine), 1) for p, m in on_fixed.items()}
+    values = list(volumes.values())
+    return {"brain_ml": volumes, "spread_pct": round(100.0 * (max(values) - min(values)) / float(np.mean(values)), 2),
+            "common_view_ml": round(ml(view, affine), 1)}
 
 
 def predict_rows(shared: Path) -> list[dict]:
@@ -151,7 +192,7 @@ def predict_rows(shared: Path) -> list[dict]:
                    "seconds": round(sum(result.timings.values()), 1)}
             rows.append(row)
             print(row, flush=True)
-        for position in ("HFS", "HFP", "HFDL", "HFDR"):
+        for position in POSITIONS:
             folder = shared / "dicom" / "decubitus-t1" / position
             assert find_series(folder)
             result = segmenter.segment_inputs(DicomInputs(folders=(folder,)))

