@@ -47,15 +47,38 @@ def _umask() -> int:
 
 
 def check_output_folder(folder: Path) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written (ConfigError):
-    a file in its place or on its path, or no write permission where it would be made."""
+    """Refuse, before any work, an output folder that cannot be created or written (ConfigError).
+
+    Checked by trying, not by ``os.access`` (which passes for root under /proc or /sys): the
+    folder is made, a file written in it and removed, and the folders this made are removed
+    again, so a run that fails later leaves nothing behind."""
     from .errors import ConfigError
 
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(f"cannot write the output folder {folder}: it is a symbolic link to nothing", folder)
+    made = []
     existing = folder
-    while not existing.exists() and existing != existing.parent:
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        made.append(existing)
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"cannot write the output folder {folder}: {existing} is a file, not a folder", existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write the output folder {folder}: no write permission in {existing}", existing)
+    try:
+        for path in reversed(made):
+            path.mkdir()
+        fd, probe = tempfile.mkstemp(prefix=".tumorseg-write-test.", dir=folder)
+        try:
+            os.write(fd, b"tumorseg")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write the output folder {folder}: {e.strerror or type(e).__name__}", folder) from None
+    finally:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                pass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, logredact
 from .atomic import check_output_folder
 from .config import BRAIN_EXTRACTION_MODES, REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
@@ -31,6 +31,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     # highdicom's INFO lines name the source instances (SOP Instance UIDs): no source header text
     # enters tumorseg's log, --verbose included (docs/rtstruct.md).
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logredact.install()
 
 
 class _Group(click.Group):
@@ -50,7 +51,8 @@ class _Group(click.Group):
         except Exception as e:  # a bug: say so, keep the traceback for --verbose
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
-            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --verbose for details)", err=True)
+            text = " ".join(str(e).split())
+            click.echo(f"internal error: {type(e).__name__}: {text} (rerun with --verbose for details)", err=True)
             ctx.exit(1)
 
 

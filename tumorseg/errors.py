@@ -16,6 +16,7 @@ class TumorsegError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else str(path)
+        message = " ".join(message.split())  # one line: a library's text or a matrix folded in
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

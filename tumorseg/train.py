@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field

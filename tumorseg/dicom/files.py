@@ -5,15 +5,24 @@ Nothing here knows about series; :mod:`tumorseg.dicom.find` groups the files thi
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import GeometryError, InputError
 
 log = logging.getLogger(__name__)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: The UIDs an image must carry valid: digits and dots (PS3.5 9.1; leading zeros, which some old
+#: scanners write, are let through), at most 64 characters. Checked before they name a spool
+#: file, an RTSTRUCT reference or a dictionary key.
+IMAGE_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: Largest magnitude of a position or spacing (mm) in an image header; larger is a damaged header.
+MAX_HEADER_MM = 1e6
 
 
 def walk_files(folder: Path) -> Iterable[Path]:
@@ -59,7 +68,6 @@ def read_dataset(path: Path, **kwargs):
 def read_header(path: Path):
     """The file's header without pixel data, or None when the file is not a DICOM object."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     if path.name.upper() == "DICOMDIR":
         log.debug("skipped DICOMDIR %s", path)
@@ -87,7 +95,7 @@ def read_header(path: Path):
     try:
         # Values over 1 KiB (pixel data, vendor blobs) are not read now, only located.
         header = pydicom.dcmread(path, defer_size=1024)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # pydicom's parser raises many types (zlib.error for a false deflate syntax)
         raise InputError(
             f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
             "remove or replace it", path,
@@ -102,7 +110,55 @@ def read_header(path: Path):
             f"a DICOM file without {', '.join(missing)} (truncated or not a stored instance); "
             "remove or replace it", path,
         )
+    check_uids(header, path)
     return header
+
+
+def check_uids(header, path: Path) -> None:
+    """Refuse a header whose UIDs (:data:`IMAGE_UIDS`, where present) are not valid UIDs; the
+    value is not shown (it could hold anything, a name included)."""
+    for keyword in IMAGE_UIDS:
+        if keyword not in header:
+            continue
+        try:
+            value = header[keyword].value
+        except Exception:  # pydicom could not even decode the element
+            value = None
+        text = value if isinstance(value, str) else None
+        if keyword in ("StudyInstanceUID", "FrameOfReferenceUID") and text is not None and not text.strip():
+            continue  # empty where optional: the series' own checks decide
+        if text is None or len(text.strip("\0 ")) > 64 or not _UID.fullmatch(text.strip("\0 ")):
+            raise InputError(f"{keyword} is not a valid DICOM UID (digits and dots, at most 64 "
+                             "characters); the file is damaged", path)
+
+
+def numbers(header, keyword: str, count: int, path: Path) -> list[float]:
+    """A numeric attribute's ``count`` values as floats; refused, naming the attribute (not its
+    value, which could be any text), when they are text, NaN, infinite, absurdly large or too few
+    or many."""
+    raw = header.get(keyword, None)
+    values = list(raw) if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__") and not isinstance(raw, (str, bytes)) \
+        else [raw]
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InputError(f"{keyword} does not hold numbers; the file is damaged", path) from None
+    if len(floats) != count:
+        raise GeometryError(f"{keyword} holds {len(floats)} values, not {count}; the file is damaged", path)
+    if not all(math.isfinite(v) and abs(v) <= MAX_HEADER_MM for v in floats):
+        raise GeometryError(f"{keyword} holds NaN, infinite or absurdly large values; the file is damaged", path)
+    return floats
+
+
+def whole_number(header, keyword: str, path: Path) -> int:
+    """A positive integer attribute (Rows, Columns), refused by name when it is not one."""
+    try:
+        value = int(header.get(keyword, None))
+    except (TypeError, ValueError):
+        value = 0
+    if value <= 0:
+        raise InputError(f"{keyword} is not a positive whole number; the file is damaged", path)
+    return value
 
 
 def check_complete(header, path: Path) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import GeometryError, InputError
-from ..stages.read import MAX_VOXELS
-from .files import first_line, header_text, read_dataset, sop_class_name
+from ..stages.read import MAX_VOXELS_ENV, max_voxels
+from .files import first_line, header_text, numbers, read_dataset, sop_class_name, whole_number
 from .frames import frame_headers, has_functional_groups, is_multi_frame, number_of_frames
 from .series import DicomSeries, SeriesInfo, is_orthonormal, unit_axes
 
@@ -69,16 +69,16 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
     _check_present(headers)
     iop = _common_orientation(headers, series)
     rows, columns, spacing = _common_size(headers, series)
-    if rows * columns * len(headers) > MAX_VOXELS:
-        raise InputError(f"{series.label} of {columns} x {rows} x {len(headers)} voxels exceeds "
-                         f"{MAX_VOXELS} voxels", where)
+    if rows * columns * len(headers) > max_voxels():
+        raise InputError(f"{series.label} of {columns} x {rows} x {len(headers)} voxels exceeds the limit "
+                         f"of {max_voxels()} voxels ({MAX_VOXELS_ENV} raises it)", where)
     if not is_orthonormal(iop):
         raise GeometryError(
             f"{series.label}: ImageOrientationPatient {_fmt(iop)} is not two orthogonal unit "
             "vectors", headers[0][0],
         )
     _, _, normal = unit_axes(iop)
-    positions = np.array([[float(v) for v in h.ImagePositionPatient] for _, h in headers])
+    positions = np.array([numbers(h, "ImagePositionPatient", 3, p) for p, h in headers])
     z = positions @ normal
     order = np.argsort(z, kind="stable")
     headers = [headers[i] for i in order]
@@ -120,13 +120,19 @@ def stack_series(series: SeriesInfo) -> DicomSeries:
 
 
 def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[Path, object]]:
-    """One file per SOP Instance UID: the same instance stored twice is one image."""
+    """One file per SOP Instance UID: the same instance stored twice is one image. Two files that
+    share a UID but hold different images are refused: which one the UID names cannot be known."""
     seen: dict[str, Path] = {}
     kept = []
     copies = 0
     for path, h in headers:
         uid = str(h.SOPInstanceUID)
         if uid in seen:
+            if not _same_image(seen[uid], path):
+                raise InputError(
+                    f"{seen[uid].name} and {path.name} carry the same SOP Instance UID but hold different "
+                    "images (pixel data or position); a UID names one image, so the series is damaged: "
+                    "export it again", path)
             copies += 1
             # Names at debug level only: exporters put patient names in file names too.
             log.debug("%s is another copy of the instance in %s", path.name, seen[uid].name)
@@ -136,6 +142,19 @@ def _drop_repeated_instances(headers: list[tuple[Path, object]]) -> list[tuple[P
     if copies:
         log.warning("skipped %d file(s) holding another copy of an instance already read", copies)
     return kept
+
+
+#: What must agree for two files with one SOP Instance UID to count as copies of one image.
+_SAME_IMAGE = ("PixelData", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows",
+               "Columns", "RescaleSlope", "RescaleIntercept", "PerFrameFunctionalGroupsSequence")
+
+
+def _same_image(a: Path, b: Path) -> bool:
+    try:
+        first, second = read_dataset(a), read_dataset(b)
+    except Exception as e:
+        raise InputError(f"a DICOM file that cannot be parsed ({first_line(e)})", b) from None
+    return all(first.get(k, None) == second.get(k, None) for k in _SAME_IMAGE)
 
 
 def _frames(headers: list[tuple[Path, object]]) -> tuple[list[tuple[Path, object]], list[int]]:
@@ -204,10 +223,7 @@ def _check_present(headers) -> None:
 
 
 def _common_orientation(headers, series: SeriesInfo) -> np.ndarray:
-    iops = np.array([[float(v) for v in h.ImageOrientationPatient] for _, h in headers])
-    if iops.shape[1] != 6:
-        raise GeometryError(f"ImageOrientationPatient has {iops.shape[1]} values, not 6",
-                            headers[0][0])
+    iops = np.array([numbers(h, "ImageOrientationPatient", 6, p) for p, h in headers])
     worst = np.abs(iops - iops[0]).max(axis=1)
     if worst.max() > ORIENTATION_TOLERANCE:
         k = int(np.argmax(worst))
@@ -222,21 +238,22 @@ def _common_orientation(headers, series: SeriesInfo) -> np.ndarray:
 
 def _common_size(headers, series: SeriesInfo) -> tuple[int, int, tuple[float, float]]:
     path0, h0 = headers[0]
-    rows, columns = int(h0.Rows), int(h0.Columns)
-    spacing = np.array([float(v) for v in h0.PixelSpacing])
+    rows, columns = whole_number(h0, "Rows", path0), whole_number(h0, "Columns", path0)
+    spacing = np.array(numbers(h0, "PixelSpacing", 2, path0))
     for path, h in headers[1:]:
-        if (int(h.Rows), int(h.Columns)) != (rows, columns):
+        size = (whole_number(h, "Rows", path), whole_number(h, "Columns", path))
+        if size != (rows, columns):
             raise GeometryError(
                 f"mixed image sizes in {series.label}: {rows} x {columns} (Rows x Columns) in "
-                f"{path0.name} but {int(h.Rows)} x {int(h.Columns)} in {path.name}", series.folder,
+                f"{path0.name} but {size[0]} x {size[1]} in {path.name}", series.folder,
             )
-        other = np.array([float(v) for v in h.PixelSpacing])
-        if other.shape != spacing.shape or np.abs(other - spacing).max() > PIXEL_SPACING_TOLERANCE_MM:
+        other = np.array(numbers(h, "PixelSpacing", 2, path))
+        if np.abs(other - spacing).max() > PIXEL_SPACING_TOLERANCE_MM:
             raise GeometryError(
                 f"mixed PixelSpacing in {series.label}: {_fmt(spacing)} mm in {path0.name} but "
                 f"{_fmt(other)} mm in {path.name}", series.folder,
             )
-    if spacing.shape != (2,) or (spacing <= 0).any():
+    if (spacing <= 0).any():
         raise GeometryError(f"PixelSpacing {_fmt(spacing)} is not two positive values", path0)
     return rows, columns, (float(spacing[0]), float(spacing[1]))
 

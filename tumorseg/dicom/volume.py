@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..stages.read import Volume, check_values
+from ..stages.read import Volume, check_affine, check_values
 from .files import first_line, header_text, read_dataset
 from .find import find_series
 from .frames import frame_headers, number_of_frames
@@ -39,8 +39,9 @@ def read_series(series: SeriesInfo | str | Path) -> tuple[Volume, DicomSeries]:
             )
         series = found[0]
     dicom = stack_series(series)
-    array = _read_pixels(dicom)
     folder = dicom.folder
+    check_affine(dicom.affine, folder)
+    array = _read_pixels(dicom)
     check_values(array, folder, allow_constant=False)
     log.info("read %s: %d x %d x %d voxels, %.4g x %.4g x %.4g mm", dicom.label, *dicom.shape,
              dicom.pixel_spacing[1], dicom.pixel_spacing[0], dicom.slice_step)
@@ -164,4 +165,4 @@ def _float(ds, keyword: str, default: float) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{keyword} {value!r} is not a number", getattr(ds, "filename", None)) from None
+        raise InputError(f"{keyword} is not a number; the file is damaged", getattr(ds, "filename", None)) from None

@@ -7,21 +7,33 @@ hide that.
 """
 from __future__ import annotations
 
+import gzip
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeometryError, InputError, SequenceError
+from ..errors import ConfigError, GeometryError, InputError, SequenceError
 from ..itk import ras_affine
 from ..scan import Scan, SourceGeometry, same_grid
 from ..sequences import DECATHLON_ORDER, StudyInputs
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-#: Largest image accepted, in voxels per file (guards against headers that declare absurd sizes).
-MAX_VOXELS = 1024**3
+#: Largest image accepted by default, in voxels per file or series (512^3; a 512 x 512 x 400 MR
+#: passes): a header that declares more is refused before anything is allocated.
+MAX_VOXELS = 512**3
+#: Largest compressed input accepted by default, in decompressed bytes (MiB) per file: a gzip
+#: "bomb" is refused after this much, without keeping it in memory.
+MAX_DECOMPRESSED_MB = 2048
+#: Environment variables that override the two limits for every command (docs/configuration.md).
+MAX_VOXELS_ENV, MAX_DECOMPRESSED_MB_ENV = "TUMORSEG_MAX_VOXELS", "TUMORSEG_MAX_DECOMPRESSED_MB"
+#: A voxel's edge must lie within these bounds (mm), and the volume within MAX_POSITION_MM of
+#: the scanner's origin: other values are a damaged header, not an MR scan.
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_POSITION_MM = 1e6
 #: qform and sform (both set) may place a voxel this far apart, in voxels, and count as one.
 FORMS_TOLERANCE_VOXEL = 0.1
 
@@ -71,13 +83,41 @@ def volume_count(path: Path) -> int:
     return int(shape[3]) if len(shape) >= 4 else 1
 
 
-def _read_nifti(path: Path) -> Volume:
+def max_voxels() -> int:
+    """The voxel limit per input: :data:`MAX_VOXELS` unless ``TUMORSEG_MAX_VOXELS`` sets it."""
+    return _limit(MAX_VOXELS_ENV, MAX_VOXELS)
+
+
+def max_decompressed_bytes() -> int:
+    """The decompressed-size limit per input, in bytes (``TUMORSEG_MAX_DECOMPRESSED_MB``)."""
+    return _limit(MAX_DECOMPRESSED_MB_ENV, MAX_DECOMPRESSED_MB) * 2**20
+
+
+def _limit(variable: str, default: int) -> int:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{variable} must be a positive whole number, got {text[:20]!r}")
+    return value
+
+
+def _load_nifti_header(path: Path):
+    """nibabel's image object, header only (no voxel data read)."""
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-    except Exception as e:
-        raise InputError(f"not a readable NIfTI image ({e})", path) from None
+        return nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for a bad header
+        raise InputError(f"not a readable NIfTI image ({_first_line(e)})", path) from None
+
+
+def _read_nifti(path: Path) -> Volume:
+    img = _load_nifti_header(path)
     header = img.header
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
         raise GeometryError(
@@ -86,12 +126,75 @@ def _read_nifti(path: Path) -> Volume:
             path,
         )
     _check_size(img.shape, path)
+    _check_header_geometry(header, path)
     _check_forms_agree(header, img.shape[:3], path)
     try:
+        itemsize = header.get_data_dtype().itemsize
+        data_end = int(img.dataobj.offset) + int(np.prod(img.shape, dtype=np.int64)) * itemsize
+        if _is_gzip(path):
+            # nibabel stops reading where the voxels end, before gzip's CRC and length: check them.
+            img = type(img).from_bytes(_gunzip_checked(path, data_end))
+        elif path.stat().st_size < data_end:
+            raise InputError(f"truncated image data: the file holds {path.stat().st_size} bytes, the header "
+                             f"declares {data_end}", path)
         array = np.asarray(img.get_fdata(dtype=np.float32))
-    except (EOFError, zlib.error, OSError, ValueError) as e:
-        raise InputError(f"truncated or corrupt image data ({e})", path) from None
+    except (EOFError, zlib.error, OSError, ValueError, TypeError) as e:
+        raise InputError(f"truncated or corrupt image data ({_first_line(e)})", path) from None
     return Volume(array, np.asarray(img.affine, dtype=np.float64), header.binaryblock, path)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _gunzip_checked(path: Path, keep: int, offset: int = 0) -> bytes:
+    """The first ``keep`` decompressed bytes of the gzip stream that starts ``offset`` bytes into
+    ``path``, after decompressing all of it: the CRC-32 and length of every member are checked
+    (a flipped bit would otherwise change voxels silently), and a stream that decompresses to
+    more than :func:`max_decompressed_bytes` is refused without being kept in memory."""
+    limit = max_decompressed_bytes()
+    kept, total = bytearray(), 0
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    total += len(chunk)
+                    if total > limit:
+                        raise InputError(
+                            f"the compressed data expands to more than {limit // 2**20} MiB (limit "
+                            f"{MAX_DECOMPRESSED_MB_ENV}); the file is damaged or not an image", path)
+                    if len(kept) < keep:
+                        kept += chunk[: keep - len(kept)]
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"truncated or corrupt compressed data: the gzip stream fails its integrity check "
+                         f"({_first_line(e)}); copy the file again from its source", path) from None
+    if len(kept) < keep:
+        raise InputError(f"truncated image data: the file holds {len(kept)} bytes once decompressed, the "
+                         f"header declares {keep}", path)
+    return bytes(kept)
+
+
+def _check_header_geometry(header, path: Path) -> None:
+    """Refuse NaN or infinite geometry (comparisons with NaN are false, so the later checks would
+    let it through) and a qform quaternion that is not a rotation."""
+    fields = {"pixdim": header["pixdim"][:4]}
+    if int(header["qform_code"]):
+        fields.update({k: header[k] for k in ("quatern_b", "quatern_c", "quatern_d",
+                                              "qoffset_x", "qoffset_y", "qoffset_z")})
+    if int(header["sform_code"]):
+        fields.update({k: header[k] for k in ("srow_x", "srow_y", "srow_z")})
+    bad = [k for k, v in fields.items() if not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+    if bad:
+        raise GeometryError(f"the NIfTI header holds NaN or infinite values in {', '.join(bad)}; its "
+                            "geometry is damaged", path)
+    if int(header["qform_code"]):
+        norm = float(np.sum(np.square([header[k] for k in ("quatern_b", "quatern_c", "quatern_d")],
+                                      dtype=np.float64)))
+        if norm > 1.0 + 3 * float(np.finfo(np.float32).eps):  # nibabel's own bound
+            raise GeometryError(f"the NIfTI qform quaternion is not a rotation (quatern_b^2 + c^2 + d^2 = "
+                                f"{norm:.4g}, more than 1); its geometry is damaged", path)
 
 
 def _check_forms_agree(header, shape: tuple[int, ...], path: Path) -> None:
@@ -135,6 +238,7 @@ def _read_itk(path: Path) -> Volume:
 
     reader = _itk_reader(path)
     _check_size(reader.GetSize(), path)
+    _check_nrrd_gzip(path)
     if reader.GetNumberOfComponents() != 1:
         raise GeometryError(
             f"{reader.GetNumberOfComponents()} components per voxel; give one sequence per file", path
@@ -152,6 +256,21 @@ def _read_itk(path: Path) -> Volume:
     return Volume(array, ras_affine(image), None, path)
 
 
+def _check_nrrd_gzip(path: Path) -> None:
+    """Verify an attached gzip-encoded NRRD's CRC and length (ITK stops where the voxels end)."""
+    if path.suffix.lower() != ".nrrd":
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"\n\n")
+    if end < 0:
+        return  # ITK read the header, so it is longer than this: no integrity check (documented)
+    fields = dict(line.split(b":", 1) for line in head[:end].splitlines()[1:] if b":" in line and not line.startswith(b"#"))
+    encoding = fields.get(b"encoding", b"").strip().lower()
+    if encoding in (b"gzip", b"gz") and b"data file" not in fields:
+        _gunzip_checked(path, 0, offset=end + 2)
+
+
 def _first_line(e: Exception) -> str:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -159,8 +278,33 @@ def _first_line(e: Exception) -> str:
 
 def _check_size(shape: tuple[int, ...], path: Path) -> None:
     n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if shape else 0
-    if n > MAX_VOXELS:
-        raise InputError(f"image of shape {tuple(shape)} exceeds {MAX_VOXELS} voxels", path)
+    if n > max_voxels():
+        raise InputError(f"image of shape {tuple(int(s) for s in shape)} exceeds the limit of {max_voxels()} "
+                         f"voxels ({MAX_VOXELS_ENV} raises it)", path)
+
+
+def check_affine(affine: np.ndarray, path: Path | None) -> None:
+    """Refuse a voxel-to-world affine that no scanner writes: NaN or infinite, singular, voxel
+    edges outside :data:`SPACING_RANGE_MM`, or an origin beyond :data:`MAX_POSITION_MM`."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise GeometryError("the image's geometry holds NaN or infinite values", path)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        raise GeometryError(f"voxel spacing {_fmt_values(spacing)} mm is outside {low:g}-{high:g} mm; the "
+                            "geometry is damaged", path)
+    if np.abs(affine[:3, 3]).max() > MAX_POSITION_MM:
+        raise GeometryError(f"the image lies more than {MAX_POSITION_MM:g} mm from the scanner's origin; the "
+                            "geometry is damaged", path)
+    # Singular or nearly so: the columns' volume against the box they would span.
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+        raise GeometryError(f"the affine is singular (voxel axes {_fmt_values(affine[:3, :3].T.ravel())} "
+                            "are not independent)", path)
+
+
+def _fmt_values(values) -> str:
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
 
 
 def read_volume(path: Path, allow_constant: bool = False) -> Volume:
@@ -181,8 +325,7 @@ def read_volume(path: Path, allow_constant: bool = False) -> Volume:
         )
     if array.ndim > 4:
         raise GeometryError(f"image of shape {array.shape} has more than 4 dimensions", path)
-    if abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
-        raise GeometryError(f"the affine is singular:\n{volume.affine}", path)
+    check_affine(volume.affine, path)
     check_values(array, path, allow_constant)
     return Volume(array, volume.affine, volume.nifti_header, path)
 

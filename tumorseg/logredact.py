@@ -1,0 +1,58 @@
+"""Third-party log lines and warnings without header values.
+
+pydicom, nibabel, highdicom and SimpleITK word their warnings for developers, often with the
+offending value quoted ("Invalid value for VR UI: 'DOE^JOHN'"): a patient name planted in any
+attribute would reach the log. Every record that is not tumorseg's own keeps its first clause
+with quoted text removed, on one line, and warnings (``warnings.warn``) are routed into the log
+the same way (docs/cli.md, privacy).
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+_WARNING_LINE = re.compile(r"^.*?:\d+: (\w+): (.*)$")
+
+
+def redact(text: str) -> str:
+    """The first clause of a library's message, quoted values removed, on one line."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    match = _WARNING_LINE.match(first)  # "file.py:12: UserWarning: message"
+    if match:
+        first = f"{match.group(1)}: {match.group(2)}"
+        category, _, rest = first.partition(": ")
+        return f"{category}: {_first_clause(rest)}"
+    return _first_clause(first)
+
+
+def _first_clause(text: str) -> str:
+    text = _QUOTED.sub("'...'", text)
+    head, sep, _ = text.partition(": ")
+    return head + (": ..." if sep else "")
+
+
+class ThirdPartyRedaction(logging.Filter):
+    """Rewrites records from loggers outside ``tumorseg`` with :func:`redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "tumorseg" or record.name.startswith("tumorseg."):
+            return True
+        record.msg = f"[{record.name}] {redact(record.getMessage())}"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def install() -> None:
+    """Route warnings into logging and redact every handler's third-party records (idempotent)."""
+    import pydicom
+
+    # tumorseg validates the values it uses (UIDs, numbers) with its own named errors; pydicom's
+    # own validation would only add warnings that quote the values.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.captureWarnings(False)  # again from the start: something may have replaced showwarning since
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ThirdPartyRedaction) for f in handler.filters):
+            handler.addFilter(ThirdPartyRedaction())
