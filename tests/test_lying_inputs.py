@@ -115,11 +115,12 @@ def test_singular_affine_message_is_one_line(tmp_path, scan, coarse_model):
 
 def _peak_rss_mib(path: Path) -> tuple[float, str]:
     """Peak memory (MiB) of a fresh Python reading ``path``, and the refusal it printed."""
-    code = ("import resource, sys\nfrom pathlib import Path\nfrom tumorseg.errors import TumorsegError\n"
+    code = ("import sys\nfrom pathlib import Path\nfrom tumorseg.errors import TumorsegError\n"
             "from tumorseg.stages.read import read_volume\n"
             "try:\n    read_volume(Path(sys.argv[1]))\n    print('read')\n"
             "except TumorsegError as e:\n    print(type(e).__name__, e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+            # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (Linux keeps it across exec)
+            "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     message, peak = done.stdout.strip().rsplit("\n", 1)
@@ -145,13 +146,18 @@ def _zeros_nifti(path: Path, shape, declared_dtype=np.uint8, data_bytes: int | N
     return path
 
 
-def test_bomb_of_zeros_is_refused_within_1_gib(tmp_path):
-    """1000^3 zeros in under 1 MB once took 6.1 GiB before it was refused as constant."""
-    path = _zeros_nifti(tmp_path / "zeros.nii.gz", (1000, 1000, 1000))
-    assert path.stat().st_size < 8 * 2**20  # a few MB that declare 1000 MB
+@pytest.mark.parametrize("shape, dtype, data_bytes", [
+    ((1000, 1000, 1000), np.uint8, None),  # once 6.1 GiB before it was refused as constant
+    ((640, 640, 640), np.uint8, None),  # once past 2 minutes at 4.6 GiB
+    ((1020, 1020, 1020), np.float32, 2**20),  # once 4.4 GiB before "truncated"
+])
+def test_bomb_is_refused_within_1_gib(tmp_path, shape, dtype, data_bytes):
+    path = _zeros_nifti(tmp_path / "bomb.nii.gz", shape, dtype, data_bytes)
+    assert path.stat().st_size < 8 * 2**20  # a few MB that declare hundreds
     peak, message = _peak_rss_mib(path)
     assert message.startswith("InputError") and "limit" in message
     assert peak < 1024, f"peak {peak:.0f} MiB"
+    print(f"{shape} {np.dtype(dtype).name}: {path.stat().st_size / 2**20:.1f} MB file, peak {peak:.0f} MiB")
 
 
 def test_declared_size_the_data_cannot_fill_is_refused_before_allocating(tmp_path):
@@ -162,6 +168,7 @@ def test_declared_size_the_data_cannot_fill_is_refused_before_allocating(tmp_pat
     assert message.startswith("InputError") and "truncated" in message
     baseline, _ = _peak_rss_mib(phantom_nifti(tmp_path / "small.nii.gz"))
     assert peak - baseline < 64, f"{peak:.0f} MiB against {baseline:.0f} MiB for a small file"
+    print(f"400^3 float32 declared over 1 MiB: peak {peak:.0f} MiB, {baseline:.0f} MiB for a 40^3 file")
 
 
 def test_voxel_and_decompressed_limits_are_configurable(tmp_path, monkeypatch):

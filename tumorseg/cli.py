@@ -219,6 +219,7 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
     or flipped (as dcm2niix writes it); anything else is refused.
     """
     _setup_logging(quiet, False)
+    check_output_folder(output)
     from .dicom.export import export_mask
 
     paths = export_mask(mask, series_folder, output, label_scheme, series_uid, algorithm, seg)

@@ -45,7 +45,8 @@ class ThirdPartyRedaction(logging.Filter):
 
 
 def install() -> None:
-    """Route warnings into logging and redact every handler's third-party records (idempotent)."""
+    """Route warnings into logging and redact third-party records on every handler there is
+    (the root's and those libraries attach to their own loggers); idempotent."""
     import pydicom
 
     # tumorseg validates the values it uses (UIDs, numbers) with its own named errors; pydicom's
@@ -53,6 +54,10 @@ def install() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.captureWarnings(False)  # again from the start: something may have replaced showwarning since
     logging.captureWarnings(True)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, ThirdPartyRedaction) for f in handler.filters):
-            handler.addFilter(ThirdPartyRedaction())
+    import nibabel  # noqa: F401  (its logger brings a handler of its own: filter that one too)
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if not any(isinstance(f, ThirdPartyRedaction) for f in handler.filters):
+                handler.addFilter(ThirdPartyRedaction())

@@ -95,6 +95,8 @@ def read_header(path: Path):
     try:
         # Values over 1 KiB (pixel data, vendor blobs) are not read now, only located.
         header = pydicom.dcmread(path, defer_size=1024)
+        convert_all(header.file_meta)
+        convert_all(header)
     except Exception as e:  # pydicom's parser raises many types (zlib.error for a false deflate syntax)
         raise InputError(
             f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
@@ -114,6 +116,22 @@ def read_header(path: Path):
     return header
 
 
+def convert_all(dataset) -> None:
+    """Convert every element now (pydicom converts raw values when first used), so a damaged
+    value fails here, as a named refusal, not in whichever stage first reads it; values that
+    were deferred (over ``defer_size``) stay unread."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            continue  # deferred: located, not read
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                convert_all(item)
+
+
 def check_uids(header, path: Path) -> None:
     """Refuse a header whose UIDs (:data:`IMAGE_UIDS`, where present) are not valid UIDs; the
     value is not shown (it could hold anything, a name included)."""
@@ -127,9 +145,14 @@ def check_uids(header, path: Path) -> None:
         text = value if isinstance(value, str) else None
         if keyword in ("StudyInstanceUID", "FrameOfReferenceUID") and text is not None and not text.strip():
             continue  # empty where optional: the series' own checks decide
-        if text is None or len(text.strip("\0 ")) > 64 or not _UID.fullmatch(text.strip("\0 ")):
+        if text is None or not is_valid_uid(text.strip("\0 ")):
             raise InputError(f"{keyword} is not a valid DICOM UID (digits and dots, at most 64 "
                              "characters); the file is damaged", path)
+
+
+def is_valid_uid(text: str) -> bool:
+    """Digits and dots, at most 64 characters (:data:`IMAGE_UIDS`): safe as a file name too."""
+    return isinstance(text, str) and len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 def numbers(header, keyword: str, count: int, path: Path) -> list[float]:
@@ -150,10 +173,14 @@ def numbers(header, keyword: str, count: int, path: Path) -> list[float]:
     return floats
 
 
-def whole_number(header, keyword: str, path: Path) -> int:
-    """A positive integer attribute (Rows, Columns), refused by name when it is not one."""
+def whole_number(header, keyword: str, path: Path, default: int | None = None) -> int:
+    """A positive integer attribute (Rows, Columns, BitsAllocated), refused by name when it is not
+    one; ``default`` where it is absent or empty, when given."""
+    raw = header.get(keyword, None)
+    if default is not None and raw in (None, ""):
+        return default
     try:
-        value = int(header.get(keyword, None))
+        value = int(raw)
     except (TypeError, ValueError):
         value = 0
     if value <= 0:

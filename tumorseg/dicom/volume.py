@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..stages.read import Volume, check_affine, check_values
-from .files import first_line, header_text, read_dataset
+from .files import first_line, header_text, read_dataset, whole_number
 from .find import find_series
 from .frames import frame_headers, number_of_frames
 from .series import DicomSeries, SeriesInfo
@@ -107,7 +107,7 @@ def _image_pixels(ds, path: Path, series: DicomSeries, frames: int) -> np.ndarra
     """The decoded stored values: (Rows, Columns), or (frames, Rows, Columns) for several frames."""
     if "PixelData" not in ds:
         raise InputError("the image has no pixel data", path)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = whole_number(ds, "SamplesPerPixel", path, default=1)
     photometric = header_text(ds, "PhotometricInterpretation")
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2", ""):
         raise InputError(
@@ -116,7 +116,7 @@ def _image_pixels(ds, path: Path, series: DicomSeries, frames: int) -> np.ndarra
         )
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
     if ts and not _is_compressed(ts):
-        bits = int(ds.get("BitsAllocated", 16) or 16)
+        bits = whole_number(ds, "BitsAllocated", path, default=16)
         expected = series.rows * series.columns * bits // 8 * frames
         if len(ds.PixelData) < expected:
             raise InputError(

@@ -138,7 +138,7 @@ def _read_nifti(path: Path) -> Volume:
             raise InputError(f"truncated image data: the file holds {path.stat().st_size} bytes, the header "
                              f"declares {data_end}", path)
         array = np.asarray(img.get_fdata(dtype=np.float32))
-    except (EOFError, zlib.error, OSError, ValueError, TypeError) as e:
+    except (EOFError, zlib.error, OSError, ValueError, TypeError, OverflowError) as e:
         raise InputError(f"truncated or corrupt image data ({_first_line(e)})", path) from None
     return Volume(array, np.asarray(img.affine, dtype=np.float64), header.binaryblock, path)
 
@@ -277,6 +277,9 @@ def _first_line(e: Exception) -> str:
 
 
 def _check_size(shape: tuple[int, ...], path: Path) -> None:
+    if any(int(s) <= 0 for s in shape):
+        raise InputError(f"the header declares a shape of {tuple(int(s) for s in shape)}: every size must be "
+                         "positive; the file is damaged", path)
     n = int(np.prod([int(s) for s in shape], dtype=np.int64)) if shape else 0
     if n > max_voxels():
         raise InputError(f"image of shape {tuple(int(s) for s in shape)} exceeds the limit of {max_voxels()} "
