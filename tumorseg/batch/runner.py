@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, logredact
 from ..atomic import write_bytes_atomic
 from ..config import PipelineConfig
 from ..configio import to_dict
@@ -589,6 +589,7 @@ def _init_worker(levels: dict[str, int], model_dir: str | None, threads: int, co
                         datefmt="%H:%M:%S")
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    logredact.install()  # as in the main process: no header values from libraries in the log
     if model_dir is not None:  # the weights' checksum is verified again here
         _WORKER_SEGMENTER = Segmenter(model_dir, config)
 
