@@ -169,7 +169,8 @@ def common_view_volumes(series: dict, masks: dict[str, np.ndarray]) -> dict:
 def predict_rows(shared: Path) -> list[dict]:
     from tumorseg.config import load_pipeline
     from tumorseg.dicom.find import find_series
-    from tumorseg.pipeline import DicomInputs, Segmenter
+    from tumorseg.inputs import DicomInputs
+    from tumorseg.pipeline import Segmenter
     from tumorseg.sequences import StudyInputs
     from tumorseg.stages.read import read_volume
 

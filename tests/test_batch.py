@@ -22,7 +22,7 @@ from conftest import brain_phantom, make_tiny_model, save_nifti, shared_data
 from tumorseg.batch.cases import BatchCase, case_id_key, discover, safe_case_id
 from tumorseg.cli import main
 from tumorseg.errors import SOME_CASES_FAILED, GeometryError, InputError, SequenceError
-from tumorseg.pipeline import DicomInputs
+from tumorseg.inputs import DicomInputs
 from tumorseg.sequences import StudyInputs
 from tumorseg.validate import find_prediction
 

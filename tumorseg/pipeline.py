@@ -23,6 +23,7 @@ from .configio import to_dict
 from . import hdbet
 from .errors import ConfigError, InputError
 from .heap import keep_freed_heap_memory
+from .inputs import CaseInputs, DicomInputs
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
 from .sequences import StudyInputs, reference_sequence
@@ -52,18 +53,6 @@ class Result:
     overview_png: bytes | None = None
     #: The brain mask on the label map's grid, when the brain was extracted.
     brain_mask: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class DicomInputs:
-    """A DICOM study: the folders to search, and series named per sequence (SeriesNumber or UID)."""
-
-    folders: tuple[Path, ...]
-    explicit: tuple[tuple[str, str], ...] = ()
-
-
-#: What one case is read from: image files (or one 4D file), or DICOM folders.
-CaseInputs = StudyInputs | DicomInputs
 
 
 @dataclass

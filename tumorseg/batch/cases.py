@@ -28,7 +28,7 @@ from pathlib import Path
 from ..atomic import atomic_path
 from ..dicom.files import has_dicom_marker
 from ..errors import InputError, TumorsegError
-from ..pipeline import CaseInputs, DicomInputs
+from ..inputs import CaseInputs, DicomInputs
 from ..sequences import IMAGE_SUFFIXES, SEQUENCES, StudyInputs, assign_sequences, is_not_a_sequence, parse_sequence, strip_image_suffix
 from ..stages.read import volume_count
 
