@@ -171,3 +171,32 @@ def test_batch_rerun_skips_a_dicom_study_whose_folder_holds_the_output(tmp_path,
         assert result.exit_code == 0, result.output
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts == {"ok": 1, "failed": 0, "reused": 1, "pending": 0}
+
+
+def test_pipeline_dicom_table_chooses_series_by_site_rules(tmp_path):
+    """A site's naming the built-in rules do not know: refused by default, chosen by the
+    pipeline file's [dicom] rules (what a DICOM node, with nobody to type --t1, relies on)."""
+    from conftest import make_tiny_model
+    from mutants import small_real_series
+
+    series = small_real_series(tmp_path / "study")
+    for path in series.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription, ds.ProtocolName = "zz site seq 7", "zz site seq 7"
+        ds.save_as(path)
+    model = make_tiny_model(tmp_path / "model", spacing=(4.0, 4.0, 4.0), background_bias=100.0)
+    common = ["predict", str(series), "--model", str(model), "-q", "--brain-extraction", "off", "--no-tta"]
+    refused = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "default")])
+    assert refused.exit_code == 7, refused.output
+    pipeline = tmp_path / "site.toml"
+    pipeline.write_text('[dicom]\nrules = [{ sequence = "t1", include = ["site seq 7"] }]\n')
+    chosen = invoke(*common, "--pipeline", str(pipeline), "-o", str(tmp_path / "site"))
+    assert chosen.exit_code == 0, chosen.output
+    report = json.loads((tmp_path / "site" / "report.json").read_text())
+    assert set(report["inputs"]) == {"t1"}
+    resolved = (tmp_path / "site" / "pipeline.resolved.toml").read_text()
+    assert "[[dicom.rules]]" in resolved and "site seq 7" in resolved
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dicom]\ncolour = 'red'\n")
+    result = CliRunner().invoke(main, [*common, "--pipeline", str(bad), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 6 and "[dicom]" in result.output and "colour" in result.output

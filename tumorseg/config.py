@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from .configio import from_dict, read_toml
 from .errors import ConfigError
@@ -139,6 +139,22 @@ class PipelineConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    #: DICOM series selection (tumorseg/dicom/select.py ``SelectionRules.from_mapping`` keys: rules,
+    #: skip_descriptions, contrast_patterns ...); keys left out keep the built-in rules. None (no
+    #: table) keeps the resolved file and batch fingerprints of earlier versions unchanged.
+    dicom: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.selection_rules()  # refuse a bad [dicom] table when the file is loaded
+
+    def selection_rules(self):
+        """The DICOM series-selection rules: the built-in ones with ``[dicom]``'s changes."""
+        from .dicom.select import SelectionRules
+
+        try:
+            return SelectionRules.from_mapping(self.dicom or {})
+        except ConfigError as e:
+            raise ValueError(f"[dicom]: {e}") from None
 
     def with_overrides(self, **inference: object) -> "PipelineConfig":
         """A copy with the given inference settings replaced (None values are ignored)."""

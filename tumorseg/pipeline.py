@@ -107,6 +107,7 @@ class PipelineSpec:
                 from .dicom.study import inputs_report, read_dicom_study
 
                 scan = read_dicom_study(list(inputs.folders), sequences=self.card.input.sequences,
+                                        rules=self.config.selection_rules(),
                                         explicit=dict(inputs.explicit), use=self._sequences_to_use,
                                         reference=self.config.preprocess.reference or None,
                                         registration=self.config.preprocess.registration)
