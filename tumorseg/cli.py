@@ -14,7 +14,7 @@ import click
 from . import __version__, logredact
 from .atomic import check_output_folder
 from .config import BRAIN_EXTRACTION_MODES, REGISTRATION_MODES
-from .errors import EXIT_CODES, INTERRUPTED, TumorsegError
+from .errors import EXIT_CODES, INTERRUPTED, ConfigError, TumorsegError
 from .sequences import SEQUENCES
 
 log = logging.getLogger("tumorseg")
@@ -201,6 +201,34 @@ def _dicom_inputs(inputs: list[Path], options: dict[str, Path]) -> tuple[list[Pa
         raise SequenceError(f"a mix of DICOM folders and other inputs ({', '.join(map(str, others))}); "
                             "give one kind of input")
     return folders, explicit
+
+
+@main.command()
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The node's configuration (docs/serve.md).")
+@click.option("--status", is_flag=True, help="List the queue (studies by a hash of their UID, no patient data) and exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve(config_file, status, verbose):
+    """Run a DICOM node: receive MR studies from the PACS (C-STORE), segment each complete study,
+    send the RTSTRUCT (and SEG) back to the configured destinations. Stops cleanly on SIGTERM."""
+    _setup_logging(False, verbose)
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from .serve.config import load_node_config
+
+    config = load_node_config(config_file)
+    if status:
+        from .serve.node import status_lines
+
+        click.echo("\n".join(status_lines(config)))
+        return
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        raise ConfigError("tumorseg serve needs pynetdicom, which is not installed: pip install 'tumorseg[serve]'") \
+            from None
+    from .serve.node import Node
+
+    Node(config).run()
 
 
 @main.command()

@@ -1,0 +1,381 @@
+"""`tumorseg serve`: the DICOM node against real senders and receivers, on 127.0.0.1 with ports of
+its own: pynetdicom and dcmtk's storescu as senders, a pynetdicom storage SCP and Orthanc (a real
+PACS, Debian's `orthanc`) as destinations. The node runs as its own process (`tumorseg serve`), so
+it can be killed and restarted."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import dicom3tools_findings, make_tiny_model, run_tool
+from mutants import CANARY, small_real_series
+
+pynetdicom = pytest.importorskip("pynetdicom", reason="needs pynetdicom (the serve extra; .ci/run installs it)")
+from pynetdicom import AE, evt  # noqa: E402
+from pynetdicom import sop_class as sop  # noqa: E402
+
+CALLER = "TESTSCU"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Receiver:
+    """A storage SCP standing in for the planning system: keeps what it is sent."""
+
+    def __init__(self, ae_title: str = "PLANNING") -> None:
+        self.ae_title, self.port, self.received = ae_title, free_port(), []
+        ae = AE(ae_title=ae_title)
+        ae.add_supported_context(sop.RTStructureSetStorage)
+        ae.add_supported_context(sop.SegmentationStorage)
+        self.server = None
+        self._ae = ae
+
+    def start(self) -> "Receiver":
+        def store(event):
+            self.received.append(event.dataset)
+            return 0x0000
+        self.server = self._ae.start_server(("127.0.0.1", self.port), block=False,
+                                            evt_handlers=[(evt.EVT_C_STORE, store)])
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def send_series(folder: Path, port: int, caller: str = CALLER) -> list[int]:
+    """C-STORE every file of ``folder`` to the node; the statuses."""
+    ae = AE(ae_title=caller)
+    ae.add_requested_context(sop.MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TUMORSEG")
+    if not assoc.is_established:
+        return []
+    try:
+        return [assoc.send_c_store(pydicom.dcmread(p)).Status for p in sorted(folder.glob("*.dcm"))]
+    finally:
+        assoc.release()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A random-weight model on a 4 mm grid: contours somewhere, quickly."""
+    return make_tiny_model(tmp_path_factory.mktemp("serve-model"), spacing=(4.0, 4.0, 4.0))
+
+
+@pytest.fixture
+def series(tmp_path) -> Path:
+    return small_real_series(tmp_path / "study")
+
+
+class NodeProcess:
+    def __init__(self, tmp_path: Path, model: Path, destinations: list[tuple[str, str, int]],
+                 idle_seconds: float = 1.0, extra: str = "", port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.spool = tmp_path / "spool"
+        pipeline = tmp_path / "node-pipeline.toml"
+        pipeline.write_text(f'model = "{model}"\n[preprocess]\nbrain_extraction = "off"\n[inference]\ntta = false\n')
+        lines = ["[node]", 'ae_title = "TUMORSEG"', f"port = {self.port}", f'spool = "{self.spool}"',
+                 f"idle_seconds = {idle_seconds}", f'pipeline = "{pipeline}"',
+                 f'allowed_callers = ["{CALLER}", "STORESCU", "ORTHANC"]', "retry_seconds = 0.5", extra]
+        for name, title, port in destinations:
+            lines += ["[[destinations]]", f'name = "{name}"', f'ae_title = "{title}"', 'host = "127.0.0.1"',
+                      f"port = {port}"]
+        self.config = tmp_path / "node.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = tmp_path / "node.log"
+        self.process = None
+
+    def start(self) -> "NodeProcess":
+        self.process = subprocess.Popen([sys.executable, "-m", "tumorseg.cli", "serve", "--config", str(self.config)],
+                                        stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the node exited: {self.log.read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.2)
+        raise AssertionError("the node did not listen within 60 s")
+
+    def status(self) -> str:
+        done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "serve", "--config", str(self.config), "--status"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=120)
+        self.process = None
+        return code
+
+
+def wait_for(condition, seconds: float = 120.0, what: str = "") -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def contours(ds) -> dict[str, list]:
+    names = {r.ROINumber: r.ROIName for r in ds.StructureSetROISequence}
+    return {names[c.ReferencedROINumber]: sorted(tuple(np.round(np.asarray(k.ContourData, float), 3))
+                                                 for k in getattr(c, "ContourSequence", []))
+            for c in ds.ROIContourSequence}
+
+
+def test_node_receives_segments_and_delivers_once(tmp_path, model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        statuses = send_series(series, node.port)
+        assert statuses and set(statuses) == {0x0000}
+        wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT")
+        rt = receiver.received[0]
+        source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
+        assert rt.Modality == "RTSTRUCT" and rt.StudyInstanceUID == source.StudyInstanceUID
+        referenced = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+            .RTReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+        # The same contours as `tumorseg predict` writes for the same series and pipeline.
+        out = tmp_path / "predict"
+        done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", str(series), "-o", str(out), "-q",
+                               "--pipeline", str(tmp_path / "node-pipeline.toml")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert contours(rt) == contours(pydicom.dcmread(out / "rtstruct.dcm"))
+        assert "sent" in node.status()
+        time.sleep(2)
+        assert len(receiver.received) == 1  # delivered once
+    finally:
+        assert node.stop() == 0
+        receiver.stop()
+    log_text = node.log.read_text()
+    assert CANARY not in log_text and "Traceback" not in log_text
+    assert CANARY not in node.status()
+
+
+def test_unknown_caller_is_rejected_and_nothing_spooled(tmp_path, model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        assert send_series(series, node.port, caller="INTRUDER") == []  # association rejected
+        assert not any((node.spool / "studies").iterdir())
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def test_garbage_instance_is_refused_and_the_node_keeps_serving(tmp_path, model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(sop.MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        bad = pydicom.dcmread(next(series.glob("*.dcm")))
+        bad.StudyInstanceUID = "1.2.3\\../../etc"  # two values, one a path
+        status = assoc.send_c_store(bad)
+        assoc.release()
+        assert status.Status == 0xC000
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT after a refused instance")
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def study_state(spool: Path) -> str:
+    """The study's state, read from the node's job database directly (quick enough to catch 'running')."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{spool / 'jobs.sqlite'}?mode=ro", uri=True, timeout=1) as db:
+            row = db.execute("SELECT state FROM studies").fetchone()
+    except sqlite3.Error:
+        return ""
+    return row[0] if row else ""
+
+
+def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tmp_path, model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)], idle_seconds=3.0).start()
+    files = sorted(series.glob("*.dcm"))
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    first.mkdir(), rest.mkdir()
+    for i, path in enumerate(files):
+        shutil.copy(path, (first if i < len(files) // 2 else rest) / path.name)
+    try:
+        assert set(send_series(first, node.port)) == {0x0000}
+        node.stop(signal.SIGKILL)  # while receiving: half the study spooled
+        node.start()
+        assert set(send_series(rest, node.port)) == {0x0000}
+        seen = ""
+        deadline = time.time() + 60
+        while time.time() < deadline and seen != "running":
+            seen = study_state(node.spool)
+            time.sleep(0.02)
+        assert seen == "running", f"never saw the study segmenting (last state {seen!r})"
+        node.stop(signal.SIGKILL)  # while segmenting
+        assert receiver.received == []
+        node.start()
+        wait_for(lambda: len(receiver.received) >= 1, what="the RTSTRUCT after two kills")
+        time.sleep(2)
+        assert len(receiver.received) == 1
+        referenced = receiver.received[0].ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+            .RTReferencedSeriesSequence[0].ContourImageSequence
+        assert len(referenced) == len(files)  # the whole study, both halves
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def test_destination_down_is_retried_until_it_is_up(tmp_path, model, series):
+    receiver = Receiver()  # not listening yet
+    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: "attempts" in node.status() or "pending" in node.status(), seconds=60, what="a failed send")
+        receiver.start()
+        wait_for(lambda: len(receiver.received) == 1, what="delivery after the destination came up")
+        wait_for(lambda: "sent" in node.status(), seconds=10, what="the study marked sent")
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def test_destination_down_past_the_limit_fails_the_study_with_the_reason(tmp_path, model, series):
+    node = NodeProcess(tmp_path, model, [("planning", "PLANNING", free_port())],
+                       extra="send_attempts = 2").start()
+    try:
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: "failed" in node.status(), seconds=60, what="the study marked failed")
+        assert "not delivered to planning after 2 attempts" in node.status()
+    finally:
+        node.stop()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from click.testing import CliRunner
+
+    from tumorseg.cli import main
+
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nallowed_callers = ["X"]\nport = 99999\n[[destinations]]\nname = "a"\n'
+                      'ae_title = "A"\nhost = "h"\nport = 1\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 6 and "port" in result.output and "99999" in result.output
+    config.write_text('[node]\nallowed_caller = ["X"]\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 6 and "allowed_callers" in result.output
+
+
+# --- against a real PACS -----------------------------------------------------------------------
+
+class Orthanc:
+    def __init__(self, tmp_path: Path, node_port: int) -> None:
+        if shutil.which("Orthanc") is None:
+            pytest.skip("needs Orthanc (Debian package orthanc; .ci/run installs it)")
+        self.http, self.dicom = free_port(), free_port()
+        self.folder = tmp_path / "orthanc"
+        self.folder.mkdir()
+        config = {"Name": "tumorseg-test", "StorageDirectory": str(self.folder / "storage"),
+                  "IndexDirectory": str(self.folder / "index"), "HttpPort": self.http, "DicomPort": self.dicom,
+                  "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                  "DicomModalities": {"tumorseg": ["TUMORSEG", "127.0.0.1", node_port]},
+                  "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
+                  "HttpServerEnabled": True, "StableAge": 1}
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")],
+                                        stdout=open(self.folder / "log.txt", "w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self._up(), seconds=60, what="Orthanc")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            data = r.read()
+        return json.loads(data) if data[:1] in (b"{", b"[") else data
+
+    def post(self, path: str, body: bytes):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=300) as r:
+            data = r.read()
+        return json.loads(data) if data[:1] in (b"{", b"[") else data
+
+    def rtstructs(self) -> list[str]:
+        found = self.post("/tools/find", json.dumps({"Level": "Instance", "Query": {"Modality": "RTSTRUCT"}}).encode())
+        return list(found)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def test_orthanc_sends_a_study_and_receives_the_rtstruct(tmp_path, model, series):
+    """The issue's round trip: uploaded to Orthanc over REST, sent by Orthanc to the node
+    (/modalities/tumorseg/store), the RTSTRUCT arrives back in Orthanc: 0 dciodvfy errors, the
+    sent series referenced, the contours `predict` writes. dcmtk's storescu sends a second time."""
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, node_port)
+    node = NodeProcess(tmp_path, model, [("pacs", "ORTHANC", orthanc.dicom)], port=node_port).start()
+    try:
+        ids = [orthanc.post("/instances", p.read_bytes())["ID"] for p in sorted(series.glob("*.dcm"))]
+        series_id = orthanc.get(f"/instances/{ids[0]}")["ParentSeries"]
+        start = time.time()
+        orthanc.post("/modalities/tumorseg/store", json.dumps({"Resources": [series_id], "Synchronous": True}).encode())
+        wait_for(lambda: len(orthanc.rtstructs()) == 1, what="the RTSTRUCT in Orthanc")
+        print(f"Orthanc -> node -> Orthanc: {time.time() - start:.1f} s")
+        rt_bytes = orthanc.get(f"/instances/{orthanc.rtstructs()[0]}/file")
+        (tmp_path / "rt.dcm").write_bytes(rt_bytes)
+        errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(tmp_path / "rt.dcm")))
+        assert errors == []
+        rt = pydicom.dcmread(tmp_path / "rt.dcm")
+        source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
+        referenced = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+            .RTReferencedSeriesSequence[0]
+        assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+        out = tmp_path / "predict"
+        done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", str(series), "-o", str(out), "-q",
+                               "--pipeline", str(tmp_path / "node-pipeline.toml")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert contours(rt) == contours(pydicom.dcmread(out / "rtstruct.dcm"))
+        # A second, independent sender: dcmtk's storescu sends the study again: a new generation,
+        # a new RTSTRUCT series (docs/serve.md).
+        if shutil.which("storescu"):
+            done = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "TUMORSEG", "127.0.0.1", str(node_port),
+                                   *map(str, sorted(series.glob("*.dcm")))], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: len(orthanc.rtstructs()) == 2, what="the second RTSTRUCT")
+            second = [pydicom.dcmread(__import__("io").BytesIO(orthanc.get(f"/instances/{i}/file")))
+                      for i in orthanc.rtstructs()]
+            assert len({r.SeriesInstanceUID for r in second}) == 2
+    finally:
+        node.stop()
+        orthanc.stop()

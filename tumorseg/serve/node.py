@@ -1,0 +1,277 @@
+"""The node: a storage SCP that spools what the PACS sends, a worker that segments complete studies
+through the pipeline, and a sender that delivers each result once to every destination."""
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, TumorsegError
+from .config import Destination, NodeConfig
+from .spool import Spool
+from .state import JobStore, Study, study_key
+
+log = logging.getLogger(__name__)
+
+# DICOM statuses (PS3.4 Annex B, PS3.7 Annex C).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+REFUSED_NOT_AUTHORISED = 0x0124
+#: Store statuses a sender may answer and still have stored the object (warnings).
+STORED = (0x0000, 0xB000, 0xB006, 0xB007)
+#: What the node accepts: MR images (slice files and enhanced multi-frame). Anything else is
+#: refused at association (no presentation context), as a PACS administrator expects.
+ACCEPTED_SOP_CLASSES = ("MRImageStorage", "EnhancedMRImageStorage")
+RESULTS = {"rtstruct": "rtstruct.dcm", "seg": "seg.dcm"}
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.settings = config.node
+        self.spool = Spool(config.spool)
+        self.jobs = JobStore(config.spool / "jobs.sqlite")
+        self.stopping = threading.Event()
+        self.server = None
+        self._segmenter = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def run(self, poll_seconds: float = 0.5) -> None:
+        """Serve until SIGTERM or SIGINT; the step in progress (a segmentation, a send) finishes first."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        recovered = self.jobs.recover()
+        if recovered:
+            log.info("resuming %d study(ies) that were being segmented when the node stopped", recovered)
+        self._load_pipeline()
+        self.start_scp()
+        log.info("listening as %s on %s:%d; spool %s", self.settings.ae_title, self.settings.host,
+                 self.settings.port, self.config.spool)
+        try:
+            while not self.stopping.is_set():
+                if not self.step():
+                    self.stopping.wait(poll_seconds)
+        finally:
+            if self.server is not None:
+                self.server.shutdown()
+            self.jobs.close()
+            log.info("stopped")
+
+    def step(self) -> bool:
+        """One unit of work (mark quiet studies complete, segment one, or send one); False when idle."""
+        for study in self.jobs.mark_complete(self.settings.idle_seconds):
+            log.info("study %s complete: %d instance(s)", study.key, study.instances)
+        study = self.jobs.next_complete()
+        if study is not None:
+            self.segment(study)
+            return True
+        due = self.jobs.due_deliveries()
+        if due:
+            self.deliver(*due[0])
+            return True
+        return False
+
+    def _load_pipeline(self):
+        if self._segmenter is None:
+            from dataclasses import replace
+
+            from ..config import load_pipeline
+            from ..pipeline import Segmenter
+
+            config = load_pipeline(self.config.path(self.settings.pipeline)
+                                   if Path(self.config.path(self.settings.pipeline)).is_file() else self.settings.pipeline)
+            config = replace(config, output=replace(config.output, rtstruct=True, seg=self.settings.send_seg))
+            self._segmenter = Segmenter(config.model, config)
+        return self._segmenter
+
+    # --- receiving -------------------------------------------------------------------------
+    def start_scp(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import sop_class as sop
+
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_supported_context(sop.Verification)
+        for name in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(getattr(sop, name), ALL_TRANSFER_SYNTAXES)
+        ae.require_calling_aet = list(self.settings.allowed_callers)
+        ae.maximum_associations = self.settings.max_associations
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_REQUESTED, self._on_requested)]
+        try:
+            self.server = ae.start_server((self.settings.host, self.settings.port), block=False,
+                                          evt_handlers=handlers, ssl_context=self._server_tls())
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port} ({e.strerror}); "
+                              "check [node] host and port") from None
+
+    def _on_requested(self, event) -> None:
+        allowed = self.settings.allowed_hosts
+        address = event.assoc.requestor.address
+        if allowed and address not in allowed:
+            log.warning("refused an association from %s: not in allowed_hosts", address)
+            event.assoc.abort()
+
+    def _on_echo(self, event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event) -> int:
+        import pydicom
+
+        try:
+            data = event.encoded_dataset()
+        except Exception:
+            log.warning("refused an instance that could not be decoded")
+            return CANNOT_UNDERSTAND
+        if len(data) > self.settings.max_instance_mb * 2**20:
+            log.warning("refused an instance of %.0f MB (max_instance_mb %g)", len(data) / 2**20,
+                        self.settings.max_instance_mb)
+            return OUT_OF_RESOURCES
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            study_uid = str(header.StudyInstanceUID)
+            series_uid = str(header.SeriesInstanceUID)
+            sop_uid = str(header.SOPInstanceUID)
+        except Exception:
+            log.warning("refused an instance whose header cannot be parsed or lacks its UIDs")
+            return CANNOT_UNDERSTAND
+        if sop_uid != str(event.request.AffectedSOPInstanceUID):
+            log.warning("refused an instance whose SOP Instance UID differs from the request's")
+            return CANNOT_UNDERSTAND
+        try:
+            if self.jobs.study_bytes(study_uid) + len(data) > self.settings.max_study_mb * 2**20:
+                log.warning("study %s: refused an instance past max_study_mb %g", study_key(study_uid),
+                            self.settings.max_study_mb)
+                return OUT_OF_RESOURCES
+            self.spool.store(study_uid, series_uid, sop_uid, data)
+        except ValueError:
+            log.warning("refused an instance whose UIDs are not valid DICOM UIDs")
+            return CANNOT_UNDERSTAND
+        except OSError as e:
+            log.error("cannot write to the spool (%s): instance refused", e.strerror)
+            return OUT_OF_RESOURCES
+        self.jobs.instance_received(study_uid, len(data))
+        return SUCCESS
+
+    # --- segmenting ------------------------------------------------------------------------
+    def segment(self, study: Study) -> None:
+        from ..inputs import DicomInputs
+        from ..pipeline import write_outputs
+
+        out = self.spool.results_folder(study.key, study.generation)
+        start = time.perf_counter()
+        try:
+            if not (out / "report.json").is_file():  # written last: present means the set is complete
+                segmenter = self._load_pipeline()
+                result = segmenter.segment_inputs(DicomInputs(folders=(self.spool.study_folder(study.study_uid),)))
+                out.mkdir(parents=True, exist_ok=True)
+                write_outputs(result, segmenter.spec, out)
+        except TumorsegError as e:
+            log.warning("study %s: failed: %s", study.key, _without_spool(str(e), self.config.spool))
+            self.jobs.fail(study, _without_spool(str(e), self.config.spool))
+            return
+        except Exception as e:  # a bug: the study fails, the node keeps serving
+            log.exception("study %s: internal error", study.key)
+            self.jobs.fail(study, f"internal error: {type(e).__name__}")
+            return
+        if self.jobs.finish(study, [d.name for d in self.config.destinations]):
+            log.info("study %s: segmented in %.1f s; sending to %s", study.key, time.perf_counter() - start,
+                     ", ".join(d.name for d in self.config.destinations))
+        else:
+            log.info("study %s: more instances arrived while it was segmented; it runs again", study.key)
+
+    # --- sending ---------------------------------------------------------------------------
+    def deliver(self, study_uid: str, generation: int, name: str, attempts: int) -> None:
+        key = study_key(study_uid)
+        destination = next(d for d in self.config.destinations if d.name == name)
+        folder = self.spool.results_folder(key, generation)
+        files = [folder / RESULTS["rtstruct"]] + ([folder / RESULTS["seg"]] if self.settings.send_seg else [])
+        reason = self.send(destination, files)
+        if reason is None:
+            self.jobs.delivered(study_uid, generation, name)
+            log.info("study %s: delivered to %s", key, name)
+            return
+        last = self.jobs.delivery_failed(study_uid, generation, name, reason, attempts, self.settings.send_attempts,
+                                         self.settings.retry_seconds)
+        if last:
+            log.error("study %s: not delivered to %s after %d attempts (%s): failed", key, name,
+                      self.settings.send_attempts, reason)
+        else:
+            log.warning("study %s: sending to %s failed (%s); retrying in %.0f s", key, name, reason,
+                        self.settings.retry_seconds * 2 ** attempts)
+
+    def send(self, destination: Destination, files: list[Path]) -> str | None:
+        """C-STORE ``files`` in one association; None on success, else why not. A retry sends the
+        same files, so the same SOP Instance UIDs: a destination never gets two different objects."""
+        import pydicom
+        from pynetdicom import AE
+        from pynetdicom import sop_class as sop
+
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_requested_context(sop.RTStructureSetStorage)
+        ae.add_requested_context(sop.SegmentationStorage)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        tls = self._client_tls()
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=(tls, destination.host) if tls else None)
+        if not assoc.is_established:
+            return "association rejected, aborted or destination unreachable"
+        try:
+            for path in files:
+                status = assoc.send_c_store(pydicom.dcmread(path))
+                code = getattr(status, "Status", None)
+                if code not in STORED:
+                    return f"C-STORE of {path.name} answered {'no status' if code is None else f'0x{code:04X}'}"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return None
+
+    # --- TLS -------------------------------------------------------------------------------
+    def _server_tls(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.path(tls.certificate), self.config.path(tls.key))
+        if tls.ca_certificates:
+            context.load_verify_locations(self.config.path(tls.ca_certificates))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if tls.ca_certificates:
+            context.load_verify_locations(self.config.path(tls.ca_certificates))
+        context.load_cert_chain(self.config.path(tls.certificate), self.config.path(tls.key))
+        return context
+
+
+def _without_spool(message: str, spool: Path) -> str:
+    """A reason for the status and the log: paths inside the spool (named by UIDs) shortened."""
+    return message.replace(str(spool) + "/", "")
+
+
+def status_lines(config: NodeConfig) -> list[str]:
+    """The queue without patient data: study key, state, generation, instances, deliveries, reason."""
+    path = config.spool / "jobs.sqlite"
+    if not path.is_file():
+        return [f"no job database in {config.spool} (the node has not run yet)"]
+    jobs = JobStore(path)
+    try:
+        lines = []
+        for s in jobs.studies():
+            sent = ", ".join(f"{d}: {state}" + (f" ({n} attempts)" if n > 1 else "")
+                             for g, d, state, n, _ in jobs.deliveries(s.study_uid) if g == s.generation)
+            lines.append(f"{s.key}  {s.state:9s} g{s.generation}  {s.instances:5d} instances  "
+                         f"{sent or '-'}" + (f"  {s.reason}" if s.reason else ""))
+        return lines or ["no studies"]
+    finally:
+        jobs.close()

@@ -1,0 +1,49 @@
+"""Received instances on disk: ``studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
+each written atomically and fsynced (file and folder) before the sender hears success. Paths are
+built only from UIDs that passed :func:`tumorseg.dicom.files.is_valid_uid` (digits and dots)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import write_bytes_atomic
+from ..dicom.files import is_valid_uid
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("studies", "results"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def study_folder(self, study_uid: str) -> Path:
+        if not is_valid_uid(study_uid):
+            raise ValueError("not a valid StudyInstanceUID")
+        return self.root / "studies" / study_uid
+
+    def results_folder(self, key: str, generation: int) -> Path:
+        return self.root / "results" / key / f"g{int(generation)}"
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Write one instance durably; the UIDs must be valid (ValueError otherwise)."""
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_valid_uid(uid):
+                raise ValueError("an instance UID is not a valid DICOM UID")
+        folder = self.study_folder(study_uid) / series_uid
+        new_folder = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{sop_uid}.dcm"
+        write_bytes_atomic(path, data)  # fsynced, then renamed into place
+        _fsync_dir(folder)
+        if new_folder:
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
+        return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""Durable job state: one SQLite database in the spool, one row per study and per delivery.
+
+A study is ``received`` while instances arrive, ``complete`` after ``idle_seconds`` of quiet,
+``running`` while segmented, ``done`` when its results are written, ``sent`` when every destination
+acknowledged them, ``failed`` with a reason. More instances after ``complete`` start a new
+generation (the study is segmented again; its RTSTRUCT is a new series). Every change is one
+committed transaction, so a kill leaves the last committed state: :meth:`JobStore.recover` puts
+``running`` studies back to ``complete`` at start.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    instances INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    last_instance REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    study_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (study_uid, generation, destination)
+);
+"""
+
+
+def study_key(study_uid: str) -> str:
+    """How logs and the status name a study: a hash of its UID, never patient data."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Study:
+    study_uid: str
+    key: str
+    state: str
+    generation: int
+    instances: int
+    bytes: int
+    last_instance: float
+    reason: str
+
+
+class JobStore:
+    """The job database; safe to use from the SCP's threads and the worker (one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # committed means on disk
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- receiving -------------------------------------------------------------------------
+    def study_bytes(self, study_uid: str) -> int:
+        rows = self._read("SELECT bytes FROM studies WHERE study_uid = ?", (study_uid,))
+        return int(rows[0][0]) if rows else 0
+
+    def instance_received(self, study_uid: str, size: int) -> None:
+        """Count an instance (already on disk); a study past ``complete`` starts a new generation."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO studies (study_uid, key, state, instances, bytes, last_instance, updated)"
+                                 " VALUES (?, ?, 'received', 1, ?, ?, ?)", (study_uid, study_key(study_uid), size, now, now))
+            elif row[0] == "received":
+                self._db.execute("UPDATE studies SET instances = instances + 1, bytes = bytes + ?, last_instance = ?,"
+                                 " updated = ? WHERE study_uid = ?", (size, now, now, study_uid))
+            else:
+                self._db.execute("UPDATE studies SET state = 'received', generation = generation + 1, reason = '',"
+                                 " instances = instances + 1, bytes = bytes + ?, last_instance = ?, updated = ?"
+                                 " WHERE study_uid = ?", (size, now, now, study_uid))
+            self._db.execute("COMMIT")
+
+    # --- the worker ------------------------------------------------------------------------
+    def recover(self) -> int:
+        """At start: studies that were being segmented when the node stopped run again."""
+        return self._write("UPDATE studies SET state = 'complete', updated = ? WHERE state = 'running'", (time.time(),))
+
+    def mark_complete(self, idle_seconds: float) -> list[Study]:
+        cutoff = time.time() - idle_seconds
+        ready = [s for s in self.studies("received") if s.last_instance <= cutoff]
+        for s in ready:
+            self._write("UPDATE studies SET state = 'complete', updated = ? WHERE study_uid = ? AND state = 'received'"
+                        " AND generation = ?", (time.time(), s.study_uid, s.generation))
+        return ready
+
+    def next_complete(self) -> Study | None:
+        rows = self.studies("complete")
+        if not rows:
+            return None
+        study = min(rows, key=lambda s: s.last_instance)
+        changed = self._write("UPDATE studies SET state = 'running', updated = ? WHERE study_uid = ? AND state = "
+                              "'complete' AND generation = ?", (time.time(), study.study_uid, study.generation))
+        return study if changed else None
+
+    def finish(self, study: Study, destinations: list[str]) -> bool:
+        """Results of ``study``'s generation are written: queue one delivery per destination.
+        False (nothing changed) when more instances arrived meanwhile (a new generation runs)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            changed = self._db.execute("UPDATE studies SET state = 'done', updated = ? WHERE study_uid = ? AND "
+                                       "generation = ? AND state = 'running'", (now, study.study_uid,
+                                                                                study.generation)).rowcount
+            if changed:
+                for name in destinations:
+                    self._db.execute("INSERT OR IGNORE INTO deliveries (study_uid, generation, destination, state, "
+                                     "next_try) VALUES (?, ?, ?, 'pending', ?)", (study.study_uid, study.generation,
+                                                                                  name, now))
+            self._db.execute("COMMIT")
+        return bool(changed)
+
+    def fail(self, study: Study, reason: str) -> None:
+        self._write("UPDATE studies SET state = 'failed', reason = ?, updated = ? WHERE study_uid = ? AND "
+                    "generation = ?", (reason[:500], time.time(), study.study_uid, study.generation))
+
+    def due_deliveries(self) -> list[tuple[str, int, str, int]]:
+        """(study UID, generation, destination, attempts so far) of deliveries due now."""
+        return [tuple(r) for r in self._read("SELECT study_uid, generation, destination, attempts FROM deliveries "
+                                             "WHERE state = 'pending' AND next_try <= ? ORDER BY next_try",
+                                             (time.time(),))]
+
+    def delivered(self, study_uid: str, generation: int, destination: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, reason = '' WHERE "
+                             "study_uid = ? AND generation = ? AND destination = ?", (study_uid, generation, destination))
+            left = self._db.execute("SELECT COUNT(*) FROM deliveries WHERE study_uid = ? AND generation = ? AND "
+                                    "state != 'sent'", (study_uid, generation)).fetchone()[0]
+            if left == 0:
+                self._db.execute("UPDATE studies SET state = 'sent', updated = ? WHERE study_uid = ? AND generation = ?"
+                                 " AND state = 'done'", (now, study_uid, generation))
+            self._db.execute("COMMIT")
+
+    def delivery_failed(self, study_uid: str, generation: int, destination: str, reason: str,
+                        attempts: int, limit: int, backoff: float) -> bool:
+        """Record a failed attempt; True when it was the last one (the study is then failed)."""
+        now = time.time()
+        last = attempts + 1 >= limit
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE deliveries SET attempts = attempts + 1, reason = ?, next_try = ?, state = ? "
+                             "WHERE study_uid = ? AND generation = ? AND destination = ?",
+                             (reason[:500], now + backoff * 2 ** attempts, "failed" if last else "pending",
+                              study_uid, generation, destination))
+            if last:
+                self._db.execute("UPDATE studies SET state = 'failed', reason = ?, updated = ? WHERE study_uid = ? "
+                                 "AND generation = ? AND state = 'done'",
+                                 (f"not delivered to {destination} after {limit} attempts: {reason}"[:500], now,
+                                  study_uid, generation))
+            self._db.execute("COMMIT")
+        return last
+
+    # --- reading ---------------------------------------------------------------------------
+    def studies(self, state: str | None = None) -> list[Study]:
+        sql = "SELECT study_uid, key, state, generation, instances, bytes, last_instance, reason FROM studies"
+        rows = self._read(sql + (" WHERE state = ?" if state else "") + " ORDER BY last_instance",
+                          (state,) if state else ())
+        return [Study(*r) for r in rows]
+
+    def deliveries(self, study_uid: str) -> list[tuple[int, str, str, int, str]]:
+        return [tuple(r) for r in self._read("SELECT generation, destination, state, attempts, reason FROM deliveries"
+                                             " WHERE study_uid = ? ORDER BY generation, destination", (study_uid,))]
