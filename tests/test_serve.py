@@ -5,7 +5,6 @@ it can be killed and restarted."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -38,8 +37,8 @@ def free_port() -> int:
 class Receiver:
     """A storage SCP standing in for the planning system: keeps what it is sent."""
 
-    def __init__(self, ae_title: str = "PLANNING") -> None:
-        self.ae_title, self.port, self.received = ae_title, free_port(), []
+    def __init__(self, ae_title: str = "PLANNING", ssl_context=None) -> None:
+        self.ae_title, self.port, self.received, self.ssl_context = ae_title, free_port(), [], ssl_context
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(sop.RTStructureSetStorage)
         ae.add_supported_context(sop.SegmentationStorage)
@@ -51,7 +50,7 @@ class Receiver:
             self.received.append(event.dataset)
             return 0x0000
         self.server = self._ae.start_server(("127.0.0.1", self.port), block=False,
-                                            evt_handlers=[(evt.EVT_C_STORE, store)])
+                                            evt_handlers=[(evt.EVT_C_STORE, store)], ssl_context=self.ssl_context)
         return self
 
     def stop(self) -> None:
@@ -60,11 +59,11 @@ class Receiver:
             self.server = None
 
 
-def send_series(folder: Path, port: int, caller: str = CALLER) -> list[int]:
-    """C-STORE every file of ``folder`` to the node; the statuses."""
+def send_series(folder: Path, port: int, caller: str = CALLER, tls=None) -> list[int]:
+    """C-STORE every file of ``folder`` to the node; the statuses ([] when not let in)."""
     ae = AE(ae_title=caller)
     ae.add_requested_context(sop.MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TUMORSEG")
+    assoc = ae.associate("127.0.0.1", port, ae_title="TUMORSEG", tls_args=(tls, "127.0.0.1") if tls else None)
     if not assoc.is_established:
         return []
     try:
@@ -77,6 +76,12 @@ def send_series(folder: Path, port: int, caller: str = CALLER) -> list[int]:
 def model(tmp_path_factory) -> Path:
     """A random-weight model on a 4 mm grid: contours somewhere, quickly."""
     return make_tiny_model(tmp_path_factory.mktemp("serve-model"), spacing=(4.0, 4.0, 4.0))
+
+
+@pytest.fixture(scope="module")
+def quiet_model(tmp_path_factory) -> Path:
+    """A model that finds nothing: an empty RTSTRUCT, for the tests about delivery, not contours."""
+    return make_tiny_model(tmp_path_factory.mktemp("serve-empty-model"), spacing=(4.0, 4.0, 4.0), background_bias=100.0)
 
 
 @pytest.fixture
@@ -176,9 +181,9 @@ def test_node_receives_segments_and_delivers_once(tmp_path, model, series):
     assert CANARY not in node.status()
 
 
-def test_unknown_caller_is_rejected_and_nothing_spooled(tmp_path, model, series):
+def test_unknown_caller_is_rejected_and_nothing_spooled(tmp_path, quiet_model, series):
     receiver = Receiver().start()
-    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
     try:
         assert send_series(series, node.port, caller="INTRUDER") == []  # association rejected
         assert not any((node.spool / "studies").iterdir())
@@ -187,9 +192,9 @@ def test_unknown_caller_is_rejected_and_nothing_spooled(tmp_path, model, series)
         receiver.stop()
 
 
-def test_garbage_instance_is_refused_and_the_node_keeps_serving(tmp_path, model, series):
+def test_garbage_instance_is_refused_and_the_node_keeps_serving(tmp_path, quiet_model, series):
     receiver = Receiver().start()
-    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
     try:
         ae = AE(ae_title=CALLER)
         ae.add_requested_context(sop.MRImageStorage)
@@ -218,9 +223,9 @@ def study_state(spool: Path) -> str:
     return row[0] if row else ""
 
 
-def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tmp_path, model, series):
+def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tmp_path, quiet_model, series):
     receiver = Receiver().start()
-    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)], idle_seconds=3.0).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)], idle_seconds=3.0).start()
     files = sorted(series.glob("*.dcm"))
     first, rest = tmp_path / "first", tmp_path / "rest"
     first.mkdir(), rest.mkdir()
@@ -251,9 +256,9 @@ def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tm
         receiver.stop()
 
 
-def test_destination_down_is_retried_until_it_is_up(tmp_path, model, series):
+def test_destination_down_is_retried_until_it_is_up(tmp_path, quiet_model, series):
     receiver = Receiver()  # not listening yet
-    node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
     try:
         assert set(send_series(series, node.port)) == {0x0000}
         wait_for(lambda: "attempts" in node.status() or "pending" in node.status(), seconds=60, what="a failed send")
@@ -265,8 +270,8 @@ def test_destination_down_is_retried_until_it_is_up(tmp_path, model, series):
         receiver.stop()
 
 
-def test_destination_down_past_the_limit_fails_the_study_with_the_reason(tmp_path, model, series):
-    node = NodeProcess(tmp_path, model, [("planning", "PLANNING", free_port())],
+def test_destination_down_past_the_limit_fails_the_study_with_the_reason(tmp_path, quiet_model, series):
+    node = NodeProcess(tmp_path, quiet_model, [("planning", "PLANNING", free_port())],
                        extra="send_attempts = 2").start()
     try:
         assert set(send_series(series, node.port)) == {0x0000}
@@ -289,6 +294,111 @@ def test_config_errors_name_the_key(tmp_path):
     config.write_text('[node]\nallowed_caller = ["X"]\n')
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 6 and "allowed_callers" in result.output
+
+
+def test_limits_hosts_and_sop_classes_are_refused_as_documented(tmp_path, quiet_model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)],
+                       extra="max_instance_mb = 0.01").start()
+    try:
+        assert set(send_series(series, node.port)) == {0xA700}  # each instance over 10 kB: out of resources
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(sop.CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        assert not assoc.is_established or not assoc.accepted_contexts  # CT: no presentation context
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        node.stop()
+    node = NodeProcess(tmp_path / "hosts", quiet_model, [("planning", receiver.ae_title, receiver.port)],
+                       extra='allowed_hosts = ["10.1.2.3"]') if (tmp_path / "hosts").mkdir() is None else None
+    node.start()
+    try:
+        assert set(send_series(series, node.port)) <= set()  # from 127.0.0.1: not let in
+        assert not any((node.spool / "studies").iterdir())
+    finally:
+        node.stop()
+        receiver.stop()
+    assert "not in allowed_hosts" in node.log.read_text()
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path, quiet_model, series):
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    server.load_verify_locations(cert)
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    client.load_verify_locations(cert)
+    client.load_cert_chain(cert, key)
+    receiver = Receiver(ssl_context=server).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)],
+                       extra=f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\nca_certificates = "{cert}"').start()
+    try:
+        assert send_series(series, node.port) == []  # plain TCP: no association
+        assert set(send_series(series, node.port, tls=client)) == {0x0000}
+        wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT over TLS")
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def test_ten_studies_at_once_are_all_delivered(tmp_path, quiet_model, series):
+    """Ten studies (copies of one, each with its own UIDs) sent by ten senders at once."""
+    import threading
+
+    from pydicom.uid import generate_uid
+
+    studies = []
+    for n in range(10):
+        folder = tmp_path / f"study{n}"
+        folder.mkdir()
+        study, series_uid, frame = generate_uid(), generate_uid(), generate_uid()
+        for path in sorted(series.glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(folder / path.name)
+        studies.append(folder)
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)],
+                       extra="max_associations = 4").start()
+
+    def send_with_retries(folder: Path) -> list[int]:
+        """As a PACS does: an association rejected for the node's limit (transient) is tried again."""
+        for _ in range(120):
+            statuses = send_series(folder, node.port)
+            if statuses:
+                return statuses
+            rejected.append(folder)
+            time.sleep(0.5)
+        return []
+
+    rejected: list[Path] = []
+    try:
+        start = time.time()
+        results = {}
+        threads = [threading.Thread(target=lambda f=f: results.__setitem__(f, send_with_retries(f)))
+                   for f in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(set(r) == {0x0000} for r in results.values()), results
+        wait_for(lambda: len(receiver.received) == 10, seconds=300, what="ten RTSTRUCTs")
+        print(f"10 studies of {len(list(series.glob('*.dcm')))} instances, 4 associations at most "
+              f"({len(rejected)} rejected and retried): all delivered in {time.time() - start:.1f} s")
+        assert len({r.StudyInstanceUID for r in receiver.received}) == 10
+    finally:
+        node.stop()
+        receiver.stop()
 
 
 # --- against a real PACS -----------------------------------------------------------------------
