@@ -447,6 +447,12 @@ class Orthanc:
         self.process.terminate()
         self.process.wait(timeout=60)
 
+    def restart(self) -> None:
+        """Start again on the same configuration and storage (what it held is kept)."""
+        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")],
+                                        stdout=open(self.folder / "log.txt", "a"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self._up(), seconds=60, what="Orthanc again")
+
 
 def test_orthanc_sends_a_study_and_receives_the_rtstruct(tmp_path, model, series):
     """The issue's round trip: uploaded to Orthanc over REST, sent by Orthanc to the node
@@ -489,3 +495,31 @@ def test_orthanc_sends_a_study_and_receives_the_rtstruct(tmp_path, model, series
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_the_documented_example_config_loads():
+    from tumorseg.serve.config import load_node_config
+
+    config = load_node_config(Path(__file__).resolve().parents[1] / "docs" / "node.example.toml")
+    assert config.node.allowed_callers == ("ORTHANC", "PACS01")
+    assert [d.name for d in config.destinations] == ["planning", "pacs"]
+
+
+def test_orthanc_down_when_the_node_sends_then_up_again_gets_the_rtstruct(tmp_path, quiet_model, series):
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, node_port)
+    node = NodeProcess(tmp_path, quiet_model, [("pacs", "ORTHANC", orthanc.dicom)], port=node_port,
+                       idle_seconds=6.0).start()
+    try:
+        ids = [orthanc.post("/instances", p.read_bytes())["ID"] for p in sorted(series.glob("*.dcm"))]
+        series_id = orthanc.get(f"/instances/{ids[0]}")["ParentSeries"]
+        orthanc.post("/modalities/tumorseg/store", json.dumps({"Resources": [series_id], "Synchronous": True}).encode())
+        orthanc.stop()  # down before the node has segmented the study (idle_seconds 6)
+        wait_for(lambda: "sending to pacs failed" in node.log.read_text(), seconds=90, what="a failed send to Orthanc")
+        orthanc.restart()
+        wait_for(lambda: len(orthanc.rtstructs()) == 1, what="the RTSTRUCT once Orthanc is back")
+        wait_for(lambda: "sent" in node.status(), seconds=10, what="the study marked sent")
+    finally:
+        node.stop()
+        orthanc.stop()
+
