@@ -202,8 +202,11 @@ def test_garbage_instance_is_refused_and_the_node_keeps_serving(tmp_path, quiet_
         bad = pydicom.dcmread(next(series.glob("*.dcm")))
         bad.StudyInstanceUID = "1.2.3\\../../etc"  # two values, one a path
         status = assoc.send_c_store(bad)
+        truncated = pydicom.dcmread(next(series.glob("*.dcm")))
+        truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 3]
+        truncated_status = assoc.send_c_store(truncated)
         assoc.release()
-        assert status.Status == 0xC000
+        assert status.Status == 0xC000 and truncated_status.Status == 0xA900
         assert set(send_series(series, node.port)) == {0x0000}
         wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT after a refused instance")
     finally:

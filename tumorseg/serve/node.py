@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+DATA_SET_DOES_NOT_MATCH = 0xA900
 REFUSED_NOT_AUTHORISED = 0x0124
 #: Store statuses a sender may answer and still have stored the object (warnings).
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)
@@ -142,6 +143,9 @@ class Node:
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             log.warning("refused an instance whose SOP Instance UID differs from the request's")
             return CANNOT_UNDERSTAND
+        if not _pixel_data_complete(data):
+            log.warning("study %s: refused an instance whose pixel data is missing or cut short", study_key(study_uid))
+            return DATA_SET_DOES_NOT_MATCH
         try:
             if self.jobs.study_bytes(study_uid) + len(data) > self.settings.max_study_mb * 2**20:
                 log.warning("study %s: refused an instance past max_study_mb %g", study_key(study_uid),
@@ -252,6 +256,25 @@ class Node:
             context.load_verify_locations(self.config.path(tls.ca_certificates))
         context.load_cert_chain(self.config.path(tls.certificate), self.config.path(tls.key))
         return context
+
+
+def _pixel_data_complete(data: bytes) -> bool:
+    """The instance holds pixel data, and uncompressed pixel data as long as Rows x Columns x
+    frames x BitsAllocated say (a truncated instance is refused now, not when its study runs)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if "PixelData" not in ds:
+            return False
+        syntax = ds.file_meta.get("TransferSyntaxUID", None)
+        if syntax is not None and pydicom.uid.UID(syntax).is_compressed:
+            return len(ds.PixelData) > 0
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * frames * int(ds.BitsAllocated) // 8 * int(ds.get("SamplesPerPixel", 1))
+        return len(ds.PixelData) >= expected
+    except Exception:
+        return False
 
 
 def _without_spool(message: str, spool: Path) -> str:
