@@ -526,3 +526,22 @@ def test_orthanc_down_when_the_node_sends_then_up_again_gets_the_rtstruct(tmp_pa
         node.stop()
         orthanc.stop()
 
+
+def test_sent_studies_leave_the_spool_after_keep_days(tmp_path, quiet_model, series):
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)],
+                       extra="keep_days = 0.00003").start()  # 2.6 s
+    try:
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT")
+        assert any((node.spool / "studies").iterdir()) and any((node.spool / "results").iterdir())
+        wait_for(lambda: not any((node.spool / "studies").iterdir()) and not any((node.spool / "results").iterdir()),
+                 seconds=30, what="the study removed from the spool")
+        assert node.status().strip() == "no studies"
+        orphan = node.spool / "studies" / "1.2.3.4"  # left by a kill between the row and the files
+        orphan.mkdir()
+        wait_for(lambda: not orphan.exists(), seconds=30, what="an orphan folder removed")
+    finally:
+        node.stop()
+        receiver.stop()
+

@@ -71,6 +71,9 @@ class NodeSettings:
     #: (doubling each time).
     send_attempts: int = 6
     retry_seconds: float = 10.0
+    #: Days a study's instances and results stay in the spool after it was sent or failed (then
+    #: removed, with its row); 0 keeps everything.
+    keep_days: float = 7.0
 
     def __post_init__(self) -> None:
         _check_ae_title(self.ae_title, "ae_title")
@@ -82,6 +85,8 @@ class NodeSettings:
         for key in ("idle_seconds", "max_instance_mb", "max_study_mb", "retry_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.keep_days < 0:
+            raise ValueError(f"keep_days must be 0 (keep everything) or more, got {self.keep_days}")
         for key in ("max_associations", "send_attempts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

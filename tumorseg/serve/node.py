@@ -40,6 +40,8 @@ class Node:
         self.stopping = threading.Event()
         self.server = None
         self._segmenter = None
+        self._next_cleanup = 0.0
+        self._spool_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
     def run(self, poll_seconds: float = 0.5) -> None:
@@ -75,7 +77,29 @@ class Node:
         if due:
             self.deliver(*due[0])
             return True
+        if self.settings.keep_days and time.time() >= self._next_cleanup:
+            self._next_cleanup = time.time() + min(60.0, self.settings.keep_days * 86400 / 2)
+            self.clean_up()
         return False
+
+    def clean_up(self) -> None:
+        """Remove studies sent or failed more than ``keep_days`` ago, and files no row points to
+        (a kill between the two steps). Under the spool lock, so no instance being stored is lost."""
+        import shutil
+
+        with self._spool_lock:
+            for study in self.jobs.expired(self.settings.keep_days * 86400):
+                if self.jobs.forget(study):
+                    log.info("study %s: removed from the spool (%s more than %g days ago)", study.key, study.state,
+                             self.settings.keep_days)
+            known = {s.study_uid for s in self.jobs.studies()}
+            for folder in (self.spool.root / "studies").iterdir():
+                if folder.name not in known:
+                    shutil.rmtree(folder, ignore_errors=True)
+            keys = {s.key for s in self.jobs.studies()}
+            for folder in (self.spool.root / "results").iterdir():
+                if folder.name not in keys:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _load_pipeline(self):
         if self._segmenter is None:
@@ -151,14 +175,15 @@ class Node:
                 log.warning("study %s: refused an instance past max_study_mb %g", study_key(study_uid),
                             self.settings.max_study_mb)
                 return OUT_OF_RESOURCES
-            self.spool.store(study_uid, series_uid, sop_uid, data)
+            with self._spool_lock:  # the file and its row together (see clean_up)
+                self.spool.store(study_uid, series_uid, sop_uid, data)
+                self.jobs.instance_received(study_uid, len(data))
         except ValueError:
             log.warning("refused an instance whose UIDs are not valid DICOM UIDs")
             return CANNOT_UNDERSTAND
         except OSError as e:
             log.error("cannot write to the spool (%s): instance refused", e.strerror)
             return OUT_OF_RESOURCES
-        self.jobs.instance_received(study_uid, len(data))
         return SUCCESS
 
     # --- segmenting ------------------------------------------------------------------------

@@ -185,6 +185,26 @@ class JobStore:
             self._db.execute("COMMIT")
         return last
 
+    def expired(self, keep_seconds: float) -> list[Study]:
+        """Studies sent or failed more than ``keep_seconds`` ago."""
+        cutoff = time.time() - keep_seconds
+        return [s for s in self.studies() if s.state in ("sent", "failed") and self._updated(s.study_uid) < cutoff]
+
+    def _updated(self, study_uid: str) -> float:
+        rows = self._read("SELECT updated FROM studies WHERE study_uid = ?", (study_uid,))
+        return float(rows[0][0]) if rows else float("inf")
+
+    def forget(self, study: Study) -> bool:
+        """Remove a study's rows, unless it changed since it was read (new instances)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            gone = self._db.execute("DELETE FROM studies WHERE study_uid = ? AND generation = ? AND state = ?",
+                                    (study.study_uid, study.generation, study.state)).rowcount
+            if gone:
+                self._db.execute("DELETE FROM deliveries WHERE study_uid = ?", (study.study_uid,))
+            self._db.execute("COMMIT")
+        return bool(gone)
+
     # --- reading ---------------------------------------------------------------------------
     def studies(self, state: str | None = None) -> list[Study]:
         sql = "SELECT study_uid, key, state, generation, instances, bytes, last_instance, reason FROM studies"
