@@ -545,3 +545,51 @@ def test_sent_studies_leave_the_spool_after_keep_days(tmp_path, quiet_model, ser
         node.stop()
         receiver.stop()
 
+
+
+def test_a_destination_that_refuses_the_rtstruct_fails_the_study_and_the_node_keeps_serving(tmp_path, quiet_model,
+                                                                                           series):
+    """An SCP without RTSTRUCT storage: send_c_store raises, which once stopped the node on every start."""
+    picky = AE(ae_title="PICKY")
+    picky.add_supported_context(sop.SegmentationStorage)
+    port = free_port()
+    server = picky.start_server(("127.0.0.1", port), block=False)
+    node = NodeProcess(tmp_path, quiet_model, [("picky", "PICKY", port)], extra="send_attempts = 2").start()
+    try:
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: "failed" in node.status(), seconds=60, what="the study failed")
+        assert "not delivered to picky after 2 attempts" in node.status()
+        assert node.process.poll() is None  # still serving
+        assert set(send_series(series, node.port)) == {0x0000}
+    finally:
+        node.stop()
+        server.shutdown()
+
+
+def test_job_store_rolls_back_a_failed_transaction(tmp_path):
+    import sqlite3
+
+    from tumorseg.serve.state import JobStore
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs._db.execute("CREATE TRIGGER full BEFORE INSERT ON studies WHEN NEW.instances > 0 "
+                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        jobs.instance_received("1.2.3", 100)
+    assert not jobs._db.in_transaction
+    jobs._db.execute("DROP TRIGGER full")
+    jobs.instance_received("1.2.3", 100)
+    assert [s.instances for s in jobs.studies()] == [1]
+
+
+def test_spool_writes_partial_files_outside_the_study_and_sweeps_them(tmp_path):
+    from tumorseg.serve.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    (spool.root / "tmp" / "left-by-a-kill.dcm").write_bytes(b"half")
+    spool = Spool(tmp_path / "spool")  # a restart
+    assert not any((spool.root / "tmp").iterdir())
+    path = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"DICM")
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+    with pytest.raises(ValueError):
+        spool.store("1.2.3", "../etc", "1.2", b"x")

@@ -55,16 +55,17 @@ def check_output_folder(folder: Path) -> None:
     from .errors import ConfigError
 
     folder = Path(folder)
-    if folder.is_symlink() and not folder.exists():
-        raise ConfigError(f"cannot write the output folder {folder}: it is a symbolic link to nothing", folder)
-    made = []
-    existing = folder
-    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-        made.append(existing)
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"cannot write the output folder {folder}: {existing} is a file, not a folder", existing)
+    made: list[Path] = []
     try:
+        if folder.is_symlink() and not folder.exists():
+            raise ConfigError(f"cannot write the output folder {folder}: it is a symbolic link to nothing", folder)
+        existing = folder
+        while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+            made.append(existing)
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"cannot write the output folder {folder}: {existing} is a file, not a folder",
+                              existing)
         for path in reversed(made):
             path.mkdir()
         fd, probe = tempfile.mkstemp(prefix=".tumorseg-write-test.", dir=folder)

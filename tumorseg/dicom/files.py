@@ -95,8 +95,6 @@ def read_header(path: Path):
     try:
         # Values over 1 KiB (pixel data, vendor blobs) are not read now, only located.
         header = pydicom.dcmread(path, defer_size=1024)
-        convert_all(header.file_meta)
-        convert_all(header)
     except Exception as e:  # pydicom's parser raises many types (zlib.error for a false deflate syntax)
         raise InputError(
             f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
@@ -112,8 +110,21 @@ def read_header(path: Path):
             f"a DICOM file without {', '.join(missing)} (truncated or not a stored instance); "
             "remove or replace it", path,
         )
-    check_uids(header, path)
     return header
+
+
+def check_image_header(header, path: Path) -> None:
+    """For an image tumorseg will stack: every element converted now (pydicom converts raw values
+    when first used, so a damaged value fails here, as a named refusal, not in whichever stage
+    first reads it) and its UIDs valid. Not applied to objects that are ignored (SR, RTSTRUCT ...):
+    an odd one of those must not refuse the folder."""
+    try:
+        convert_all(header.file_meta)
+        convert_all(header)
+    except Exception as e:
+        raise InputError(f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
+                         "remove or replace it", path) from None
+    check_uids(header, path)
 
 
 def convert_all(dataset) -> None:

@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-from .files import check_complete, has_dicom_marker, header_text, read_header, sop_class_name, walk_files
+from .files import (check_complete, check_image_header, first_line, has_dicom_marker, header_text, read_header,
+                    sop_class_name, walk_files)
 from .series import PATIENT_STUDY_ATTRIBUTES, PatientStudy, SeriesInfo
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,15 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
         header = read_header(path)
         if header is None:
             continue
-        reason = _non_image_reason(header)
-        if reason is not None:
-            ignored[(str(header.get("SeriesInstanceUID", "")), reason)].append(path)
-            continue
+        try:
+            reason = _non_image_reason(header)
+            if reason is not None:
+                ignored[(header_text(header, "SeriesInstanceUID"), reason)].append(path)
+                continue
+        except Exception as e:  # a damaged value among the few it reads
+            raise InputError(f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
+                             "remove or replace it", path) from None
+        check_image_header(header, path)
         check_complete(header, path)
         groups[str(header.SeriesInstanceUID)].append((path, header))
     for (_, reason), paths in ignored.items():

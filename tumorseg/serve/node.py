@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import signal
+import sqlite3
 import ssl
 import threading
 import time
@@ -23,8 +25,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 DATA_SET_DOES_NOT_MATCH = 0xA900
 REFUSED_NOT_AUTHORISED = 0x0124
-#: Store statuses a sender may answer and still have stored the object (warnings).
-STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 #: What the node accepts: MR images (slice files and enhanced multi-frame). Anything else is
 #: refused at association (no presentation context), as a PACS administrator expects.
 ACCEPTED_SOP_CLASSES = ("MRImageStorage", "EnhancedMRImageStorage")
@@ -89,6 +89,10 @@ class Node:
 
         with self._spool_lock:
             for study in self.jobs.expired(self.settings.keep_days * 86400):
+                # Files first: a kill before the row goes leaves a row without files (removed next
+                # pass), never stale results that a re-sent study's generation 1 would reuse.
+                shutil.rmtree(self.spool.study_folder(study.study_uid), ignore_errors=True)
+                shutil.rmtree(self.spool.root / "results" / study.key, ignore_errors=True)
                 if self.jobs.forget(study):
                     log.info("study %s: removed from the spool (%s more than %g days ago)", study.key, study.state,
                              self.settings.keep_days)
@@ -181,8 +185,9 @@ class Node:
         except ValueError:
             log.warning("refused an instance whose UIDs are not valid DICOM UIDs")
             return CANNOT_UNDERSTAND
-        except OSError as e:
-            log.error("cannot write to the spool (%s): instance refused", e.strerror)
+        except (OSError, sqlite3.Error) as e:
+            log.error("cannot write to the spool or its database (%s): instance refused",
+                      getattr(e, "strerror", None) or type(e).__name__)
             return OUT_OF_RESOURCES
         return SUCCESS
 
@@ -200,11 +205,14 @@ class Node:
                 out.mkdir(parents=True, exist_ok=True)
                 write_outputs(result, segmenter.spec, out)
         except TumorsegError as e:
-            log.warning("study %s: failed: %s", study.key, _without_spool(str(e), self.config.spool))
-            self.jobs.fail(study, _without_spool(str(e), self.config.spool))
+            reason = _without_uids(str(e))
+            log.warning("study %s: failed: %s", study.key, reason)
+            self.jobs.fail(study, reason)
             return
         except Exception as e:  # a bug: the study fails, the node keeps serving
-            log.exception("study %s: internal error", study.key)
+            log.error("study %s: internal error %s (a bug: the traceback is logged with --verbose)", study.key,
+                      type(e).__name__)
+            log.debug("traceback", exc_info=True)
             self.jobs.fail(study, f"internal error: {type(e).__name__}")
             return
         if self.jobs.finish(study, [d.name for d in self.config.destinations]):
@@ -216,10 +224,19 @@ class Node:
     # --- sending ---------------------------------------------------------------------------
     def deliver(self, study_uid: str, generation: int, name: str, attempts: int) -> None:
         key = study_key(study_uid)
-        destination = next(d for d in self.config.destinations if d.name == name)
+        destination = next((d for d in self.config.destinations if d.name == name), None)
         folder = self.spool.results_folder(key, generation)
         files = [folder / RESULTS["rtstruct"]] + ([folder / RESULTS["seg"]] if self.settings.send_seg else [])
-        reason = self.send(destination, files)
+        if destination is None:  # removed from the configuration since: nowhere to retry
+            reason, attempts = f"destination {name!r} is no longer configured", self.settings.send_attempts
+        elif not all(p.is_file() for p in files):
+            reason, attempts = "the result to send is missing (send_seg switched on after it was made?)", \
+                self.settings.send_attempts
+        else:
+            try:
+                reason = self.send(destination, files)
+            except Exception as e:  # a peer that refuses a context, aborts mid-way ...: a failed attempt
+                reason = f"{type(e).__name__}: {_without_uids(str(e))}"
         if reason is None:
             self.jobs.delivered(study_uid, generation, name)
             log.info("study %s: delivered to %s", key, name)
@@ -239,6 +256,7 @@ class Node:
         import pydicom
         from pynetdicom import AE
         from pynetdicom import sop_class as sop
+        from pynetdicom.status import code_to_category
 
         ae = AE(ae_title=self.settings.ae_title)
         ae.add_requested_context(sop.RTStructureSetStorage)
@@ -253,7 +271,7 @@ class Node:
             for path in files:
                 status = assoc.send_c_store(pydicom.dcmread(path))
                 code = getattr(status, "Status", None)
-                if code not in STORED:
+                if code is None or code_to_category(code) not in ("Success", "Warning"):
                     return f"C-STORE of {path.name} answered {'no status' if code is None else f'0x{code:04X}'}"
         finally:
             if assoc.is_established:
@@ -302,9 +320,13 @@ def _pixel_data_complete(data: bytes) -> bool:
         return False
 
 
-def _without_spool(message: str, spool: Path) -> str:
-    """A reason for the status and the log: paths inside the spool (named by UIDs) shortened."""
-    return message.replace(str(spool) + "/", "")
+_UID_TEXT = re.compile(r"\d+(?:\.\d+){3,}")
+
+
+def _without_uids(message: str) -> str:
+    """A reason for the status and the log: UIDs (spool paths are made of them; some encode the
+    acquisition date and time) replaced by ``<UID>``."""
+    return _UID_TEXT.sub("<UID>", message)
 
 
 def status_lines(config: NodeConfig) -> list[str]:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..atomic import write_bytes_atomic
+import tempfile
+
 from ..dicom.files import is_valid_uid
 
 
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        for sub in ("studies", "results"):
+        for sub in ("studies", "results", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for left in (self.root / "tmp").iterdir():  # partial writes of a killed node
+            left.unlink(missing_ok=True)
 
     def study_folder(self, study_uid: str) -> Path:
         if not is_valid_uid(study_uid):
@@ -33,7 +36,18 @@ class Spool:
         new_folder = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{sop_uid}.dcm"
-        write_bytes_atomic(path, data)  # fsynced, then renamed into place
+        # Written under tmp/ (same file system), fsynced, then renamed into place: a kill never
+        # leaves a partial file among a study's instances.
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".dcm")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         _fsync_dir(folder)
         if new_folder:
             _fsync_dir(folder.parent)

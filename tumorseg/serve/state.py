@@ -13,6 +13,8 @@ import hashlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,18 @@ class JobStore:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One committed transaction, rolled back on any error (the connection never stays in one)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def _write(self, sql: str, args: tuple = ()) -> int:
         with self._lock:
             return self._db.execute(sql, args).rowcount
@@ -89,8 +103,7 @@ class JobStore:
     def instance_received(self, study_uid: str, size: int) -> None:
         """Count an instance (already on disk); a study past ``complete`` starts a new generation."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             row = self._db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
             if row is None:
                 self._db.execute("INSERT INTO studies (study_uid, key, state, instances, bytes, last_instance, updated)"
@@ -100,9 +113,8 @@ class JobStore:
                                  " updated = ? WHERE study_uid = ?", (size, now, now, study_uid))
             else:
                 self._db.execute("UPDATE studies SET state = 'received', generation = generation + 1, reason = '',"
-                                 " instances = instances + 1, bytes = bytes + ?, last_instance = ?, updated = ?"
+                                 " instances = 1, bytes = ?, last_instance = ?, updated = ?"
                                  " WHERE study_uid = ?", (size, now, now, study_uid))
-            self._db.execute("COMMIT")
 
     # --- the worker ------------------------------------------------------------------------
     def recover(self) -> int:
@@ -111,10 +123,13 @@ class JobStore:
 
     def mark_complete(self, idle_seconds: float) -> list[Study]:
         cutoff = time.time() - idle_seconds
-        ready = [s for s in self.studies("received") if s.last_instance <= cutoff]
-        for s in ready:
-            self._write("UPDATE studies SET state = 'complete', updated = ? WHERE study_uid = ? AND state = 'received'"
-                        " AND generation = ?", (time.time(), s.study_uid, s.generation))
+        ready = []
+        for s in self.studies("received"):
+            # Re-checked in the UPDATE: an instance that arrived since the SELECT keeps it open.
+            if s.last_instance <= cutoff and self._write(
+                    "UPDATE studies SET state = 'complete', updated = ? WHERE study_uid = ? AND state = 'received'"
+                    " AND generation = ? AND last_instance <= ?", (time.time(), s.study_uid, s.generation, cutoff)):
+                ready.append(s)
         return ready
 
     def next_complete(self) -> Study | None:
@@ -130,8 +145,7 @@ class JobStore:
         """Results of ``study``'s generation are written: queue one delivery per destination.
         False (nothing changed) when more instances arrived meanwhile (a new generation runs)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             changed = self._db.execute("UPDATE studies SET state = 'done', updated = ? WHERE study_uid = ? AND "
                                        "generation = ? AND state = 'running'", (now, study.study_uid,
                                                                                 study.generation)).rowcount
@@ -140,7 +154,6 @@ class JobStore:
                     self._db.execute("INSERT OR IGNORE INTO deliveries (study_uid, generation, destination, state, "
                                      "next_try) VALUES (?, ?, ?, 'pending', ?)", (study.study_uid, study.generation,
                                                                                   name, now))
-            self._db.execute("COMMIT")
         return bool(changed)
 
     def fail(self, study: Study, reason: str) -> None:
@@ -155,8 +168,7 @@ class JobStore:
 
     def delivered(self, study_uid: str, generation: int, destination: str) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, reason = '' WHERE "
                              "study_uid = ? AND generation = ? AND destination = ?", (study_uid, generation, destination))
             left = self._db.execute("SELECT COUNT(*) FROM deliveries WHERE study_uid = ? AND generation = ? AND "
@@ -164,15 +176,13 @@ class JobStore:
             if left == 0:
                 self._db.execute("UPDATE studies SET state = 'sent', updated = ? WHERE study_uid = ? AND generation = ?"
                                  " AND state = 'done'", (now, study_uid, generation))
-            self._db.execute("COMMIT")
 
     def delivery_failed(self, study_uid: str, generation: int, destination: str, reason: str,
                         attempts: int, limit: int, backoff: float) -> bool:
         """Record a failed attempt; True when it was the last one (the study is then failed)."""
         now = time.time()
         last = attempts + 1 >= limit
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("UPDATE deliveries SET attempts = attempts + 1, reason = ?, next_try = ?, state = ? "
                              "WHERE study_uid = ? AND generation = ? AND destination = ?",
                              (reason[:500], now + backoff * 2 ** attempts, "failed" if last else "pending",
@@ -182,7 +192,6 @@ class JobStore:
                                  "AND generation = ? AND state = 'done'",
                                  (f"not delivered to {destination} after {limit} attempts: {reason}"[:500], now,
                                   study_uid, generation))
-            self._db.execute("COMMIT")
         return last
 
     def expired(self, keep_seconds: float) -> list[Study]:
@@ -196,13 +205,11 @@ class JobStore:
 
     def forget(self, study: Study) -> bool:
         """Remove a study's rows, unless it changed since it was read (new instances)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             gone = self._db.execute("DELETE FROM studies WHERE study_uid = ? AND generation = ? AND state = ?",
                                     (study.study_uid, study.generation, study.state)).rowcount
             if gone:
                 self._db.execute("DELETE FROM deliveries WHERE study_uid = ?", (study.study_uid,))
-            self._db.execute("COMMIT")
         return bool(gone)
 
     # --- reading ---------------------------------------------------------------------------
