@@ -320,9 +320,17 @@ def test_third_party_warnings_reach_the_log_without_values(caplog):
 
     from tumorseg import logredact
 
-    logredact.install()
-    with caplog.at_level(logging.WARNING):
-        warnings.warn(f"Invalid value for VR PN: '{CANARY}'. See the standard", UserWarning)
-        logging.getLogger("pydicom").warning("Invalid value for VR UI: %r. More", CANARY)
-    assert "Invalid value for VR PN" in caplog.text and "Invalid value for VR UI" in caplog.text
-    assert CANARY not in caplog.text
+    import io
+
+    other = logging.StreamHandler(io.StringIO())  # a second handler: the record is redacted once, not twice
+    logging.getLogger().addHandler(other)
+    try:
+        logredact.install()
+        with caplog.at_level(logging.WARNING):
+            warnings.warn(f"Invalid value for VR PN: '{CANARY}'. See the standard", UserWarning)
+            logging.getLogger("pydicom").warning("Invalid value for VR UI: %r. More", CANARY)
+    finally:
+        logging.getLogger().removeHandler(other)
+    for text in (caplog.text, other.stream.getvalue()):
+        assert "Invalid value for VR PN" in text and "Invalid value for VR UI" in text
+        assert CANARY not in text

@@ -36,9 +36,10 @@ class ThirdPartyRedaction(logging.Filter):
     """Rewrites records from loggers outside ``tumorseg`` with :func:`redact`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "tumorseg" or record.name.startswith("tumorseg."):
-            return True
+        if record.name == "tumorseg" or record.name.startswith("tumorseg.") or getattr(record, "redacted", False):
+            return True  # each handler runs its filters on the same record: redact it once
         record.msg = f"[{record.name}] {redact(record.getMessage())}"
+        record.redacted = True
         record.args = ()
         record.exc_info = record.exc_text = None
         return True
