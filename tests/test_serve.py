@@ -593,3 +593,21 @@ def test_spool_writes_partial_files_outside_the_study_and_sweeps_them(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
     with pytest.raises(ValueError):
         spool.store("1.2.3", "../etc", "1.2", b"x")
+
+
+def test_a_study_whose_series_cannot_be_chosen_fails_with_the_reason(tmp_path, quiet_model, series):
+    """Nobody is there to type --t1: an unrecognised series fails the study, nothing is guessed or sent."""
+    for path in series.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = ds.ProtocolName = "zz site seq 7"
+        ds.save_as(path)
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        assert set(send_series(series, node.port)) == {0x0000}
+        wait_for(lambda: "failed" in node.status(), seconds=60, what="the study failed")
+        assert "recognised" in node.status() and "<UID>" not in node.status().split("failed", 1)[0]
+        assert receiver.received == []
+    finally:
+        node.stop()
+        receiver.stop()
