@@ -161,7 +161,7 @@ class Node:
                         self.settings.max_instance_mb)
             return OUT_OF_RESOURCES
         try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            header = pydicom.dcmread(io.BytesIO(data))  # once, whole: the pixel check below reads it too
             study_uid = str(header.StudyInstanceUID)
             series_uid = str(header.SeriesInstanceUID)
             sop_uid = str(header.SOPInstanceUID)
@@ -171,7 +171,7 @@ class Node:
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             log.warning("refused an instance whose SOP Instance UID differs from the request's")
             return CANNOT_UNDERSTAND
-        if not _pixel_data_complete(data):
+        if not _pixel_data_complete(header):
             log.warning("study %s: refused an instance whose pixel data is missing or cut short", study_key(study_uid))
             return DATA_SET_DOES_NOT_MATCH
         try:
@@ -301,13 +301,12 @@ class Node:
         return context
 
 
-def _pixel_data_complete(data: bytes) -> bool:
+def _pixel_data_complete(ds) -> bool:
     """The instance holds pixel data, and uncompressed pixel data as long as Rows x Columns x
     frames x BitsAllocated say (a truncated instance is refused now, not when its study runs)."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
         if "PixelData" not in ds:
             return False
         syntax = ds.file_meta.get("TransferSyntaxUID", None)
