@@ -151,6 +151,20 @@ def contours(ds) -> dict[str, list]:
             for c in ds.ROIContourSequence}
 
 
+def assert_as_predict_writes(rt, series: Path, tmp_path: Path) -> None:
+    """``rt`` is an RTSTRUCT of ``series``' study referencing that series, with the contours
+    `tumorseg predict` writes for the same series and the node's pipeline file."""
+    source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
+    assert rt.Modality == "RTSTRUCT" and rt.StudyInstanceUID == source.StudyInstanceUID
+    referenced = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    out = tmp_path / "predict"
+    done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", str(series), "-o", str(out), "-q",
+                           "--pipeline", str(tmp_path / "node-pipeline.toml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert contours(rt) == contours(pydicom.dcmread(out / "rtstruct.dcm"))
+
+
 def test_node_receives_segments_and_delivers_once(tmp_path, model, series):
     receiver = Receiver().start()
     node = NodeProcess(tmp_path, model, [("planning", receiver.ae_title, receiver.port)]).start()
@@ -158,18 +172,7 @@ def test_node_receives_segments_and_delivers_once(tmp_path, model, series):
         statuses = send_series(series, node.port)
         assert statuses and set(statuses) == {0x0000}
         wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT")
-        rt = receiver.received[0]
-        source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
-        assert rt.Modality == "RTSTRUCT" and rt.StudyInstanceUID == source.StudyInstanceUID
-        referenced = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
-            .RTReferencedSeriesSequence[0]
-        assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
-        # The same contours as `tumorseg predict` writes for the same series and pipeline.
-        out = tmp_path / "predict"
-        done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", str(series), "-o", str(out), "-q",
-                               "--pipeline", str(tmp_path / "node-pipeline.toml")], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        assert contours(rt) == contours(pydicom.dcmread(out / "rtstruct.dcm"))
+        assert_as_predict_writes(receiver.received[0], series, tmp_path)
         assert "sent" in node.status()
         time.sleep(2)
         assert len(receiver.received) == 1  # delivered once
@@ -475,16 +478,7 @@ def test_orthanc_sends_a_study_and_receives_the_rtstruct(tmp_path, model, series
         (tmp_path / "rt.dcm").write_bytes(rt_bytes)
         errors, _ = dicom3tools_findings(run_tool("dciodvfy", str(tmp_path / "rt.dcm")))
         assert errors == []
-        rt = pydicom.dcmread(tmp_path / "rt.dcm")
-        source = pydicom.dcmread(next(series.glob("*.dcm")), stop_before_pixels=True)
-        referenced = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
-            .RTReferencedSeriesSequence[0]
-        assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
-        out = tmp_path / "predict"
-        done = subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", str(series), "-o", str(out), "-q",
-                               "--pipeline", str(tmp_path / "node-pipeline.toml")], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        assert contours(rt) == contours(pydicom.dcmread(out / "rtstruct.dcm"))
+        assert_as_predict_writes(pydicom.dcmread(tmp_path / "rt.dcm"), series, tmp_path)
         # A second, independent sender: dcmtk's storescu sends the study again: a new generation,
         # a new RTSTRUCT series (docs/serve.md).
         if shutil.which("storescu"):
