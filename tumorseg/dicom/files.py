@@ -171,8 +171,7 @@ def numbers(header, keyword: str, count: int, path: Path) -> list[float]:
     value, which could be any text), when they are text, NaN, infinite, absurdly large or too few
     or many."""
     raw = header.get(keyword, None)
-    values = list(raw) if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__") and not isinstance(raw, (str, bytes)) \
-        else [raw]
+    values = list(raw) if hasattr(raw, "__iter__") and not isinstance(raw, (str, bytes)) else [raw]
     try:
         floats = [float(v) for v in values]
     except (TypeError, ValueError):

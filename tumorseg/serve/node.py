@@ -96,11 +96,12 @@ class Node:
                 if self.jobs.forget(study):
                     log.info("study %s: removed from the spool (%s more than %g days ago)", study.key, study.state,
                              self.settings.keep_days)
-            known = {s.study_uid for s in self.jobs.studies()}
+            rows = self.jobs.studies()
+            known = {s.study_uid for s in rows}
             for folder in (self.spool.root / "studies").iterdir():
                 if folder.name not in known:
                     shutil.rmtree(folder, ignore_errors=True)
-            keys = {s.key for s in self.jobs.studies()}
+            keys = {s.key for s in rows}
             for folder in (self.spool.root / "results").iterdir():
                 if folder.name not in keys:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -112,8 +113,8 @@ class Node:
             from ..config import load_pipeline
             from ..pipeline import Segmenter
 
-            config = load_pipeline(self.config.path(self.settings.pipeline)
-                                   if Path(self.config.path(self.settings.pipeline)).is_file() else self.settings.pipeline)
+            file = self.config.path(self.settings.pipeline)  # a file beside node.toml, else a bundled name
+            config = load_pipeline(file if file.is_file() else self.settings.pipeline)
             config = replace(config, output=replace(config.output, rtstruct=True, seg=self.settings.send_seg))
             self._segmenter = Segmenter(config.model, config)
         return self._segmenter

@@ -72,12 +72,7 @@ def volume_count(path: Path) -> int:
     """Volumes along the 4th axis (1 for a 3D image), read from the header only."""
     _check_exists(path)
     if _suffix_kind(path) == "nifti":
-        import nibabel as nib
-
-        try:
-            shape = nib.load(str(path)).shape
-        except Exception as e:  # nibabel raises many types for a bad header
-            raise InputError(f"not a readable NIfTI image ({e})", path) from None
+        shape = _load_nifti_header(path).shape
     else:
         shape = tuple(_itk_reader(path).GetSize())
     return int(shape[3]) if len(shape) >= 4 else 1
