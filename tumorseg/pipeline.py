@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +26,9 @@ from .inputs import CaseInputs, DicomInputs
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
 from .sequences import StudyInputs, reference_sequence
+from .runner import ModelRunner, runner_for
 from .stages import brain, geometry, infer, normalize, overview, postprocess, read, register, report, write
+from .timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class PipelineSpec:
     model_sha256: str
     model_folder: str
     device: str
+    #: The model's preparation, inference and way back (tumorseg's own, or an imported tool's).
+    runner: ModelRunner
 
     def check_inputs(self, inputs: CaseInputs) -> None:
         """Refuse inputs that lack what the model needs, before reading anything."""
@@ -102,7 +105,7 @@ class PipelineSpec:
         self.check_inputs(inputs)
         timings: dict[str, float] = {}
         unread: tuple[str, ...] = ()
-        with _timed(timings, "read"):
+        with timed(timings, "read"):
             if isinstance(inputs, DicomInputs):
                 from .dicom.study import inputs_report, read_dicom_study
 
@@ -148,7 +151,7 @@ class PipelineSpec:
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             scan = scan.with_channels(used)
-        image, transform = model_input(scan, self.card, timings)
+        image, transform = self.runner.prepare(scan, timings)
         warnings = input_warnings(scan)
         if "skipped" in brain_report:
             warnings.append(brain_report.pop("skipped"))
@@ -172,7 +175,7 @@ class PipelineSpec:
         if not hdbet.available():  # "on" without it was refused when the Segmenter was made
             return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
                                           f"installed ({hdbet.INSTALL_HINT})"}
-        with _timed(timings, "brain_extraction"):
+        with timed(timings, "brain_extraction"):
             extractor = hdbet.load_extractor(self.device)
             mask = extractor(scan.array[scan.channels.index(reference)], scan.affine)
             if not mask.any():
@@ -190,17 +193,15 @@ class PipelineSpec:
         return available if self.config.inference.all_sequences else self.card.input.choose(available)
 
     def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
-        """From the network's probabilities to the label map on the input grid, and the report."""
+        """From the network's output (``Segmenter.infer``) to the label map on the input grid, and the report."""
         card = self.card
         timings = {**prepared.timings, "infer": infer_seconds}
-        with _timed(timings, "restore_geometry"):
-            probs = geometry.probabilities_to_input_grid(probs, prepared.transform)
-            raw = np.argmax(probs, axis=0).astype(np.uint8)
+        with timed(timings, "restore_geometry"):
+            raw = self.runner.to_labels(probs, prepared.transform)
             del probs
-            raw = card.scheme.class_values[raw]
             if prepared.brain_mask is not None:  # the network was shown the brain only
                 raw[~prepared.brain_mask] = 0
-        with _timed(timings, "postprocess"):
+        with timed(timings, "postprocess"):
             cleaned = postprocess.postprocess(
                 raw, prepared.source.affine, self.config.postprocess, card.scheme
             )
@@ -210,7 +211,7 @@ class PipelineSpec:
             if cut:
                 log.warning(cut)
                 prepared.warnings.append(cut)
-        with _timed(timings, "report"):
+        with timed(timings, "report"):
             summary = report.summarize(labels)
             png = None
             if prepared.overview:
@@ -292,7 +293,8 @@ class Segmenter:
         self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile)
         self.progress = progress
         self.spec = PipelineSpec(
-            self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device)
+            self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device),
+            runner_for(self.model.card, self.model.directory),
         )
         try:
             for name in config.postprocess.labels:
@@ -336,15 +338,14 @@ class Segmenter:
         return self.finish(self.spec.prepare(scan))
 
     def infer(self, prepared: PreparedScan) -> tuple[np.ndarray, float]:
-        """The network's class probabilities on the model grid, and the seconds they took."""
+        """The network's output on the model grid (class probabilities for tumorseg's models), and the
+        seconds it took."""
         if prepared.image is None:
             raise ValueError("this PreparedScan was already inferred")
         start = time.perf_counter()
         log.info("infer ...")
-        probs = infer.predict_probabilities(
-            self.network, prepared.image, self.card.input.patch_size, self.config.inference,
-            self.device, progress=self.progress,
-        )
+        probs = self.spec.runner.predict(self.network, prepared.image, self.config.inference, self.device,
+                                         self.progress)
         prepared.image = None  # the network input is not needed again; free it
         seconds = time.perf_counter() - start
         log.info("infer done in %.2f s", seconds)
@@ -361,34 +362,6 @@ def _files_report(scan: Scan) -> dict[str, dict]:
         seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
         for seq, p in scan.meta.get("paths", {}).items()
     }
-
-
-def model_input(
-    scan: Scan, card: ModelCard, timings: dict[str, float] | None = None
-) -> tuple[np.ndarray, geometry.GridTransform]:
-    """The network's input for ``scan`` and the transform back: the model grid, normalised,
-    channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
-    use this, so training and inference prepare scans identically (``prepare`` may first leave
-    out sequences, following the card's ``preferred_sets``)."""
-    timings = {} if timings is None else timings
-    with _timed(timings, "geometry"):
-        brain = normalize.brain_mask(scan.array)
-        transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
-        on_grid = geometry.to_model_grid(scan, transform)
-        brain_on_grid = geometry.labels_to_model_grid(brain, transform)
-    with _timed(timings, "normalize"):
-        normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
-        image = _model_channels(normalized, card.input.sequences)
-    return image, transform
-
-
-def _model_channels(scan: Scan, order: tuple[str, ...]) -> np.ndarray:
-    """(len(order), I, J, K): the scan's channels in model order, zeros for missing sequences."""
-    out = np.zeros((len(order),) + scan.spatial_shape, dtype=np.float32)
-    for c, name in enumerate(order):
-        if name in scan.channels:
-            out[c] = scan.array[scan.channels.index(name)]
-    return out
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
@@ -428,15 +401,6 @@ def write_dicom_outputs(result: Result, spec: PipelineSpec, output_dir: Path) ->
             algorithm_name=card.name, algorithm_version=f"{card.version} (tumorseg {__version__})",
         )
     return paths
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    log.info("%s ...", stage)
-    start = time.perf_counter()
-    yield
-    timings[stage] = time.perf_counter() - start
-    log.info("%s done in %.2f s", stage, timings[stage])
 
 
 def write_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:

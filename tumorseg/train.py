@@ -34,7 +34,7 @@ from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalizati
                     save_model)
 from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_not_a_sequence, is_truth_file, parse_sequence,
                         sequence_from_filename, strip_image_suffix)
-from .pipeline import model_input
+from .runner import model_input
 from .stages import geometry, infer, read
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from .. import __version__, logredact
 from ..atomic import write_bytes_atomic
 from ..config import PipelineConfig

@@ -1,0 +1,84 @@
+"""How a model turns a prepared :class:`~tumorseg.scan.Scan` into labels: its input, its inference,
+and the way back to the input grid.
+
+tumorseg's own models (:class:`NativeRunner`) resample to the card's spacing, normalise within the
+brain and blend softmax probabilities; a model trained by another tool would reproduce that tool's
+preprocessing behind the same three methods. Everything else in the pipeline (reading, registration,
+brain extraction, post-processing, writing) is the same for both. A runner is picklable: batch
+workers prepare and finish cases with it while the main process runs the network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import InferenceConfig
+from .model import ModelCard
+from .scan import Scan
+from .stages import geometry, infer, normalize
+from .timing import timed
+
+
+class ModelRunner(Protocol):
+    def prepare(self, scan: Scan, timings: dict[str, float]) -> tuple[np.ndarray, Any]:
+        """The network input and what :meth:`to_labels` needs to go back (it has ``model_shape``
+        and ``resampled`` for the report)."""
+
+    def predict(self, network, image: np.ndarray, config: InferenceConfig, device, progress: bool) -> np.ndarray:
+        """The network's output on the model grid; ``network`` is an :class:`infer.PreparedNetwork`."""
+
+    def to_labels(self, output: np.ndarray, transform: Any) -> np.ndarray:
+        """Label values of the card's scheme (uint8) on the input grid."""
+
+
+def runner_for(card: ModelCard, model_dir: Path) -> ModelRunner:
+    return NativeRunner(card)
+
+
+class NativeRunner:
+    """tumorseg's own models: the card's spacing, brain-masked z-score, softmax probabilities."""
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+
+    def prepare(self, scan: Scan, timings: dict[str, float]) -> tuple[np.ndarray, geometry.GridTransform]:
+        return model_input(scan, self.card, timings)
+
+    def predict(self, network, image: np.ndarray, config: InferenceConfig, device, progress: bool) -> np.ndarray:
+        return infer.predict_probabilities(network, image, self.card.input.patch_size, config, device, progress)
+
+    def to_labels(self, output: np.ndarray, transform: geometry.GridTransform) -> np.ndarray:
+        probs = geometry.probabilities_to_input_grid(output, transform)
+        classes = np.argmax(probs, axis=0).astype(np.uint8)
+        del probs
+        return self.card.scheme.class_values[classes]
+
+
+def model_input(
+    scan: Scan, card: ModelCard, timings: dict[str, float] | None = None
+) -> tuple[np.ndarray, geometry.GridTransform]:
+    """The network's input for ``scan`` and the transform back: the model grid, normalised,
+    channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
+    use this, so training and inference prepare scans identically (``prepare`` may first leave
+    out sequences, following the card's ``preferred_sets``)."""
+    timings = {} if timings is None else timings
+    with timed(timings, "geometry"):
+        brain = normalize.brain_mask(scan.array)
+        transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+        on_grid = geometry.to_model_grid(scan, transform)
+        brain_on_grid = geometry.labels_to_model_grid(brain, transform)
+    with timed(timings, "normalize"):
+        normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
+        image = _model_channels(normalized, card.input.sequences)
+    return image, transform
+
+
+def _model_channels(scan: Scan, order: tuple[str, ...]) -> np.ndarray:
+    """(len(order), I, J, K): the scan's channels in model order, zeros for missing sequences."""
+    out = np.zeros((len(order),) + scan.spatial_shape, dtype=np.float32)
+    for c, name in enumerate(order):
+        if name in scan.channels:
+            out[c] = scan.array[scan.channels.index(name)]
+    return out
