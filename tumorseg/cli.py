@@ -346,32 +346,6 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
         sys.exit(SOME_CASES_FAILED)
 
 
-@main.command("models")
-def models_command() -> None:
-    """List the installed models and the sequences each takes."""
-    from .model import list_model_dirs, load_card
-
-    dirs = list_model_dirs()
-    if not dirs:
-        click.echo("no models installed")
-        return
-    for model_dir in dirs:
-        try:
-            card = load_card(model_dir)
-        except TumorsegError as e:
-            click.echo(f"{model_dir.name}: unusable model card ({e})")
-            continue
-        spec = card.input
-        required = ", ".join(spec.required) or "none"
-        click.echo(
-            f"{model_dir.name}  {card.name} {card.version}  labels: {card.labels}\n"
-            f"  sequences (channel order): {', '.join(spec.sequences)}\n"
-            f"  required: {required}; at least {spec.min_sequences} of them\n"
-            + "".join(f"  given all of {', '.join(s)}, uses those alone (preferred_sets)\n" for s in spec.preferred_sets) +
-            f"  spacing {spec.spacing_mm} mm, patch {spec.patch_size}, weights sha256 {card.weights.sha256[:16]}..."
-        )
-
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
@@ -481,5 +455,11 @@ def synth(output, cases, seed, generator_version, workers, quiet):
     click.echo(f"wrote {cases} cases to {path}")
 
 
+from .cli_models import models  # noqa: E402 - the models command group lives in its own module
+
+main.add_command(models)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
+

@@ -9,7 +9,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .configio import from_dict, read_toml
 from .errors import ModelError
@@ -50,8 +50,8 @@ class InputSpec:
             raise ValueError(f"min_sequences must be 1..{len(self.sequences)}, got {self.min_sequences}")
         if any(s <= 0 for s in self.spacing_mm):
             raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
-        if any(p < 8 or p % 8 for p in self.patch_size):
-            raise ValueError(f"patch_size entries must be multiples of 8, got {self.patch_size}")
+        if any(p < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size entries must be positive, got {self.patch_size}")
         for chosen in self.preferred_sets:
             if not set(chosen) <= set(self.sequences) or not set(self.required) <= set(chosen):
                 raise ValueError(f"preferred set {list(chosen)} must lie within sequences and hold every required one")
@@ -140,17 +140,65 @@ class Weights:
     def __post_init__(self) -> None:
         if not self.file.endswith(".safetensors"):
             raise ValueError(f"weights must be a .safetensors file, got {self.file!r}")
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
-            raise ValueError(f"sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+        _check_sha256(self.sha256, self.file)
+
+
+@dataclass(frozen=True)
+class ImportedModel:
+    """A model trained by another tool, run through tumorseg (``tumorseg models import``)."""
+
+    #: "nnunet" (an nnU-Net v2 results folder) or "monai-bundle"
+    format: str
+    #: The folder holding its files: absolute, or relative to the card's folder (a copy).
+    folder: str
+    #: sha256 of every file used, by path relative to ``folder``; checked before loading.
+    files: Mapping[str, str]
+    #: Loading may run code (a pickle outside the allow-list, TorchScript): the user said so at import.
+    trust_code: bool = False
+    #: nnU-Net: the plans configuration, the folds ensembled, the checkpoint (final or best).
+    configuration: str = ""
+    folds: tuple[str, ...] = ()
+    checkpoint: str = "final"
+    #: The network's mirroring axes for test-time augmentation (from the checkpoint or bundle).
+    mirror_axes: tuple[int, ...] = ()
+    #: The model's output value (nnU-Net) or output channel (bundle) -> label value of the card's scheme.
+    label_map: Mapping[str, int] = field(default_factory=dict)
+    #: Bundles: the activation of the outputs ("sigmoid": nested regions; "softmax": labels), and for
+    #: regions the channels in the order they are painted (outermost first).
+    activation: str = ""
+    paint_order: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format not in IMPORT_FORMATS:
+            raise ValueError(f"imported format must be one of {IMPORT_FORMATS}, got {self.format!r}")
+        if not self.files:
+            raise ValueError("imported files must list each file with its sha256")
+        for name, digest in self.files.items():
+            _check_sha256(digest, name)
+
+    def folder_path(self, card_dir: Path) -> Path:
+        return (card_dir / self.folder).resolve()
+
+
+IMPORT_FORMATS = ("nnunet", "monai-bundle")
+
+
+def _check_sha256(digest: str, what: str) -> None:
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"sha256 of {what} must be 64 lower-case hex digits, got {digest!r}")
 
 
 @dataclass(frozen=True)
 class ModelCard:
+    """A model: tumorseg's own (``architecture`` and ``weights``) or one imported from another
+    tool (``imported``)."""
+
     name: str
     input: InputSpec
     labels: str
-    architecture: Architecture
-    weights: Weights
+    architecture: Architecture | None = None
+    weights: Weights | None = None
+    imported: ImportedModel | None = None
     version: str = "0"
     description: str = ""
     normalization: Normalization = field(default_factory=Normalization)
@@ -162,6 +210,12 @@ class ModelCard:
     def __post_init__(self) -> None:
         if self.labels not in SCHEMES:
             raise ValueError(f"unknown label scheme {self.labels!r}; known: {', '.join(SCHEMES)}")
+        if self.imported is not None:
+            if self.architecture is not None or self.weights is not None:
+                raise ValueError("an imported model has no [architecture] or [weights] table")
+            return
+        if self.architecture is None or self.weights is None:
+            raise ValueError("a tumorseg model needs [architecture] and [weights] tables (or [imported])")
         bad = [p for p in self.input.patch_size if p % self.architecture.divisor]
         if bad:
             raise ValueError(
@@ -176,12 +230,28 @@ class ModelCard:
     def out_channels(self) -> int:
         return len(self.scheme.labels) + 1
 
+    @property
+    def fingerprint(self) -> str:
+        """The weights' sha256; for an imported model, the sha256 of what decides its output: its
+        files' sha256s, the settings it runs with and the labels it writes (not where it lives)."""
+        if self.imported is None:
+            assert self.weights is not None
+            return self.weights.sha256
+        import json
+
+        from .configio import to_dict
+
+        settings = {k: v for k, v in to_dict(self.imported).items() if k != "folder"}
+        record = {"imported": settings, "labels": self.labels, "sequences": list(self.input.sequences)}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
 
 def build_network(card: ModelCard):  # -> torch.nn.Module
     """The untrained network the card describes (MONAI DynUNet, output = logits per class)."""
     from monai.networks.nets import DynUNet
 
     arch = card.architecture
+    assert arch is not None, "imported models are built by tumorseg.imported"
     strides = list(arch.strides)
     return DynUNet(
         spatial_dims=3,
@@ -196,6 +266,16 @@ def build_network(card: ModelCard):  # -> torch.nn.Module
         deep_supr_num=1,
         res_block=False,
     )
+
+
+def verify_file(path: Path, expected: str, what: str = "file the model card lists") -> None:
+    """Refuse a missing file or one whose sha256 is not ``expected`` (the card's)."""
+    if not path.is_file():
+        raise ModelError(f"{what} not found", path)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(f"checksum mismatch: sha256 is {actual}, the model card says {expected}; "
+                         "the file is corrupt or not the one the card describes", path)
 
 
 def sha256_file(path: Path) -> str:
@@ -214,7 +294,7 @@ class LoadedModel:
 
     @property
     def sha256(self) -> str:
-        return self.card.weights.sha256
+        return self.card.fingerprint
 
 
 def bundled_models_dir() -> Path:
@@ -226,23 +306,40 @@ def bundled_models_dir() -> Path:
     return package.parent / "models"
 
 
+def user_models_dir() -> Path:
+    """Where ``tumorseg models import`` puts models: $TUMORSEG_MODELS, else
+    $XDG_DATA_HOME/tumorseg/models (~/.local/share/tumorseg/models)."""
+    import os
+
+    if os.environ.get("TUMORSEG_MODELS"):
+        return Path(os.environ["TUMORSEG_MODELS"]).expanduser()
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "tumorseg" / "models"
+
+
 def find_model_dir(name_or_path: str) -> Path:
-    """A model folder given as a path, or by name among the bundled models."""
+    """A model folder given as a path, or by name among the user's and the bundled models (the
+    user's first)."""
     path = Path(name_or_path)
     if (path / CARD_NAME).is_file():
         return path
     if path.name == CARD_NAME and path.is_file():
         return path.parent
-    candidate = bundled_models_dir() / name_or_path
-    if (candidate / CARD_NAME).is_file():
-        return candidate
-    known = ", ".join(sorted(p.name for p in list_model_dirs())) or "none installed"
+    if path.name == name_or_path:  # a bare name
+        for root in (user_models_dir(), bundled_models_dir()):
+            if (root / name_or_path / CARD_NAME).is_file():
+                return root / name_or_path
+    known = ", ".join(sorted({p.name for p in list_model_dirs()})) or "none installed"
     raise ModelError(f"no model {name_or_path!r} (a folder with {CARD_NAME}, or one of: {known})")
 
 
 def list_model_dirs() -> list[Path]:
-    root = bundled_models_dir()
-    return sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file()) if root.is_dir() else []
+    """The bundled models, then the user's (``user_models_dir``)."""
+    out = []
+    for root in (bundled_models_dir(), user_models_dir()):
+        if root.is_dir():
+            out += sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file())
+    return out
 
 
 def load_card(model_dir: Path) -> ModelCard:
@@ -257,16 +354,13 @@ def load_model(name_or_path: str) -> LoadedModel:
 
     model_dir = find_model_dir(name_or_path)
     card = load_card(model_dir)
+    if card.imported is not None:
+        from .imported import load_imported
+
+        return LoadedModel(card=card, directory=model_dir, network=load_imported(card, model_dir))
+    assert card.weights is not None
     weights_path = model_dir / card.weights.file
-    if not weights_path.is_file():
-        raise ModelError("weights file not found", weights_path)
-    actual = sha256_file(weights_path)
-    if actual != card.weights.sha256:
-        raise ModelError(
-            f"checksum mismatch: sha256 is {actual}, the model card says {card.weights.sha256}; "
-            "the file is corrupt or not the one the card describes",
-            weights_path,
-        )
+    verify_file(weights_path, card.weights.sha256, "weights file")
     network = build_network(card)
     try:
         load_safetensors(network, str(weights_path), strict=True, device="cpu")
@@ -275,7 +369,7 @@ def load_model(name_or_path: str) -> LoadedModel:
     except RuntimeError as e:
         raise ModelError(f"weights do not fit the architecture in the card: {e}", weights_path) from None
     network.eval()
-    log.info("model %s %s (sha256 %s...)", card.name, card.version, actual[:12])
+    log.info("model %s %s (sha256 %s...)", card.name, card.version, card.weights.sha256[:12])
     return LoadedModel(card=card, directory=model_dir, network=network)
 
 

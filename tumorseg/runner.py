@@ -2,8 +2,8 @@
 and the way back to the input grid.
 
 tumorseg's own models (:class:`NativeRunner`) resample to the card's spacing, normalise within the
-brain and blend softmax probabilities; a model trained by another tool would reproduce that tool's
-preprocessing behind the same three methods. Everything else in the pipeline (reading, registration,
+brain and blend softmax probabilities; an imported model reproduces the preprocessing of the tool
+that trained it (:mod:`tumorseg.imported`). Everything else in the pipeline (reading, registration,
 brain extraction, post-processing, writing) is the same for both. A runner is picklable: batch
 workers prepare and finish cases with it while the main process runs the network.
 """
@@ -34,7 +34,11 @@ class ModelRunner(Protocol):
 
 
 def runner_for(card: ModelCard, model_dir: Path) -> ModelRunner:
-    return NativeRunner(card)
+    if card.imported is None:
+        return NativeRunner(card)
+    from .imported import runner_for_imported
+
+    return runner_for_imported(card, model_dir)
 
 
 class NativeRunner:

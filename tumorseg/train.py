@@ -210,6 +210,9 @@ def prepare_case(case: TrainingCase, card: ModelCard, as_predict: bool = False) 
 
 def check_init_compatible(init: ModelCard, card: ModelCard) -> None:
     """Refuse to fine-tune from a model whose weights or meaning differ from the training options."""
+    if init.imported is not None:
+        raise ConfigError(f"--init model {init.name} is an imported {init.imported.format} model; tumorseg trains its "
+                          "own models only (fine-tune it with the tool that trained it)")
     def traits(c: ModelCard) -> dict[str, Any]:
         return {"sequences": c.input.sequences, "labels": c.labels, "spacing_mm": c.input.spacing_mm,
                 "architecture": c.architecture, "normalization": c.normalization}

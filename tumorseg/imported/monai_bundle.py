@@ -1,0 +1,439 @@
+"""MONAI bundles (``configs/inference.json`` or ``.yaml``, ``configs/metadata.json``,
+``models/model.pt`` or ``models/model.ts``): import, safe loading, and inference that reproduces the
+bundle's own ``monai.bundle run`` on a :class:`~tumorseg.scan.Scan`.
+
+A bundle's configuration can hold Python expressions (``$...``), which MONAI evaluates. tumorseg
+reads only the parts that describe the model, as literals: ``network_def`` (a MONAI network from an
+allow-list), ``preprocessing`` and ``postprocessing`` (MONAI transforms from an allow-list) and
+``inferer``; reading the images is tumorseg's own, and the bundle's last steps (a ``Lambdad`` that
+paints labels, ``SaveImaged``) are replaced by the label conversion recorded at import from the
+bundle's metadata (``channel_def`` of its output). Anything else, and TorchScript (``model.ts``),
+is refused unless the user imports with ``--trust-code``, which then lets MONAI's ConfigParser
+evaluate the configuration.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+from ..labels import ED, ET, NCR, NET, get_scheme
+from .nnunet import channel_sequences
+
+log = logging.getLogger(__name__)
+
+#: MONAI networks a bundle's ``network_def`` may name (monai.networks.nets).
+NETWORKS = {"SegResNet", "SegResNetDS", "SegResNetVAE", "UNet", "BasicUNet", "DynUNet", "SwinUNETR", "UNETR",
+            "AttentionUnet", "VNet", "HighResNet"}
+#: MONAI dictionary transforms the preprocessing may hold (reading is tumorseg's: LoadImaged is skipped).
+PREPROCESSING = {"LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "ToTensord", "CastToTyped", "Orientationd",
+                 "Spacingd", "NormalizeIntensityd", "ScaleIntensityd", "ScaleIntensityRanged",
+                 "ScaleIntensityRangePercentilesd"}
+#: The postprocessing steps reproduced, in the bundle's order; LAST_STEPS are replaced by tumorseg's labels.
+POSTPROCESSING = {"Activationsd", "Invertd", "AsDiscreted", "EnsureTyped", "ToTensord"}
+LAST_STEPS = {"Lambdad", "SaveImaged", "CopyItemsd", "DeleteItemsd"}
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+
+#: Output channel names of region-based bundles (brats_mri_segmentation: TC, WT, ET), by keyword.
+_REGIONS = [("WT", ("whole", "wt")), ("TC", ("core", "tc")), ("ET", ("enhanc", "et"))]
+_LABEL_WORDS = [(frozenset({NCR, NET}), ("necro", "non-enhancing", "non_enhancing", "core")),
+                (frozenset({ET}), ("enhanc",)), (frozenset({ED}), ("edema", "oedema"))]  # core first: "non-enhancing"
+
+
+def read_config(bundle: Path) -> tuple[Path, dict]:
+    configs = bundle / "configs"
+    for name in CONFIG_NAMES:
+        path = configs / name
+        if path.is_file():
+            try:
+                if path.suffix == ".json":
+                    return path, json.loads(path.read_text())
+                import yaml
+
+                return path, yaml.safe_load(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelError(f"cannot read the bundle's inference configuration: {e}", path) from None
+    raise ModelError(f"not a MONAI bundle: no configs/{CONFIG_NAMES[0]} (or .yaml)", bundle)
+
+
+def _lookup(config: dict, reference: str, where: str) -> Any:
+    node: Any = config
+    for part in reference.replace("#", "::").split("::"):
+        if isinstance(node, list) and part.isdigit():
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise ModelError(f"{where}: the reference @{reference} names nothing in the configuration")
+    return node
+
+
+def literal(value: Any, config: dict, where: str) -> Any:
+    """``value`` with ``@`` references resolved; an expression (``$...``, ``%...``) is refused."""
+    if isinstance(value, str):
+        if value.startswith("@"):
+            return literal(_lookup(config, value[1:], where), config, where)
+        if value.startswith(("$", "%")):
+            raise ModelError(f"{where} is a Python expression ({value[:60]!r}), which tumorseg does not evaluate; "
+                             "import with --trust-code to let MONAI evaluate it")
+        return value
+    if isinstance(value, list):
+        return [literal(v, config, where) for v in value]
+    if isinstance(value, dict):
+        return {k: literal(v, config, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def _component(entry: dict, allowed: set[str], config: dict, where: str) -> tuple[str, dict]:
+    if not isinstance(entry, dict) or "_target_" not in entry:
+        raise ModelError(f"{where} is not a MONAI component (no _target_)")
+    target = str(entry["_target_"]).rsplit(".", 1)[-1]
+    if target not in allowed:
+        raise ModelError(f"{where}: {entry['_target_']} is not one of the components tumorseg reproduces "
+                         f"({', '.join(sorted(allowed))}); import with --trust-code to let MONAI build it")
+    kwargs = {k: v for k, v in entry.items() if not k.startswith("_")}
+    return target, kwargs
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The parts of a bundle's inference configuration tumorseg runs, as literals."""
+
+    network: tuple[str, dict]
+    preprocessing: tuple[tuple[str, dict], ...]
+    inferer: dict
+    activation: str  # "sigmoid", "softmax" or "" (the network's raw output)
+    invert: bool
+    nearest_interp: bool
+    discrete: dict  # AsDiscreted's arguments: threshold or argmax
+
+
+def read_spec(config: dict) -> BundleSpec:
+    net_name, net_kwargs = _component(config.get("network_def"), NETWORKS, config, "network_def")
+    pre_entries = config.get("preprocessing", {})
+    pre_entries = pre_entries.get("transforms", []) if isinstance(pre_entries, dict) else pre_entries
+    pre = []
+    for i, entry in enumerate(pre_entries):
+        name, kwargs = _component(entry, PREPROCESSING, config, f"preprocessing.transforms[{i}]")
+        if name != "LoadImaged":
+            pre.append((name, literal(kwargs, config, f"preprocessing.transforms[{i}]")))
+    inferer_name, inferer = _component(config.get("inferer"), {"SlidingWindowInferer"}, config, "inferer")
+    post_entries = config.get("postprocessing", {})
+    post_entries = post_entries.get("transforms", []) if isinstance(post_entries, dict) else post_entries
+    activation, invert, nearest, discrete = "", False, False, {}
+    for i, entry in enumerate(post_entries):
+        where = f"postprocessing.transforms[{i}]"
+        name = str(entry.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(entry, dict) else ""
+        if name in LAST_STEPS:
+            continue  # label painting and saving: tumorseg's own, from the metadata
+        name, kwargs = _component(entry, POSTPROCESSING, config, where)
+        if name == "Activationsd":
+            kwargs = literal({k: v for k, v in kwargs.items() if k in ("sigmoid", "softmax")}, config, where)
+            activation = "sigmoid" if kwargs.get("sigmoid") else "softmax" if kwargs.get("softmax") else ""
+        elif name == "Invertd":
+            invert = True
+            nearest = bool(literal(kwargs.get("nearest_interp", True), config, where))
+        elif name == "AsDiscreted":
+            discrete = literal({k: v for k, v in kwargs.items() if k in ("threshold", "argmax")}, config, where)
+    return BundleSpec((net_name, literal(net_kwargs, config, "network_def")), tuple(pre),
+                      literal(inferer, config, "inferer"), activation, invert, nearest, discrete)
+
+
+def output_labels(metadata: dict, activation: str, scheme_name: str) -> tuple[dict[int, int], tuple[int, ...]]:
+    """Output channel -> label value of the scheme, and the order channels are painted in.
+
+    Sigmoid outputs are nested regions (whole tumour, core, enhancing), painted outermost first, so
+    a voxel in the enhancing region is enhancing; softmax outputs are labels (argmax), channel 0
+    background."""
+    scheme = get_scheme(scheme_name)
+    names = (((metadata.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}).get("channel_def")
+    if not names:
+        raise ModelError("the bundle's metadata.json gives no output channel_def; tumorseg cannot tell which "
+                         "channel is which tumour region")
+
+    def value_of(classes: frozenset[str]) -> int:
+        matches = [label for label in scheme.labels if classes <= label.classes]
+        if not matches:
+            raise ModelError(f"scheme {scheme_name} has no label for {', '.join(sorted(classes))}")
+        return min(matches, key=lambda label: len(label.classes)).value
+
+    out: dict[int, int] = {}
+    if activation == "sigmoid":
+        found: dict[str, int] = {}
+        for channel, name in names.items():
+            key = str(name).lower()
+            region = next((r for r, words in _REGIONS if any(w in key.split() or (len(w) > 3 and w in key)
+                                                             for w in words)), None)
+            if region is None or region in found:
+                raise ModelError(f"output channel {channel} ({name!r}) is not one of whole tumour, tumour core, "
+                                 "enhancing tumour")
+            found[region] = int(channel)
+        if set(found) != {"WT", "TC", "ET"}:
+            raise ModelError(f"the bundle's sigmoid outputs {names} are not whole tumour, core and enhancing")
+        tissue = {"WT": frozenset({ED}), "TC": frozenset({NCR, NET}), "ET": frozenset({ET})}
+        order = tuple(found[r] for r in ("WT", "TC", "ET"))
+        out = {found[r]: value_of(tissue[r]) for r in ("WT", "TC", "ET")}
+        return out, order
+    for channel, name in names.items():
+        key = str(name).lower()
+        if int(channel) == 0 or "background" in key:
+            continue
+        classes = next((c for c, words in _LABEL_WORDS if any(w in key for w in words)), None)
+        if classes is None:
+            raise ModelError(f"output channel {channel} ({name!r}) is not a tumour label tumorseg recognises")
+        out[int(channel)] = value_of(classes)
+    return out, ()
+
+
+def weights_file(bundle: Path, trust_code: bool) -> Path:
+    models = bundle / "models"
+    if (models / "model.pt").is_file():
+        return models / "model.pt"
+    if (models / "model.ts").is_file():
+        if not trust_code:
+            raise ModelError("the bundle has only TorchScript weights (model.ts), whose loading runs code; "
+                             "import with --trust-code if you trust its source", models / "model.ts")
+        return models / "model.ts"
+    raise ModelError("the bundle has no models/model.pt or models/model.ts", bundle)
+
+
+def import_bundle(bundle: Path, name: str, channels: dict[int, str] | None = None, scheme: str = "brats2021",
+                  trust_code: bool = False):
+    """The model card (not yet written) for a MONAI bundle, and the files it uses."""
+    from ..model import ImportedModel, InputSpec, ModelCard, sha256_file
+
+    bundle = Path(bundle)
+    config_path, config = read_config(bundle)
+    metadata_path = bundle / "configs" / "metadata.json"
+    from .nnunet import read_json
+
+    metadata = read_json(metadata_path)
+    spec = read_spec(config) if not trust_code else None
+    activation = spec.activation if spec else _trusted_activation(config)
+    inputs = ((metadata.get("network_data_format") or {}).get("inputs") or {}).get("image") or {}
+    sequences = channel_sequences({"channel_names": inputs.get("channel_def") or {}}, channels)
+    if not sequences:
+        raise ModelError("the bundle's metadata gives no input channel_def; name the channels with --channels", metadata_path)
+    labels, order = output_labels(metadata, activation, scheme)
+    weights = weights_file(bundle, trust_code)
+    state = _load_weights(weights, trust_code)  # refused now rather than at the first prediction
+    network = build_network(config, trust_code)
+    _fit(network, state, weights)
+    used = {"configs/metadata.json": metadata_path, f"configs/{config_path.name}": config_path,
+            f"models/{weights.name}": weights}
+    roi = (spec.inferer if spec else {}).get("roi_size") or [96, 96, 96]
+    spacing = next((kw.get("pixdim") for n, kw in (spec.preprocessing if spec else ()) if n == "Spacingd"), None)
+    card = ModelCard(
+        name=name,
+        input=InputSpec(sequences=sequences, required=sequences, min_sequences=len(sequences),
+                        spacing_mm=tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0))),
+                        patch_size=tuple(int(r) for r in roi)),
+        labels=scheme,
+        imported=ImportedModel(format="monai-bundle", folder=str(bundle.resolve()),
+                               files={rel: sha256_file(p) for rel, p in used.items()}, trust_code=trust_code,
+                               label_map={str(k): v for k, v in labels.items()}, paint_order=order,
+                               activation=activation),
+        version=str(metadata.get("version", "0")),
+        description=f"MONAI bundle {metadata.get('name', bundle.name)}: {metadata.get('description', '')}".strip(),
+        license=str(metadata.get("copyright", "")),
+        training={"tool": "MONAI bundle", "monai_version": str(metadata.get("monai_version", "")),
+                  "data_source": str(metadata.get("data_source", ""))},
+    )
+    return card, used
+
+
+def _trusted_activation(config: dict) -> str:
+    entries = config.get("postprocessing", {})
+    entries = entries.get("transforms", []) if isinstance(entries, dict) else entries
+    for entry in entries:
+        if isinstance(entry, dict) and str(entry.get("_target_", "")).endswith("Activationsd"):
+            return "sigmoid" if entry.get("sigmoid") is True else "softmax" if entry.get("softmax") is True else ""
+    return ""
+
+
+def _load_weights(path: Path, trust_code: bool):
+    import pickle
+
+    import torch
+
+    if path.suffix == ".ts":
+        return torch.jit.load(str(path), map_location="cpu")  # trust_code was checked by weights_file
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust_code)
+    except pickle.UnpicklingError as e:
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise ModelError(f"refused: the weights file holds an object whose loading could run code ({why.strip()}); "
+                         "import with --trust-code only if you trust its source", path) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ModelError(f"cannot read the weights: {str(e).splitlines()[0]}", path) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # ignite's CheckpointSaver layout
+        state = state["model"]
+    return state
+
+
+def build_network(config: dict, trust_code: bool):
+    if trust_code:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(config)
+        return parser.get_parsed_content("network_def")
+    import monai.networks.nets as nets
+
+    name, kwargs = read_spec(config).network
+    return getattr(nets, name)(**kwargs)
+
+
+def _fit(network, state, path: Path) -> None:
+    if not isinstance(state, dict):
+        return  # TorchScript: the module is the network
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"the weights do not fit network_def: {str(e).splitlines()[0]}", path) from None
+
+
+def load_network(card, folder: Path):
+    """The bundle's network with its weights, in eval mode on the CPU (files already verified)."""
+    imported = card.imported
+    _, config = read_config(folder)
+    weights = weights_file(folder, imported.trust_code)
+    state = _load_weights(weights, imported.trust_code)
+    if not isinstance(state, dict):
+        return state.eval()
+    network = build_network(config, imported.trust_code)
+    _fit(network, state, weights)
+    return network.eval()
+
+
+def _anonymous(operations):
+    """The applied operations with the transform instances' ids cleared (MONAI's own way for
+    operations recorded in another process), so the inverse may run in a worker other than the one
+    that prepared the scan, with new transform instances built from the same configuration."""
+    from monai.utils import TraceKeys
+
+    if isinstance(operations, dict):
+        return {k: (TraceKeys.NONE if k == TraceKeys.ID else _anonymous(v)) for k, v in operations.items()}
+    if isinstance(operations, list):
+        return [_anonymous(v) for v in operations]
+    return operations
+
+
+# -- inference on a Scan -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BundleTransform:
+    """What the bundle's inverse needs: the preprocessed image's metadata and applied operations."""
+
+    input_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+    meta: dict
+    applied_operations: list
+
+    @property
+    def resampled(self) -> bool:
+        return self.model_shape != self.input_shape
+
+
+class BundleRunner:
+    """A bundle's preprocessing, sliding window and postprocessing on a Scan, with MONAI's own
+    transforms and inferer built from the literal configuration."""
+
+    def __init__(self, card, folder: Path) -> None:
+        self.card = card
+        _, config = read_config(folder)
+        self.config = config
+        self.spec = read_spec(config) if not card.imported.trust_code else None
+        self._built = None
+
+    def _preprocessing(self):
+        if self.spec is None:
+            from monai.bundle import ConfigParser
+
+            compose = ConfigParser(self.config).get_parsed_content("preprocessing")
+            transforms = [t for t in compose.transforms if type(t).__name__ != "LoadImaged"]
+        else:
+            import monai.transforms as mt
+
+            transforms = [getattr(mt, name)(**{**kwargs, "keys": "image"}) for name, kwargs in self.spec.preprocessing]
+        from monai.transforms import Compose
+
+        return Compose(transforms)
+
+    def prepare(self, scan, timings: dict[str, float]):
+        import torch
+        from monai.data import MetaTensor
+
+        from ..timing import timed
+
+        with timed(timings, "normalize"):
+            channels = np.stack([scan.array[scan.channels.index(s)] for s in self.card.input.sequences]).astype(np.float32)
+            affine = torch.as_tensor(scan.affine, dtype=torch.float64)
+            # What MONAI's LoadImaged gives for files stacked as channels (NibabelReader).
+            image = MetaTensor(torch.from_numpy(channels), affine=affine,
+                               meta={"original_affine": affine.clone(), "spatial_shape": np.array(scan.spatial_shape),
+                                     "original_channel_dim": 0, "space": "RAS"})
+            data = self._preprocessing()({"image": image})["image"]
+        array = data.detach().cpu().numpy().astype(np.float32)
+        return array, BundleTransform(tuple(scan.spatial_shape), tuple(array.shape[1:]), dict(data.meta),
+                                      _anonymous(list(data.applied_operations)))
+
+    def predict(self, network, image: np.ndarray, config, device, progress: bool = False) -> np.ndarray:
+        import torch
+        from monai.inferers import SlidingWindowInferer
+
+        kwargs = dict(self.spec.inferer) if self.spec else {}
+        if self.spec is None:
+            from monai.bundle import ConfigParser
+
+            inferer = ConfigParser(self.config).get_parsed_content("inferer")
+        else:
+            inferer = SlidingWindowInferer(**kwargs)
+        x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+        autocast = torch.autocast("cuda") if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), autocast:
+            out = inferer(x, network.eager)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[0].float().cpu().numpy()
+
+    def to_labels(self, output: np.ndarray, transform: BundleTransform) -> np.ndarray:
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Activations, AsDiscrete
+
+        imported = self.card.imported
+        pred = torch.from_numpy(output)
+        activation = self.spec.activation if self.spec else imported.activation
+        if activation:
+            pred = Activations(sigmoid=activation == "sigmoid", softmax=activation == "softmax")(pred)
+        if self.spec is None or self.spec.invert:
+            nearest = self.spec.nearest_interp if self.spec else False
+            image = MetaTensor(pred, meta=transform.meta, applied_operations=transform.applied_operations)
+            inverted = self._invert(image, nearest)
+            pred = torch.as_tensor(inverted)
+        discrete = self.spec.discrete if self.spec else {"threshold": 0.5} if activation == "sigmoid" else {"argmax": True}
+        pred = AsDiscrete(**discrete)(pred)
+        values = pred.cpu().numpy()
+        shape = transform.input_shape
+        out = np.zeros(shape, dtype=np.uint8)
+        if imported.paint_order:  # nested regions, outermost first
+            for channel in imported.paint_order:
+                out[values[channel] > 0] = imported.label_map[str(channel)]
+        else:
+            classes = values[0].astype(np.int64) if values.shape[0] == 1 else values.argmax(0)
+            for channel, value in imported.label_map.items():
+                out[classes == int(channel)] = value
+        return out
+
+    def _invert(self, image, nearest: bool):
+        """The bundle's Invertd: undo the preprocessing (resampling, orientation) on the prediction."""
+        from monai.transforms import Invertd
+
+        preprocessing = self._preprocessing()
+        data = {"image": image.clone(), "pred": image}
+        return Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=nearest)(data)["pred"]
