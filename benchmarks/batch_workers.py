@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from tumorseg.batch.cases import discover
-from tumorseg.batch.runner import BatchRunner, quiet_stage_logs
+from tumorseg.batch.runner import BatchRunner
+from tumorseg.batch.steps import quiet_stage_logs
 from tumorseg.config import load_pipeline
 from tumorseg.pipeline import Segmenter
 

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from tumorseg.batch.cases import discover
-from tumorseg.batch.runner import BatchRunner, quiet_stage_logs
+from tumorseg.batch.runner import BatchRunner
+from tumorseg.batch.steps import quiet_stage_logs
 from tumorseg.model import Architecture, InputSpec, ModelCard, Weights, build_network, save_model
 from tumorseg.pipeline import Segmenter
 

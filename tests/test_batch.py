@@ -392,22 +392,22 @@ pipeline.PipelineSpec.read_and_prepare = read_and_prepare
 # A worker dies while finishing the case named "killer", after its probabilities were shared.
 _FINISH_KILLER_SITECUSTOMIZE = '''
 import os
-from tumorseg.batch import runner
-_finish = runner._finish_and_write
-def _finish_and_write(job):
+from tumorseg.batch import steps
+_finish = steps.finish_and_write
+def finish_and_write(job):
     if job.case.case_id == "killer":
         os._exit(137)
     return _finish(job)
-runner._finish_and_write = _finish_and_write
+steps.finish_and_write = finish_and_write
 '''
 
 
 _DEAD_WORKERS_SITECUSTOMIZE = '''
 import os
-from tumorseg.batch import runner
-def _init_worker(*args):
+from tumorseg.batch import steps
+def init_worker(*args):
     os._exit(3)
-runner._init_worker = _init_worker
+steps.init_worker = init_worker
 '''
 
 
@@ -554,7 +554,7 @@ def test_without_a_lock_or_with_a_live_holder_nothing_is_removed(tmp_path, batch
     may be running, so its blocks and temporaries stay."""
     import errno
 
-    from tumorseg.batch import runner
+    from tumorseg.batch import manifest
 
     root = tmp_path / "in"
     phantom_case(root / "a", 1)
@@ -574,7 +574,7 @@ def test_without_a_lock_or_with_a_live_holder_nothing_is_removed(tmp_path, batch
         def no_locks(fd, op):
             raise OSError(errno.ENOLCK, "No locks available")
 
-        monkeypatch.setattr(runner.fcntl, "flock", no_locks)
+        monkeypatch.setattr(manifest.fcntl, "flock", no_locks)
         out = tmp_path / "unlocked"
         out.mkdir()
         (out / ".batch.lock").write_text(dead)
@@ -600,7 +600,7 @@ def test_outputs_in_a_subfolder_are_recorded_reused_and_retracted(tmp_path, batc
     """registered/<sequence>.nii.gz (a pipeline with save_registered) sits one level down in the
     case folder: the case record must find it on a rerun (else the case ran again every time) and
     remove it when the case runs again, without ever reaching outside the case folder."""
-    from tumorseg.batch.runner import CASE_RECORD
+    from tumorseg.batch.layout import CASE_RECORD
 
     root = tmp_path / "in"
     phantom_case(root / "a", 1)

@@ -278,7 +278,8 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
     """
     _setup_logging(quiet, verbose)
     from .batch.cases import case_id_key, discover
-    from .batch.runner import BatchRunner, quiet_stage_logs
+    from .batch.runner import BatchRunner
+    from .batch.steps import quiet_stage_logs
     from .errors import SOME_CASES_FAILED
     from .pipeline import Segmenter
 
@@ -320,7 +321,7 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
     import math
 
     _setup_logging(quiet, verbose)
-    from .batch.runner import quiet_stage_logs
+    from .batch.steps import quiet_stage_logs
     from .errors import SOME_CASES_FAILED, ConfigError
     from .labels import get_scheme
     from .validate import validate as run_validation

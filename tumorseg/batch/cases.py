@@ -31,6 +31,7 @@ from ..errors import InputError, TumorsegError
 from ..inputs import CaseInputs, DicomInputs
 from ..sequences import IMAGE_SUFFIXES, SEQUENCES, StudyInputs, assign_sequences, is_not_a_sequence, parse_sequence, strip_image_suffix
 from ..stages.read import volume_count
+from .layout import CASE_RECORD, MANIFEST_JSON
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 80
@@ -173,8 +174,6 @@ def _tree_cases(root: Path, exclude: Path | None = None) -> list[BatchCase]:
 
 
 def _is_output(folder: Path, exclude: Path | None) -> bool:
-    from .runner import CASE_RECORD, MANIFEST_JSON
-
     if exclude is not None and folder.resolve() == exclude.resolve():
         return True
     return (folder / CASE_RECORD).is_file() or (folder / MANIFEST_JSON).is_file()
