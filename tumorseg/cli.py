@@ -260,11 +260,12 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @_pipeline_options
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that read, prepare and write cases while the network runs (0: all in this process).")
 @click.option("--force", is_flag=True, help="Run every case again, even those whose outputs are complete and up to date.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS", help="Run the cases on a Ray cluster: its head's HOST:PORT, or auto for a running local one (pip install 'tumorseg[cluster]'; -o must be on storage every node mounts; docs/cluster.md).")
 @click.option("--hashed-ids", is_flag=True, help="Name cases case-<keyed hash of their id> instead of after their folders (for folders named by patient); the key is OUTPUT/case-id.key (keep it private), the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, force, hashed_ids, quiet,
-          verbose):
+def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, ray_address, force,
+          hashed_ids, quiet, verbose):
     """Segment every case under INPUT_ROOT; one bad case never stops the batch.
 
     INPUT_ROOT is a folder tree (each folder of NIfTI/NRRD/MHA sequences is a case, each DICOM
@@ -283,12 +284,24 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
     from .errors import SOME_CASES_FAILED
     from .pipeline import Segmenter
 
+    if ray_address and workers:
+        raise ConfigError("--workers is for a batch on this machine; with --ray the cluster's workers run the cases")
+    if ray_address:
+        from .cluster.ray_batch import require_ray
+
+        require_ray()  # before reading anything
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
                               brain_extraction)
     cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)
     segmenter = Segmenter(config.model, config)
+    if ray_address:
+        from .cluster.ray_batch import RayBatchRunner
+
+        runner = RayBatchRunner(segmenter, output, ray_address, force=force, progress=not quiet)
+    else:
+        runner = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet)
     with quiet_stage_logs(not verbose):
-        summary = BatchRunner(segmenter, output, workers=workers, force=force, progress=not quiet).run(cases)
+        summary = runner.run(cases)
     ok = len(summary.outcomes) - len(summary.failed)
     click.echo(f"{ok} of {len(summary.outcomes)} cases done ({len(summary.reused)} reused), "
                f"{len(summary.failed)} failed, in {summary.seconds:.1f} s; manifest: {output / 'manifest.csv'}")

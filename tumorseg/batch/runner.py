@@ -170,12 +170,7 @@ class BatchRunner:
                 if todo:
                     log.info("%d of %d cases to run (%d reused or failed at discovery)", len(todo), len(cases),
                              len(cases) - len(todo))
-                if self.workers == 0:
-                    self._run_inline(todo, bar)
-                elif self.worker_mode == "whole_cases":
-                    self._run_whole_cases(todo, bar)
-                else:
-                    self._run_pipelined(todo, bar)
+                self._schedule(todo, bar)
             finally:
                 if bar is not None:
                     bar.close()
@@ -183,6 +178,15 @@ class BatchRunner:
             summary = BatchSummary(outcomes, time.perf_counter() - start, self._network_seconds)
             self._write_manifest(final=True, seconds=summary.seconds)
         return summary
+
+    def _schedule(self, todo: list[tuple[BatchCase, str]], bar) -> None:
+        """Run the cases that are not reused; another scheduler (tumorseg.cluster) overrides this."""
+        if self.workers == 0:
+            self._run_inline(todo, bar)
+        elif self.worker_mode == "whole_cases":
+            self._run_whole_cases(todo, bar)
+        else:
+            self._run_pipelined(todo, bar)
 
     def _check_case(self, case: BatchCase) -> tuple[CaseOutcome | None, str]:
         """The outcome without running (a case broken at discovery, or one already done), and
@@ -422,13 +426,16 @@ class BatchRunner:
             "seconds": None if seconds is None else round(seconds, 2),
             # Share of the wall time the network ran: what --workers is there to raise.
             "network_busy_fraction": None if not seconds else round(self._network_seconds / seconds, 3),
-            "workers": self.workers,
-            "worker_mode": self.worker_mode if self.workers else None,
+            **self._run_info(),
             "model": {"name": self.spec.card.name, "version": self.spec.card.version,
                       "weights_sha256": self.spec.model_sha256},
             "config_sha256": self.fingerprint["config_sha256"],
             "configuration": to_dict(self.spec.config),
         })
+
+    def _run_info(self) -> dict[str, Any]:
+        """The manifest's entries on how the cases ran."""
+        return {"workers": self.workers, "worker_mode": self.worker_mode if self.workers else None}
 
 
 
