@@ -52,6 +52,13 @@ def ray_cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def run_on_ray(*args: str) -> subprocess.CompletedProcess:
+    """``tumorseg batch`` in its own process: a Ray driver is ended when its cluster stops, and
+    the test process must not be one."""
+    return subprocess.run([str(Path(sys.executable).parent / "tumorseg"), "batch", *args, "-q"], capture_output=True,
+                          text=True, timeout=600)
+
+
 def _cases(root: Path, count: int) -> Path:
     for n in range(count):
         phantom_case(root / f"p{n}", n)
@@ -77,8 +84,8 @@ def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_mo
         pytest.fail("CI must have ../shared/data/brats2018-train")
     local = run_batch(str(root), "-o", str(tmp_path / "local"), "--model", str(batch_model))
     assert local.exit_code in (0, 8), local.output
-    on_ray = run_batch(str(root), "-o", str(tmp_path / "ray"), "--model", str(batch_model), "--ray", address)
-    assert on_ray.exit_code == local.exit_code, on_ray.output
+    on_ray = run_on_ray(str(root), "-o", str(tmp_path / "ray"), "--model", str(batch_model), "--ray", address)
+    assert on_ray.returncode == local.exit_code, on_ray.stderr
     ours, theirs = _labels_and_reports(tmp_path / "ray"), _labels_and_reports(tmp_path / "local")
     assert sorted(ours) == sorted(theirs) and len(ours) >= 3
     for case in ours:
@@ -86,8 +93,8 @@ def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_mo
         assert ours[case][1] == theirs[case][1], case  # reports identical but for the timings
     doc = manifest(tmp_path / "ray")
     assert doc["worker_mode"] == "ray" and doc["complete"]
-    rerun = run_batch(str(root), "-o", str(tmp_path / "ray"), "--model", str(batch_model), "--ray", address)
-    assert rerun.exit_code == local.exit_code and manifest(tmp_path / "ray")["counts"]["reused"] == len(ours)
+    rerun = run_on_ray(str(root), "-o", str(tmp_path / "ray"), "--model", str(batch_model), "--ray", address)
+    assert rerun.returncode == local.exit_code and manifest(tmp_path / "ray")["counts"]["reused"] == len(ours)
 
 
 def _raylet_pids(port: int) -> list[int]:
@@ -121,8 +128,8 @@ def test_a_node_killed_mid_batch_loses_no_case(tmp_path, ray_cluster, batch_mode
     done = {row["case_id"] for row in doc["cases"] if row["status"] == "ok"}
     print(f"node killed mid-batch: {len(done)} of 8 cases done, {8 - len(done)} failed with a reason")
     stamps = {c: (out / "cases" / c / "batch-case.json").stat().st_mtime_ns for c in done}
-    rerun = run_batch(str(root), "-o", str(out), "--model", str(batch_model), "--ray", address)
-    assert rerun.exit_code == 0, rerun.output
+    rerun = run_on_ray(str(root), "-o", str(out), "--model", str(batch_model), "--ray", address)
+    assert rerun.returncode == 0, rerun.stderr
     assert {c: (out / "cases" / c / "batch-case.json").stat().st_mtime_ns for c in done} == stamps  # nothing redone
     assert manifest(out)["counts"]["reused"] == len(done)
 

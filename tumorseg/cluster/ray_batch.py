@@ -123,11 +123,19 @@ class RayBatchRunner(BatchRunner):
 
     def _schedule(self, todo: list[tuple[BatchCase, str]], bar) -> None:
         ray = require_ray()
-        if not ray.is_initialized():
+        connect = not ray.is_initialized()
+        if connect:
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"cannot connect to the Ray cluster at {self.address}: {e}") from None
+        try:
+            self._run_on_ray(ray, todo, bar)
+        finally:
+            if connect:  # a driver still connected would be ended when the cluster stops
+                ray.shutdown()
+
+    def _run_on_ray(self, ray, todo: list[tuple[BatchCase, str]], bar) -> None:
         self._check_shared_output(ray)
         if not todo:
             return
