@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import brain_phantom, make_tiny_model, save_nifti, shared_data
-from tumorseg.batch.cases import BatchCase, case_id_key, discover, safe_case_id
+from tumorseg.batch.cases import case_id_key, discover, safe_case_id
 from tumorseg.cli import main
 from tumorseg.errors import SOME_CASES_FAILED, GeometryError, InputError, SequenceError
 from tumorseg.inputs import DicomInputs
@@ -250,44 +250,76 @@ def test_batch_exit_code_zero_and_force(tmp_path, batch_model):
     assert warnings["a"] == "" and "skull-stripped" in warnings["b"]
 
 
+def stop_mid_batch(command: list[str], out: Path, after_cases: int, sig: int) -> tuple[int, str]:
+    """Run a batch command in its own process group and send ``sig`` to the group (as a terminal's
+    Ctrl-C does) once ``after_cases`` cases are done; its exit code and stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                done = manifest(out)["counts"]["ok"]
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= after_cases:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the batch finished before it could be stopped"
+        time.sleep(0.15)  # into the next case
+        os.killpg(process.pid, sig)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, stderr
+
+
+def assert_stopped_batch_resumes(command: list[str], out: Path, cases: int, sig: int) -> int:
+    """Stop the batch mid-way: nothing half-written, nothing written after it exited, and the
+    rerun finishes the rest without redoing a case. The number of cases done before the stop."""
+    code, stderr = stop_mid_batch(command, out, 2, sig)
+    if sig == signal.SIGINT:
+        assert code == 130 and "interrupted" in stderr, (code, stderr)
+    doc = manifest(out)
+    assert not doc["complete"] and 2 <= doc["counts"]["ok"] < cases, doc["counts"]
+    assert_outputs_readable(out)
+    done = {row["case_id"] for row in doc["cases"] if row["status"] == "ok"}
+    stamps = {c: (out / "cases" / c / "batch-case.json").stat().st_mtime_ns for c in done}
+    state = output_state(out)
+    time.sleep(3)
+    assert output_state(out) == state, "something still wrote after the batch had stopped"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    doc = manifest(out)
+    assert doc["complete"] and doc["counts"]["ok"] == cases and doc["counts"]["reused"] >= len(done)
+    assert {c: (out / "cases" / c / "batch-case.json").stat().st_mtime_ns for c in done} == stamps  # not redone
+    assert_outputs_readable(out)
+    assert not [p for p in (out / "cases").rglob(".*partial*")]  # stale temporary files removed
+    return len(done)
+
+
+def batch_command(root: Path, out: Path, model: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "tumorseg.cli", "batch", str(root), "-o", str(out), "--model", str(model), "-q",
+            *options]
+
+
 def test_batch_killed_mid_case_then_rerun_completes(tmp_path, batch_model):
     root = tmp_path / "in"
     for n in range(12):
         phantom_case(root / f"c{n:02d}", n)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "tumorseg.cli", "batch", str(root), "-o", str(out), "--model", str(batch_model), "-q"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        done = 0
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                done = manifest(out)["counts"]["ok"]
-            except (OSError, ValueError):
-                done = 0
-            if done >= 3:
-                break
-            time.sleep(0.05)
-        assert process.poll() is None, "the batch finished before it could be killed"
-        time.sleep(0.15)  # into the next case
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    doc = manifest(out)
-    assert not doc["complete"] and 3 <= doc["counts"]["ok"] < 12
-    assert_outputs_readable(out)
-    finished_before = doc["counts"]["ok"]
+    assert_stopped_batch_resumes(batch_command(root, tmp_path / "out", batch_model), tmp_path / "out", 12,
+                                 signal.SIGKILL)
 
-    result = run_batch(str(root), "-o", str(out), "--model", str(batch_model))
-    assert result.exit_code == 0, result.output
-    doc = manifest(out)
-    assert doc["complete"] and doc["counts"]["ok"] == 12 and doc["counts"]["reused"] >= finished_before
-    assert_outputs_readable(out)
-    assert not [p for p in (out / "cases").rglob(".*partial*")]  # stale temporary files removed
-    for n in range(12):
-        assert (out / "cases" / f"c{n:02d}" / "batch-case.json").is_file()
+
+def test_ctrl_c_stops_a_batch_with_workers_cleanly(tmp_path, batch_model):
+    root = tmp_path / "in"
+    for n in range(8):
+        phantom_case(root / f"c{n:02d}", n)
+    out = tmp_path / "out"
+    assert_stopped_batch_resumes(batch_command(root, out, batch_model, "--workers", "2"), out, 8, signal.SIGINT)
 
 
 def test_batch_of_twenty_real_and_synthetic_cases(tmp_path, batch_model):

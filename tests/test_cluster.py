@@ -2,6 +2,7 @@
 each with one CPU, on 127.0.0.1 with this test's own ports), stopped at the end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from test_batch import batch_model, manifest, phantom_case, run_batch  # noqa: F401 - batch_model is a fixture
+from test_batch import (assert_stopped_batch_resumes, batch_command, batch_model, manifest,  # noqa: F401 - a fixture
+                        phantom_case, run_batch)
 
 pytest.importorskip("ray", reason="the cluster runner needs Ray (pip install 'tumorseg[cluster]'; the test extra has it)")
 
@@ -48,8 +50,33 @@ def ray_cluster(tmp_path_factory):
              *common, env=env)
         yield f"127.0.0.1:{base}", base + 31
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_cluster(temp: str) -> None:
+    """Stop this test's cluster only: its processes name its temporary folder, and the workers
+    are their children. (``ray stop`` would stop every Ray cluster on the machine, a user's too.)"""
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eww", "-o", "pid=,ppid=,args="],
+                                                             capture_output=True, text=True).stdout.splitlines()]
+    rows = [(int(row[0]), int(row[1]), row[2] if len(row) > 2 else "") for row in rows]
+    ours = {pid for pid, _, args in rows if f"{temp}/" in args or f"={temp} " in f"{args} "}
+    while more := {pid for pid, parent, _ in rows if parent in ours} - ours:
+        ours |= more
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(pid) for pid in ours):
+            time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def run_on_ray(*args: str) -> subprocess.CompletedProcess:
@@ -97,6 +124,15 @@ def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_mo
     assert rerun.returncode == local.exit_code and manifest(tmp_path / "ray")["counts"]["reused"] == len(ours)
 
 
+def test_ctrl_c_stops_a_ray_batch_cleanly_and_the_rerun_resumes(tmp_path, ray_cluster, batch_model):  # noqa: F811
+    address, _ = ray_cluster
+    out = tmp_path / "out"
+    # 12 cases: the ones in flight (two per actor) are finished after Ctrl-C, and some must be left.
+    done = assert_stopped_batch_resumes(batch_command(_cases(tmp_path / "in", 12), out, batch_model, "--ray", address),
+                                        out, 12, signal.SIGINT)
+    print(f"Ctrl-C on a Ray batch: {done} of 12 cases done before it ended, the rest by the rerun")
+
+
 def _raylet_pids(port: int) -> list[int]:
     out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "raylet" in line and f"node_manager_port={port} " in line + " "]
@@ -126,7 +162,8 @@ def test_a_node_killed_mid_batch_loses_no_case(tmp_path, ray_cluster, batch_mode
     for row in doc["cases"]:
         assert row["status"] == "ok" or row["error_message"], row  # done, or failed with the reason
     done = {row["case_id"] for row in doc["cases"] if row["status"] == "ok"}
-    print(f"node killed mid-batch: {len(done)} of 8 cases done, {8 - len(done)} failed with a reason")
+    failed = [(row["case_id"], row["error_message"]) for row in doc["cases"] if row["status"] != "ok"]
+    print(f"node killed mid-batch: {len(done)} of 8 cases done, {len(failed)} failed with a reason: {failed}")
     stamps = {c: (out / "cases" / c / "batch-case.json").stat().st_mtime_ns for c in done}
     rerun = run_on_ray(str(root), "-o", str(out), "--model", str(batch_model), "--ray", address)
     assert rerun.returncode == 0, rerun.stderr
@@ -139,3 +176,22 @@ def test_without_ray_the_option_says_what_to_install(tmp_path, batch_model, monk
     result = run_batch(str(_cases(tmp_path / "in", 1)), "-o", str(tmp_path / "out"), "--model", str(batch_model),
                        "--ray", "auto")
     assert result.exit_code == 6 and "tumorseg[cluster]" in result.output
+
+
+def test_a_lost_case_waits_and_avoids_the_actor_that_lost_it(monkeypatch):
+    from tumorseg.cluster import ray_batch
+
+    clock = [1000.0]
+    monkeypatch.setattr(ray_batch.time, "monotonic", lambda: clock[0])
+    flight = ray_batch._Flight([("a", None), ("b", None), ("c", None)], actors=2)
+    assert list(flight.to_start()) == [("a", 1, 0), ("b", 1, 1), ("c", 1, 0)]
+    flight.lost("b", 1, 1)
+    assert list(flight.to_start()) == []  # not at once: Ray needs a moment to notice a lost node
+    clock[0] += ray_batch.RETRY_DELAY_S
+    assert list(flight.to_start()) == [("b", 2, 0)]  # on the other actor
+    flight.lost("b", 2, 0)
+    clock[0] += 2 * ray_batch.RETRY_DELAY_S
+    assert list(flight.to_start()) == [("b", 3, 1)]  # both resting: round robin
+    clock[0] += ray_batch.ACTOR_REST_S
+    flight.pending.extend([("d", 1), ("e", 1)])
+    assert [actor for _, _, actor in flight.to_start()] == [0, 1]  # rested: both used again

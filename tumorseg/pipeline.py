@@ -195,7 +195,9 @@ class PipelineSpec:
     def finish(self, prepared: PreparedScan, probs: np.ndarray, infer_seconds: float) -> Result:
         """From the network's output (``Segmenter.infer``) to the label map on the input grid, and the report."""
         card = self.card
+        # Nothing of ``prepared`` is changed: a step retried on a cluster finishes it again.
         timings = {**prepared.timings, "infer": infer_seconds}
+        warnings = list(prepared.warnings)
         with timed(timings, "restore_geometry"):
             raw = self.runner.to_labels(probs, prepared.transform)
             del probs
@@ -210,17 +212,17 @@ class PipelineSpec:
             cut = brain.tumour_at_border(prepared.brain_mask, cleaned > 0, prepared.source.affine)
             if cut:
                 log.warning(cut)
-                prepared.warnings.append(cut)
+                warnings.append(cut)
         with timed(timings, "report"):
             summary = report.summarize(labels)
             png = None
             if prepared.overview:
                 png = overview.png_bytes(overview.render(prepared.overview, next(iter(prepared.overview)), cleaned,
                                                          prepared.source.affine, card.scheme, prepared.brain_mask))
-        return Result(labels=labels, report=self._report(prepared, summary, timings), timings=timings,
+        return Result(labels=labels, report=self._report(prepared, summary, timings, warnings), timings=timings,
                       registered=prepared.registered, overview_png=png, brain_mask=prepared.brain_mask)
 
-    def _report(self, prepared: PreparedScan, summary: dict, timings: dict) -> dict[str, Any]:
+    def _report(self, prepared: PreparedScan, summary: dict, timings: dict, warnings: list[str]) -> dict[str, Any]:
         card = self.card
         return {
             "tumorseg_version": __version__,
@@ -241,7 +243,7 @@ class PipelineSpec:
             **({"brain": prepared.brain} if prepared.brain else {}),
             "results": summary,
             "empty": summary["regions"]["WT"]["voxels"] == 0,
-            "warnings": prepared.warnings,
+            "warnings": warnings,
             "timings_s": _rounded(timings),
             "configuration": to_dict(self.config),
             "disclaimer": "Research software; not a medical device. Check every contour before clinical use.",

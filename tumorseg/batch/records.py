@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_bytes_atomic
 from ..configio import to_dict
-from ..errors import TumorsegError
+from ..errors import InputError, TumorsegError
 from ..model import sha256_file
 from .cases import BatchCase
 from .layout import CASE_RECORD
@@ -161,3 +161,28 @@ def remove_stale_partials(case_dir: Path) -> None:
     if case_dir.is_dir():
         for stale in case_dir.glob(".*.partial*"):
             stale.unlink(missing_ok=True)
+
+
+def check_case(case: BatchCase, case_dir: Path, batch_fingerprint: dict[str, str], force: bool = False,
+               exclude: Path | None = None) -> tuple[CaseOutcome | None, str]:
+    """What a batch knows of a case before running it: its outcome when there is nothing to run
+    (broken at discovery, or done before with the same fingerprint and intact outputs), and the
+    checksum of its inputs. A case that will run has its previous outputs retracted first."""
+    if case.problem is not None:
+        retract_previous_outputs(case_dir)
+        return failure(case, case.problem), ""
+    try:
+        fingerprint = inputs_sha256(case, exclude=exclude)
+    except OSError as e:
+        retract_previous_outputs(case_dir)
+        return failure(case, InputError(f"cannot read input ({e.strerror})", e.filename)), ""
+    remove_stale_partials(case_dir)
+    reused = None
+    if not force:
+        try:
+            reused = reusable_outcome(case, case_dir, {**batch_fingerprint, "inputs_sha256": fingerprint})
+        except Exception as e:  # an unreadable or old-format record: run the case again
+            log.info("%s: previous outputs not reusable (%s)", case.case_id, e)
+    if reused is None:
+        retract_previous_outputs(case_dir)
+    return reused, fingerprint

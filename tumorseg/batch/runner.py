@@ -29,21 +29,19 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .. import __version__
 from ..configio import to_dict
-from ..errors import InputError
 from ..model import CARD_NAME as MODEL_CARD_FILE, sha256_file
 from ..pipeline import Segmenter
 from .cases import BatchCase
 from .layout import CASES_DIR, RESULTS_VERSION
 from .manifest import exclusive_output, write_manifest
-from .records import (BatchSummary, CaseOutcome, config_sha256, failure, inputs_sha256, remove_stale_partials,
-                      retract_previous_outputs, reusable_outcome)
+from .records import BatchSummary, CaseOutcome, check_case, config_sha256, failure
 from .shared import batch_prefix, release, remove_leftovers, share, take
 from .steps import (Finish, finish_and_write, finish_shared, init_worker, logger_levels, prepare_shared, read_and_prepare,
                     release_prepared, run_case)
@@ -56,6 +54,8 @@ _DIED = object()
 #: Pools (or lone retries) that may die in a row, no case finishing in between, before the batch
 #: stops starting workers: a worker that cannot even start would otherwise be respawned per case.
 MAX_DEATHS_IN_A_ROW = 3
+#: Threads that checksum the inputs before a batch starts.
+CHECK_THREADS = 4
 
 
 class _WorkersKeepDying(RuntimeError):
@@ -160,8 +160,7 @@ class BatchRunner:
             bar = self._progress_bar(len(cases))
             try:
                 todo = []
-                for case in cases:
-                    outcome, fingerprint = self._check_case(case)
+                for case, (outcome, fingerprint) in zip(cases, self._check_cases(cases)):
                     if outcome is not None:
                         self._record(outcome, bar, write=False)
                     else:
@@ -188,33 +187,14 @@ class BatchRunner:
         else:
             self._run_pipelined(todo, bar)
 
-    def _check_case(self, case: BatchCase) -> tuple[CaseOutcome | None, str]:
-        """The outcome without running (a case broken at discovery, or one already done), and
-        the checksum of the case's inputs."""
-        case_dir = self.case_dir(case.case_id)
-        if case.problem is not None:
-            retract_previous_outputs(case_dir)
-            return failure(case, case.problem), ""
-        try:
-            fingerprint = inputs_sha256(case, exclude=self.output)
-        except OSError as e:
-            retract_previous_outputs(case_dir)
-            return failure(case, InputError(f"cannot read input ({e.strerror})", e.filename)), ""
-        remove_stale_partials(case_dir)
-        reused = None if self.force else self._reuse(case, case_dir, fingerprint)
-        if reused is None:
-            retract_previous_outputs(case_dir)
-        return reused, fingerprint
-
-    def _reuse(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
-        try:
-            return self._reuse_record(case, case_dir, fingerprint)
-        except Exception as e:  # an unreadable or old-format record: run the case again
-            log.info("%s: previous outputs not reusable (%s)", case.case_id, e)
-            return None
-
-    def _reuse_record(self, case: BatchCase, case_dir: Path, fingerprint: str) -> CaseOutcome | None:
-        return reusable_outcome(case, case_dir, {**self.fingerprint, "inputs_sha256": fingerprint})
+    def _check_cases(self, cases: list[BatchCase]) -> list[tuple[CaseOutcome | None, str | None]]:
+        """Per case, the outcome without running it (broken at discovery, or done before) and the
+        checksum of its inputs; another scheduler (tumorseg.cluster) may leave the checksum (None)
+        to where the case runs. Threads: hashing releases the GIL, and on network storage
+        reading one file after the other would leave the bandwidth idle."""
+        with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+            return list(pool.map(lambda case: check_case(case, self.case_dir(case.case_id), self.fingerprint,
+                                                         self.force, exclude=self.output), cases))
 
     def case_dir(self, case_id: str) -> Path:
         return self.output / CASES_DIR / case_id

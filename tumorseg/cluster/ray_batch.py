@@ -12,20 +12,27 @@ same label maps and reports.
 Faults: Ray retries a task whose worker or node died (``max_retries``) and restarts a dead actor
 (``max_restarts``); a case whose steps still fail for the cluster's sake (a worker killed, a node
 lost) is run again from the start up to ``attempts`` times, then recorded as failed with the
-reason. A case that fails on its own (a bad input) is recorded at once, as locally. Ctrl-C cancels
-what is in flight; the manifest and records say what was done, and a rerun resumes.
+reason. A case that fails on its own (a bad input) is recorded at once, as locally. Ctrl-C stops
+starting cases and finishes those in flight (a second Ctrl-C stops at once); the manifest and
+records say what was done, and a rerun resumes.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import re
 import secrets
+import signal
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..batch.cases import BatchCase
-from ..batch.records import CaseOutcome, failure
+from ..batch.records import CaseOutcome, check_case, failure
 from ..batch.runner import BatchRunner
 from ..batch.steps import Finish, finish_and_write, read_and_prepare
 from ..errors import ConfigError
@@ -36,6 +43,12 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'tumorseg[cluster]' (Ray)"
 #: How often a case is started again after the cluster lost it (a worker or node died).
 ATTEMPTS = 3
+#: Seconds a lost case waits, times its attempt, before it is started again.
+RETRY_DELAY_S = 3.0
+#: Seconds an actor that lost a case is given no new one (while Ray restarts it elsewhere).
+ACTOR_REST_S = 20.0
+#: How long a node may take to run the output folder check.
+CHECK_WAIT_S = 120
 
 
 def require_ray():
@@ -48,9 +61,14 @@ def require_ray():
 
 # -- the steps as Ray runs them --------------------------------------------------------------------
 
-def _prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str):
+def _prepare(spec: PipelineSpec, case: BatchCase, case_dir: str, check: tuple[dict[str, str], bool, str]):
     """(network input, the rest) or (None, CaseOutcome): two objects, so that the finishing task
-    does not fetch the network input again."""
+    does not fetch the network input again. The case is checked here first (its inputs hashed,
+    a previous run's outputs reused), on the node that reads the inputs anyway."""
+    batch_fingerprint, force, output_root = check
+    outcome, fingerprint = check_case(case, Path(case_dir), batch_fingerprint, force, exclude=Path(output_root))
+    if outcome is not None:
+        return None, outcome
     prepared = read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return None, prepared
@@ -88,12 +106,51 @@ class _Inference:
     def infer(self, case: BatchCase, image, rest):
         if isinstance(rest, CaseOutcome):
             return rest
-        scan = rest[0]
-        scan.image = image
+        # A copy: Ray may run this again in this process with the same argument objects (when it
+        # rebuilds an output lost with a node), and inferring empties the scan's image.
+        scan = dataclasses.replace(rest[0], image=image)
         try:
             return self.segmenter.infer(scan)
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             return failure(case, e)
+
+
+class _Flight:
+    """The cases of a Ray batch: waiting, in flight (two per actor), and lost ones waiting to be
+    started again. A lost case waits a little (a node's loss takes Ray seconds to notice, an actor
+    seconds to restart) and avoids, for a while, the actor it was sent to."""
+
+    def __init__(self, todo: list[tuple[BatchCase, str | None]], actors: int) -> None:
+        self.pending = deque((case, 1) for case, _ in todo)
+        self.running: dict[Any, tuple[BatchCase, int, int]] = {}  # ref -> case, attempt, actor
+        self.later: list[tuple[float, BatchCase, int]] = []  # start time, case, attempt
+        self.actors = actors
+        self._next = 0
+        self._resting: dict[int, float] = {}  # actor -> until when it is avoided
+
+    def to_start(self) -> Iterator[tuple[BatchCase, int, int]]:
+        """(case, attempt, actor) for each case to start now."""
+        now = time.monotonic()
+        self.pending.extendleft((case, attempt) for when, case, attempt in reversed(self.later) if when <= now)
+        self.later = [entry for entry in self.later if entry[0] > now]
+        while self.pending and len(self.running) < 2 * self.actors:
+            case, attempt = self.pending.popleft()
+            yield case, attempt, self._actor(now)
+
+    def lost(self, case: BatchCase, attempt: int, actor: int) -> None:
+        now = time.monotonic()
+        self._resting[actor] = now + ACTOR_REST_S
+        self.later.append((now + RETRY_DELAY_S * attempt, case, attempt + 1))
+
+    def _actor(self, now: float) -> int:
+        for step in range(self.actors):
+            actor = (self._next + step) % self.actors
+            if self._resting.get(actor, 0.0) <= now:
+                break
+        else:
+            actor = self._next % self.actors  # all resting: round robin
+        self._next = actor + 1
+        return actor
 
 
 def _can_read(path: str, token: str) -> bool:
@@ -117,6 +174,12 @@ class RayBatchRunner(BatchRunner):
         self.attempts = attempts
         self.max_retries = max_retries
         self._actor_count = 0
+
+    def _check_cases(self, cases: list[BatchCase]) -> list[tuple[CaseOutcome | None, str | None]]:
+        """Only what discovery found: the inputs are hashed, and earlier outputs reused, by each
+        case's first task on the cluster. Hashing on the driver would read the whole archive
+        through one machine before the first case starts."""
+        return [(failure(case, case.problem), "") if case.problem is not None else (None, None) for case in cases]
 
     def _run_info(self) -> dict[str, Any]:
         return {"workers": self._actor_count, "worker_mode": "ray", "ray_address": self.address}
@@ -152,38 +215,56 @@ class RayBatchRunner(BatchRunner):
         prepare = ray.remote(num_cpus=0.5, num_returns=2, max_retries=self.max_retries)(_prepare)
         finish = ray.remote(num_cpus=0.5, max_retries=self.max_retries)(_finish)
         spec = ray.put(self.spec)
-        pending = deque((case, fingerprint, 1) for case, fingerprint in todo)
-        running: dict[Any, tuple[BatchCase, str, int]] = {}
-        next_actor = 0
+        log.info("%d cases go to the cluster, which skips those done before", len(todo))
+        check = ray.put((self.fingerprint, self.force, str(self.output)))
+        flight = _Flight(todo, count)
+        interrupted = False
+        while flight.pending or flight.running or flight.later:
+            try:
+                with _sigint_deferred():  # a case is never half submitted
+                    for case, attempt, actor in flight.to_start():
+                        case_dir = str(self.case_dir(case.case_id))
+                        image, rest = prepare.remote(spec, case, case_dir, check)
+                        inferred = actors[actor].infer.remote(case, image, rest)
+                        done = finish.remote(spec, case, rest, inferred, case_dir, str(self.output), self.fingerprint)
+                        flight.running[done] = (case, attempt, actor)
+                ready, _ = ray.wait(list(flight.running), num_returns=1, timeout=1.0) if flight.running else ([], [])
+                if not ready and not flight.running:
+                    time.sleep(1.0)  # only cases waiting to be started again
+                with _sigint_deferred():  # nor half recorded
+                    for ref in ready:
+                        self._collect(ray, ref, flight, bar, retry=not interrupted)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                # No ray.cancel: it races with completing tasks and can abort the driver inside
+                # Ray's core (ray-project/ray#54846). The cases in flight are finished instead.
+                interrupted = True
+                flight.pending.clear()
+                flight.later.clear()
+                log.warning("interrupted: finishing the %d cases in flight (Ctrl-C again to stop at once; "
+                            "the rerun resumes either way)", len(flight.running))
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _collect(self, ray, ref, flight: _Flight, bar, retry: bool) -> None:
+        case, attempt, actor = flight.running.pop(ref)
         try:
-            while pending or running:
-                while pending and len(running) < 2 * count:
-                    case, fingerprint, attempt = pending.popleft()
-                    image, rest = prepare.remote(spec, case, fingerprint)
-                    inferred = actors[next_actor % count].infer.remote(case, image, rest)
-                    next_actor += 1
-                    done = finish.remote(spec, case, rest, inferred, str(self.case_dir(case.case_id)),
-                                         str(self.output), self.fingerprint)
-                    running[done] = (case, fingerprint, attempt)
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
-                for ref in ready:
-                    case, fingerprint, attempt = running.pop(ref)
-                    try:
-                        outcome = ray.get(ref)
-                    except Exception as e:  # the cluster lost the case: a worker, actor or node died
-                        if attempt < self.attempts:
-                            log.warning("%s: lost on the cluster (%s); starting it again (attempt %d of %d)",
-                                        case.case_id, type(e).__name__, attempt + 1, self.attempts)
-                            pending.append((case, fingerprint, attempt + 1))
-                            continue
-                        outcome = failure(case, RuntimeError(
-                            f"lost on the cluster {attempt} times ({type(e).__name__}: {_first_line(e)})"))
-                    self._network_seconds += outcome.timings_s.get("infer", 0.0)
-                    self._record(outcome, bar)
-        except KeyboardInterrupt:
-            for ref in running:
-                ray.cancel(ref)
-            raise
+            outcome = ray.get(ref)
+        except Exception as e:  # the cluster lost the case: a worker, actor or node died
+            if not retry:  # after Ctrl-C: not done, and not failed either; the rerun runs it
+                log.info("%s: lost on the cluster while stopping", case.case_id)
+                return
+            if attempt < self.attempts:
+                log.warning("%s: lost on the cluster (%s); starting it again (attempt %d of %d)",
+                            case.case_id, type(e).__name__, attempt + 1, self.attempts)
+                flight.lost(case, attempt, actor)
+                return
+            outcome = failure(case, RuntimeError(
+                f"lost on the cluster {attempt} times ({type(e).__name__}: {_first_line(e)})"))
+        if not outcome.reused:
+            self._network_seconds += outcome.timings_s.get("infer", 0.0)
+        self._record(outcome, bar)
 
     def _check_shared_output(self, ray) -> None:
         """Every node must see OUT: a marker written here is read back by a task on each node."""
@@ -198,9 +279,8 @@ class RayBatchRunner(BatchRunner):
             refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                     .remote(str(marker.resolve()), token) for n in nodes]
             start = time.monotonic()
-            blind = [n["NodeManagerAddress"] for n, seen in zip(nodes, ray.get(refs, timeout=120)) if not seen]
-            log.info("%d Ray nodes see the output folder (checked in %.1f s)", len(nodes) - len(blind),
-                     time.monotonic() - start)
+            blind = [n["NodeManagerAddress"] for n, ref in zip(nodes, refs) if _sees(ray, ref, n) is False]
+            log.info("%d Ray nodes checked for the output folder in %.1f s", len(nodes), time.monotonic() - start)
         finally:
             marker.unlink(missing_ok=True)
         if blind:
@@ -208,6 +288,35 @@ class RayBatchRunner(BatchRunner):
                               "it; give -o a path on storage every node mounts at the same path", self.output)
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C held back while the block runs, and raised (KeyboardInterrupt) once it has ended.
+    (Blocking the signal would not do: any of Ray's threads may receive it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _sees(ray, ref, node: dict) -> bool | None:
+    """Whether the node read the marker; None for a node that has gone since it was listed (the
+    cluster notices a lost node with a delay), which runs nothing."""
+    try:
+        return ray.get(ref, timeout=CHECK_WAIT_S)
+    except ray.exceptions.TaskUnschedulableError:
+        return None
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"Ray node {node['NodeManagerAddress']} did not run the output folder check within "
+                          f"{CHECK_WAIT_S} s; is it overloaded or failing?") from None
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # without Ray's colours
     return text[0][:200] if text else ""
