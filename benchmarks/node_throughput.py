@@ -25,30 +25,11 @@ import time
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sop
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def copies(source: Path, target: Path, n: int) -> list[Path]:
-    folders = []
-    for k in range(n):
-        folder = target / f"study{k}"
-        folder.mkdir(parents=True)
-        study, series, frame = generate_uid(), generate_uid(), generate_uid()
-        for path in sorted(source.glob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.save_as(folder / path.name)
-        folders.append(folder)
-    return folders
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from study_copies import copy_as_new_studies, free_port  # noqa: E402
 
 
 def send(folder: Path, port: int) -> None:
@@ -103,7 +84,7 @@ def run(args, source: Path, work: Path) -> None:
                         f"port = {receiver_port}\n")
     if args.model != "default":
         (work / "pipeline.toml").write_text(f'model = "{args.model}"\n')
-    folders = copies(source, work / "studies", args.studies)
+    folders = copy_as_new_studies(source, work / "studies", args.studies)
     node = subprocess.Popen([sys.executable, "-m", "tumorseg.cli", "serve", "--config", str(config)],
                             stdout=open(work / "node.log", "w"), stderr=subprocess.STDOUT)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -269,14 +268,18 @@ def test_unrecognised_channel_names_ask_for_channels(tmp_path, models_dir):
     assert result.exit_code == 0, result.output
 
 
-def test_checkpoint_refusal_names_the_file(tmp_path):
+@pytest.mark.parametrize("reader", ["nnunet", "monai-bundle"])
+def test_weights_that_would_run_code_are_refused_naming_file_and_global(tmp_path, reader):
+    from tumorseg.imported.monai_bundle import _load_weights
     from tumorseg.imported.nnunet import load_checkpoint
 
+    load = load_checkpoint if reader == "nnunet" else _load_weights
     path = tmp_path / "bad.pth"
-    path.write_bytes(pickle.dumps({"network_weights": _RunsCode()}))
+    torch.save({"model": _RunsCode()}, path)
     with pytest.raises(ModelError) as info:
-        load_checkpoint(path)
-    assert str(path) in str(info.value)
+        load(path, False)
+    assert str(path) in str(info.value) and "posix.getpid" in str(info.value)
+    assert load(path, True) == os.getpid() or load(path, True) == {"model": os.getpid()}  # trusted: it ran
 
 
 # -- everywhere a bundled model runs -------------------------------------------------------------

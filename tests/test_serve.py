@@ -20,18 +20,13 @@ import pytest
 
 from conftest import dicom3tools_findings, make_tiny_model, run_tool
 from mutants import CANARY, small_real_series
+from study_copies import copy_as_new_studies, free_port
 
 pynetdicom = pytest.importorskip("pynetdicom", reason="needs pynetdicom (the serve extra; .ci/run installs it)")
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom import sop_class as sop  # noqa: E402
 
 CALLER = "TESTSCU"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:
@@ -360,19 +355,7 @@ def test_ten_studies_at_once_are_all_delivered(tmp_path, quiet_model, series):
     """Ten studies (copies of one, each with its own UIDs) sent by ten senders at once."""
     import threading
 
-    from pydicom.uid import generate_uid
-
-    studies = []
-    for n in range(10):
-        folder = tmp_path / f"study{n}"
-        folder.mkdir()
-        study, series_uid, frame = generate_uid(), generate_uid(), generate_uid()
-        for path in sorted(series.glob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.save_as(folder / path.name)
-        studies.append(folder)
+    studies = copy_as_new_studies(series, tmp_path, 10)
     receiver = Receiver().start()
     node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)],
                        extra="max_associations = 4").start()

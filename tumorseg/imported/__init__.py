@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ModelError
 from ..model import ModelCard, verify_file
 
 
@@ -32,6 +33,28 @@ def load_imported(card: ModelCard, model_dir: Path):
     from .monai_bundle import load_network as load_bundle_network
 
     return load_bundle_network(card, folder)
+
+
+def load_torch(path: Path, trust_code: bool = False, allowed: tuple = (), holds: str = "the file") -> object:
+    """A file written by ``torch.save``, read with ``weights_only=True`` (tensors, containers,
+    builtins, and the ``allowed`` types): a pickle that names anything else, whose loading could
+    run code, is refused naming it, unless ``trust_code``. ``holds`` names the file in messages."""
+    import pickle
+
+    import torch
+
+    try:
+        if trust_code:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines()
+        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise ModelError(f"refused: {holds} holds an object whose loading could run code ({why.strip()}); "
+                         "import it with --trust-code only if you trust its source", path) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ModelError(f"cannot read {holds}: {str(e).splitlines()[0]}", path) from None
 
 
 def runner_for_imported(card: ModelCard, model_dir: Path):

@@ -13,6 +13,7 @@ evaluate the configuration.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..labels import ED, ET, NCR, NET, get_scheme
+from . import load_torch
 from .nnunet import channel_sequences
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ def import_bundle(bundle: Path, name: str, channels: dict[int, str] | None = Non
     labels, order = output_labels(metadata, activation, scheme)
     weights = weights_file(bundle, trust_code)
     state = _load_weights(weights, trust_code)  # refused now rather than at the first prediction
-    network = build_network(config, trust_code)
+    network = build_network(config, spec)
     _fit(network, state, weights)
     used = {"configs/metadata.json": metadata_path, f"configs/{config_path.name}": config_path,
             f"models/{weights.name}": weights}
@@ -257,34 +259,26 @@ def _trusted_activation(config: dict) -> str:
 
 
 def _load_weights(path: Path, trust_code: bool):
-    import pickle
-
     import torch
 
     if path.suffix == ".ts":
         return torch.jit.load(str(path), map_location="cpu")  # trust_code was checked by weights_file
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not trust_code)
-    except pickle.UnpicklingError as e:
-        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
-        raise ModelError(f"refused: the weights file holds an object whose loading could run code ({why.strip()}); "
-                         "import with --trust-code only if you trust its source", path) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ModelError(f"cannot read the weights: {str(e).splitlines()[0]}", path) from None
+    state = load_torch(path, trust_code, holds="the weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # ignite's CheckpointSaver layout
         state = state["model"]
     return state
 
 
-def build_network(config: dict, trust_code: bool):
-    if trust_code:
+def build_network(config: dict, spec: BundleSpec | None):
+    """The bundle's network_def: from the literal ``spec``, or (None: --trust-code) by MONAI's
+    ConfigParser, expressions and all."""
+    if spec is None:
         from monai.bundle import ConfigParser
 
-        parser = ConfigParser(config)
-        return parser.get_parsed_content("network_def")
+        return ConfigParser(config).get_parsed_content("network_def")
     import monai.networks.nets as nets
 
-    name, kwargs = read_spec(config).network
+    name, kwargs = spec.network
     return getattr(nets, name)(**kwargs)
 
 
@@ -305,7 +299,7 @@ def load_network(card, folder: Path):
     state = _load_weights(weights, imported.trust_code)
     if not isinstance(state, dict):
         return state.eval()
-    network = build_network(config, imported.trust_code)
+    network = build_network(config, None if imported.trust_code else read_spec(config))
     _fit(network, state, weights)
     return network.eval()
 
@@ -348,9 +342,15 @@ class BundleRunner:
         _, config = read_config(folder)
         self.config = config
         self.spec = read_spec(config) if not card.imported.trust_code else None
-        self._built = None
 
+    def __getstate__(self) -> dict:
+        """Sent to worker processes without what is built in them again on first use."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_preprocessing", "_inferer")}
+
+    @functools.cached_property
     def _preprocessing(self):
+        """The bundle's preprocessing Compose, built once (its transforms keep no state between
+        cases: what Invertd needs travels in each image's applied_operations)."""
         if self.spec is None:
             from monai.bundle import ConfigParser
 
@@ -363,6 +363,16 @@ class BundleRunner:
         from monai.transforms import Compose
 
         return Compose(transforms)
+
+    @functools.cached_property
+    def _inferer(self):
+        if self.spec is None:
+            from monai.bundle import ConfigParser
+
+            return ConfigParser(self.config).get_parsed_content("inferer")
+        from monai.inferers import SlidingWindowInferer
+
+        return SlidingWindowInferer(**self.spec.inferer)
 
     def prepare(self, scan, timings: dict[str, float]):
         import torch
@@ -377,26 +387,18 @@ class BundleRunner:
             image = MetaTensor(torch.from_numpy(channels), affine=affine,
                                meta={"original_affine": affine.clone(), "spatial_shape": np.array(scan.spatial_shape),
                                      "original_channel_dim": 0, "space": "RAS"})
-            data = self._preprocessing()({"image": image})["image"]
+            data = self._preprocessing({"image": image})["image"]
         array = data.detach().cpu().numpy().astype(np.float32)
         return array, BundleTransform(tuple(scan.spatial_shape), tuple(array.shape[1:]), dict(data.meta),
                                       _anonymous(list(data.applied_operations)))
 
     def predict(self, network, image: np.ndarray, config, device, progress: bool = False) -> np.ndarray:
         import torch
-        from monai.inferers import SlidingWindowInferer
 
-        kwargs = dict(self.spec.inferer) if self.spec else {}
-        if self.spec is None:
-            from monai.bundle import ConfigParser
-
-            inferer = ConfigParser(self.config).get_parsed_content("inferer")
-        else:
-            inferer = SlidingWindowInferer(**kwargs)
         x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
         autocast = torch.autocast("cuda") if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with torch.inference_mode(), autocast:
-            out = inferer(x, network.eager)
+            out = self._inferer(x, network.eager)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out[0].float().cpu().numpy()
@@ -434,6 +436,6 @@ class BundleRunner:
         """The bundle's Invertd: undo the preprocessing (resampling, orientation) on the prediction."""
         from monai.transforms import Invertd
 
-        preprocessing = self._preprocessing()
         data = {"image": image.clone(), "pred": image}
-        return Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=nearest)(data)["pred"]
+        return Invertd(keys="pred", transform=self._preprocessing, orig_keys="image",
+                       nearest_interp=nearest)(data)["pred"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..labels import ED, ET, NCR, NET, get_scheme
+from . import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -159,25 +160,9 @@ def _safe_globals() -> list:
 
 
 def load_checkpoint(path: Path, trust_code: bool = False) -> dict[str, Any]:
-    """A checkpoint's dict, read with ``weights_only=True`` and the allow-list above; a pickle that
-    names anything else (a class whose loading would run code) is refused, unless ``trust_code``."""
-    import pickle
-
-    import torch
-
-    try:
-        if trust_code:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise ModelError(f"refused: the checkpoint holds an object outside nnU-Net's usual types, whose loading could "
-                         f"run code ({why.strip()}); import it with --trust-code only if you trust its source",
-                         path) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ModelError(f"cannot read the checkpoint: {str(e).splitlines()[0]}", path) from None
+    """A checkpoint's dict, read without running code (see :func:`load_torch`): nnU-Net's
+    trainer writes numpy scalars besides tensors, which are allowed."""
+    return load_torch(path, trust_code, allowed=tuple(_safe_globals()), holds="the checkpoint")
 
 
 def build_network(plans: dict, configuration: str, in_channels: int, out_channels: int):
