@@ -30,28 +30,41 @@ def _ray(*args: str, env: dict) -> None:
     subprocess.run([RAY, *args], env=env, check=True, capture_output=True, timeout=180)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """The head's address and the joined node's raylet port (to find and kill it)."""
-    base = 20000 + (os.getpid() % 200) * 50  # this test's own ports
+@contextlib.contextmanager
+def _cluster(base: int, joined: bool = True, gpus: int = 0):
+    """A head (and a node joining it) of one CPU each on 127.0.0.1, on ports base to base + 49;
+    ``gpus`` declared on the head (Ray takes the number as given: on this machine none are real).
+    Yields the head's address and the joined node's raylet port (to find and kill it)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    _ray("start", "--head", f"--port={base}", f"--temp-dir={temp}", "--include-dashboard=false",
-         f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
-         f"--dashboard-agent-listen-port={base + 4}", f"--dashboard-agent-grpc-port={base + 5}",
-         f"--runtime-env-agent-port={base + 6}", f"--metrics-export-port={base + 7}",
-         f"--min-worker-port={base + 10}", f"--max-worker-port={base + 29}", *common, env=env)
     try:
-        _ray("start", f"--address=127.0.0.1:{base}", f"--node-manager-port={base + 31}",
-             f"--object-manager-port={base + 32}", f"--dashboard-agent-listen-port={base + 34}",
-             f"--dashboard-agent-grpc-port={base + 35}", f"--runtime-env-agent-port={base + 36}",
-             f"--metrics-export-port={base + 37}", f"--min-worker-port={base + 38}", f"--max-worker-port={base + 49}",
-             *common, env=env)
+        _ray("start", "--head", f"--port={base}", f"--temp-dir={temp}", "--include-dashboard=false",
+             f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
+             f"--dashboard-agent-listen-port={base + 4}", f"--dashboard-agent-grpc-port={base + 5}",
+             f"--runtime-env-agent-port={base + 6}", f"--metrics-export-port={base + 7}",
+             f"--min-worker-port={base + 10}", f"--max-worker-port={base + 29}", f"--num-gpus={gpus}", *common,
+             env=env)
+        if joined:
+            _ray("start", f"--address=127.0.0.1:{base}", f"--node-manager-port={base + 31}",
+                 f"--object-manager-port={base + 32}", f"--dashboard-agent-listen-port={base + 34}",
+                 f"--dashboard-agent-grpc-port={base + 35}", f"--runtime-env-agent-port={base + 36}",
+                 f"--metrics-export-port={base + 37}", f"--min-worker-port={base + 38}",
+                 f"--max-worker-port={base + 49}", "--num-gpus=0", *common, env=env)
         yield f"127.0.0.1:{base}", base + 31
     finally:
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ports(offset: int = 0) -> int:
+    return 20000 + offset + (os.getpid() % 200) * 50  # this test run's own ports
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with _cluster(_ports()) as cluster:
+        yield cluster
 
 
 def _stop_cluster(temp: str) -> None:
@@ -99,6 +112,18 @@ def _labels_and_reports(out: Path) -> dict[str, tuple[bytes, dict]]:
         report.pop("timings_s")
         result[case.name] = (np.asarray(nib.load(case / "segmentation.nii.gz").dataobj).tobytes(), report)
     return result
+
+
+def test_with_gpus_one_actor_runs_per_gpu(tmp_path, batch_model):  # noqa: F811
+    """The GPU path's scheduling (one actor per GPU, none per CPU), on a head that declares two
+    GPUs; the actors find no CUDA here and run on the CPU. Before the module's cluster starts."""
+    with _cluster(_ports(10000), joined=False, gpus=2) as (address, _):
+        out = tmp_path / "out"
+        result = run_on_ray(str(_cases(tmp_path / "in", 3)), "-o", str(out), "--model", str(batch_model),
+                            "--ray", address)
+    assert result.returncode == 0, result.stderr
+    doc = manifest(out)
+    assert doc["workers"] == 2 and doc["counts"]["ok"] == 3  # two GPUs, one CPU: two actors
 
 
 def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_model):  # noqa: F811

@@ -14,13 +14,17 @@ reference is brought onto the reference's voxels by one of:
 
 Every transform is recorded as ``matrix_ras``: the 4x4 map from a point of the reference's world
 (RAS mm) to the same anatomy in that sequence's world (RAS mm); the identity means the scanner's
-coordinates were trusted. Registration is deterministic: one thread, a fixed sampling seed, so the
-same inputs give the same bytes on any machine (tested). Inputs that cannot be registered (almost no
+coordinates were trusted. Registration is deterministic: each search runs on one thread (ITK's
+multi-threaded Mattes metric adds in a different order on every run) with a fixed sampling seed, so
+the same inputs give the same bytes on any machine (tested); the three starts are searched side by
+side. Inputs that cannot be registered (almost no
 overlap, fewer than 3 slices, a failed optimisation) are refused, naming the sequence.
 """
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -179,12 +183,19 @@ def rigid_transform(fixed: Volume, moving: Volume, sequence: str) -> tuple[np.nd
                   for mode in (sitk.CenteredTransformInitializerFilter.MOMENTS,
                                sitk.CenteredTransformInitializerFilter.GEOMETRY)]
         starts.append(sitk.Euler3DTransform())  # where the scanner put it
-        coarse, failures = [], []
-        for start in starts:
+
+        def search_from(start):
             try:
-                coarse.append(_search(fixed_image, moving_image, start, SHRINK_FACTORS[:-1], SMOOTHING_MM[:-1]))
+                return _search(fixed_image, moving_image, start, SHRINK_FACTORS[:-1], SMOOTHING_MM[:-1])
             except RuntimeError as e:  # a start with no overlap (the scanner's, far off): the others may do
-                failures.append(e)
+                return e
+
+        # The starts searched side by side: each search is one-threaded (its result does not
+        # depend on how many run at once), and SimpleITK lets go of the GIL while it searches.
+        with ThreadPoolExecutor(max_workers=min(len(starts), len(os.sched_getaffinity(0)))) as pool:
+            searched = list(pool.map(search_from, starts))
+        coarse = [found for found in searched if not isinstance(found, RuntimeError)]
+        failures = [found for found in searched if isinstance(found, RuntimeError)]
         if not coarse:
             raise failures[0]
         best, _ = min(coarse, key=lambda found: found[1])
