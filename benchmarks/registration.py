@@ -169,6 +169,8 @@ def decubitus(folder: Path, out: Path | None) -> dict:
     from tumorseg.labels import get_scheme
     from tumorseg.stages import overview
 
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     volumes = {p: read_series(find_series(folder / p)[0])[0] for p in ("HFS", "HFP", "HFDL", "HFDR")}
     reference = volumes["HFS"]
     centre = register.grid_centre(reference.array.shape, reference.affine)
