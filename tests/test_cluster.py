@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
+from tumorseg.errors import SOME_CASES_FAILED
 from test_batch import (assert_stopped_batch_resumes, batch_command, batch_model, manifest,  # noqa: F401 - a fixture
                         phantom_case, run_batch)
 
@@ -147,6 +148,19 @@ def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_mo
     assert doc["worker_mode"] == "ray" and doc["complete"]
     rerun = run_on_ray(str(root), "-o", str(tmp_path / "ray"), "--model", str(batch_model), "--ray", address)
     assert rerun.returncode == local.exit_code and manifest(tmp_path / "ray")["counts"]["reused"] == len(ours)
+
+
+def test_a_case_broken_at_discovery_keeps_no_old_outputs_on_ray(tmp_path, ray_cluster, batch_model):  # noqa: F811
+    address, _ = ray_cluster
+    case = phantom_case(tmp_path / "in" / "a", 1)
+    out = tmp_path / "out"
+    assert run_on_ray(str(tmp_path / "in"), "-o", str(out), "--model", str(batch_model), "--ray", address).returncode == 0
+    assert (out / "cases" / "a" / "segmentation.nii.gz").is_file()
+    for n, image in enumerate(sorted(case.iterdir())):  # files no sequence can be read from the names of
+        image.rename(case / f"scan{n}.nii.gz")
+    rerun = run_on_ray(str(tmp_path / "in"), "-o", str(out), "--model", str(batch_model), "--ray", address)
+    assert rerun.returncode == SOME_CASES_FAILED and manifest(out)["cases"][0]["status"] == "failed"
+    assert sorted(p.name for p in (out / "cases" / "a").iterdir()) == []  # as the local batch: retracted
 
 
 def test_ctrl_c_stops_a_ray_batch_cleanly_and_the_rerun_resumes(tmp_path, ray_cluster, batch_model):  # noqa: F811

@@ -114,7 +114,6 @@ class _WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-
 class BatchRunner:
     """Runs cases through one loaded :class:`Segmenter` into ``output``."""
 

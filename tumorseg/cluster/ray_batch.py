@@ -176,10 +176,12 @@ class RayBatchRunner(BatchRunner):
         self._actor_count = 0
 
     def _check_cases(self, cases: list[BatchCase]) -> list[tuple[CaseOutcome | None, str | None]]:
-        """Only what discovery found: the inputs are hashed, and earlier outputs reused, by each
-        case's first task on the cluster. Hashing on the driver would read the whole archive
-        through one machine before the first case starts."""
-        return [(failure(case, case.problem), "") if case.problem is not None else (None, None) for case in cases]
+        """Only what discovery found (a broken case fails, its earlier outputs retracted, as
+        locally): the inputs are hashed, and earlier outputs reused, by each case's first task on
+        the cluster. Hashing on the driver would read the whole archive through one machine
+        before the first case starts."""
+        return [check_case(case, self.case_dir(case.case_id), self.fingerprint) if case.problem is not None
+                else (None, None) for case in cases]
 
     def _run_info(self) -> dict[str, Any]:
         return {"workers": self._actor_count, "worker_mode": "ray", "ray_address": self.address}
