@@ -132,3 +132,22 @@ def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert printed.count("trained already, reused") == 2
     assert (tmp_path / "cv" / "fold0" / "scores.json").stat().st_mtime_ns == scores
+    # The CPU recipe fine-tunes a model: started here from fold 0's model, which trained on fold 1's
+    # cases, so those are scored but left out of the means, for the new folds and for the baseline.
+    start = tmp_path / "cv" / "fold0"
+    monkeypatch.setattr(cv, "CPU_RECIPE", cv.RECIPE + ["--init", str(start)])
+    monkeypatch.setattr(sys, "argv", argv[:6] + [str(tmp_path / "cv-cpu"), *argv[7:-1], str(tmp_path / "cpu.json"),
+                                                 "--recipe", "cpu", "--baseline", str(start), "--no-subsets"])
+    cv.main()
+    out = json.loads((tmp_path / "cpu.json").read_text())
+    assert out["plan"]["folds"] == folds and "--init" in out["recipe"]
+    seen = sorted(folds[1])
+    for table, cases in ((out["table"], out["cases"]), (out["baseline_table"], out["baseline_cases"])):
+        assert sorted(cases) == sorted(c for f in folds for c in f)  # every case scored
+        assert table["left_out_seen_by_init"] == seen
+        assert table["as_predict_runs"]["all_cases"]["cases"] == len(folds[0])
+    fine_tuned = load_model(str(tmp_path / "cv-cpu" / "fold1")).card.training
+    assert fine_tuned["initialised_from"]["weights_sha256"] == load_model(str(start)).sha256
+    kept = json.loads((tmp_path / "cv-cpu" / "baseline" / "scores.json").read_text())
+    assert kept["settings"]["model_sha256"] == load_model(str(start)).sha256
+    assert "left out of the means (trained on by the initial model)" in capsys.readouterr().out
