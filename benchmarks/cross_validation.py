@@ -15,8 +15,8 @@ the same ``RECIPE`` for every fold, into ``OUT/fold<k>/``; ``--fold final`` trai
 all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold is reused, a killed one resumes.
 ``--epochs``/``--iterations`` shrink the recipe for a check of the mechanics (scores then mean nothing).
 ``--recipe cpu`` trains ``CPU_RECIPE`` instead: the bundled default model fine-tuned on the real cases,
-what a 2-core CPU trains in about 40 minutes a fold; a held-out case that the default model trained
-on is scored but left out of the means. ``--baseline MODEL`` scores another model (e.g. ``default``)
+what a 2-core CPU trains in about 40 minutes a fold; a held-out case that the model a fold started
+from trained on (its card's ``initialised_from`` chain says which) is scored but left out of the means. ``--baseline MODEL`` scores another model (e.g. ``default``)
 on the same held-out cases, side by side.
 
 Scoring, on the held-out cases of each fold, on the input grid, with the full pipeline: once as
@@ -67,7 +67,7 @@ EPOCHS, ITERATIONS = 40, 100
 #: What a 2-core CPU can train in about an hour per fold: the bundled default model's network
 #: (16-32-64-128 at 1.5 mm, 64^3 windows, 1.4 M parameters) fine-tuned on the real cases with the
 #: same augmentation. A held-out case that the initial model trained on is scored but left out of
-#: the means (``seen_by_init``).
+#: the means (``seen_before``).
 CPU_RECIPE = ["--init", "default", "--patch-size", "64,64,64", "--spacing", "1.5,1.5,1.5", "--filters", "16,32,64,128",
               "--batch-size", "2", "--lr", "5e-4", "--validation-fraction", "0",
               "--sequence-dropout", "0.5", "--low-resolution", "0.2", "--bias-field", "0.3", "--motion", "0.1",
@@ -211,9 +211,25 @@ def score_result(result, case: TrainingCase, scheme) -> dict:
     return out
 
 
-def trained_on(model: str) -> set[str]:
-    """The cases ``model`` (a name or folder) trained on, as its card lists them."""
-    return set(load_model(model).card.training.get("training_cases", []))
+def seen_before(training: dict, listing: list[dict]) -> set[str]:
+    """Cases of this run's data sets (``listing``, as in folds.json) that the models a model was
+    fine-tuned from trained on, read from the ``initialised_from`` chain of its card's ``training``
+    (each step's data sets by name, less its excluded cases), so a fold is judged by the model it
+    really started from, whatever ``default`` is now."""
+    seen: set[str] = set()
+    step = training.get("initialised_from")
+    while step:
+        for dataset in listing:
+            if dataset["name"] in step.get("datasets", []):
+                seen |= set(dataset["cases"]) - set(step.get("excluded_cases", []))
+        step = step.get("initialised_from")
+    return seen
+
+
+def trained_on(model: str, listing: list[dict]) -> set[str]:
+    """The cases ``model`` (a name or folder) or a model it was fine-tuned from trained on."""
+    training = load_model(model).card.training
+    return set(training.get("training_cases", [])) | seen_before(training, listing)
 
 
 def score_fold(model_ref: str, path: Path, cases: list[TrainingCase], tta: bool, with_subsets: bool,
@@ -361,7 +377,6 @@ def main() -> None:
           + f"; same patient: {plan['same_patient'] or 'none'}", flush=True)
     recipe, epochs, iterations = {"gpu": (RECIPE, EPOCHS, ITERATIONS), "cpu": (CPU_RECIPE, CPU_EPOCHS, CPU_ITERATIONS)}[
         args.recipe]
-    seen = trained_on(recipe[recipe.index("--init") + 1]) if "--init" in recipe else set()
     length = (args.epochs or epochs, args.iterations or iterations)
     runs_on = ("--device", args.device, "--workers", str(args.workers), "-q")
     chosen = args.fold or [str(k) for k in range(args.folds)]
@@ -371,6 +386,7 @@ def main() -> None:
     by_id = {c.case_id: c for c in discover(args.dataset)}
     scores: dict[str, dict] = {}
     baseline: dict[str, dict] = {}
+    seen: set[str] = set()  # held-out cases that a fold's starting model trained on
     for k in wanted:
         held_out, folder = plan["folds"][k], args.output / f"fold{k}"
         if not args.no_train:
@@ -380,6 +396,7 @@ def main() -> None:
         if not (folder / "model.toml").exists():
             print(f"fold {k}: not trained, not scored", flush=True)
             continue
+        seen |= seen_before(load_model(str(folder)).card.training, plan["datasets"]) & set(held_out)
         print(f"fold {k}: scoring {len(held_out)} held-out cases", flush=True)
         scores.update(score_fold(str(folder), folder / "scores.json", [by_id[c] for c in held_out], args.tta,
                                  not args.no_subsets, args.subset_tta))
@@ -393,7 +410,7 @@ def main() -> None:
     table = report(plan, scores, seen) if scores else {}
     if table:
         print_table(table)
-    base_table = report(plan, baseline, trained_on(args.baseline)) if baseline else {}
+    base_table = report(plan, baseline, trained_on(args.baseline, plan["datasets"])) if baseline else {}
     if base_table:
         print(f"\nbaseline {args.baseline}, the same held-out cases:")
         print_table(base_table)
