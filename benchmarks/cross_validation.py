@@ -16,8 +16,9 @@ all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold i
 ``--epochs``/``--iterations`` shrink the recipe for a check of the mechanics (scores then mean nothing).
 ``--recipe cpu`` trains ``CPU_RECIPE`` instead: the bundled default model fine-tuned on the real cases,
 what a 2-core CPU trains in about 40 minutes a fold; a held-out case that the model a fold started
-from trained on (its card's ``initialised_from`` chain says which) is scored but left out of the means. ``--baseline MODEL`` scores another model (e.g. ``default``)
-on the same held-out cases, side by side.
+from trained on (its card's ``initialised_from`` chain says which) is scored but left out of the
+means. ``--baseline MODEL`` scores another model (e.g. ``default``) on the same held-out cases, side
+by side.
 
 Scoring, on the held-out cases of each fold, on the input grid, with the full pipeline: once as
 ``predict`` runs by default (every sequence the case has, the card's preferred sets applied), then
@@ -46,7 +47,7 @@ from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
-from tumorseg.model import load_model
+from tumorseg.model import find_model_dir, load_card, load_model
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
 from tumorseg.train import TrainingCase, discover_cases
@@ -228,7 +229,7 @@ def seen_before(training: dict, listing: list[dict]) -> set[str]:
 
 def trained_on(model: str, listing: list[dict]) -> set[str]:
     """The cases ``model`` (a name or folder) or a model it was fine-tuned from trained on."""
-    training = load_model(model).card.training
+    training = load_card(find_model_dir(model)).training
     return set(training.get("training_cases", [])) | seen_before(training, listing)
 
 
@@ -396,7 +397,7 @@ def main() -> None:
         if not (folder / "model.toml").exists():
             print(f"fold {k}: not trained, not scored", flush=True)
             continue
-        seen |= seen_before(load_model(str(folder)).card.training, plan["datasets"]) & set(held_out)
+        seen |= trained_on(str(folder), plan["datasets"]) & set(held_out)
         print(f"fold {k}: scoring {len(held_out)} held-out cases", flush=True)
         scores.update(score_fold(str(folder), folder / "scores.json", [by_id[c] for c in held_out], args.tta,
                                  not args.no_subsets, args.subset_tta))
