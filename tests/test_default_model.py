@@ -29,6 +29,14 @@ def test_default_model_loads_with_verified_checksum():
     assert card.license
 
 
+def test_training_log_is_the_shipped_models():
+    """training.json beside the weights is the log of the run that made them, not an older one's."""
+    card = load_card(bundled_models_dir() / "default")
+    log = json.loads((bundled_models_dir() / "default" / "training.json").read_text())
+    assert log["split"]["training"] == list(card.training["training_cases"])
+    assert len(log["history"]) == card.training["epochs"]
+
+
 def test_readme_and_card_agree():
     card = load_card(bundled_models_dir() / "default")
     readme = (ROOT / "README.md").read_text()
