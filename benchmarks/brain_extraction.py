@@ -13,7 +13,8 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 - the four-position decubitus DICOM series (one healthy volunteer): brain volume per position and
   their spread (target within 2 %).
 
-``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model,
+``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
+(or ``--model``; ``--only-predict`` leaves the mask comparison out),
 brain extraction auto against off: lesion Dice and tumour volume outside the brain mask; and on the
 decubitus series, the whole tumour volume (there is none: target under 1 mL).
 """
@@ -72,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--predict", action="store_true", help="also segment with the default model (see above)")
+    parser.add_argument("--model", default="default", help="the model --predict segments with (name or folder)")
+    parser.add_argument("--only-predict", action="store_true", help="--predict without the brain mask comparison")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -84,6 +87,11 @@ def main() -> None:
     methods = candidates()
     if not methods:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
+    if args.only_predict:
+        result = {"model": args.model, "predict": predict_rows(args.shared, args.model)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
     rows: list[dict] = []
 
     kept: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}  # the decubitus masks, per method
@@ -130,7 +138,7 @@ def main() -> None:
               + ", ".join(f"{p} {v} mL" for p, v in entry["brain_ml"].items()) + f"; spread {entry['spread_pct']} %")
     result: dict = {"masks": rows, "decubitus_spread_pct": spread, "decubitus_common_view": common}
     if args.predict:
-        result["predict"] = predict_rows(args.shared)
+        result["model"], result["predict"] = args.model, predict_rows(args.shared, args.model)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -166,7 +174,7 @@ def common_view_volumes(series: dict, masks: dict[str, np.ndarray]) -> dict:
             "common_view_ml": round(ml(view, affine), 1)}
 
 
-def predict_rows(shared: Path) -> list[dict]:
+def predict_rows(shared: Path, model: str = "default") -> list[dict]:
     from tumorseg.config import load_pipeline
     from tumorseg.dicom.find import find_series
     from tumorseg.inputs import DicomInputs
@@ -177,7 +185,7 @@ def predict_rows(shared: Path) -> list[dict]:
     rows = []
     masks: dict[str, np.ndarray] = {}  # the applied brain mask of each case (auto), to judge off against
     for mode in ("auto", "off"):
-        segmenter = Segmenter("default", load_pipeline("default").with_preprocess(brain_extraction=mode))
+        segmenter = Segmenter(model, load_pipeline("default").with_preprocess(brain_extraction=mode))
         for case in ("brain1", "brain2"):
             path = shared / "lesion-t1c" / f"{case}_image.nrrd"
             lesion = read_volume(shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0

@@ -17,7 +17,10 @@ all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold i
 ``--recipe cpu`` trains ``CPU_RECIPE`` instead: the bundled default model fine-tuned on the real cases,
 what a 2-core CPU trains in about 40 minutes a fold; a held-out case that the model a fold started
 from trained on (its card's ``initialised_from`` chain says which) is scored but left out of the
-means. ``--baseline MODEL`` scores another model (e.g. ``default``) on the same held-out cases, side
+means. ``--init MODEL`` starts it from another model (e.g. version 2.2's folder, to repeat a fold of
+version 2.3's recipe after 2.3 became ``default``). ``--synth DIR`` adds a ``tumorseg synth``
+data set to every fold's training (never scored); ``--synth-share`` sets its share of the patches.
+``--baseline MODEL`` scores another model (e.g. ``default``) on the same held-out cases, side
 by side.
 
 Scoring, on the held-out cases of each fold, on the input grid, with the full pipeline: once as
@@ -175,6 +178,17 @@ def train_command(datasets: list[tuple[Path, str]], synth: Path | None, output: 
     for case in exclude:
         command += ["--exclude", case]
     return command + recipe + ["--epochs", str(length[0]), "--iterations", str(length[1]), *runs_on]
+
+
+def adapt_recipe(recipe: list[str], init: str, synth_share: float | None, real_datasets: int) -> list[str]:
+    """``recipe`` starting from ``init`` where it fine-tunes, and with ``--dataset-weights`` giving
+    the synthetic set (last, see ``train_command``) ``synth_share`` of the patches and the real
+    data sets equal shares of the rest."""
+    out = [init if i and recipe[i - 1] == "--init" else v for i, v in enumerate(recipe)]
+    if synth_share is not None:
+        shares = [(1 - synth_share) / real_datasets] * real_datasets + [synth_share]
+        out += ["--dataset-weights", ",".join(f"{w:.4g}" for w in shares)]
+    return out
 
 
 def train_once(command: list[str], output: Path, exclude: list[str], length: tuple[int, int]) -> None:
@@ -348,6 +362,10 @@ def main() -> None:
     parser.add_argument("--dataset", type=parse_dataset, action="append", required=True, metavar="PATH:SCHEME",
                         help="case folders with expert labels and their label scheme (repeat; order kept)")
     parser.add_argument("--synth", type=Path, help="a tumorseg synth data set trained on in every fold (never scored)")
+    parser.add_argument("--synth-share", type=float, help="share of the training patches drawn from --synth, the "
+                        "rest split equally between the --dataset sets  [default: an equal share, as one more data set]")
+    parser.add_argument("--init", metavar="MODEL", default="default",
+                        help="--recipe cpu: the model every fold and the final model start from (name or folder)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="deals the patients to the folds")
@@ -378,6 +396,11 @@ def main() -> None:
           + f"; same patient: {plan['same_patient'] or 'none'}", flush=True)
     recipe, epochs, iterations = {"gpu": (RECIPE, EPOCHS, ITERATIONS), "cpu": (CPU_RECIPE, CPU_EPOCHS, CPU_ITERATIONS)}[
         args.recipe]
+    if args.recipe != "cpu" and args.init != "default":
+        parser.error("--init is for --recipe cpu (the GPU recipe trains from random weights)")
+    if args.synth_share is not None and (not args.synth or not 0 < args.synth_share < 1):
+        parser.error("--synth-share needs --synth and a share between 0 and 1")
+    recipe = adapt_recipe(recipe, args.init, args.synth_share, len(args.dataset))
     length = (args.epochs or epochs, args.iterations or iterations)
     runs_on = ("--device", args.device, "--workers", str(args.workers), "-q")
     chosen = args.fold or [str(k) for k in range(args.folds)]

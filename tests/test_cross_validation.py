@@ -97,6 +97,14 @@ def test_preferred_sets_follow_the_table():
     assert cv.preferred_sets(tie) == [("flair", "t1", "t1gd", "t2"), ("flair", "t1gd")]
 
 
+def test_recipe_takes_the_starting_model_and_the_synthetic_share():
+    recipe = ["--init", "default", "--lr", "5e-4"]
+    assert cv.adapt_recipe(recipe, "default", None, 2) == recipe
+    assert cv.adapt_recipe(recipe, "/m/v22", 0.25, 2) == ["--init", "/m/v22", "--lr", "5e-4",
+                                                          "--dataset-weights", "0.375,0.375,0.25"]
+    assert cv.adapt_recipe(["--lr", "1e-3"], "default", 0.5, 1) == ["--lr", "1e-3", "--dataset-weights", "0.5,0.5"]
+
+
 @pytest.mark.slow
 def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys):
     """Two folds of a tiny recipe: trained, scored as predict runs and per subset, table and JSON
@@ -135,12 +143,13 @@ def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys
     # The CPU recipe fine-tunes a model: started here from fold 0's model, which trained on fold 1's
     # cases, so those are scored but left out of the means, for the new folds and for the baseline.
     start = tmp_path / "cv" / "fold0"
-    monkeypatch.setattr(cv, "CPU_RECIPE", cv.RECIPE + ["--init", str(start)])
+    monkeypatch.setattr(cv, "CPU_RECIPE", cv.RECIPE + ["--init", "default"])
     monkeypatch.setattr(sys, "argv", argv[:6] + [str(tmp_path / "cv-cpu"), *argv[7:-1], str(tmp_path / "cpu.json"),
-                                                 "--recipe", "cpu", "--baseline", str(start), "--no-subsets"])
+                                                 "--recipe", "cpu", "--init", str(start), "--baseline", str(start),
+                                                 "--no-subsets"])
     cv.main()
     out = json.loads((tmp_path / "cpu.json").read_text())
-    assert out["plan"]["folds"] == folds and "--init" in out["recipe"]
+    assert out["plan"]["folds"] == folds and out["recipe"][out["recipe"].index("--init") + 1] == str(start)
     seen = sorted(folds[1])
     for table, cases in ((out["table"], out["cases"]), (out["baseline_table"], out["baseline_cases"])):
         assert sorted(cases) == sorted(c for f in folds for c in f)  # every case scored
