@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tumorseg.config import load_pipeline
-from tumorseg.model import Architecture, InputSpec, build_network, load_model, save_model
+from tumorseg.model import Architecture, build_network, load_model, save_model
 from tumorseg.pipeline import Segmenter, write_outputs
 from tumorseg.sequences import assign_sequences
 from tumorseg.stages.read import volume_count

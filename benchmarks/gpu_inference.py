@@ -178,7 +178,7 @@ def main() -> int:
     record(f"tumorseg ({precision}, {per_batch} windows per pass)",
            ours(PreparedNetwork(copy.deepcopy(network), device)), precision)
     if cuda:
-        record(f"tumorseg, channels-last", ours(PreparedNetwork(copy.deepcopy(network), device, channels_last=True)),
+        record("tumorseg, channels-last", ours(PreparedNetwork(copy.deepcopy(network), device, channels_last=True)),
                precision)
     if not args.tumorseg_only and cuda:
         record(f"MONAI fp16, {windows} windows, cuDNN autotuner", monai(True, windows), "fp16")

@@ -1,6 +1,6 @@
 """Leave-one-out for version 2.2 of the default model: retrain it without one real case, score that case.
 
-Version 2.2 of the default model (the starting point of version 2.3, models/default) was trained in
+Version 2.2 of the default model (the starting point of versions 2.3 and 2.4, models/default) was trained in
 three steps, on synthetic cases and on three of the four BraTS 2015 cases in
 ../shared/data/brats2015-dev (pat0006 held out). Its scores on the other
 three say little, as it saw them. For each case given, this script trains all three steps again with

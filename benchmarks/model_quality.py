@@ -22,7 +22,6 @@ from scipy import ndimage as ndi
 
 from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth, region_scores
-from tumorseg.labels import get_scheme
 from tumorseg.pipeline import Segmenter
 from tumorseg.train import discover_cases
 

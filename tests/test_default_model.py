@@ -1,8 +1,8 @@
 """The bundled default model: checksum, card, README, and the README's first command's job."""
 from __future__ import annotations
 
+import itertools
 import json
-import re
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +27,16 @@ def test_default_model_loads_with_verified_checksum():
     assert card.input.required == () and card.input.min_sequences == 1
     assert card.training["command"].startswith("tumorseg train")
     assert card.license
+
+
+def test_preferred_sets_change_only_t1_with_t1gd():
+    """The card's preferred_sets (chosen from the cross-validation's subset table) give T1gd alone
+    for a scan with just T1 and T1gd, and every other combination of sequences as it is."""
+    spec = load_card(bundled_models_dir() / "default").input
+    seqs = ("flair", "t1", "t1gd", "t2")
+    for n in range(1, 5):
+        for have in itertools.combinations(seqs, n):
+            assert tuple(spec.choose(have)) == (("t1gd",) if have == ("t1", "t1gd") else have), have
 
 
 def test_training_log_is_the_shipped_models():
@@ -56,9 +66,9 @@ def test_readme_and_card_agree():
     assert set(cv["cases"]) <= set(card.training["training_cases"])  # the shipped model then trains on them
     assert cv["cases"].keys() == set(cv["held_out"])
     for case, scores in cv["cases"].items():
-        v22 = cv["baseline"][case]
+        before = [cv[k][case] for k in ("baseline", "version_2_2") if k in cv]  # the models it is compared with
         assert (f"| {case} | {' | '.join(f'{scores[r]:.3f}' for r in ('WT', 'TC', 'ET'))} | "
-                f"{' / '.join(f'{v22[r]:.3f}' for r in ('WT', 'TC', 'ET'))} |") in readme
+                + "".join(f"{' / '.join(f'{b[r]:.3f}' for r in ('WT', 'TC', 'ET'))} | " for b in before)) in readme
     for group in ("four_sequence_mean", "unseen_mean"):
         mean = cv[group]
         assert " | ".join(f"{mean[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
@@ -75,7 +85,7 @@ def test_readme_first_command_segments_the_example(tmp_path):
     labels = nib.load(str(out / "segmentation.nii.gz"))
     assert labels.shape == source.shape and np.array_equal(labels.affine, source.affine)
     report = json.loads((out / "report.json").read_text())
-    # Trained on real four-sequence scans, the model is given every sequence (no preferred_sets).
+    # A four-sequence scan gives the model every sequence.
     assert report["sequences_used"] == ["flair", "t1", "t1gd", "t2"]
     assert report["sequences_ignored"] == [] and report["sequences_missing"] == []
     # A real glioma: the model must find a tumour of plausible size, not nothing or everything.

@@ -37,7 +37,7 @@ def _datasets(command: list[str]) -> list[str]:
 
 
 def test_recipe_is_the_default_cards_three_commands():
-    # The script redoes version 2.2's three steps: version 2.3 was fine-tuned from it, so they are
+    # The script redoes version 2.2's three steps: version 2.4 was fine-tuned from it, so they are
     # the first three of the default card's chain.
     training = load_model(str(ROOT / "models" / "default")).card.training
     chain = [training["initialised_from"]]
