@@ -253,8 +253,10 @@ def test_batch_exit_code_zero_and_force(tmp_path, batch_model):
 def stop_mid_batch(command: list[str], out: Path, after_cases: int, sig: int) -> tuple[int, str]:
     """Run a batch command in its own process group and send ``sig`` to the group (as a terminal's
     Ctrl-C does) once ``after_cases`` cases are done; its exit code and stderr."""
+    # SIGINT at its default, as under a terminal: a test run started in the background by a
+    # non-interactive shell (nohup'd CI) inherits it ignored, and the batch would never see the Ctrl-C.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
