@@ -12,7 +12,8 @@ records the folds; a rerun with other data, seed or fold count is refused rather
 
 Training. Fold k is ``tumorseg train`` on every data set with fold k's cases left out (``--exclude``),
 the same ``RECIPE`` for every fold, into ``OUT/fold<k>/``; ``--fold final`` trains the same command on
-all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold is reused, a killed one resumes.
+all cases into ``OUT/final/`` (the model to ship; not scored). A finished fold is reused if its card
+records the same command (another recipe into the same ``-o`` is refused), a killed one resumes.
 ``--epochs``/``--iterations`` shrink the recipe for a check of the mechanics (scores then mean nothing).
 ``--recipe cpu`` trains ``CPU_RECIPE`` instead: the bundled default model fine-tuned on the real cases,
 what a 2-core CPU trains in about 40 minutes a fold; a held-out case that the model a fold started
@@ -168,16 +169,15 @@ def fold_plan(datasets: list[tuple[Path, str]], k: int, seed: int, output: Path)
 
 
 def train_command(datasets: list[tuple[Path, str]], synth: Path | None, output: Path, name: str,
-                  exclude: list[str], length: tuple[int, int], runs_on: tuple[str, ...] = (),
-                  recipe: list[str] = RECIPE) -> list[str]:
+                  exclude: list[str], length: tuple[int, int], recipe: list[str] = RECIPE) -> list[str]:
     """The ``tumorseg train`` command of one fold (``exclude``: its held-out cases) or of the final
-    model (none); ``runs_on``: where it runs (--device, --workers), outside the recipe."""
+    model (none)."""
     command = [sys.executable, "-m", "tumorseg.cli", "train", "-o", str(output), "--name", name]
     for path, scheme in datasets + ([(synth, "msd")] if synth else []):
         command += ["--dataset", str(path), "--label-scheme", scheme]
     for case in exclude:
         command += ["--exclude", case]
-    return command + recipe + ["--epochs", str(length[0]), "--iterations", str(length[1]), *runs_on]
+    return command + recipe + ["--epochs", str(length[0]), "--iterations", str(length[1])]
 
 
 def adapt_recipe(recipe: list[str], init: str, synth_share: float | None, real_datasets: int) -> list[str]:
@@ -191,18 +191,21 @@ def adapt_recipe(recipe: list[str], init: str, synth_share: float | None, real_d
     return out
 
 
-def train_once(command: list[str], output: Path, exclude: list[str], length: tuple[int, int]) -> None:
-    """Run ``command`` unless ``output`` holds its model already; resume a killed run."""
+def train_once(command: list[str], output: Path, runs_on: tuple[str, ...]) -> None:
+    """Run ``command`` with the options of where it runs (``runs_on``: --device, --workers) unless
+    ``output`` holds its model already; resume a killed run. A finished model is reused only if
+    its card records the same command (recipe, starting model, data, exclusions, length), so a
+    rerun with another recipe or share cannot pass one recipe's folds off as another's."""
     if (output / "model.toml").exists():
-        training = load_model(str(output)).card.training
-        config = training["config"]
-        if (config["epochs"], config["iterations_per_epoch"]) != length or \
-                sorted(training.get("excluded_cases", [])) != sorted(exclude):
-            raise SystemExit(f"{output} holds a model trained with other settings or cases; choose another -o")
+        recorded = load_card(output).training.get("command", "")
+        expected = "tumorseg train " + " ".join(command[command.index("train") + 1:])
+        if recorded != expected and not recorded.startswith(expected + " "):  # + where it ran, --resume
+            raise SystemExit(f"{output} holds a model trained by another command; choose another -o\n"
+                             f"  recorded: {recorded}\n  now:      {expected}")
         print(f"{output}: trained already, reused", flush=True)
         return
     resume = ["--resume"] if (output / "checkpoint.pt").exists() else []
-    subprocess.run(command + resume, check=True)
+    subprocess.run(command + list(runs_on) + resume, check=True)
 
 
 def subsets(sequences: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -414,9 +417,8 @@ def main() -> None:
     for k in wanted:
         held_out, folder = plan["folds"][k], args.output / f"fold{k}"
         if not args.no_train:
-            command = train_command(args.dataset, args.synth, folder, f"tumorseg-cv-fold{k}", held_out, length, runs_on,
-                                    recipe)
-            train_once(command, folder, held_out, length)
+            train_once(train_command(args.dataset, args.synth, folder, f"tumorseg-cv-fold{k}", held_out, length, recipe),
+                       folder, runs_on)
         if not (folder / "model.toml").exists():
             print(f"fold {k}: not trained, not scored", flush=True)
             continue
@@ -429,8 +431,8 @@ def main() -> None:
             baseline.update(score_fold(args.baseline, args.output / "baseline" / "scores.json",
                                        [by_id[c] for c in held_out], args.tta, not args.no_subsets, args.subset_tta))
     if "final" in chosen and not args.no_train:
-        train_once(train_command(args.dataset, args.synth, args.output / "final", "tumorseg-default", [], length,
-                                 runs_on, recipe), args.output / "final", [], length)
+        train_once(train_command(args.dataset, args.synth, args.output / "final", "tumorseg-default", [], length, recipe),
+                   args.output / "final", runs_on)
     table = report(plan, scores, seen) if scores else {}
     if table:
         print_table(table)

@@ -160,3 +160,8 @@ def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys
     kept = json.loads((tmp_path / "cv-cpu" / "baseline" / "scores.json").read_text())
     assert kept["settings"]["model_sha256"] == load_model(str(start)).sha256
     assert "left out of the means (trained on by the initial model)" in capsys.readouterr().out
+    # The same folder with another starting model is refused, not passed off as this recipe's folds.
+    other = [str(tmp_path / "cv" / "fold1") if a == str(start) else a for a in sys.argv]
+    monkeypatch.setattr(sys, "argv", other)
+    with pytest.raises(SystemExit, match="trained by another command"):
+        cv.main()
