@@ -81,17 +81,22 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from tumorseg.dicom.volume import read_series
-    from tumorseg.stages.read import read_volume
 
     methods = candidates()
     if not methods:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
-    if args.only_predict:
-        result = {"model": args.model, "predict": predict_rows(args.shared, args.model)}
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-        return
+    result = {} if args.only_predict else compare_masks(args.shared, methods)
+    if args.predict or args.only_predict:
+        result["model"], result["predict"] = args.model, predict_rows(args.shared, args.model)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def compare_masks(shared: Path, methods: dict) -> dict:
+    """Each method's brain mask on Colin27, the lesion-t1c heads and the decubitus series (see above)."""
+    from tumorseg.dicom.volume import read_series
+    from tumorseg.stages.read import read_volume
+
     rows: list[dict] = []
 
     kept: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}  # the decubitus masks, per method
@@ -119,13 +124,13 @@ def main() -> None:
         head, brain = read_volume(COLIN / "ch2.nii.gz"), read_volume(COLIN / "ch2bet.nii.gz")
         run("Colin27 (ch2 vs ch2bet)", head.array, head.affine, reference=brain.array > 0)
     for case in ("brain1", "brain2"):
-        image = read_volume(args.shared / "lesion-t1c" / f"{case}_image.nrrd")
-        lesion = read_volume(args.shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0
+        image = read_volume(shared / "lesion-t1c" / f"{case}_image.nrrd")
+        lesion = read_volume(shared / "lesion-t1c" / f"{case}_label.nrrd").array > 0
         run(f"lesion-t1c {case}", image.array, image.affine, lesion=lesion)
     volumes: dict[str, list[float]] = {m: [] for m in methods}
     series = {}
     for position in POSITIONS:
-        volume, _ = read_series(args.shared / "dicom" / "decubitus-t1" / position)
+        volume, _ = read_series(shared / "dicom" / "decubitus-t1" / position)
         series[position] = volume
         row = run(f"decubitus {position}", volume.array, volume.affine)
         for m in methods:
@@ -136,11 +141,7 @@ def main() -> None:
     for m, entry in common.items():
         print(f"decubitus, inside the field of view all four share (registered onto HFS), {m}: "
               + ", ".join(f"{p} {v} mL" for p, v in entry["brain_ml"].items()) + f"; spread {entry['spread_pct']} %")
-    result: dict = {"masks": rows, "decubitus_spread_pct": spread, "decubitus_common_view": common}
-    if args.predict:
-        result["model"], result["predict"] = args.model, predict_rows(args.shared, args.model)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return {"masks": rows, "decubitus_spread_pct": spread, "decubitus_common_view": common}
 
 
 POSITIONS = ("HFS", "HFP", "HFDL", "HFDR")
