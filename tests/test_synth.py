@@ -18,18 +18,19 @@ import pytest
 from scipy import ndimage as ndi
 
 from tumorseg import synth
+from tumorseg.synth import anatomy as synth_anatomy, dataset as synth_dataset, render, tumour
 from tumorseg.errors import ConfigError
 
 CASES, SEED = 3, 1
-HAVE_COLIN27 = all((synth._COLIN_FOLDER / name).is_file() for name, _ in synth._COLIN_FILES.values())
+HAVE_COLIN27 = all((synth_anatomy.COLIN_FOLDER / name).is_file() for name, _ in synth_anatomy.COLIN_FILES.values())
 needs_colin27 = pytest.mark.skipif(
-    not HAVE_COLIN27, reason=f"Colin27 is not in {synth._COLIN_FOLDER}: apt-get install mricron-data")
+    not HAVE_COLIN27, reason=f"Colin27 is not in {synth_anatomy.COLIN_FOLDER}: apt-get install mricron-data")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     if not HAVE_COLIN27:
-        pytest.skip(f"generator version 3 needs Colin27 in {synth._COLIN_FOLDER}: apt-get install mricron-data")
+        pytest.skip(f"generator version 3 needs Colin27 in {synth_anatomy.COLIN_FOLDER}: apt-get install mricron-data")
     return synth.write_synth_dataset(tmp_path_factory.mktemp("synth") / "Task01_Synth", CASES, SEED)
 
 
@@ -64,7 +65,7 @@ def test_dataset_json_lists_every_case(dataset):
         assert (dataset / entry["image"]).is_file() and (dataset / entry["label"]).is_file()
     record = meta["tumorseg_synth"]
     assert record["seed"] == SEED and record["cases"] == CASES
-    assert record["case_seeds"] == synth._case_seeds(SEED, CASES)
+    assert record["case_seeds"] == synth_dataset.case_seeds(SEED, CASES)
     assert len(set(record["case_seeds"])) == CASES
     assert record["case_anatomies"] == ["mni152", "colin27", "colin27"]
     assert [t["name"].split()[0] for t in record["templates"]] == ["MNI", "Colin27"]
@@ -86,8 +87,8 @@ def test_files_share_one_grid(loaded):
 
 
 def test_same_seed_gives_identical_case_and_world_positions_survive(loaded):
-    seed = synth._case_seeds(SEED, CASES)[0]
-    case, scene, geometry = synth._synthesise(seed)
+    seed = synth_dataset.case_seeds(SEED, CASES)[0]
+    case, scene, geometry = synth_dataset.synthesise(seed)
     image, labels, affine = loaded[0][0], loaded[0][1], loaded[0][2]
     # The file was written by an earlier, separate call: byte-identical arrays.
     assert case.image.dtype == np.float32 and case.labels.dtype == np.uint8 and case.affine.dtype == np.float64
@@ -95,7 +96,7 @@ def test_same_seed_gives_identical_case_and_world_positions_survive(loaded):
     np.testing.assert_array_equal(case.labels, labels)
     np.testing.assert_allclose(case.affine, affine, atol=1e-4)
     # Each compartment sits at the same world position before and after acquisition.
-    anatomy = synth._anatomy(scene.anatomy)
+    anatomy = synth_anatomy.load_anatomy(scene.anatomy)
     for value in (1, 2, 3):
         before = np.argwhere(scene.labels == value).mean(axis=0)
         world_before = (geometry.head_pose @ anatomy.affine @ np.r_[before, 1.0])[:3]
@@ -172,11 +173,11 @@ def test_skull_and_skull_stripped_backgrounds(loaded):
 @pytest.mark.parametrize("name", ["mni152", pytest.param("colin27", marks=needs_colin27)])
 def test_scans_with_skull_have_dark_bone_between_the_brain_and_a_bright_scalp(name):
     """MNI152 gets a drawn shell; Colin27 keeps its own scalp, skull and face, exactly as scanned on T1."""
-    anatomy = synth._anatomy(name)
+    anatomy = synth_anatomy.load_anatomy(name)
     rng = np.random.default_rng(np.random.SeedSequence(4))
-    scene = synth._build_scene(rng, anatomy, synth._plan_tumour(rng, anatomy))
-    look = dataclasses.replace(synth._draw_look(rng, 3), skull=True, vessels=False)
-    channels = synth._render(rng, anatomy, scene, look)
+    scene = tumour.build_scene(rng, anatomy, tumour.plan_tumour(rng, anatomy))
+    look = dataclasses.replace(render.draw_look(rng, 3), skull=True, vessels=False)
+    channels = render.render(rng, anatomy, scene, look)
     d = anatomy.band_dist
     for c in (0, 1):  # FLAIR, T1
         outside = channels[c].ravel()[anatomy.band]
@@ -191,7 +192,7 @@ def test_scans_with_skull_have_dark_bone_between_the_brain_and_a_bright_scalp(na
 def test_colin27_tissue_maps_fit_the_mni152_brain():
     """Colin27's grey and white matter come from its own T1 histogram: they must split the brain as
     MNI152's probability maps do, on a brain outline that lies where MNI152's does (both in MNI space)."""
-    colin, mni = synth._anatomy("colin27"), synth._anatomy("mni152")
+    colin, mni = synth_anatomy.load_anatomy("colin27"), synth_anatomy.load_anatomy("mni152")
     for anatomy in (colin, mni):
         assert 0.45 < anatomy.gm[anatomy.mask].mean() < 0.6 and 0.3 < anatomy.wm[anatomy.mask].mean() < 0.45
     # Both grids are 1 mm with aligned axes: Colin27 voxel i is MNI152 voxel i + offset.
@@ -209,10 +210,10 @@ def test_colin27_tissue_maps_fit_the_mni152_brain():
 
 @pytest.mark.parametrize("name", ["mni152", pytest.param("colin27", marks=needs_colin27)])
 def test_mass_effect_and_white_matter_edema(name):
-    anatomy = synth._anatomy(name)
+    anatomy = synth_anatomy.load_anatomy(name)
     rng = np.random.default_rng(np.random.SeedSequence(3))
-    plan = synth._plan_tumour(rng, anatomy)
-    scene = synth._build_scene(rng, anatomy, plan)
+    plan = tumour.plan_tumour(rng, anatomy)
+    scene = tumour.build_scene(rng, anatomy, plan)
     moved = np.abs(scene.wm - anatomy.wm)
     outside = np.ones(anatomy.mask.shape, bool)
     outside[scene.box] = False
@@ -228,17 +229,17 @@ def test_mass_effect_and_white_matter_edema(name):
 def test_enhancing_normal_structures_are_bright_on_t1gd_and_stay_background(monkeypatch):
     """The sinuses and choroid plexus enhance like tumour on T1gd but are not tumour: the model
     must learn to leave them out, so they are painted with label 0."""
-    anatomy = synth._anatomy()
+    anatomy = synth_anatomy.load_anatomy()
     rng = np.random.default_rng(np.random.SeedSequence(5))
-    plan = synth._plan_tumour(rng, anatomy)
-    scene = synth._build_scene(rng, anatomy, plan)
-    look = synth._draw_look(rng, version=2)
+    plan = tumour.plan_tumour(rng, anatomy)
+    scene = tumour.build_scene(rng, anatomy, plan)
+    look = render.draw_look(rng, version=2)
     painted = []
-    real_vessels = synth._vessels
-    monkeypatch.setattr(synth, "_vessels", lambda *a: painted.append(real_vessels(*a)) or painted[-1])
-    channels = synth._render(rng, anatomy, scene, look)
+    real_vessels = render.vessel_weights
+    monkeypatch.setattr(render, "vessel_weights", lambda *a: painted.append(real_vessels(*a)) or painted[-1])
+    channels = render.render(rng, anatomy, scene, look)
     vessels = painted[0] > 0.9
-    paths = synth._vessel_paths()
+    paths = synth_anatomy.vessel_paths()
     sss_x = paths["sss"][:, 0]
     assert np.ptp(sss_x) == 0 and abs(anatomy.affine[0, 0] * sss_x[0] + anatomy.affine[0, 3]) < 1  # midline
     visible = vessels & anatomy.mask & (scene.labels == 0)
@@ -266,8 +267,8 @@ def test_generator_version_1_still_makes_the_default_models_training_data(monkey
     model was trained on (its card's command): the checksums of the files written then."""
     import hashlib
 
-    monkeypatch.setattr(synth, "_vessels", lambda *a: pytest.fail("version 1 paints no vessels"))
-    case = synth.synth_case(synth._case_seeds(1000, 1)[0], version=1)
+    monkeypatch.setattr(render, "vessel_weights", lambda *a: pytest.fail("version 1 paints no vessels"))
+    case = synth.synth_case(synth_dataset.case_seeds(1000, 1)[0], version=1)
     assert hashlib.sha256(case.image.tobytes()).hexdigest() == \
         "85c7a1966ad558d6495fe32ef483ccf74aa2d6707a1e94c0c00cc44333321e07"
     assert hashlib.sha256(case.labels.tobytes()).hexdigest() == \
@@ -342,18 +343,18 @@ def test_invalid_arguments_are_rejected(tmp_path):
 
 
 def test_missing_nilearn_is_named(monkeypatch, tmp_path):
-    real_find_spec = synth.importlib.util.find_spec
-    monkeypatch.setattr(synth.importlib.util, "find_spec",
+    real_find_spec = synth_anatomy.importlib.util.find_spec
+    monkeypatch.setattr(synth_anatomy.importlib.util, "find_spec",
                         lambda name, *a: None if name == "nilearn" else real_find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install nilearn"):
-        synth._template_paths()
+        synth_anatomy.template_paths()
     with pytest.raises(ModuleNotFoundError, match="nilearn"):
         synth.write_synth_dataset(tmp_path / "out", 1, 0)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_colin27_is_named_and_version_2_needs_none(monkeypatch, tmp_path):
-    monkeypatch.setattr(synth, "_COLIN_FOLDER", tmp_path / "no-mricron")
+    monkeypatch.setattr(synth_anatomy, "COLIN_FOLDER", tmp_path / "no-mricron")
     with pytest.raises(ConfigError, match="apt-get install mricron-data") as error:
         synth.write_synth_dataset(tmp_path / "out", 1, 0)
     assert "ch2.nii.gz" in str(error.value)
@@ -366,14 +367,14 @@ def test_missing_colin27_is_named_and_version_2_needs_none(monkeypatch, tmp_path
 @needs_colin27
 def test_other_colin27_voxels_are_refused(monkeypatch):
     """A seed promises the same case: Colin27 files whose voxels differ would break that silently."""
-    files = dict(synth._COLIN_FILES, brain=("ch2bet.nii.gz", "0" * 64))
-    monkeypatch.setattr(synth, "_COLIN_FILES", files)
-    synth._anatomy.cache_clear()
+    files = dict(synth_anatomy.COLIN_FILES, brain=("ch2bet.nii.gz", "0" * 64))
+    monkeypatch.setattr(synth_anatomy, "COLIN_FILES", files)
+    synth_anatomy.load_anatomy.cache_clear()
     try:
         with pytest.raises(ConfigError, match="voxels differ"):
-            synth._anatomy("colin27")
+            synth_anatomy.load_anatomy("colin27")
     finally:
-        synth._anatomy.cache_clear()
+        synth_anatomy.load_anatomy.cache_clear()
 
 
 def test_workers_write_the_same_files(dataset, tmp_path):
