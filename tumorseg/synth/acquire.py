@@ -23,6 +23,8 @@ class Geometry:
 
 
 def draw_geometry(rng: np.random.Generator, anat: Anatomy, look: Look) -> Geometry:
+    """A head pose in the scanner and an output grid around the head (or the brain, without skull):
+    slice orientation, axis order and flips, obliquity, spacing and field of view."""
     pose = np.eye(4)
     if rng.random() < 0.6:
         pose[:3, :3] = random_rotation(rng, 8.0)

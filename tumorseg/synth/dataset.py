@@ -48,6 +48,8 @@ class SynthCase:
 
 
 def synthesise(seed: int, version: int = GENERATOR_VERSION) -> tuple[SynthCase, Scene, Geometry]:
+    """The case of ``seed``, with its scene on the template grid and its acquisition geometry (for
+    tests that follow a structure from one frame to the other)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"synthetic case seed must be a non-negative integer, got {seed!r}")
     _check_version(version)

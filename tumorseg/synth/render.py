@@ -40,6 +40,7 @@ class Look:
 
 
 def draw_look(rng: np.random.Generator, version: int) -> Look:
+    """The case's tissue means per contrast, whether it keeps a skull, and its shell thicknesses."""
     vessels = version >= 2
     # Version 1 drew no vessel values: leaving them out keeps its random stream, so its cases.
     tissues = {k: v for k, v in _MEANS.items() if vessels or k != "vessel"}

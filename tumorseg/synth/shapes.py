@@ -28,6 +28,9 @@ def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected (6-neighbour) component of ``mask``; ``mask`` itself when it has at
+    most one. Not the pipeline's 26-neighbour ``postprocess.largest_component``: the seeds' cases
+    depend on this one."""
     lab, n = ndi.label(mask)
     if n <= 1:
         return mask

@@ -17,6 +17,8 @@ EDEMA, CORE, ENHANCING = 1, 2, 3
 
 @dataclass(frozen=True)
 class TumourPlan:
+    """The random choices that fix one tumour, before it is drawn."""
+
     centre: np.ndarray  # template voxel (3,) int
     whole_ml: float  # target whole-tumour volume
     core_radius: float  # mm
@@ -26,6 +28,8 @@ class TumourPlan:
 
 
 def plan_tumour(rng: np.random.Generator, anat: Anatomy) -> TumourPlan:
+    """Where the tumour grows (a white-matter centre deep enough for its core, most of the time)
+    and how large, with its rim and mass effect."""
     whole_ml = float(np.exp(rng.uniform(np.log(10.0), np.log(150.0))))
     core_fraction = rng.uniform(0.2, 0.55)
     radius = float((3 * core_fraction * whole_ml * 1000 / (4 * np.pi)) ** (1 / 3))
@@ -170,6 +174,8 @@ def _edema(rng, plan: TumourPlan, core, gm, wm, brain) -> tuple[np.ndarray, np.n
 
 
 def build_scene(rng: np.random.Generator, anat: Anatomy, plan: TumourPlan) -> Scene:
+    """The planned tumour painted into the anatomy: tissue pushed aside, core, rim and edema labelled,
+    with the partial-volume weights the renderer needs."""
     box = _box(plan, anat.mask.shape)
     grids = np.ogrid[tuple(box)]
     offsets = tuple((g - c).astype(np.float32) for g, c in zip(grids, plan.centre))
