@@ -15,7 +15,8 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
-brain extraction auto against off: lesion Dice and tumour volume outside the brain mask; and on the
+brain extraction auto against off: lesion Dice (whole tumour, and each region against the one binary
+label) and tumour volume outside the brain mask; and on the
 decubitus series, the whole tumour volume (there is none: target under 1 mL).
 """
 from __future__ import annotations
@@ -195,7 +196,13 @@ def predict_rows(shared: Path, model: str = "default") -> list[dict]:
             if result.brain_mask is not None:
                 masks[case] = result.brain_mask
             mask = masks.get(case, np.ones_like(tumour))  # auto did not extract: judged against the whole grid
+            # The label is one binary "lesion" whose extent (enhancing part, core, edema) is not
+            # stated: lesion_dice compares the whole tumour with it, the regions show which part of
+            # the mask matches it and which part is extra.
+            by_region = {r: round(dice(result.labels.scheme.region_mask(result.labels.array, r), lesion), 3)
+                         for r in ("WT", "TC", "ET")}
             row = {"case": case, "brain_extraction": mode, "lesion_dice": round(dice(tumour, lesion), 3),
+                   "lesion_dice_by_region": by_region,
                    "tumour_ml": round(ml(tumour, result.labels.affine), 2),
                    "tumour_outside_brain_ml": round(ml(tumour & ~mask, result.labels.affine), 2),
                    "lesion_inside_applied_mask_pct": round(100.0 * float((mask & lesion).sum()) / float(lesion.sum()), 2),
