@@ -292,26 +292,39 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def preferred_sets(mean_dice: dict[tuple[str, ...], float]) -> list[tuple[str, ...]]:
+def preferred_sets(dice: dict[tuple[str, ...], dict[str, float]]) -> list[tuple[str, ...]]:
     """The card's ``preferred_sets`` that the table supports: for every set of sequences a case
-    may have, the network is given its subset with the highest mean Dice, counting
-    ``MARGIN_PER_SEQUENCE`` for each sequence kept (so a subset must be clearly better to drop one).
-    ``InputSpec.choose`` gives the first listed set the case holds, so the sets are listed by that
-    score, best first, and only those needed for the choices are kept."""
-    worth = {s: d + MARGIN_PER_SEQUENCE * len(s) for s, d in mean_dice.items()}
-    ranked = sorted(worth, key=lambda s: (-worth[s], -len(s), s))
-    best = {have: next(s for s in ranked if set(s) <= set(have)) for have in mean_dice}
+    may have, the network is given its subset with the highest mean Dice over the regions (``dice``:
+    subset -> region -> mean Dice), counting ``MARGIN_PER_SEQUENCE`` for each sequence kept (so a
+    subset must be clearly better to drop one). For a case without T1gd the mean leaves ET out: no
+    set without contrast shows enhancing tumour, and its ET Dice there is noise, not a reason to drop
+    a sequence. ``InputSpec.choose`` gives the first listed set the case holds, so each case's choice
+    is listed before the other listed sets it holds, and only the sets needed for the choices are."""
+    def score(subset: tuple[str, ...], have: tuple[str, ...]) -> float:
+        regions = REGIONS if "t1gd" in have else tuple(r for r in REGIONS if r != "ET")
+        return float(np.mean([dice[subset][r] for r in regions])) + MARGIN_PER_SEQUENCE * len(subset)
+
+    best = {have: sorted((s for s in dice if set(s) <= set(have)), key=lambda s: (-score(s, have), -len(s), s))[0]
+            for have in dice}
 
     def choose(listed: list[tuple[str, ...]], have: tuple[str, ...]) -> tuple[str, ...]:
         return next((s for s in listed if set(s) <= set(have)), have)
 
-    # Listed: every subset chosen for a larger set, and a set that is its own best where one of
-    # those lies inside it (else that subset would be chosen for it); the rest need no entry.
-    smaller = {best[have] for have in mean_dice if best[have] != have}
-    keep_own = {have for have in mean_dice if best[have] == have and any(set(t) < set(have) for t in smaller)}
-    listed = [s for s in ranked if s in smaller | keep_own]
-    assert all(choose(listed, have) == best[have] for have in mean_dice)
-    return listed
+    # Listed: every subset chosen for a larger set, and a set that is its own best where a listed
+    # set lies inside it (else that one would be chosen for it).
+    listed = {best[have] for have in dice if best[have] != have}
+    while own := {h for h in dice if best[h] == h and h not in listed and any(set(t) < set(h) for t in listed)}:
+        listed |= own
+    # Order: a case's choice before every other listed set that the case holds.
+    after = {s: {best[h] for h in dice if best[h] in listed and best[h] != s and set(s) <= set(h)} for s in listed}
+    order: list[tuple[str, ...]] = []
+    while len(order) < len(listed):
+        free = [s for s in listed if s not in order and after[s] <= set(order)]
+        if not free:
+            raise ValueError("no order of preferred sets gives every case its best subset")
+        order.append(min(free, key=lambda s: (-score(s, s), -len(s), s)))
+    assert all(choose(order, have) == best[have] for have in dice)
+    return order
 
 
 def report(plan: dict, scores: dict[str, dict], seen: set[str] = frozenset()) -> dict:
@@ -327,9 +340,8 @@ def report(plan: dict, scores: dict[str, dict], seen: set[str] = frozenset()) ->
         if rows:
             out["subsets"][key(subset)] = summarise(rows)
     if len(out["subsets"]) == 15:
-        mean = {tuple(k.split("+")): float(np.mean([v[r]["dice_mean"] for r in REGIONS]))
-                for k, v in out["subsets"].items()}
-        out["preferred_sets"] = [list(s) for s in preferred_sets(mean)]
+        table = {tuple(k.split("+")): {r: v[r]["dice_mean"] for r in REGIONS} for k, v in out["subsets"].items()}
+        out["preferred_sets"] = [list(s) for s in preferred_sets(table)]
     return out
 
 

@@ -82,19 +82,40 @@ def test_recorded_folds_must_match_a_rerun(tmp_path):
 def test_preferred_sets_follow_the_table():
     everything = cv.subsets(("flair", "t1", "t1gd", "t2"))
     assert len(everything) == 15
+
+    def table(means: dict) -> dict:
+        return {s: {r: d for r in cv.REGIONS} for s, d in means.items()}
+
     # More sequences never hurt: give the network whatever the case has.
     monotone = {s: 0.5 + 0.1 * len(s) for s in everything}
-    assert cv.preferred_sets(monotone) == []
+    assert cv.preferred_sets(table(monotone)) == []
     # FLAIR + T1gd clearly beats every set that holds it: it alone is listed, and choose() then
     # gives it wherever it is available, and every other set as it comes.
     better = dict(monotone)
     better[("flair", "t1gd")] = 0.95
-    assert cv.preferred_sets(better) == [("flair", "t1gd")]
+    assert cv.preferred_sets(table(better)) == [("flair", "t1gd")]
     # A near tie with all four (within the margin per sequence dropped) keeps all four; but FLAIR +
     # T1gd still beats the three-sequence sets that hold it, so it is listed after all four.
     tie = dict(monotone)
     tie[("flair", "t1gd")] = monotone[("flair", "t1", "t1gd", "t2")] + 0.005
-    assert cv.preferred_sets(tie) == [("flair", "t1", "t1gd", "t2"), ("flair", "t1gd")]
+    assert cv.preferred_sets(table(tie)) == [("flair", "t1", "t1gd", "t2"), ("flair", "t1gd")]
+
+
+def test_preferred_sets_ignore_enhancing_tumour_without_contrast():
+    """T2 alone beats FLAIR + T2 on ET only (as in folds 0-2): a case without T1gd keeps FLAIR (or
+    T1), since no set without contrast shows enhancing tumour; a case with T1gd is judged on all
+    three regions, and there the same ET gain counts."""
+    everything = cv.subsets(("flair", "t1", "t1gd", "t2"))
+    dice = {s: {r: 0.5 + 0.1 * len(s) for r in cv.REGIONS} for s in everything}
+    dice[("t2",)] = {"WT": 0.66, "TC": 0.66, "ET": 1.0}  # FLAIR + T2 and T1gd + T2: 0.7 each
+    listed = cv.preferred_sets(dice)
+
+    def choose(have: tuple[str, ...]) -> tuple[str, ...]:
+        return next((s for s in listed if set(s) <= set(have)), have)
+
+    assert choose(("flair", "t2")) == ("flair", "t2") and choose(("t1", "t2")) == ("t1", "t2")
+    assert choose(("t1gd", "t2")) == ("t2",)
+    assert choose(("flair", "t1", "t1gd", "t2")) == ("flair", "t1", "t1gd", "t2")
 
 
 def test_recipe_takes_the_starting_model_and_the_synthetic_share():
