@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -29,14 +30,25 @@ def test_default_model_loads_with_verified_checksum():
     assert card.license
 
 
-def test_preferred_sets_change_only_t1_with_t1gd():
-    """The card's preferred_sets (chosen from the cross-validation's subset table) give T1gd alone
-    for a scan with just T1 and T1gd, and every other combination of sequences as it is."""
-    spec = load_card(bundled_models_dir() / "default").input
+def test_preferred_sets_follow_the_cross_validation():
+    """The card's preferred_sets are the cross-validation script's rule over the subset table the
+    card records (folds 0-2: it supports no choice, so every combination is given as it is)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cross_validation as cv
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    card = load_card(bundled_models_dir() / "default")
+    folds = card.metrics["cross_validation_folds"]
+    table = {tuple(k.split("+")): {r: v[r] for r in ("WT", "TC", "ET")} for k, v in folds["subsets"].items()}
+    assert len(table) == 15 and all(v["cases"] == folds["four_sequence_mean"]["cases"] for v in folds["subsets"].values())
+    rule = cv.preferred_sets(table)
+    assert [tuple(s) for s in card.input.preferred_sets] == rule
     seqs = ("flair", "t1", "t1gd", "t2")
     for n in range(1, 5):
         for have in itertools.combinations(seqs, n):
-            assert tuple(spec.choose(have)) == (("t1gd",) if have == ("t1", "t1gd") else have), have
+            expected = next((s for s in rule if set(s) <= set(have)), have)
+            assert tuple(card.input.choose(have)) == expected, have
 
 
 def test_training_log_is_the_shipped_models():
@@ -72,6 +84,15 @@ def test_readme_and_card_agree():
     for group in ("four_sequence_mean", "unseen_mean"):
         mean = cv[group]
         assert " | ".join(f"{mean[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
+    # ... and from the folds trained since, pooled.
+    folds = card.metrics["cross_validation_folds"]
+    assert set(folds["cases"]) <= set(card.training["training_cases"])
+    assert {str(k) for k in folds["folds"]} == set(folds["fold_model_sha256"])
+    assert card.weights.sha256 not in folds["fold_model_sha256"].values()
+    for group in ("four_sequence_mean", "unseen_mean"):
+        mean = folds[group]
+        assert (" | ".join(f"{mean[r]:.3f}" for r in ("WT", "TC", "ET")) + " | worst "
+                + " / ".join(f"{x:.3f}" for x in mean["worst"])) in readme
     first_lines = readme.splitlines()[:5]
     assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
 
