@@ -51,7 +51,7 @@ from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
-from tumorseg.model import find_model_dir, load_card, load_model
+from tumorseg.model import InputSpec, find_model_dir, load_card, load_model
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
 from tumorseg.train import TrainingCase, discover_cases
@@ -307,9 +307,6 @@ def preferred_sets(dice: dict[tuple[str, ...], dict[str, float]]) -> list[tuple[
     best = {have: sorted((s for s in dice if set(s) <= set(have)), key=lambda s: (-score(s, have), -len(s), s))[0]
             for have in dice}
 
-    def choose(listed: list[tuple[str, ...]], have: tuple[str, ...]) -> tuple[str, ...]:
-        return next((s for s in listed if set(s) <= set(have)), have)
-
     # Listed: every subset chosen for a larger set, and a set that is its own best where a listed
     # set lies inside it (else that one would be chosen for it).
     listed = {best[have] for have in dice if best[have] != have}
@@ -323,7 +320,8 @@ def preferred_sets(dice: dict[tuple[str, ...], dict[str, float]]) -> list[tuple[
         if not free:
             raise ValueError("no order of preferred sets gives every case its best subset")
         order.append(min(free, key=lambda s: (-score(s, s), -len(s), s)))
-    assert all(choose(order, have) == best[have] for have in dice)
+    spec = InputSpec(sequences=tuple(SEQUENCES), preferred_sets=tuple(order))
+    assert all(spec.choose(have) == best[have] for have in dice)
     return order
 
 
