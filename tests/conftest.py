@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny random-weight model, synthetic scans, and the shared real data."""
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +15,14 @@ import torch
 from tumorseg.model import Architecture, InputSpec, ModelCard, Weights, build_network, save_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A script under benchmarks/ imported as a module (they are scripts, not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def shared_data(*parts: str) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import benchmark_module
 from tumorseg.cli import main
 from tumorseg.model import bundled_models_dir, load_card, load_model, sha256_file
 
@@ -33,11 +33,7 @@ def test_default_model_loads_with_verified_checksum():
 def test_preferred_sets_follow_the_cross_validation():
     """The card's preferred_sets are the cross-validation script's rule over the subset table the
     card records (folds 0-2: it supports no choice, so every combination is given as it is)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import cross_validation as cv
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    cv = benchmark_module("cross_validation")
     card = load_card(bundled_models_dir() / "default")
     folds = card.metrics["cross_validation_folds"]
     table = {tuple(k.split("+")): {r: v[r] for r in ("WT", "TC", "ET")} for k, v in folds["subsets"].items()}
