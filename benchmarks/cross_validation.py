@@ -32,26 +32,36 @@ kept per fold in ``OUT/fold<k>/scores.json`` and reused when the model and
 settings are the same. The summary prints the missing-sequence table beside published results on
 BraTS 2018 (``published_missing_modality.json``: other data and splits, for orientation only) and
 the ``preferred_sets`` that the table supports (``preferred_sets``).
+
+Recording. ``--record-in MODEL`` (a model folder, e.g. ``OUT/final`` or ``models/default``) pools
+this run's folds with the folds its card already records in ``metrics.cross_validation_folds``
+(per-case rows side by side, subset means weighted by their case counts; a fold recorded twice or
+dealt otherwise is refused) and sets the card's ``input.preferred_sets`` to the rule over the
+pooled table, so folds trained in separate sessions make one table. Weights are not touched.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import dataclasses
 import logging
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 from tumorseg.atomic import write_bytes_atomic
 from tumorseg.config import load_pipeline
+from tumorseg.configio import to_dict
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
-from tumorseg.model import InputSpec, find_model_dir, load_card, load_model
+from tumorseg.model import CARD_NAME, InputSpec, find_model_dir, load_card, load_model
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
 from tumorseg.train import TrainingCase, discover_cases
@@ -343,6 +353,83 @@ def report(plan: dict, scores: dict[str, dict], seen: set[str] = frozenset()) ->
     return out
 
 
+CARD_METRIC = "cross_validation_folds"
+FOUR = "+".join(SEQUENCES)
+
+
+def card_metric(plan: dict, scores: dict[str, dict], table: dict, seen: set[str], fold_sha256: dict[int, str],
+                command: str) -> dict:
+    """This run's folds as a card records them (``CARD_METRIC``): per held-out case its Dice and
+    HD95 as predict runs, and the subset means with their case counts."""
+    fold_of = {c: k for k, f in enumerate(plan["folds"]) for c in f}
+    cases = {c: {**{r: row["predict"][r]["dice"] for r in REGIONS},
+                 "hd95_mm": [row["predict"][r]["hd95_mm"] for r in REGIONS],
+                 "sequences": "+".join(row["sequences"]), "fold": fold_of[c], "seen_by_init": c in seen}
+             for c, row in scores.items()}
+    subsets_ = {k: {**{r: v[r]["dice_mean"] for r in REGIONS}, "cases": v["cases"]}
+                for k, v in table.get("subsets", {}).items()}
+    return {"commands": [command], "seed": plan["seed"], "folds": sorted({fold_of[c] for c in scores}),
+            "fold_model_sha256": {str(k): v for k, v in sorted(fold_sha256.items())}, "cases": cases,
+            "subsets": subsets_}
+
+
+def pool_metrics(recorded: dict, new: dict, plan: dict) -> dict:
+    """Two card records of disjoint folds of the same plan as one: the cases side by side, each
+    subset's mean weighted by its case count, the means over cases recomputed."""
+    fold_of = {c: k for k, f in enumerate(plan["folds"]) for c in f}
+    if both := sorted(set(recorded["folds"]) & set(new["folds"])):
+        raise SystemExit(f"fold(s) {both} recorded already; give only the folds not yet recorded")
+    if moved := sorted(c for c, v in recorded["cases"].items() if fold_of.get(c) != v["fold"]):
+        raise SystemExit(f"the recorded folds were dealt otherwise ({', '.join(moved)}): not the same plan")
+    if recorded.get("seed", plan["seed"]) != plan["seed"]:
+        raise SystemExit(f"the recorded folds come from seed {recorded['seed']}, not {plan['seed']}")
+    subsets_ = {}
+    order = [key(s) for s in subsets(tuple(SEQUENCES))]
+    for k in sorted(set(recorded["subsets"]) | set(new["subsets"]), key=order.index):
+        parts = [d["subsets"][k] for d in (recorded, new) if k in d["subsets"]]
+        n = sum(p["cases"] for p in parts)
+        subsets_[k] = {**{r: round(sum(p[r] * p["cases"] for p in parts) / n, 4) for r in REGIONS}, "cases": n}
+    commands = recorded.get("commands", [recorded["command"]] if "command" in recorded else [])
+    return {"commands": commands + new["commands"], "seed": plan["seed"],
+            "folds": sorted(recorded["folds"] + new["folds"]),
+            "fold_model_sha256": dict(sorted({**recorded["fold_model_sha256"], **new["fold_model_sha256"]}.items())),
+            "cases": {**recorded["cases"], **new["cases"]}, "subsets": subsets_}
+
+
+def metric_means(metric: dict) -> dict:
+    """``metric`` with its means over the cases a fold's starting model did not train on: all of
+    them (``unseen_mean``) and the four-sequence ones (``four_sequence_mean``), as predict ran."""
+    rows = {c: {r: {"dice": v[r], "hd95_mm": v["hd95_mm"][i]} for i, r in enumerate(REGIONS)}
+            for c, v in metric["cases"].items() if not v["seen_by_init"]}
+    out = dict(metric)
+    for name, chosen in (("four_sequence_mean", [c for c in rows if metric["cases"][c]["sequences"] == FOUR]),
+                         ("unseen_mean", list(rows))):
+        s = summarise([rows[c] for c in chosen])
+        out[name] = {**{r: s[r]["dice_mean"] for r in REGIONS}, "worst": [s[r]["dice_worst"] for r in REGIONS],
+                     "hd95_mm": [s[r]["hd95_mean_mm"] for r in REGIONS], "cases": s["cases"]}
+    if len(metric["subsets"]) == 15:
+        table = {tuple(k.split("+")): {r: v[r] for r in REGIONS} for k, v in metric["subsets"].items()}
+        out["preferred_sets_rule"] = [list(s) for s in preferred_sets(table)]
+    return out
+
+
+def record_in_card(model_dir: Path, new: dict, plan: dict) -> dict:
+    """Pool ``new`` into the card in ``model_dir`` (``pool_metrics``), set its ``preferred_sets``
+    to the pooled table's rule, and write the card atomically. Returns the pooled record."""
+    card = load_card(model_dir)
+    recorded = card.metrics.get(CARD_METRIC)
+    pooled = metric_means(pool_metrics(recorded, new, plan) if recorded else new)
+    pooled["note"] = (f"folds {', '.join(map(str, pooled['folds']))} of {len(plan['folds'])} (seed {plan['seed']}), "
+                      "each trained by the same recipe without its held-out cases and scored on them as predict "
+                      "runs (mirroring, every sequence); subsets: one pass, mean over the four-sequence cases. Cases "
+                      "the starting model trained on (seen_by_init) are left out of the means.")
+    metrics = {**card.metrics, CARD_METRIC: pooled}
+    rule = tuple(tuple(s) for s in pooled.get("preferred_sets_rule", card.input.preferred_sets))
+    card = dataclasses.replace(card, metrics=metrics, input=dataclasses.replace(card.input, preferred_sets=rule))
+    write_bytes_atomic(Path(model_dir) / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
+    return pooled
+
+
 def print_table(table: dict) -> None:
     published = json.loads(PUBLISHED.read_text())
     columns = {key(tuple(s)): i for i, s in enumerate(published["subsets"])}
@@ -399,6 +486,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training")
     parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
     parser.add_argument("--json", type=Path, help="write the folds, per-case scores and the table here")
+    parser.add_argument("--record-in", type=Path, metavar="MODEL_DIR",
+                        help="pool this run's folds into MODEL_DIR's card (metrics.cross_validation_folds) and set "
+                        "its preferred_sets to the pooled table's rule")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.folds < 2 or args.workers < 0:
@@ -424,6 +514,7 @@ def main() -> None:
     scores: dict[str, dict] = {}
     baseline: dict[str, dict] = {}
     seen: set[str] = set()  # held-out cases that a fold's starting model trained on
+    fold_sha256: dict[int, str] = {}
     for k in wanted:
         held_out, folder = plan["folds"][k], args.output / f"fold{k}"
         if not args.no_train:
@@ -433,6 +524,7 @@ def main() -> None:
             print(f"fold {k}: not trained, not scored", flush=True)
             continue
         seen |= trained_on(str(folder), plan["datasets"]) & set(held_out)
+        fold_sha256[k] = load_card(folder).weights.sha256
         print(f"fold {k}: scoring {len(held_out)} held-out cases", flush=True)
         scores.update(score_fold(str(folder), folder / "scores.json", [by_id[c] for c in held_out], args.tta,
                                  not args.no_subsets, args.subset_tta))
@@ -455,6 +547,13 @@ def main() -> None:
                                          "subset_tta": args.subset_tta,
                                          "cases": scores, "table": table, "baseline": args.baseline,
                                          "baseline_cases": baseline, "baseline_table": base_table}, indent=1))
+    if args.record_in and scores:
+        command = "python benchmarks/cross_validation.py " + shlex.join(sys.argv[1:])
+        pooled = record_in_card(args.record_in, card_metric(plan, scores, table, seen, fold_sha256, command), plan)
+        mean = pooled["four_sequence_mean"]
+        print(f"\n{args.record_in}: folds {pooled['folds']} recorded; four-sequence cases ({mean['cases']}): "
+              + " ".join(f"{r} {mean[r]:.3f}" for r in REGIONS)
+              + f"; preferred_sets {pooled.get('preferred_sets_rule', 'unchanged (fewer than 15 subsets)')}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import brain_phantom, save_nifti, shared_data
-from tumorseg.model import load_model
+from conftest import benchmark_module, brain_phantom, make_tiny_model, save_nifti, shared_data
+from tumorseg.model import load_card, load_model, sha256_file
 from tumorseg.train import discover_cases
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import cross_validation as cv  # noqa: E402
+cv = benchmark_module("cross_validation")
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -116,6 +114,50 @@ def test_preferred_sets_ignore_enhancing_tumour_without_contrast():
     assert choose(("flair", "t2")) == ("flair", "t2") and choose(("t1", "t2")) == ("t1", "t2")
     assert choose(("t1gd", "t2")) == ("t2",)
     assert choose(("flair", "t1", "t1gd", "t2")) == ("flair", "t1", "t1gd", "t2")
+
+
+def fold_record(plan: dict, fold: int, dice: float, subset_dice: dict[str, float]) -> dict:
+    """A card record of one fold whose cases all score ``dice`` as predict runs."""
+    scores = {c: {"sequences": ["flair", "t1", "t1gd", "t2"],
+                  "predict": {r: {"dice": dice, "hd95_mm": 10.0 * (fold + 1)} for r in cv.REGIONS}}
+              for c in plan["folds"][fold]}
+    table = {"subsets": {k: {r: {"dice_mean": d} for r in cv.REGIONS} | {"cases": len(scores)}
+                         for k, d in subset_dice.items()}}
+    return cv.card_metric(plan, scores, table, set(), {fold: f"{fold}" * 64}, f"cv --fold {fold}")
+
+
+def test_folds_from_two_runs_pool_into_one_card_record(tmp_path):
+    """Folds trained in separate runs make one table in the card: cases side by side, subset means
+    weighted by case counts, the preferred-set rule over the pooled table, the weights untouched; a
+    fold given twice, or folds dealt otherwise, are refused."""
+    plan = {"seed": 0, "folds": [["a", "b", "c"], ["d"], ["e", "f"]]}
+    keys = [cv.key(s) for s in cv.subsets(("flair", "t1", "t1gd", "t2"))]
+    monotone = {k: 0.5 + 0.1 * k.count("+") for k in keys}
+    # Alone, fold 2 would make FLAIR + T1gd the preferred set; pooled with fold 0's three cases it
+    # falls below all four sequences, so the pooled rule lists nothing.
+    fold2 = dict(monotone) | {"flair+t1gd": 0.85}
+    model = make_tiny_model(tmp_path / "model")
+    weights = sha256_file(model / "weights.safetensors")
+    cv.record_in_card(model, fold_record(plan, 2, 0.6, fold2), plan)
+    assert load_card(model).input.preferred_sets == (("flair", "t1gd"),)
+    pooled = cv.record_in_card(model, fold_record(plan, 0, 0.9, monotone), plan)
+    card = load_card(model)
+    assert card.input.preferred_sets == () and pooled["preferred_sets_rule"] == []
+    assert card.metrics["cross_validation_folds"] == pooled
+    assert pooled["folds"] == [0, 2] and pooled["commands"] == ["cv --fold 2", "cv --fold 0"]
+    assert pooled["fold_model_sha256"] == {"0": "0" * 64, "2": "2" * 64}
+    assert pooled["subsets"]["flair+t1gd"] == {r: round((3 * 0.6 + 2 * 0.85) / 5, 4) for r in cv.REGIONS} | {"cases": 5}
+    mean = pooled["four_sequence_mean"]
+    assert mean["cases"] == 5 and mean["WT"] == round((3 * 0.9 + 2 * 0.6) / 5, 4) and mean["worst"] == [0.6] * 3
+    assert mean["hd95_mm"] == [round((3 * 10 + 2 * 30) / 5, 2)] * 3
+    assert {c: v["fold"] for c, v in pooled["cases"].items()} == {"a": 0, "b": 0, "c": 0, "e": 2, "f": 2}
+    assert sha256_file(model / "weights.safetensors") == weights and load_model(str(model)).sha256 == weights
+    with pytest.raises(SystemExit, match="recorded already"):
+        cv.record_in_card(model, fold_record(plan, 2, 0.6, fold2), plan)
+    redealt = {"seed": 0, "folds": [["a", "b"], ["c", "d"], ["e", "f"]]}
+    with pytest.raises(SystemExit, match="dealt otherwise"):
+        cv.record_in_card(model, fold_record(redealt, 1, 0.6, fold2), redealt)
+    assert load_card(model).metrics["cross_validation_folds"] == pooled  # nothing written on refusal
 
 
 def test_recipe_takes_the_starting_model_and_the_synthetic_share():
