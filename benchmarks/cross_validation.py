@@ -366,8 +366,8 @@ def card_metric(plan: dict, scores: dict[str, dict], table: dict, seen: set[str]
                  "hd95_mm": [row["predict"][r]["hd95_mm"] for r in REGIONS],
                  "sequences": "+".join(row["sequences"]), "fold": fold_of[c], "seen_by_init": c in seen}
              for c, row in scores.items()}
-    subsets_ = {k: {**{r: v[r]["dice_mean"] for r in REGIONS}, "cases": v["cases"]}
-                for k, v in table.get("subsets", {}).items()}
+    subsets_ = {k: {**{r: v[r]["dice_mean"] for r in REGIONS}, "hd95_mm": [v[r]["hd95_mean_mm"] for r in REGIONS],
+                    "cases": v["cases"]} for k, v in table.get("subsets", {}).items()}
     return {"commands": [command], "seed": plan["seed"], "folds": sorted({fold_of[c] for c in scores}),
             "fold_model_sha256": {str(k): v for k, v in sorted(fold_sha256.items())}, "cases": cases,
             "subsets": subsets_}
@@ -388,7 +388,10 @@ def pool_metrics(recorded: dict, new: dict, plan: dict) -> dict:
     for k in sorted(set(recorded["subsets"]) | set(new["subsets"]), key=order.index):
         parts = [d["subsets"][k] for d in (recorded, new) if k in d["subsets"]]
         n = sum(p["cases"] for p in parts)
-        subsets_[k] = {**{r: round(sum(p[r] * p["cases"] for p in parts) / n, 4) for r in REGIONS}, "cases": n}
+        subsets_[k] = {r: round(sum(p[r] * p["cases"] for p in parts) / n, 4) for r in REGIONS}
+        if all("hd95_mm" in p for p in parts):
+            subsets_[k]["hd95_mm"] = [round(sum(p["hd95_mm"][i] * p["cases"] for p in parts) / n, 2) for i in range(3)]
+        subsets_[k]["cases"] = n
     commands = recorded.get("commands", [recorded["command"]] if "command" in recorded else [])
     return {"commands": commands + new["commands"], "seed": plan["seed"],
             "folds": sorted(recorded["folds"] + new["folds"]),

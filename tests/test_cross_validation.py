@@ -121,8 +121,8 @@ def fold_record(plan: dict, fold: int, dice: float, subset_dice: dict[str, float
     scores = {c: {"sequences": ["flair", "t1", "t1gd", "t2"],
                   "predict": {r: {"dice": dice, "hd95_mm": 10.0 * (fold + 1)} for r in cv.REGIONS}}
               for c in plan["folds"][fold]}
-    table = {"subsets": {k: {r: {"dice_mean": d} for r in cv.REGIONS} | {"cases": len(scores)}
-                         for k, d in subset_dice.items()}}
+    table = {"subsets": {k: {r: {"dice_mean": d, "hd95_mean_mm": 10.0 * (fold + 1)} for r in cv.REGIONS}
+                         | {"cases": len(scores)} for k, d in subset_dice.items()}}
     return cv.card_metric(plan, scores, table, set(), {fold: f"{fold}" * 64}, f"cv --fold {fold}")
 
 
@@ -146,7 +146,8 @@ def test_folds_from_two_runs_pool_into_one_card_record(tmp_path):
     assert card.metrics["cross_validation_folds"] == pooled
     assert pooled["folds"] == [0, 2] and pooled["commands"] == ["cv --fold 2", "cv --fold 0"]
     assert pooled["fold_model_sha256"] == {"0": "0" * 64, "2": "2" * 64}
-    assert pooled["subsets"]["flair+t1gd"] == {r: round((3 * 0.6 + 2 * 0.85) / 5, 4) for r in cv.REGIONS} | {"cases": 5}
+    assert pooled["subsets"]["flair+t1gd"] == ({r: round((3 * 0.6 + 2 * 0.85) / 5, 4) for r in cv.REGIONS}
+                                               | {"hd95_mm": [round((3 * 10 + 2 * 30) / 5, 2)] * 3, "cases": 5})
     mean = pooled["four_sequence_mean"]
     assert mean["cases"] == 5 and mean["WT"] == round((3 * 0.9 + 2 * 0.6) / 5, 4) and mean["worst"] == [0.6] * 3
     assert mean["hd95_mm"] == [round((3 * 10 + 2 * 30) / 5, 2)] * 3
