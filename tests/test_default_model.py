@@ -32,7 +32,7 @@ def test_default_model_loads_with_verified_checksum():
 
 def test_preferred_sets_follow_the_cross_validation():
     """The card's preferred_sets are the cross-validation script's rule over the subset table the
-    card records (folds 0-2: it supports no choice, so every combination is given as it is)."""
+    card records, pooled over the folds trained so far; every combination gets what the rule says."""
     cv = benchmark_module("cross_validation")
     card = load_card(bundled_models_dir() / "default")
     folds = card.metrics["cross_validation_folds"]
