@@ -42,9 +42,9 @@ pooled table, so folds trained in separate sessions make one table. Weights are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
-import dataclasses
 import logging
 import shlex
 import subprocess
@@ -383,6 +383,8 @@ def pool_metrics(recorded: dict, new: dict, plan: dict) -> dict:
         raise SystemExit(f"the recorded folds were dealt otherwise ({', '.join(moved)}): not the same plan")
     if recorded.get("seed", plan["seed"]) != plan["seed"]:
         raise SystemExit(f"the recorded folds come from seed {recorded['seed']}, not {plan['seed']}")
+    if bool(recorded["subsets"]) != bool(new["subsets"]):
+        raise SystemExit("one side has no subset table (--no-subsets): its subset means would cover fewer cases")
     subsets_ = {}
     order = [key(s) for s in subsets(tuple(SEQUENCES))]
     for k in sorted(set(recorded["subsets"]) | set(new["subsets"]), key=order.index):

@@ -158,6 +158,8 @@ def test_folds_from_two_runs_pool_into_one_card_record(tmp_path):
     redealt = {"seed": 0, "folds": [["a", "b"], ["c", "d"], ["e", "f"]]}
     with pytest.raises(SystemExit, match="dealt otherwise"):
         cv.record_in_card(model, fold_record(redealt, 1, 0.6, fold2), redealt)
+    with pytest.raises(SystemExit, match="no subset table"):
+        cv.record_in_card(model, fold_record(plan, 1, 0.6, {}), plan)
     assert load_card(model).metrics["cross_validation_folds"] == pooled  # nothing written on refusal
 
 
