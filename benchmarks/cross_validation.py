@@ -53,15 +53,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tomli_w
 
 from tumorseg.atomic import write_bytes_atomic
 from tumorseg.config import load_pipeline
-from tumorseg.configio import to_dict
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
-from tumorseg.model import CARD_NAME, InputSpec, find_model_dir, load_card, load_model
+from tumorseg.model import InputSpec, find_model_dir, load_card, load_model, write_card
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
 from tumorseg.train import TrainingCase, discover_cases
@@ -381,7 +379,7 @@ def pool_metrics(recorded: dict, new: dict, plan: dict) -> dict:
         raise SystemExit(f"fold(s) {both} recorded already; give only the folds not yet recorded")
     if moved := sorted(c for c, v in recorded["cases"].items() if fold_of.get(c) != v["fold"]):
         raise SystemExit(f"the recorded folds were dealt otherwise ({', '.join(moved)}): not the same plan")
-    if recorded.get("seed", plan["seed"]) != plan["seed"]:
+    if recorded["seed"] != plan["seed"]:
         raise SystemExit(f"the recorded folds come from seed {recorded['seed']}, not {plan['seed']}")
     if bool(recorded["subsets"]) != bool(new["subsets"]):
         raise SystemExit("one side has no subset table (--no-subsets): its subset means would cover fewer cases")
@@ -394,8 +392,7 @@ def pool_metrics(recorded: dict, new: dict, plan: dict) -> dict:
         if all("hd95_mm" in p for p in parts):
             subsets_[k]["hd95_mm"] = [round(sum(p["hd95_mm"][i] * p["cases"] for p in parts) / n, 2) for i in range(3)]
         subsets_[k]["cases"] = n
-    commands = recorded.get("commands", [recorded["command"]] if "command" in recorded else [])
-    return {"commands": commands + new["commands"], "seed": plan["seed"],
+    return {"commands": recorded["commands"] + new["commands"], "seed": plan["seed"],
             "folds": sorted(recorded["folds"] + new["folds"]),
             "fold_model_sha256": dict(sorted({**recorded["fold_model_sha256"], **new["fold_model_sha256"]}.items())),
             "cases": {**recorded["cases"], **new["cases"]}, "subsets": subsets_}
@@ -431,7 +428,7 @@ def record_in_card(model_dir: Path, new: dict, plan: dict) -> dict:
     metrics = {**card.metrics, CARD_METRIC: pooled}
     rule = tuple(tuple(s) for s in pooled.get("preferred_sets_rule", card.input.preferred_sets))
     card = dataclasses.replace(card, metrics=metrics, input=dataclasses.replace(card.input, preferred_sets=rule))
-    write_bytes_atomic(Path(model_dir) / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
+    write_card(model_dir, card)
     return pooled
 
 

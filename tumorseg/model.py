@@ -380,19 +380,27 @@ def save_model(directory: Path, card: ModelCard, network) -> ModelCard:
     """
     import dataclasses
 
-    import tomli_w
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path, write_bytes_atomic
-    from .configio import to_dict
+    from .atomic import atomic_path
 
     directory = Path(directory)
     weights_path = directory / card.weights.file
     with atomic_path(weights_path) as tmp:
         save_file(_unaliased_state(network), str(tmp))
     card = dataclasses.replace(card, weights=Weights(card.weights.file, sha256_file(weights_path)))
-    write_bytes_atomic(directory / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
+    write_card(directory, card)
     return card
+
+
+def write_card(directory: Path, card: ModelCard) -> None:
+    """Write ``card`` as ``directory``'s model.toml, atomically (the weights are not touched)."""
+    import tomli_w
+
+    from .atomic import write_bytes_atomic
+    from .configio import to_dict
+
+    write_bytes_atomic(Path(directory) / CARD_NAME, tomli_w.dumps(to_dict(card)).encode())
 
 
 def _unaliased_state(network) -> dict:
