@@ -15,7 +15,7 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
-brain extraction auto against off: lesion Dice (whole tumour, and each region against the one binary
+brain extraction auto against off (``--predict-modes auto`` runs one of them): lesion Dice (whole tumour, and each region against the one binary
 label) and tumour volume outside the brain mask; and on the
 decubitus series, the whole tumour volume (there is none: target under 1 mL).
 """
@@ -76,8 +76,13 @@ def main() -> None:
     parser.add_argument("--predict", action="store_true", help="also segment with the default model (see above)")
     parser.add_argument("--model", default="default", help="the model --predict segments with (name or folder)")
     parser.add_argument("--only-predict", action="store_true", help="--predict without the brain mask comparison")
+    parser.add_argument("--predict-modes", default="auto,off", help="brain extraction settings --predict compares "
+                        "(comma-separated: auto, off)  [default: auto,off]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    modes = tuple(args.predict_modes.split(","))
+    if not modes or set(modes) - {"auto", "off"}:
+        parser.error(f"--predict-modes takes auto and/or off, got {args.predict_modes!r}")
     logging.basicConfig(level=logging.ERROR)
     import torch
 
@@ -88,7 +93,7 @@ def main() -> None:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
     result = {} if args.only_predict else compare_masks(args.shared, methods)
     if args.predict or args.only_predict:
-        result["model"], result["predict"] = args.model, predict_rows(args.shared, args.model)
+        result["model"], result["predict"] = args.model, predict_rows(args.shared, args.model, modes)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -176,7 +181,7 @@ def common_view_volumes(series: dict, masks: dict[str, np.ndarray]) -> dict:
             "common_view_ml": round(ml(view, affine), 1)}
 
 
-def predict_rows(shared: Path, model: str = "default") -> list[dict]:
+def predict_rows(shared: Path, model: str = "default", modes: tuple[str, ...] = ("auto", "off")) -> list[dict]:
     from tumorseg.config import load_pipeline
     from tumorseg.dicom.find import find_series
     from tumorseg.inputs import DicomInputs
@@ -186,7 +191,7 @@ def predict_rows(shared: Path, model: str = "default") -> list[dict]:
 
     rows = []
     masks: dict[str, np.ndarray] = {}  # the applied brain mask of each case (auto), to judge off against
-    for mode in ("auto", "off"):
+    for mode in modes:
         segmenter = Segmenter(model, load_pipeline("default").with_preprocess(brain_extraction=mode))
         for case in ("brain1", "brain2"):
             path = shared / "lesion-t1c" / f"{case}_image.nrrd"

@@ -149,3 +149,57 @@ def test_no_brain_found_is_refused_not_guessed(tmp_path, tiny_model):
     assert result.exit_code == 3, result.output  # an input error
     assert "found no brain" in result.output and "--brain-extraction off" in result.output
     assert not (out / "segmentation.nii.gz").exists() and not (out / "brain_mask.nii.gz").exists()
+
+
+class BoxExtractor:
+    """Stands in for HD-BET: a fixed box is the brain."""
+
+    name = "box (test)"
+
+    def __init__(self, box: tuple[slice, ...]) -> None:
+        self.box = box
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        mask = np.zeros(image.shape, bool)
+        mask[self.box] = True
+        return mask
+
+
+def test_an_extracted_brain_cut_by_the_field_of_view_is_mirrored_and_lands_on_the_input_voxels(
+        monkeypatch, tmp_path, tiny_model):
+    """A head whose field of view ends inside the brain (the mask reaches the lowest slice): the
+    network's grid goes on past the cut with the scan's mirror image (reported), and the label map
+    is on the input grid, a bright object touching the cut voxel for voxel (a pointwise network).
+    Skull-stripped input, and mirror_cuts_mm = 0, are not mirrored."""
+    from conftest import ThresholdNet
+    from tumorseg.config import PipelineConfig, PostprocessConfig
+    from tumorseg.model import LoadedModel, load_card
+    from tumorseg.sequences import StudyInputs
+
+    shape = (70, 72, 52)  # the box's other ends lie beyond geometry.CUT_REACH_MM of the faces
+    monkeypatch.setattr(hdbet, "available", lambda: True)
+    monkeypatch.setattr(hdbet, "load_extractor",
+                        lambda device="cpu": BoxExtractor((slice(22, 48), slice(22, 50), slice(0, 30))))
+    scan = head(shape, seed=5)
+    obj = np.zeros(shape, bool)
+    obj[30:42, 30:42, 0:6] = True  # above the 99.5th-percentile clip of normalisation
+    scan[obj] = 4000.0
+    stripped = brain_phantom(shape, seed=5)[:, :, 12:]  # skull-stripped, cut at k = 0 as well
+    stripped_obj = obj[:, :, :stripped.shape[2]] & (stripped > 0)
+    stripped[stripped_obj] = 4000.0
+    model = LoadedModel(card=load_card(tiny_model), directory=tiny_model, network=ThresholdNet())
+    config = PipelineConfig(postprocess=PostprocessConfig(tumour_min_component_ml=0.0))
+    for name, image, expected in (("head", scan, obj), ("stripped", stripped, stripped_obj)):
+        path = save_nifti(tmp_path / f"{name}_flair.nii.gz", image, AFFINE)
+        for mirror in (0.0, 12.0):
+            segmenter = Segmenter(model, config.with_preprocess(mirror_cuts_mm=mirror))
+            result = segmenter.segment_inputs(StudyInputs(files=(("flair", path),)))
+            assert result.labels.array.shape == shape[:2] + image.shape[2:]
+            np.testing.assert_array_equal(result.labels.array == 1, expected)
+            grid = result.report["model_grid"]
+            if name == "head" and mirror:
+                assert grid["mirrored_at_cuts"] == [[0, 0], [0, 0], [12, 0]]  # 12 mm below k = 0 (RAS)
+            else:
+                assert "mirrored_at_cuts" not in grid
+    with pytest.raises(ConfigError, match="mirror_cuts_mm"):
+        config.with_preprocess(mirror_cuts_mm=float("nan"))

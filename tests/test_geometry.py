@@ -210,3 +210,73 @@ def test_transform_round_trip_is_exact_without_resampling():
     model_idx = np.linalg.solve(on_grid.affine[:3, :3], world - on_grid.affine[:3, 3])
     np.testing.assert_allclose(on_grid.array[(0,) + tuple(np.round(model_idx).astype(int))], array[(0,) + tuple(idx)])
     assert array.sum() == scan.array.sum()  # input untouched
+
+
+@pytest.mark.parametrize("name", ["ras", "lps", "permuted", "anisotropic"])
+def test_a_cut_through_the_brain_is_mirrored_and_the_mirror_dropped_on_the_way_back(name):
+    """Where the field of view ends inside the brain, the model grid goes on with the scan's mirror
+    image (so the network sees tissue on both sides of the cut); the probabilities come back on
+    exactly the input's voxels, and the brain's own ends (far from the scan's faces) are not extended."""
+    from tumorseg.scan import Scan, SourceGeometry
+
+    affine = AFFINES[name]
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    gap = [int(np.ceil(geometry.CUT_REACH_MM / s)) + 2 for s in spacing]  # beyond the reach of a cut
+    inner = (24, 26, 22) if name != "anisotropic" else (24, 26, 8)
+    shape = tuple(n + 2 * g for n, g in zip(inner, gap))
+    rng = np.random.default_rng(1)
+    array = np.zeros((1,) + shape, np.float32)
+    brain_box = (slice(gap[0], -gap[0]), slice(gap[1], -gap[1]), slice(0, -gap[2]))  # cut at k = 0
+    array[(0,) + brain_box] = rng.uniform(1, 2, size=array[(0,) + brain_box].shape)
+    scan = Scan(array, affine, ("flair",), SourceGeometry(shape, affine))
+    brain = array[0] > 0
+    assert geometry.cut_faces(brain, spacing) == [(2, 0, 0)]
+
+    plain = geometry.plan_transform(scan, (1.0, 1.0, 1.0), brain)
+    mirrored = geometry.plan_transform(scan, (1.0, 1.0, 1.0), brain, mirror_cuts_mm=8.0)
+    assert plain.mirrored == ((0, 0), (0, 0), (0, 0)) and plain.model_shape == plain.resampled_shape
+    # Input axis 2 (k) lands on one model axis; k = 0 lies before or after on it, by the axis' flip.
+    model_axis, flip = mirrored.orientation[2]
+    expected = [[0, 0], [0, 0], [0, 0]]
+    expected[model_axis][0 if flip == 1 else 1] = 8
+    assert [list(p) for p in mirrored.mirrored] == expected
+    assert mirrored.model_shape[model_axis] == plain.model_shape[model_axis] + 8
+
+    on_grid = geometry.to_model_grid(scan, mirrored)
+    reference = geometry.to_model_grid(scan, plain)
+    inner = tuple(slice(a, a + n) for n, (a, _) in zip(mirrored.resampled_shape, mirrored.mirrored))
+    np.testing.assert_array_equal(on_grid.array[(slice(None),) + inner], reference.array)
+    # The added slices are the mirror image of those next to the cut: the face voxel repeated first.
+    edge = [slice(None)] * 4
+    edge[1 + model_axis] = slice(0, 16) if flip == 1 else slice(-16, None)
+    np.testing.assert_array_equal(on_grid.array[tuple(edge)], np.flip(on_grid.array[tuple(edge)], 1 + model_axis))
+    # The model affine still maps the scan's voxels to their own place.
+    world = reference.affine @ [3, 4, 5, 1]
+    np.testing.assert_allclose(np.linalg.solve(on_grid.affine, world)[:3] - np.array(
+        [a for a, _ in mirrored.mirrored]), [3, 4, 5], atol=1e-9)
+    # The brain mask travels the same way (normalisation and training labels see the same grid).
+    mask_on_grid = geometry.labels_to_model_grid(brain, mirrored)
+    assert mask_on_grid.shape == mirrored.model_shape
+    np.testing.assert_array_equal(mask_on_grid[inner], geometry.labels_to_model_grid(brain, plain))
+    # Back: the mirrored part is dropped, the rest lands where it came from.
+    back = geometry.probabilities_to_input_grid(on_grid.array, mirrored)
+    if not mirrored.resampled:
+        np.testing.assert_array_equal(back, geometry.probabilities_to_input_grid(reference.array, plain))
+        np.testing.assert_array_equal(back[0][brain], array[0][brain])
+    else:
+        np.testing.assert_allclose(back, geometry.probabilities_to_input_grid(reference.array, plain), atol=1e-6)
+
+
+def test_a_cut_is_a_wide_section_of_the_brain_near_a_face_of_the_scan():
+    brain = np.zeros((60, 60, 60), bool)
+    brain[20:40, 20:40, 1:40] = True
+    assert geometry.cut_faces(brain, np.ones(3)) == [(2, 0, 1)]  # 400 mm² one voxel from the face
+    brain[:, :, 1] = False
+    brain[29:32, 29:32, 1] = True  # 9 mm² of brainstem on the lowest section: no cut
+    assert geometry.cut_faces(brain, np.ones(3)) == []
+    brain[20:40, 20:40, 1] = True
+    assert geometry.cut_faces(brain, np.array([1.0, 1.0, 7.0])) == [(2, 0, 1)]  # 7 mm from the face
+    assert geometry.cut_faces(brain, np.array([1.0, 1.0, 16.0])) == []  # the brain's own end, 16 mm in
+    # Brain that ended a section short of the scan's edge (an extractor's mask) is cut there too.
+    brain[:, :, 1] = False
+    assert geometry.cut_faces(brain, np.array([1.0, 1.0, 6.5])) == [(2, 0, 2)]

@@ -116,8 +116,16 @@ class PreprocessConfig:
     #: auto: the network sees only the brain when the scan still has its skull (tumorseg/stages/brain.py:
     #: HD-BET, the ``brain`` extra), skull-stripped scans are left as they are; on: always; off: never.
     brain_extraction: str = "auto"
+    #: Where the brain the pipeline extracted is cut (the field of view ends inside it, or the
+    #: extractor's mask stops short of the scan's edge: stages/geometry.py ``cut_faces``), the
+    #: network's grid goes on by this many mm of the scan's mirror image, instead of zeros; 0: zeros.
+    #: Skull-stripped input is never mirrored (the models learned BraTS' own cuts with zeros beyond).
+    #: tumorseg's own models only; measured in docs/performance.md.
+    mirror_cuts_mm: float = 32.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.mirror_cuts_mm) and self.mirror_cuts_mm >= 0):
+            raise ValueError(f"mirror_cuts_mm must be a finite number >= 0, got {self.mirror_cuts_mm}")
         if self.brain_extraction not in BRAIN_EXTRACTION_MODES:
             raise ValueError(f"brain_extraction must be one of {', '.join(BRAIN_EXTRACTION_MODES)}, "
                              f"got {self.brain_extraction!r}")

@@ -151,7 +151,10 @@ class PipelineSpec:
         if ignored:
             log.info("the model prefers %s alone; ignoring %s (see its card)", ", ".join(used), ", ".join(ignored))
             scan = scan.with_channels(used)
-        image, transform = self.runner.prepare(scan, timings)
+        # Mirroring at cuts is for brains extracted here (docs/performance.md): skull-stripped input
+        # is prepared as the model's training scans were.
+        mirror = self.config.preprocess.mirror_cuts_mm if brain_mask is not None else 0.0
+        image, transform = self.runner.prepare(scan, timings, mirror)
         warnings = input_warnings(scan)
         if "skipped" in brain_report:
             warnings.append(brain_report.pop("skipped"))
@@ -237,7 +240,8 @@ class PipelineSpec:
                 "spacing_mm": [round(float(s), 4) for s in prepared.spacing],
                 "affine_ras": np.round(prepared.source.affine, 6).tolist(),
             },
-            "model_grid": {"shape": list(prepared.transform.model_shape), "resampled": prepared.transform.resampled},
+            "model_grid": {"shape": list(prepared.transform.model_shape), "resampled": prepared.transform.resampled,
+                           **_mirrored_report(prepared.transform)},
             "inputs": prepared.inputs,
             **({"registration": prepared.registration} if prepared.registration else {}),
             **({"brain": prepared.brain} if prepared.brain else {}),
@@ -364,6 +368,13 @@ def _files_report(scan: Scan) -> dict[str, dict]:
         seq: {"sha256": sha256_file(Path(p)), "format": _format_name(Path(p))}
         for seq, p in scan.meta.get("paths", {}).items()
     }
+
+
+def _mirrored_report(transform) -> dict[str, Any]:
+    """Where the network's grid went on past a cut through the brain, by mirroring (tumorseg's own
+    models; see geometry.cut_faces): voxels added before and after each model-grid axis (RAS)."""
+    mirrored = getattr(transform, "mirrored", None)
+    return {"mirrored_at_cuts": [list(m) for m in mirrored]} if mirrored and any(a or b for a, b in mirrored) else {}
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

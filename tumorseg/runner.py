@@ -22,9 +22,10 @@ from .timing import timed
 
 
 class ModelRunner(Protocol):
-    def prepare(self, scan: Scan, timings: dict[str, float]) -> tuple[np.ndarray, Any]:
+    def prepare(self, scan: Scan, timings: dict[str, float], mirror_cuts_mm: float = 0.0) -> tuple[np.ndarray, Any]:
         """The network input and what :meth:`to_labels` needs to go back (it has ``model_shape``
-        and ``resampled`` for the report)."""
+        and ``resampled`` for the report). ``mirror_cuts_mm``: see ``PreprocessConfig``; a runner
+        whose tool prepares scans its own way (imported models) does not mirror."""
 
     def predict(self, network, image: np.ndarray, config: InferenceConfig, device, progress: bool) -> np.ndarray:
         """The network's output on the model grid; ``network`` is an :class:`infer.PreparedNetwork`."""
@@ -47,8 +48,9 @@ class NativeRunner:
     def __init__(self, card: ModelCard) -> None:
         self.card = card
 
-    def prepare(self, scan: Scan, timings: dict[str, float]) -> tuple[np.ndarray, geometry.GridTransform]:
-        return model_input(scan, self.card, timings)
+    def prepare(self, scan: Scan, timings: dict[str, float],
+                mirror_cuts_mm: float = 0.0) -> tuple[np.ndarray, geometry.GridTransform]:
+        return model_input(scan, self.card, timings, mirror_cuts_mm)
 
     def predict(self, network, image: np.ndarray, config: InferenceConfig, device, progress: bool) -> np.ndarray:
         return infer.predict_probabilities(network, image, self.card.input.patch_size, config, device, progress)
@@ -61,16 +63,17 @@ class NativeRunner:
 
 
 def model_input(
-    scan: Scan, card: ModelCard, timings: dict[str, float] | None = None
+    scan: Scan, card: ModelCard, timings: dict[str, float] | None = None, mirror_cuts_mm: float = 0.0
 ) -> tuple[np.ndarray, geometry.GridTransform]:
     """The network's input for ``scan`` and the transform back: the model grid, normalised,
     channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
     use this, so training and inference prepare scans identically (``prepare`` may first leave
-    out sequences, following the card's ``preferred_sets``)."""
+    out sequences, following the card's ``preferred_sets``, and mirror the grid at cuts through a
+    brain it extracted: ``mirror_cuts_mm``)."""
     timings = {} if timings is None else timings
     with timed(timings, "geometry"):
         brain = normalize.brain_mask(scan.array)
-        transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+        transform = geometry.plan_transform(scan, card.input.spacing_mm, brain, mirror_cuts_mm)
         on_grid = geometry.to_model_grid(scan, transform)
         brain_on_grid = geometry.labels_to_model_grid(brain, transform)
     with timed(timings, "normalize"):

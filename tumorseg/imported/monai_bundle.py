@@ -374,7 +374,7 @@ class BundleRunner:
 
         return SlidingWindowInferer(**self.spec.inferer)
 
-    def prepare(self, scan, timings: dict[str, float]):
+    def prepare(self, scan, timings: dict[str, float], mirror_cuts_mm: float = 0.0):  # the bundle's own preparation: no mirroring
         import torch
         from monai.data import MetaTensor
 

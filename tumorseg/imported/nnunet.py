@@ -366,7 +366,8 @@ class NnunetRunner:
         kji = array.transpose(0, 3, 2, 1)
         return kji.transpose([0, *[a + 1 for a in self.settings.transpose_forward]])
 
-    def prepare(self, scan, timings: dict[str, float]) -> tuple[np.ndarray, NnunetTransform]:
+    def prepare(self, scan, timings: dict[str, float],
+                mirror_cuts_mm: float = 0.0) -> tuple[np.ndarray, NnunetTransform]:  # nnU-Net's own: no mirroring
         from ..timing import timed
         from . import nnunet_ops as ops
 

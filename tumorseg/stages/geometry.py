@@ -1,9 +1,11 @@
 """Geometry stage: from the input grid to the model's grid and back, exactly invertible.
 
 Forward, in order: crop to the bounding box of the brain region (plus a margin), reorder and flip
-axes to the closest RAS orientation (no interpolation), and resample to the model's spacing
-(trilinear, ``align_corners=False``). The inverse undoes each step on the class probabilities,
-so the label map is decided on the input's own voxels and lands on exactly its grid.
+axes to the closest RAS orientation (no interpolation), resample to the model's spacing
+(trilinear, ``align_corners=False``), and, where the model asks for it, extend the grid by mirroring
+it across each edge of the field of view that cuts through the brain (the network then sees tissue
+on both sides of the cut, not a wall of zeros). The inverse undoes each step on the class
+probabilities, so the label map is decided on the input's own voxels and lands on exactly its grid.
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ from ..scan import Scan, voxel_spacing
 SPACING_TOLERANCE = 0.05
 #: Voxels kept around the non-zero bounding box.
 CROP_MARGIN = 2
+#: The brain region is cut, not at its own end, toward a face of the scan where its outermost section
+#: holds at least ``CUT_MIN_AREA_MM2`` (a few voxels of brainstem are not a cut) and lies within
+#: ``CUT_REACH_MM`` of that face: the field of view ended inside the brain, or the brain mask stopped
+#: short of the scan's edge (HD-BET leaves the last two 6.5 mm slices of lesion-t1c brain1 out).
+CUT_MIN_AREA_MM2 = 100.0
+CUT_REACH_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -31,22 +39,38 @@ class GridTransform:
     #: ``orientation[i] = (output_axis, flip)`` for input axis i (nibabel's ornt, as ints).
     orientation: tuple[tuple[int, int], ...]
     oriented_shape: tuple[int, int, int]
-    model_shape: tuple[int, int, int]
+    #: The oriented box at the model's spacing, before mirroring.
+    resampled_shape: tuple[int, int, int]
+    #: Of the model grid (mirrored margins included).
     model_affine: np.ndarray
+    #: Model-grid voxels mirrored in (before, after) per model axis, at cuts through the brain.
+    mirrored: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0))
 
     @property
     def resampled(self) -> bool:
-        return self.oriented_shape != self.model_shape
+        return self.oriented_shape != self.resampled_shape
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The grid the network sees."""
+        return tuple(n + a + b for n, (a, b) in zip(self.resampled_shape, self.mirrored))  # type: ignore[return-value]
 
 
 def plan_transform(
-    scan: Scan, spacing_mm: tuple[float, float, float], brain: np.ndarray | None = None
+    scan: Scan, spacing_mm: tuple[float, float, float], brain: np.ndarray | None = None,
+    mirror_cuts_mm: float = 0.0,
 ) -> GridTransform:
     """Plan the forward transform for ``scan`` onto a grid of ``spacing_mm`` (RAS axes).
 
     ``brain`` (I, J, K) bool is the region to keep; None keeps the whole image.
+    ``mirror_cuts_mm``: how far to mirror the grid across each face of the scan that cuts through
+    ``brain`` (at most the box's own extent); 0 mirrors nothing.
     """
+    cuts = cut_faces(brain, voxel_spacing(scan.affine)) if brain is not None and mirror_cuts_mm > 0 else []
     crop = _bounding_box(brain) if brain is not None else tuple((0, n) for n in scan.spatial_shape)
+    for axis, side, index in cuts:  # mirrored across the brain's last section, not the margin beyond it
+        crop = tuple(((index, b) if side == 0 else (a, index + 1)) if n == axis else (a, b)
+                     for n, (a, b) in enumerate(crop))
     crop_affine = scan.affine.copy()
     crop_affine[:3, 3] = scan.affine[:3, :3] @ [c[0] for c in crop] + scan.affine[:3, 3]
     cropped_shape = tuple(stop - start for start, stop in crop)
@@ -55,23 +79,48 @@ def plan_transform(
     oriented_affine = crop_affine @ inv_ornt_aff(ornt, cropped_shape)
     spacing = voxel_spacing(oriented_affine)
     target = np.asarray(spacing_mm, dtype=np.float64)
-    model_shape = tuple(
+    resampled_shape = tuple(
         n if abs(s - t) <= SPACING_TOLERANCE * t else max(1, int(round(n * s / t)))
         for n, s, t in zip(oriented_shape, spacing, target)
     )
     # Voxel i' of the new grid sits at continuous index (i' + 0.5) * n / n' - 0.5 of the old one.
-    ratio = np.array(oriented_shape, dtype=np.float64) / np.array(model_shape, dtype=np.float64)
+    ratio = np.array(oriented_shape, dtype=np.float64) / np.array(resampled_shape, dtype=np.float64)
     scale = np.eye(4)
     scale[:3, :3] = np.diag(ratio)
     scale[:3, 3] = 0.5 * ratio - 0.5
+    mirrored = [[0, 0], [0, 0], [0, 0]]
+    for axis, side, _ in cuts:
+        model_axis, flip = int(ornt[axis, 0]), int(ornt[axis, 1])
+        width = int(round(mirror_cuts_mm / target[model_axis]))
+        mirrored[model_axis][side if flip == 1 else 1 - side] = min(width, resampled_shape[model_axis])
+    shift = np.eye(4)
+    shift[:3, 3] = [-before for before, _ in mirrored]
     return GridTransform(
         input_shape=scan.spatial_shape,
         crop=crop,
         orientation=tuple((int(a), int(f)) for a, f in ornt),
         oriented_shape=oriented_shape,  # type: ignore[arg-type]
-        model_shape=model_shape,  # type: ignore[arg-type]
-        model_affine=oriented_affine @ scale,
+        resampled_shape=resampled_shape,  # type: ignore[arg-type]
+        model_affine=oriented_affine @ scale @ shift,
+        mirrored=tuple((a, b) for a, b in mirrored),
     )
+
+
+def cut_faces(brain: np.ndarray, spacing: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(axis, side, index)`` for each face of the scan toward which ``brain`` is cut (see
+    ``CUT_REACH_MM``): side 0 is index 0's face, 1 the last index's; ``index`` is the brain's
+    outermost section toward it."""
+    faces = []
+    for axis in range(3):
+        hits = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hits.size == 0:
+            return []
+        area = float(np.prod([spacing[a] for a in range(3) if a != axis]))
+        for side, index, gap in ((0, hits[0], hits[0]), (1, hits[-1], brain.shape[axis] - 1 - hits[-1])):
+            if gap * spacing[axis] <= CUT_REACH_MM and \
+                    np.count_nonzero(np.take(brain, index, axis=axis)) * area >= CUT_MIN_AREA_MM2:
+                faces.append((axis, side, int(index)))
+    return faces
 
 
 def to_model_grid(scan: Scan, transform: GridTransform) -> Scan:
@@ -79,7 +128,8 @@ def to_model_grid(scan: Scan, transform: GridTransform) -> Scan:
     box = tuple(slice(a, b) for a, b in transform.crop)
     array = _orient(scan.array[(slice(None),) + box], transform.orientation)
     if transform.resampled:
-        array = _resize(array, transform.model_shape)
+        array = _resize(array, transform.resampled_shape)
+    array = _mirror(array, transform.mirrored)
     return scan.with_array(np.ascontiguousarray(array, dtype=np.float32), transform.model_affine)
 
 
@@ -90,6 +140,8 @@ def probabilities_to_input_grid(probs: np.ndarray, transform: GridTransform) -> 
     """
     if probs.shape[1:] != transform.model_shape:
         raise ValueError(f"probabilities of shape {probs.shape} for model grid {transform.model_shape}")
+    probs = probs[(slice(None),) + tuple(slice(a, a + n) for n, (a, _) in zip(transform.resampled_shape,
+                                                                           transform.mirrored))]
     if transform.resampled:
         probs = _resize(probs, transform.oriented_shape)
     probs = _unorient(probs, transform.orientation)
@@ -107,8 +159,15 @@ def labels_to_model_grid(labels: np.ndarray, transform: GridTransform) -> np.nda
     if transform.resampled:
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
         # nearest-exact samples voxel centres as trilinear with align_corners=False does.
-        array = F.interpolate(tensor, size=transform.model_shape, mode="nearest-exact")[0].numpy()
-    return np.ascontiguousarray(array[0]).astype(labels.dtype)
+        array = F.interpolate(tensor, size=transform.resampled_shape, mode="nearest-exact")[0].numpy()
+    return np.ascontiguousarray(_mirror(array, transform.mirrored)[0]).astype(labels.dtype)
+
+
+def _mirror(array: np.ndarray, mirrored: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``array`` (C, X, Y, Z) extended by its mirror image across each face (the face voxel repeated)."""
+    if not any(a or b for a, b in mirrored):
+        return array
+    return np.pad(array, ((0, 0),) + tuple(mirrored), mode="symmetric")
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
