@@ -217,6 +217,19 @@ def test_without_ray_the_option_says_what_to_install(tmp_path, batch_model, monk
     assert result.exit_code == 6 and "tumorseg[cluster]" in result.output
 
 
+def test_a_network_input_rebuilt_without_its_scan_starts_the_case_again():
+    """Ray rebuilds a network input lost with a node by preparing the case again; when an earlier
+    attempt already wrote the case's outputs, that returns no input beside the scan that survived.
+    The actor raises then, so the driver starts the case again (and reuses the outputs), instead of
+    failing a case that was done (seen once in test_a_node_killed_mid_batch_loses_no_case)."""
+    from tumorseg.batch.cases import BatchCase
+    from tumorseg.cluster import ray_batch
+
+    actor = object.__new__(ray_batch._Inference)  # no model: the check comes before the network
+    with pytest.raises(RuntimeError, match="rebuilt without"):
+        actor.infer(BatchCase("p3", None, "p3"), None, ("scan", 0.0, "fingerprint"))
+
+
 def test_a_lost_case_waits_and_avoids_the_actor_that_lost_it(monkeypatch):
     from tumorseg.cluster import ray_batch
 

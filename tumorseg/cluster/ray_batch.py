@@ -106,6 +106,11 @@ class _Inference:
     def infer(self, case: BatchCase, image, rest):
         if isinstance(rest, CaseOutcome):
             return rest
+        if image is None:
+            # Ray rebuilt the network input lost with a node by running the preparing task again,
+            # which found the case's outputs written by the first attempt: the pair no longer
+            # matches. Raised, not returned: the driver starts the case again, and it is reused.
+            raise RuntimeError(f"{case.case_id}: the network input was rebuilt without the case's scan")
         # A copy: Ray may run this again in this process with the same argument objects (when it
         # rebuilds an output lost with a node), and inferring empties the scan's image.
         scan = dataclasses.replace(rest[0], image=image)
