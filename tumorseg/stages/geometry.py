@@ -2,9 +2,9 @@
 
 Forward, in order: crop to the bounding box of the brain region (plus a margin), reorder and flip
 axes to the closest RAS orientation (no interpolation), resample to the model's spacing
-(trilinear, ``align_corners=False``), and, where the model asks for it, extend the grid by mirroring
-it across each edge of the field of view that cuts through the brain (the network then sees tissue
-on both sides of the cut, not a wall of zeros). The inverse undoes each step on the class
+(trilinear, ``align_corners=False``), and, where asked (``mirror_cuts_mm``: the pipeline asks for a
+brain it extracted), extend the grid by mirroring it across each cut through the brain by the field
+of view (the network then sees tissue on both sides of the cut, not a wall of zeros). The inverse undoes each step on the class
 probabilities, so the label map is decided on the input's own voxels and lands on exactly its grid.
 """
 from __future__ import annotations
