@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = tuple(args.predict_modes.split(","))
-    if not modes or set(modes) - {"auto", "off"}:
+    if set(modes) - {"auto", "off"}:  # "" splits into [""], refused here too
         parser.error(f"--predict-modes takes auto and/or off, got {args.predict_modes!r}")
     logging.basicConfig(level=logging.ERROR)
     import torch

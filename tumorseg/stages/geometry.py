@@ -4,8 +4,9 @@ Forward, in order: crop to the bounding box of the brain region (plus a margin),
 axes to the closest RAS orientation (no interpolation), resample to the model's spacing
 (trilinear, ``align_corners=False``), and, where asked (``mirror_cuts_mm``: the pipeline asks for a
 brain it extracted), extend the grid by mirroring it across each cut through the brain by the field
-of view (the network then sees tissue on both sides of the cut, not a wall of zeros). The inverse undoes each step on the class
-probabilities, so the label map is decided on the input's own voxels and lands on exactly its grid.
+of view (the network then sees tissue on both sides of the cut, not a wall of zeros). The inverse
+undoes each step on the class probabilities, so the label map is decided on the input's own voxels
+and lands on exactly its grid.
 """
 from __future__ import annotations
 
@@ -67,10 +68,10 @@ def plan_transform(
     ``brain`` (at most the box's own extent); 0 mirrors nothing.
     """
     cuts = cut_faces(brain, voxel_spacing(scan.affine)) if brain is not None and mirror_cuts_mm > 0 else []
-    crop = _bounding_box(brain) if brain is not None else tuple((0, n) for n in scan.spatial_shape)
+    box = [list(c) for c in (_bounding_box(brain) if brain is not None else ((0, n) for n in scan.spatial_shape))]
     for axis, side, index in cuts:  # mirrored across the brain's last section, not the margin beyond it
-        crop = tuple(((index, b) if side == 0 else (a, index + 1)) if n == axis else (a, b)
-                     for n, (a, b) in enumerate(crop))
+        box[axis][side] = index + side  # start at it, or stop just after it
+    crop = tuple((a, b) for a, b in box)
     crop_affine = scan.affine.copy()
     crop_affine[:3, 3] = scan.affine[:3, :3] @ [c[0] for c in crop] + scan.affine[:3, 3]
     cropped_shape = tuple(stop - start for start, stop in crop)
