@@ -43,18 +43,46 @@ def ml(mask: np.ndarray, affine: np.ndarray) -> float:
     return float(mask.sum()) * voxel_volume_ml(affine)
 
 
-def candidates() -> dict:
+def candidates(mirrored_rerun: bool = False) -> dict:
     from tumorseg import hdbet
 
     found = {}
     if hdbet.available():
         extractor = hdbet.load_extractor("cpu")
         found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
+        if mirrored_rerun:
+            found["HD-BET again, mirrored at cuts"] = lambda image, affine: _mirrored_rerun(extractor, image, affine)
     import importlib.util
 
     if importlib.util.find_spec("deepbet") is not None:
         found["deepbet"] = _deepbet
     return found
+
+
+def _mirrored_rerun(extractor, image: np.ndarray, affine: np.ndarray, mirror_mm: float = 32.0) -> np.ndarray:
+    """HD-BET, then again on the image cut at its first mask's cuts (``geometry.cut_faces``) and
+    mirrored there by ``mirror_mm``, as the segmentation network's grid is: measured, not adopted."""
+    from tumorseg.scan import voxel_spacing
+    from tumorseg.stages.geometry import cut_faces
+
+    first = extractor(image, affine)
+    spacing = voxel_spacing(affine)
+    faces = cut_faces(first, spacing)
+    if not faces:
+        return first
+    box = [[0, n] for n in image.shape]
+    pad = [[0, 0], [0, 0], [0, 0]]
+    for axis, side, index in faces:
+        box[axis][side] = index + side
+        pad[axis][side] = int(round(mirror_mm / spacing[axis]))
+    cropped = image[tuple(slice(a, b) for a, b in box)]
+    origin = np.array([a for a, _ in box]) - np.array([a for a, _ in pad])
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ origin + affine[:3, 3]
+    mask = extractor(np.pad(cropped, pad, mode="symmetric"), shifted)
+    result = np.zeros_like(first)
+    result[tuple(slice(a, b) for a, b in box)] = mask[tuple(slice(a, a + n) for (a, _), n in zip(pad, cropped.shape))]
+    return result
 
 
 def _deepbet(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -78,6 +106,8 @@ def main() -> None:
     parser.add_argument("--only-predict", action="store_true", help="--predict without the brain mask comparison")
     parser.add_argument("--predict-modes", default="auto,off", help="brain extraction settings --predict compares "
                         "(comma-separated: auto, off)  [default: auto,off]")
+    parser.add_argument("--mirrored-rerun", action="store_true", help="also HD-BET run again on the image mirrored "
+                        "at the cuts of its first mask (measured against the stage's single pass; not adopted)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = tuple(args.predict_modes.split(","))
@@ -88,7 +118,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
 
-    methods = candidates()
+    methods = candidates(args.mirrored_rerun)
     if not methods:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
     result = {} if args.only_predict else compare_masks(args.shared, methods)
@@ -143,42 +173,51 @@ def compare_masks(shared: Path, methods: dict) -> dict:
             volumes[m].append(row[m]["brain_ml"])
     spread = {m: round(100.0 * (max(v) - min(v)) / float(np.mean(v)), 2) for m, v in volumes.items()}
     print("decubitus brain volume spread (max - min) / mean, %: " + ", ".join(f"{m} {s}" for m, s in spread.items()))
-    common = {m: common_view_volumes(series, kept[m]) for m in methods}
-    for m, entry in common.items():
-        print(f"decubitus, inside the field of view all four share (registered onto HFS), {m}: "
-              + ", ".join(f"{p} {v} mL" for p, v in entry["brain_ml"].items()) + f"; spread {entry['spread_pct']} %")
+    common = {m: [common_view_volumes(series, kept[m], inset) for inset in (0.0, 10.0, 20.0)] for m in methods}
+    for m, entries in common.items():
+        for entry in entries:
+            print(f"decubitus, inside the field of view all four share (registered onto HFS), each slab shrunk by "
+                  f"{entry['inset_mm']:g} mm, {m}: " + ", ".join(f"{p} {v} mL" for p, v in entry["brain_ml"].items())
+                  + f"; spread {entry['spread_pct']} %, largest from the mean {entry['largest_from_mean_pct']} %")
     return {"masks": rows, "decubitus_spread_pct": spread, "decubitus_common_view": common}
 
 
 POSITIONS = ("HFS", "HFP", "HFDL", "HFDR")
 
 
-def common_view_volumes(series: dict, masks: dict[str, np.ndarray]) -> dict:
+def common_view_volumes(series: dict, masks: dict[str, np.ndarray], inset_mm: float = 0.0) -> dict:
     """Brain volume per position inside the part of the head that every position's slab holds.
 
     The four sagittal slabs are 168 mm wide and the head lies off-centre in some, so a slab can end
     inside the brain: whole-mask volumes then differ for want of field of view, not of extraction.
-    Each position is registered rigidly onto HFS (the pipeline's registration), its mask and its
-    field of view resampled there; the volumes are counted where all four fields of view overlap."""
-    from tumorseg.itk import resample_to_grid
+    Each position is registered rigidly onto HFS (the pipeline's registration); each mask is counted
+    on its own voxels (no mask is resampled), those whose centre lies inside every slab, each slab
+    shrunk by ``inset_mm`` (to see how much of the disagreement lies near the slabs' edges)."""
     from tumorseg.stages.register import rigid_transform
 
     fixed = series["HFS"]
-    shape, affine = fixed.array.shape, fixed.affine
-    on_fixed: dict[str, np.ndarray] = {}
-    view = np.ones(shape, dtype=bool)
+    to_moving = {p: np.eye(4) if p == "HFS" else rigid_transform(fixed, series[p], p)[0] for p in POSITIONS}
+
+    def in_every_slab(world_hfs: np.ndarray) -> np.ndarray:
+        inside = np.ones(world_hfs.shape[1], dtype=bool)
+        for position in POSITIONS:
+            grid = series[position]
+            index = np.linalg.inv(grid.affine) @ (to_moving[position] @ world_hfs)
+            inset = inset_mm / np.linalg.norm(grid.affine[:3, :3], axis=0)[:, None]
+            size = np.array(grid.array.shape[:3])[:, None]
+            inside &= np.all((index[:3] >= -0.5 + inset) & (index[:3] <= size - 0.5 - inset), axis=0)
+        return inside
+
+    volumes = {}
     for position in POSITIONS:
-        moving = series[position]
-        matrix = None if position == "HFS" else rigid_transform(fixed, moving, position)[0]
-        mask, _ = resample_to_grid(masks[position].astype(np.float32), moving.affine, shape, affine, matrix_ras=matrix)
-        inside, _ = resample_to_grid(np.ones(moving.array.shape, np.float32), moving.affine, shape, affine,
-                                     order=0, matrix_ras=matrix)
-        on_fixed[position] = mask >= 0.5
-        view &= inside > 0
-    volumes = {p: round(ml(m & view, affine), 1) for p, m in on_fixed.items()}
+        affine = series[position].affine
+        voxels = np.argwhere(masks[position]).T
+        world_hfs = np.linalg.inv(to_moving[position]) @ affine @ np.vstack([voxels, np.ones(voxels.shape[1])])
+        volumes[position] = round(float(in_every_slab(world_hfs).sum()) * abs(np.linalg.det(affine[:3, :3])) / 1000, 1)
     values = list(volumes.values())
-    return {"brain_ml": volumes, "spread_pct": round(100.0 * (max(values) - min(values)) / float(np.mean(values)), 2),
-            "common_view_ml": round(ml(view, affine), 1)}
+    return {"inset_mm": inset_mm, "brain_ml": volumes,
+            "spread_pct": round(100.0 * (max(values) - min(values)) / float(np.mean(values)), 2),
+            "largest_from_mean_pct": round(100.0 * max(abs(v - np.mean(values)) for v in values) / float(np.mean(values)), 2)}
 
 
 def predict_rows(shared: Path, model: str = "default", modes: tuple[str, ...] = ("auto", "off")) -> list[dict]:
