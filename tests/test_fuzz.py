@@ -6,8 +6,8 @@ label map (or RTSTRUCT) on the input's grid, or exit 2-8 with one line; never 1,
 hang, no output after a failure, no planted name in the log. Failures are collected and reported
 together with the seed that rebuilds the mutant.
 
-    pytest tests/test_fuzz.py -s                          # the CI size: ~330 mutants
-    TUMORSEG_FUZZ_SCALE=10 TUMORSEG_FUZZ_REPORT=fuzz.json pytest tests/test_fuzz.py -s
+    pytest tests/test_fuzz.py -s -n 0                     # the CI size: ~330 mutants
+    TUMORSEG_FUZZ_SCALE=10 TUMORSEG_FUZZ_REPORT=fuzz.json pytest tests/test_fuzz.py -s -n 0
 
 ``TUMORSEG_FUZZ_SCALE`` multiplies the number of mutants; ``TUMORSEG_FUZZ_REPORT`` writes the counts
 (per category and operator: success, refusals by exit code, the longest run) as JSON.
