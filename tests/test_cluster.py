@@ -77,11 +77,12 @@ def _stop_cluster(temp: str) -> None:
     ours = {pid for pid, _, args in rows if f"{temp}/" in args or f"={temp} " in f"{args} "}
     while more := {pid for pid, parent, _ in rows if parent in ours} - ours:
         ours |= more
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # Ray's gcs_server and autoscaler monitor outlive SIGTERM by more than 15 s: 5 s, then SIGKILL.
+    for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
         for pid in ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(_running(pid) for pid in ours):
             time.sleep(0.2)
 
