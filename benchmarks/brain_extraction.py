@@ -11,7 +11,11 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 - the two real skull-on T1gd heads of ``lesion-t1c``: brain volume, seconds, and the share of the
   expert lesion label inside the mask (must be 100 %);
 - the four-position decubitus DICOM series (one healthy volunteer): brain volume per position and
-  their spread (target within 2 %).
+  their spread (target within 2 %), whole and inside the view all four slabs share (also 10 and
+  20 mm inside every slab's edges).
+
+``--mirrored-rerun`` adds a candidate: HD-BET run again on the image mirrored at its first mask's
+cuts (measured, not adopted: docs/performance.md).
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
