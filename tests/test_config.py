@@ -119,6 +119,7 @@ def test_wrong_types_name_the_key(tmp_path, text, key, expected):
         ("[inference]\noverlap = nan\n", "overlap"),
         ("[inference]\nwindows_per_batch = 0\n", "windows_per_batch"),
         ("[inference]\ndevice = 'tpu'\n", "tpu"),
+        ("[inference]\nprecision = 'fp8'\n", "fp8"),
         ("[postprocess]\ntumour_min_component_ml = -1\n", "tumour_min_component_ml"),
         ("[postprocess.labels.edema]\nsmoothing_radius_mm = -1\n", "smoothing_radius_mm"),
     ],

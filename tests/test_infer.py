@@ -149,3 +149,43 @@ def test_mirroring_undoes_each_flip_on_its_own_axes():
                                              InferenceConfig(tta=tta, device="cpu"), CPU) for tta in (False, True))
     assert (plain.argmax(0) == 1).sum() == (image[0] > 2.5).sum()
     np.testing.assert_allclose(mirrored, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, native):
+    from tumorseg.errors import ConfigError
+    from tumorseg.stages import infer
+
+    monkeypatch.setattr(infer, "native_bf16_cpu", lambda: native)
+    assert infer.autocast_dtype("auto", CPU) == (torch.bfloat16 if native else None)
+    assert infer.autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    assert infer.autocast_dtype("fp32", CPU) is None and infer.autocast_dtype("fp32", torch.device("cuda")) is None
+    assert infer.autocast_dtype("bf16", CPU) == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 is for CUDA GPUs"):
+        infer.autocast_dtype("fp16", CPU)
+
+
+@pytest.mark.parametrize("precision, conv_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_window_loop_runs_the_network_in_its_precision(network, precision, conv_dtype):
+    """bf16: the convolutions compute in bf16 (oneDNN), the blended logits come back in fp32 and
+    give the fp32 labels on all but a few voxels."""
+    from tumorseg.stages.infer import PreparedNetwork
+
+    seen = []
+    hook = network.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    torch.manual_seed(2)
+    image = torch.randn((1, 2, 37, 41, 29))
+    try:
+        with torch.inference_mode():
+            prepared = PreparedNetwork(network, CPU, precision=precision)
+            result = sliding_window(prepared, image, (16, 16, 16), 0.5, 4, CPU)
+            ran_in = set(seen)
+            reference = sliding_window(network, image, (16, 16, 16), 0.5, 4, CPU)  # a bare module: fp32
+    finally:
+        hook.remove()
+    assert prepared.precision == precision and ran_in == {conv_dtype}
+    assert result.dtype == torch.float32
+    agreement = float((result.argmax(1) == reference.argmax(1)).float().mean())
+    assert agreement == 1.0 if precision == "fp32" else agreement > 0.99
+    if precision == "bf16":
+        assert not torch.equal(result, reference)  # it did run in bf16

@@ -130,6 +130,24 @@ def test_tta_is_accepted_and_deterministic(tmp_path, tiny_model):
     assert report["configuration"]["inference"]["overlap"] == 0.25
 
 
+def test_the_precision_suits_the_cpu_is_reported_and_fp32_can_be_asked_for(tmp_path, tiny_model):
+    """auto: bf16 on a CPU with bf16 instructions, fp32 on others; fp16 is refused on the CPU."""
+    from tumorseg.stages.infer import native_bf16_cpu
+
+    path = save_nifti(tmp_path / "x-t1c.nii.gz", brain_phantom((36, 40, 32), seed=5), np.eye(4))
+    for asked, expected in (("auto", "bf16" if native_bf16_cpu() else "fp32"), ("fp32", "fp32")):
+        out = tmp_path / asked
+        result = run_cli("predict", str(path), "--precision", asked, "--device", "cpu", "--model", str(tiny_model),
+                         "-o", str(out), "-q")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "report.json").read_text())["precision"] == expected
+        assert tomllib.loads((out / "pipeline.resolved.toml").read_text())["inference"]["precision"] == asked
+    refused = CliRunner().invoke(main, ["predict", str(path), "--precision", "fp16", "--device", "cpu", "--model",
+                                        str(tiny_model), "-o", str(tmp_path / "fp16"), "-q"])
+    assert refused.exit_code == 6 and "fp16 is for CUDA GPUs" in refused.output
+    assert not (tmp_path / "fp16" / "segmentation.nii.gz").exists()
+
+
 def test_report_warns_when_the_scan_is_not_skull_stripped(tmp_path, tiny_model):
     stripped = brain_phantom((40, 44, 36), seed=4)
     with_head = stripped + np.random.default_rng(4).normal(20, 5, stripped.shape).astype(np.float32)  # no constant background

@@ -13,7 +13,7 @@ import click
 
 from . import __version__, logredact
 from .atomic import check_output_folder
-from .config import BRAIN_EXTRACTION_MODES, REGISTRATION_MODES
+from .config import BRAIN_EXTRACTION_MODES, PRECISIONS, REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, ConfigError, TumorsegError
 from .sequences import SEQUENCES
 
@@ -71,6 +71,7 @@ def _pipeline_options(command):
         click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]"),
         click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]"),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="The network's arithmetic: auto is fp16 on a GPU, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX), else fp32; fp32 everywhere for full precision  [default: from the pipeline, auto]"),
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
         click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, on]"),
         click.option("--overlap", type=float, default=None, help="Sliding-window overlap, 0 <= overlap < 1  [default: from the pipeline, 0.5]"),
@@ -85,13 +86,13 @@ def _pipeline_options(command):
 
 
 def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences=None, registration=None,
-                     reference=None, brain_extraction=None):
+                     reference=None, brain_extraction=None, precision=None):
     from dataclasses import replace
 
     from .config import load_pipeline
 
     config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap,
-                                                         all_sequences=all_sequences)
+                                                         all_sequences=all_sequences, precision=precision)
     config = config.with_preprocess(registration=registration, reference=reference,
                                     brain_extraction=brain_extraction)
     if model is not None:
@@ -112,7 +113,7 @@ def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequen
 @click.option("--save-registered", is_flag=True, help="Also write each sequence on the reference grid as the network's input was made from it (registered/<sequence>.nii.gz), to check the registration in a viewer.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks for internal errors.")
-def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction,
+def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, precision, seg, tta, overlap, registration, reference, brain_extraction,
             all_sequences, save_registered, quiet, verbose):
     """Segment one study and write segmentation.nii.gz, report.json and the resolved configuration.
 
@@ -141,7 +142,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, s
     if not inputs and not explicit:
         raise click.UsageError("give at least one input scan (a file, a folder, or --flair/--t1/--t1gd/--t2)")
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
-                              brain_extraction)
+                              brain_extraction, precision)
     if save_registered:
         from dataclasses import replace
 
@@ -264,7 +265,7 @@ def rtstruct(mask, series_folder, output, label_scheme, series_uid, algorithm, s
 @click.option("--hashed-ids", is_flag=True, help="Name cases case-<keyed hash of their id> instead of after their folders (for folders named by patient); the key is OUTPUT/case-id.key (keep it private), the manifest's source column keeps the mapping.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bar).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, ray_address, force,
+def batch(input_root, output, model, pipeline_file, device, precision, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, ray_address, force,
           hashed_ids, quiet, verbose):
     """Segment every case under INPUT_ROOT; one bad case never stops the batch.
 
@@ -291,7 +292,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
 
         require_ray()  # before reading anything
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
-                              brain_extraction)
+                              brain_extraction, precision)
     cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)
     segmenter = Segmenter(config.model, config)
     if ray_address:
@@ -323,7 +324,7 @@ def batch(input_root, output, model, pipeline_file, device, seg, tta, overlap, r
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_tolerance, model, pipeline_file, device,
-             seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, force, no_html, quiet, verbose):
+             precision, seg, tta, overlap, registration, reference, brain_extraction, all_sequences, workers, force, no_html, quiet, verbose):
     """Score predictions against ground truth: Dice, HD95, NSD and volume difference per case,
     label and region (WT, TC, ET), aggregated, in report.html, metrics.json and CSV.
 
@@ -347,7 +348,7 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
         from .pipeline import Segmenter
 
         config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
-                              brain_extraction)
+                              brain_extraction, precision)
         segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
         document = run_validation(dataset, output, truth_scheme, predictions, get_scheme(prediction_scheme),

