@@ -188,11 +188,15 @@ def train_command(datasets: list[tuple[Path, str]], synth: Path | None, output: 
     return command + recipe + ["--epochs", str(length[0]), "--iterations", str(length[1])]
 
 
-def adapt_recipe(recipe: list[str], init: str, synth_share: float | None, real_datasets: int) -> list[str]:
-    """``recipe`` starting from ``init`` where it fine-tunes, and with ``--dataset-weights`` giving
-    the synthetic set (last, see ``train_command``) ``synth_share`` of the patches and the real
-    data sets equal shares of the rest."""
+def adapt_recipe(recipe: list[str], init: str, synth_share: float | None, real_datasets: int,
+                 precision: str | None = None) -> list[str]:
+    """``recipe`` starting from ``init`` where it fine-tunes, trained in ``precision`` where given
+    (``tumorseg train --precision``), and with ``--dataset-weights`` giving the synthetic set (last,
+    see ``train_command``) ``synth_share`` of the patches and the real data sets equal shares of the
+    rest."""
     out = [init if i and recipe[i - 1] == "--init" else v for i, v in enumerate(recipe)]
+    if precision is not None:
+        out += ["--precision", precision]
     if synth_share is not None:
         shares = [(1 - synth_share) / real_datasets] * real_datasets + [synth_share]
         out += ["--dataset-weights", ",".join(f"{w:.4g}" for w in shares)]
@@ -490,6 +494,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="to shrink the recipe for a quick check  [default: the recipe's]")
     parser.add_argument("--iterations", type=int, help="per epoch, to shrink the recipe  [default: the recipe's]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training")
+    parser.add_argument("--train-precision", choices=("fp32", "bf16", "fp16"), help="tumorseg train --precision, part "
+                        "of the recipe (recorded in each fold's command)  [default: train's, fp32 on the CPU]")
     parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
     parser.add_argument("--json", type=Path, help="write the folds, per-case scores and the table here")
     parser.add_argument("--record-in", type=Path, metavar="MODEL_DIR",
@@ -509,7 +515,7 @@ def main() -> None:
         parser.error("--init is for --recipe cpu (the GPU recipe trains from random weights)")
     if args.synth_share is not None and (not args.synth or not 0 < args.synth_share < 1):
         parser.error("--synth-share needs --synth and a share between 0 and 1")
-    recipe = adapt_recipe(recipe, args.init, args.synth_share, len(args.dataset))
+    recipe = adapt_recipe(recipe, args.init, args.synth_share, len(args.dataset), args.train_precision)
     length = (args.epochs or epochs, args.iterations or iterations)
     runs_on = ("--device", args.device, "--workers", str(args.workers), "-q")
     chosen = args.fold or [str(k) for k in range(args.folds)]

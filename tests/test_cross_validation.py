@@ -169,6 +169,7 @@ def test_recipe_takes_the_starting_model_and_the_synthetic_share():
     assert cv.adapt_recipe(recipe, "/m/v22", 0.25, 2) == ["--init", "/m/v22", "--lr", "5e-4",
                                                           "--dataset-weights", "0.375,0.375,0.25"]
     assert cv.adapt_recipe(["--lr", "1e-3"], "default", 0.5, 1) == ["--lr", "1e-3", "--dataset-weights", "0.5,0.5"]
+    assert cv.adapt_recipe(recipe, "default", None, 2, "bf16") == recipe + ["--precision", "bf16"]
 
 
 @pytest.mark.slow

@@ -236,6 +236,45 @@ def _state(model_dir: Path) -> dict:
     return {k: v.clone() for k, v in load_model(str(model_dir)).network.state_dict().items()}
 
 
+def test_bf16_training_computes_in_bf16_is_recorded_and_resumes_only_in_bf16(tmp_path, monkeypatch):
+    """--precision bf16: the network computes in bf16 (the loss in fp32), the card records it, a
+    resume in another precision is refused, and fp16 is refused on the CPU before any work."""
+    import torch
+    from click.testing import CliRunner
+
+    from tumorseg import train as train_module
+    from tumorseg.cli import main
+
+    seen: set = set()
+    build = train_module.build_network
+
+    def recording(card):
+        network = build(card)
+        network.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype) if module.training else None)
+        return network
+
+    monkeypatch.setattr(train_module, "build_network", recording)
+    cmd = _train_cmd(make_folder_dataset(tmp_path / "ds", cases=2), tmp_path / "m", "--precision", "bf16",
+                     "--device", "cpu")
+    cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--iterations") + 1] = "2"
+    args = cmd[cmd.index("train"):]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert seen == {torch.bfloat16}
+    model = load_model(str(tmp_path / "m"))
+    assert model.card.training["config"]["precision"] == "bf16"
+    other = [*args, "--resume"]
+    other[other.index("--precision") + 1] = "fp32"
+    (tmp_path / "m" / "model.toml").unlink()  # a killed run: only its checkpoint is left
+    result = CliRunner().invoke(main, other)
+    assert result.exit_code == ConfigError.exit_code and "(precision differ" in result.output
+    fp16 = [a if a != "bf16" else "fp16" for a in _with_output(args, tmp_path / "m", tmp_path / "h")]
+    result = CliRunner().invoke(main, fp16)
+    assert result.exit_code == ConfigError.exit_code and "fp16 is for CUDA GPUs" in result.output
+    assert not (tmp_path / "h").exists()
+
+
 def test_init_fine_tunes_from_a_model_and_records_it(tmp_path):
     import torch
 
@@ -310,7 +349,7 @@ def test_settings_without_the_new_options_match_earlier_checkpoints():
     saved = to_dict(TrainConfig())
     assert "preferred_sets" not in saved and "dataset_weights" not in saved
     assert "preferred_set" not in saved["augment"] and "bias_field" not in saved["augment"]
-    assert "motion" not in saved["augment"]
+    assert "motion" not in saved["augment"] and "precision" not in saved
 
 
 def test_preferred_set_trained_is_the_one_predict_would_choose():

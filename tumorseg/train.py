@@ -7,6 +7,7 @@ epoch from it and so repeats exactly what an uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -72,6 +73,10 @@ class TrainConfig:
     #: sha256 of the weights training starts from (``--init``); None for random initialisation
     #: (left out of the saved settings then, so checkpoints of earlier versions still resume).
     init_weights_sha256: str | None = None
+    #: The network's arithmetic: fp32, bf16 (autocast; fast on a CPU with AVX512-BF16 or AMX) or
+    #: fp16 (autocast with loss scaling; GPUs only). None: the device's, fp16 on a GPU and fp32 on
+    #: the CPU (left out of the saved settings then, so checkpoints of earlier versions still resume).
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.spacing_mm) != 3 or len(self.patch_size) != 3:
@@ -86,6 +91,8 @@ class TrainConfig:
         for s in self.sequences:
             if s not in SEQUENCES:
                 raise ValueError(f"unknown sequence {s!r}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.dataset_weights is not None and not all(math.isfinite(w) and w > 0 for w in self.dataset_weights):
             raise ValueError(f"dataset weights must be positive numbers (leave a data set out instead of "
                              f"weighting it 0), got {self.dataset_weights}")
@@ -376,6 +383,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     keep_freed_heap_memory()
     output = Path(output)
     device = infer.select_device(device_name)
+    # None: fp16 on a GPU, fp32 on the CPU; a recipe's command then trains alike on any CPU.
+    autocast = infer.autocast_dtype(cfg.precision or ("fp16" if device.type == "cuda" else "fp32"), device)
     card = cfg.card()
     if (init.sha256 if init else None) != cfg.init_weights_sha256:
         raise ValueError("cfg.init_weights_sha256 must be the sha256 of the init model's weights")
@@ -427,7 +436,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if saved_state is not None:
@@ -445,8 +454,9 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
                 images, labels = next(batches)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                    loss = loss_fn(network(images), labels)
+                with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                    logits = network(images)
+                loss = loss_fn(logits.float(), labels)  # softmax, Dice and cross-entropy in fp32
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
