@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.atomic import write_bytes_atomic
-from tumorseg.config import PRECISIONS, load_pipeline
+from tumorseg.config import FIXED_PRECISIONS, PRECISIONS, load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
 from tumorseg.labels import SCHEMES
 from tumorseg.metrics import score_masks
@@ -494,7 +494,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="to shrink the recipe for a quick check  [default: the recipe's]")
     parser.add_argument("--iterations", type=int, help="per epoch, to shrink the recipe  [default: the recipe's]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for training")
-    parser.add_argument("--train-precision", choices=("fp32", "bf16", "fp16"), help="tumorseg train --precision, part "
+    parser.add_argument("--train-precision", choices=FIXED_PRECISIONS, help="tumorseg train --precision, part "
                         "of the recipe (recorded in each fold's command)  [default: train's, fp32 on the CPU]")
     parser.add_argument("--workers", type=int, default=0, help="tumorseg train --workers (the same batches)")
     parser.add_argument("--json", type=Path, help="write the folds, per-case scores and the table here")

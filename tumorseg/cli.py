@@ -13,7 +13,7 @@ import click
 
 from . import __version__, logredact
 from .atomic import check_output_folder
-from .config import BRAIN_EXTRACTION_MODES, PRECISIONS, REGISTRATION_MODES
+from .config import BRAIN_EXTRACTION_MODES, FIXED_PRECISIONS, PRECISIONS, REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, ConfigError, TumorsegError
 from .sequences import SEQUENCES
 
@@ -392,7 +392,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--motion", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a patient who moved during the scan (k-space lines after a random moment shifted by up to 4 voxels: ghosts and blur).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="The network's arithmetic in training: bf16 about halves the time on a CPU with bf16 instructions (AVX512-BF16 or AMX); fp16 is for GPUs; recorded in the card  [default: fp16 on a GPU, fp32 on the CPU]")
+@click.option("--precision", type=click.Choice(FIXED_PRECISIONS), default=None, help="The network's arithmetic in training: bf16 about halves the time on a CPU with bf16 instructions (AVX512-BF16 or AMX); fp16 is for GPUs; recorded in the card  [default: fp16 on a GPU, fp32 on the CPU]")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that prepare the cases and draw augmented batches ahead of the network (on a GPU the CPU work is the bottleneck); the batches are the same with any number.")
 @click.option("--init", "init_model", default=None, help="Fine-tune this model (name or folder; checksum verified) instead of starting from random weights; its spacing, filters, sequences and labels must match these options.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --output (same options).")

@@ -12,8 +12,9 @@ from .errors import ConfigError
 from .sequences import SEQUENCES
 
 DEVICES = ("auto", "cpu", "cuda")
-#: The network's arithmetic (``[inference] precision``); ``auto`` is resolved in ``stages/infer.py``.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: The network's arithmetic; ``auto`` (``[inference] precision`` only) is resolved in ``stages/infer.py``.
+FIXED_PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto",) + FIXED_PRECISIONS
 
 
 @dataclass(frozen=True)

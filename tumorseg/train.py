@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .atomic import atomic_path, write_bytes_atomic
 from .augment import AugmentConfig, augment
-from .config import InferenceConfig
+from .config import FIXED_PRECISIONS, InferenceConfig
 from .configio import to_dict
 from .errors import ConfigError, InputError, SequenceError, TumorsegError
 from .evaluate import check_same_grid, read_truth, region_scores
@@ -91,8 +91,8 @@ class TrainConfig:
         for s in self.sequences:
             if s not in SEQUENCES:
                 raise ValueError(f"unknown sequence {s!r}")
-        if self.precision not in (None, "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in (None, *FIXED_PRECISIONS):
+            raise ValueError(f"precision must be one of {', '.join(FIXED_PRECISIONS)}, got {self.precision!r}")
         if self.dataset_weights is not None and not all(math.isfinite(w) and w > 0 for w in self.dataset_weights):
             raise ValueError(f"dataset weights must be positive numbers (leave a data set out instead of "
                              f"weighting it 0), got {self.dataset_weights}")

@@ -57,6 +57,11 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+#: Each of ``config.FIXED_PRECISIONS`` as an autocast type (None: no autocast), and back.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast type of ``precision`` (``InferenceConfig.precision``) on ``device``; None: fp32."""
     if precision == "auto":
@@ -66,10 +71,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 is for CUDA GPUs; on the CPU use bf16 (fast where the CPU has "
                           "AVX512-BF16 or AMX) or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return AUTOCAST_DTYPES[precision]
 
 
 class PreparedNetwork:
