@@ -7,7 +7,6 @@ epoch from it and so repeats exactly what an uninterrupted run would have done.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -384,7 +383,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     output = Path(output)
     device = infer.select_device(device_name)
     # None: fp16 on a GPU, fp32 on the CPU; a recipe's command then trains alike on any CPU.
-    autocast = infer.autocast_dtype(cfg.precision or ("fp16" if device.type == "cuda" else "fp32"), device)
+    dtype = infer.autocast_dtype(cfg.precision or ("fp16" if device.type == "cuda" else "fp32"), device)
     card = cfg.card()
     if (init.sha256 if init else None) != cfg.init_weights_sha256:
         raise ValueError("cfg.init_weights_sha256 must be the sha256 of the init model's weights")
@@ -436,7 +435,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / total_steps) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 needs no loss scaling
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if saved_state is not None:
@@ -454,7 +453,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
                 images, labels = next(batches)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                with infer.autocast(device, dtype):
                     logits = network(images)
                 loss = loss_fn(logits.float(), labels)  # softmax, Dice and cross-entropy in fp32
                 scaler.scale(loss).backward()

@@ -74,6 +74,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return AUTOCAST_DTYPES[precision]
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; None: none (fp32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 class PreparedNetwork:
     """A network in eval mode on its device, called on window batches (N, C, X, Y, Z).
 
@@ -196,7 +201,7 @@ def sliding_window(
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc="windows", unit="batch", leave=False)
-    with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+    with autocast(device, dtype):
         for first in chunks:
             group = starts[first:first + windows_per_batch]
             for n, (x, y, z) in enumerate(group):
