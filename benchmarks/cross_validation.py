@@ -62,7 +62,7 @@ from tumorseg.metrics import score_masks
 from tumorseg.model import InputSpec, find_model_dir, load_card, load_model, write_card
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
-from tumorseg.train import TrainingCase, discover_cases
+from tumorseg.datasets import LabelledCase, discover_cases
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = HERE / "published_missing_modality.json"
@@ -101,7 +101,7 @@ def parse_dataset(text: str) -> tuple[Path, str]:
     return Path(path), scheme
 
 
-def discover(datasets: list[tuple[Path, str]]) -> list[TrainingCase]:
+def discover(datasets: list[tuple[Path, str]]) -> list[LabelledCase]:
     """Every case of every data set; case ids must be unique across them (--exclude takes ids)."""
     cases = [case for path, scheme in datasets for case in discover_cases(path, scheme)]
     ids = [c.case_id for c in cases]
@@ -111,7 +111,7 @@ def discover(datasets: list[tuple[Path, str]]) -> list[TrainingCase]:
     return cases
 
 
-def same_patient_groups(cases: list[TrainingCase], threshold: float = SAME_PATIENT_DICE) -> list[list[str]]:
+def same_patient_groups(cases: list[LabelledCase], threshold: float = SAME_PATIENT_DICE) -> list[list[str]]:
     """Case ids grouped by patient: cases whose whole-tumour labels agree (Dice >= ``threshold``)
     on the same grid are one patient, transitively. Order: the first case of each group in input order."""
     masks = []
@@ -230,7 +230,7 @@ def key(sequences: tuple[str, ...]) -> str:
     return "+".join(sequences)
 
 
-def score_result(result, case: TrainingCase, scheme) -> dict:
+def score_result(result, case: LabelledCase, scheme) -> dict:
     truth = read_truth(case.label_path)
     check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
     out = {}
@@ -262,7 +262,7 @@ def trained_on(model: str, listing: list[dict]) -> set[str]:
     return set(training.get("training_cases", [])) | seen_before(training, listing)
 
 
-def score_fold(model_ref: str, path: Path, cases: list[TrainingCase], tta: bool, with_subsets: bool,
+def score_fold(model_ref: str, path: Path, cases: list[LabelledCase], tta: bool, with_subsets: bool,
                subset_tta: bool, precision: str = "auto") -> dict:
     """Scores of the held-out ``cases`` by ``model_ref``, kept in ``path`` (reused for the same
     model and settings, so a killed scoring run goes on where it stopped)."""

@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 from tumorseg.config import load_pipeline
 from tumorseg.evaluate import REGIONS, check_same_grid, read_truth, region_scores
 from tumorseg.pipeline import Segmenter
-from tumorseg.train import discover_cases
+from tumorseg.datasets import discover_cases
 
 #: False positives farther than this from the true tumour count as a separate false lesion.
 NEAR_MM = 10.0

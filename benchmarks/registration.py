@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 from tumorseg.itk import matrix_ras, resample_to_grid
 from tumorseg.stages import register
 from tumorseg.stages.read import Volume, read_volume
-from tumorseg.train import discover_cases
+from tumorseg.datasets import discover_cases
 
 #: Acquisitions: name -> (voxel spacing (i, j, k) mm, shape, the RAS direction of each voxel axis
 #: (as a scanner's series would run), slice thickness per axis mm). The 5 mm axial series is the

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import benchmark_module, brain_phantom, make_tiny_model, save_nifti, shared_data
 from tumorseg.model import load_card, load_model, sha256_file
-from tumorseg.train import discover_cases
+from tumorseg.datasets import discover_cases
 
 cv = benchmark_module("cross_validation")
 

@@ -15,7 +15,8 @@ import pytest
 from conftest import brain_phantom, save_nifti, shared_data
 from tumorseg.errors import ConfigError
 from tumorseg.model import load_model
-from tumorseg.train import TrainConfig, discover_cases, prepare_case, region_dice, split_cases
+from tumorseg.datasets import discover_cases
+from tumorseg.train import TrainConfig, prepare_case, region_dice, split_cases
 
 
 def make_folder_dataset(root: Path, cases: int = 3) -> Path:
@@ -81,6 +82,27 @@ def test_discovery_skips_masks_and_refuses_two_files_for_a_sequence(tmp_path):
     (case / "case0_flair.nii.gz").write_bytes((case / "case0-t2f.nii.gz").read_bytes())
     with pytest.raises(SequenceError, match="two files for flair"):
         discover_cases(root, "brats2023")
+
+
+def test_discovery_reads_every_image_format_predict_reads(tmp_path):
+    """A case in MetaImage (.mhd + .raw) with NRRD-header (.nhdr) labels, as ITK tools write them."""
+    import SimpleITK as sitk
+
+    root = make_folder_dataset(tmp_path / "ds", cases=1)
+    case = root / "case0"
+    for name, new in (("case0-t2f.nii.gz", "case0-t2f.mhd"), ("case0-seg.nii.gz", "case0-seg.nhdr")):
+        sitk.WriteImage(sitk.ReadImage(str(case / name)), str(case / new))
+        (case / name).unlink()
+    found = discover_cases(root, "brats2023")[0]
+    assert dict(found.inputs.files)["flair"].name == "case0-t2f.mhd"
+    assert found.label_path.name == "case0-seg.nhdr"
+
+
+def test_scoring_does_not_load_the_training_stack():
+    code = "import sys, tumorseg.validate; print('torch' in sys.modules, 'monai' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_prepare_case_converts_labels_to_model_classes(tmp_path):

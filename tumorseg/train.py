@@ -26,14 +26,14 @@ from .atomic import atomic_path, write_bytes_atomic
 from .augment import AugmentConfig, augment
 from .config import FIXED_PRECISIONS, InferenceConfig
 from .configio import to_dict
-from .errors import ConfigError, InputError, SequenceError, TumorsegError
+from .datasets import LabelledCase, discover_cases
+from .errors import ConfigError, InputError, TumorsegError
 from .evaluate import check_same_grid, read_truth, region_scores
 from .heap import keep_freed_heap_memory
-from .labels import LabelScheme, conversion_table, get_scheme
+from .labels import LabelScheme, conversion_table
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
                     save_model)
-from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_not_a_sequence, is_truth_file, parse_sequence,
-                        sequence_from_filename, strip_image_suffix)
+from .sequences import SEQUENCES
 from .runner import model_input
 from .stages import geometry, infer, read
 
@@ -108,79 +108,6 @@ class TrainConfig:
         )
 
 
-@dataclass(frozen=True)
-class TrainingCase:
-    case_id: str
-    inputs: StudyInputs
-    label_path: Path
-    scheme: LabelScheme
-
-
-def discover_cases(root: Path, label_scheme: str | None) -> list[TrainingCase]:
-    """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders."""
-    root = Path(root)
-    if (root / "dataset.json").is_file():
-        return _decathlon_cases(root)
-    if not root.is_dir():
-        raise InputError("data set folder not found", root)
-    if label_scheme is None:
-        raise ConfigError(
-            f"{root} has no dataset.json, so its label scheme is unknown; "
-            "name it with --label-scheme (msd, brats2015, brats2021, brats2023)"
-        )
-    cases = [c for c in (_folder_case(d, get_scheme(label_scheme)) for d in sorted(root.iterdir()) if d.is_dir()) if c]
-    if not cases:
-        raise InputError("no case folders with images and a label file", root)
-    return cases
-
-
-def _decathlon_cases(root: Path) -> list[TrainingCase]:
-    path = root / "dataset.json"
-    try:
-        spec = json.loads(path.read_text())
-        modality = spec.get("modality") or spec.get("channel_names") or {}
-        order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
-        labels = spec.get("labels", {})
-        label_values = sorted(int(k) for k in labels)
-        entries = [(root / entry["image"], root / entry["label"]) for entry in spec.get("training", [])]
-    except (ValueError, KeyError, TypeError, AttributeError, SequenceError) as e:
-        # nnU-Net v2's dataset.json (labels by name, one file per channel) lands here too.
-        raise ConfigError(f"is not a Medical Segmentation Decathlon dataset.json (4D images, labels and "
-                          f"modalities keyed by number, training entries with image and label): "
-                          f"{type(e).__name__}: {e}", path) from None
-    if order != DECATHLON_ORDER:
-        raise ConfigError(f"modalities {order} are not in Decathlon order {DECATHLON_ORDER}", path)
-    # A Decathlon data set declares its labels: they must be Task01's (the MSD scheme).
-    msd = get_scheme("msd")
-    if label_values != [0] + [l.value for l in msd.labels]:
-        raise ConfigError(f"labels {labels} are not the Decathlon Task01 labels 0-3", path)
-    cases = [TrainingCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, msd)
-             for image, label in entries]
-    if not cases:
-        raise InputError("dataset.json lists no training cases", path)
-    return cases
-
-
-def _folder_case(folder: Path, scheme: LabelScheme) -> TrainingCase | None:
-    files, labels = {}, []
-    for path in sorted(folder.iterdir()):
-        if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
-            continue
-        if is_truth_file(path):
-            labels.append(path)
-        elif is_not_a_sequence(path):
-            continue  # brainmask and other masks beside the sequences
-        elif (seq := sequence_from_filename(path)) is not None:
-            if seq in files:
-                raise SequenceError(f"two files for {seq}: {files[seq].name} and {path.name}", folder)
-            files[seq] = path
-    if not files or len(labels) != 1:
-        log.warning("skipping %s: %d label files, sequences %s", folder.name, len(labels), sorted(files))
-        return None
-    inputs = StudyInputs(files=tuple((s, files[s]) for s in SEQUENCES if s in files))
-    return TrainingCase(folder.name, inputs, labels[0], scheme)
-
-
 @dataclass
 class PreparedCase:
     case_id: str
@@ -190,7 +117,7 @@ class PreparedCase:
     foreground: np.ndarray  # (N, 3) indices of tumour voxels
 
 
-def prepare_case(case: TrainingCase, card: ModelCard, as_predict: bool = False) -> PreparedCase:
+def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False) -> PreparedCase:
     """Read, move to the model grid and normalise exactly as ``predict`` does. ``as_predict``
     (validation cases): only the sequences ``predict`` gives the network (the card's
     ``preferred_sets``), so the validation Dice measures what ``predict`` does; training cases
@@ -230,7 +157,7 @@ def check_init_compatible(init: ModelCard, card: ModelCard) -> None:
                           + " (give the model's --spacing and --filters)")
 
 
-def split_cases(cases: list[TrainingCase], fraction: float, seed: int) -> tuple[list, list]:
+def split_cases(cases: list[LabelledCase], fraction: float, seed: int) -> tuple[list, list]:
     if fraction == 0 or len(cases) < 2:
         return cases, []
     order = np.random.default_rng([seed, 7]).permutation(len(cases))
@@ -271,7 +198,7 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
 class _PreparedCases(torch.utils.data.Dataset):
     """``prepare_case`` of each case, for ``_in_order``."""
 
-    def __init__(self, cases: list[TrainingCase], card: ModelCard, first_validation: int) -> None:
+    def __init__(self, cases: list[LabelledCase], card: ModelCard, first_validation: int) -> None:
         self.cases, self.card, self.first_validation = cases, card, first_validation
 
     def __len__(self) -> int:

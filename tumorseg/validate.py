@@ -24,13 +24,12 @@ import numpy as np
 
 from . import metrics
 from .atomic import write_bytes_atomic
+from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, GeometryError, TumorsegError
 from .evaluate import REGIONS, Truth, read_truth
 from .labels import LabelScheme, conversion_table
-from .scan import voxel_spacing, voxel_volume_ml
+from .scan import same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
-from .scan import same_grid
-from .train import TrainingCase, discover_cases
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def find_prediction(folder: Path, case_id: str) -> Path | None:
     return None
 
 
-def background_image(case: TrainingCase) -> np.ndarray:
+def background_image(case: LabelledCase) -> np.ndarray:
     """The image under the overlays: FLAIR if the case has it, else its first sequence."""
     inputs = case.inputs
     if inputs.decathlon_4d is not None:
@@ -216,7 +215,7 @@ def validate(
     return document
 
 
-def _overlay(case: TrainingCase, pred: Truth, pred_scheme: LabelScheme, truth: Truth) -> bytes:
+def _overlay(case: LabelledCase, pred: Truth, pred_scheme: LabelScheme, truth: Truth) -> bytes:
     from .validation_report import overlay_png
 
     image = background_image(case)

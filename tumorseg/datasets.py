@@ -1,0 +1,92 @@
+"""Labelled data sets: the cases of a Decathlon-layout data set or of a folder of case folders.
+
+Shared by ``tumorseg train``, ``tumorseg validate`` and the cross-validation benchmark; it reads
+only the file names and ``dataset.json`` (no torch), so scoring does not load the training stack.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, InputError, SequenceError
+from .labels import LabelScheme, get_scheme
+from .sequences import (DECATHLON_ORDER, IMAGE_SUFFIXES, SEQUENCES, StudyInputs, is_not_a_sequence, is_truth_file,
+                        parse_sequence, sequence_from_filename, strip_image_suffix)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelledCase:
+    """One case with expert labels: its images, its label map and the label map's scheme."""
+    case_id: str
+    inputs: StudyInputs
+    label_path: Path
+    scheme: LabelScheme
+
+
+def discover_cases(root: Path, label_scheme: str | None) -> list[LabelledCase]:
+    """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders."""
+    root = Path(root)
+    if (root / "dataset.json").is_file():
+        return _decathlon_cases(root)
+    if not root.is_dir():
+        raise InputError("data set folder not found", root)
+    if label_scheme is None:
+        raise ConfigError(
+            f"{root} has no dataset.json, so its label scheme is unknown; "
+            "name it with --label-scheme (msd, brats2015, brats2021, brats2023)"
+        )
+    cases = [c for c in (_folder_case(d, get_scheme(label_scheme)) for d in sorted(root.iterdir()) if d.is_dir()) if c]
+    if not cases:
+        raise InputError("no case folders with images and a label file", root)
+    return cases
+
+
+def _decathlon_cases(root: Path) -> list[LabelledCase]:
+    path = root / "dataset.json"
+    try:
+        spec = json.loads(path.read_text())
+        modality = spec.get("modality") or spec.get("channel_names") or {}
+        order = tuple(parse_sequence(modality[k]) for k in sorted(modality, key=int))
+        labels = spec.get("labels", {})
+        label_values = sorted(int(k) for k in labels)
+        entries = [(root / entry["image"], root / entry["label"]) for entry in spec.get("training", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, SequenceError) as e:
+        # nnU-Net v2's dataset.json (labels by name, one file per channel) lands here too.
+        raise ConfigError(f"is not a Medical Segmentation Decathlon dataset.json (4D images, labels and "
+                          f"modalities keyed by number, training entries with image and label): "
+                          f"{type(e).__name__}: {e}", path) from None
+    if order != DECATHLON_ORDER:
+        raise ConfigError(f"modalities {order} are not in Decathlon order {DECATHLON_ORDER}", path)
+    # A Decathlon data set declares its labels: they must be Task01's (the MSD scheme).
+    msd = get_scheme("msd")
+    if label_values != [0] + [l.value for l in msd.labels]:
+        raise ConfigError(f"labels {labels} are not the Decathlon Task01 labels 0-3", path)
+    cases = [LabelledCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, msd)
+             for image, label in entries]
+    if not cases:
+        raise InputError("dataset.json lists no training cases", path)
+    return cases
+
+
+def _folder_case(folder: Path, scheme: LabelScheme) -> LabelledCase | None:
+    files, labels = {}, []
+    for path in sorted(folder.iterdir()):
+        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        if is_truth_file(path):
+            labels.append(path)
+        elif is_not_a_sequence(path):
+            continue  # brainmask and other masks beside the sequences
+        elif (seq := sequence_from_filename(path)) is not None:
+            if seq in files:
+                raise SequenceError(f"two files for {seq}: {files[seq].name} and {path.name}", folder)
+            files[seq] = path
+    if not files or len(labels) != 1:
+        log.warning("skipping %s: %d label files, sequences %s", folder.name, len(labels), sorted(files))
+        return None
+    inputs = StudyInputs(files=tuple((s, files[s]) for s in SEQUENCES if s in files))
+    return LabelledCase(folder.name, inputs, labels[0], scheme)
