@@ -6,6 +6,8 @@ import json
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -98,6 +100,23 @@ def test_truncated_gzip_nifti(tmp_path, tiny_model, image):
     assert nib.load(str(path)).shape == SHAPE  # the header still reads: only the data is cut
     result, out = invoke(tmp_path, tiny_model, path)
     assert_refused(result, out, 3, "cut-t2f.nii.gz", "truncated or corrupt")
+
+
+def test_verbose_shows_where_the_error_behind_a_refusal_came_from(tmp_path, tiny_model, image):
+    """The user's line stays one line; --verbose logs the library error it was raised from, redacted."""
+    path = save_nifti(tmp_path / "cut-t2f.nii.gz", image, AFFINE)
+    path.write_bytes(path.read_bytes()[:-200])
+
+    def predict(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tumorseg.cli", "predict", "--model", str(tiny_model),
+                               "-o", str(tmp_path / "out"), *extra, str(path)], capture_output=True, text=True,
+                              timeout=300)
+
+    verbose, plain = predict("-v"), predict("-q")
+    assert verbose.returncode == plain.returncode == 3, verbose.stderr
+    assert "caused by" in verbose.stderr and "stages/read.py" in verbose.stderr, verbose.stderr
+    assert "Traceback" not in verbose.stderr
+    assert plain.stderr.strip().count("\n") == 0 and "cut-t2f.nii.gz" in plain.stderr, plain.stderr
 
 
 @pytest.mark.parametrize("value, needle", [(np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")])

@@ -130,6 +130,23 @@ def test_rtstruct_command_refuses_a_mask_on_another_grid(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_rtstruct_command_refuses_label_values_outside_the_scheme_as_an_input_error(tmp_path):
+    series_dir = shared_data("dicom", "decubitus-t1", "HFS")
+    dcm2niix = tmp_path / "nifti"
+    dcm2niix.mkdir()
+    run_tool("dcm2niix", "-z", "y", "-f", "t1", "-o", str(dcm2niix), str(series_dir))
+    image = nib.load(str(dcm2niix / "t1.nii.gz"))
+    mask = np.zeros(image.shape[:3], np.uint8)
+    mask[10:14, 10:14, 5:7] = 4  # BraTS's enhancing tumour: not a value of the MSD scheme
+    mask_path = save_nifti(tmp_path / "brats-mask.nii.gz", mask, image.affine)
+    out = tmp_path / "out"
+    result = invoke("rtstruct", "--mask", str(mask_path), "--series", str(series_dir), "-o", str(out),
+                    "--label-scheme", "msd")
+    assert result.exit_code == 3, result.output
+    assert "brats-mask.nii.gz" in result.output and "[4]" in result.output and "another scheme" in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_multi_sequence_study_with_a_resampled_series_gives_a_conformant_rtstruct(tmp_path, empty_model):
     """FLAIR every other slice (resampled onto the T1gd reference); contours from a threshold net."""
     from conftest import ThresholdNet

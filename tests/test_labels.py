@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorseg.errors import ConfigError
+from tumorseg.errors import ConfigError, InputError
 from tumorseg.labels import SCHEMES, convert, conversion_table, get_scheme
 
 # Transcribed from DESIGN.md "Label schemes".
@@ -117,7 +117,7 @@ def test_regions_survive_conversion():
 
 @pytest.mark.parametrize("values", [[0, 1, 5], [0, 4], [0, 255]])
 def test_unknown_label_values_refused(values):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError, match="another scheme") as info:
         _convert(values, "msd", "brats2023")
     bad = [v for v in values if v not in (0, 1, 2, 3)]
     assert str(bad) in str(info.value)
@@ -125,7 +125,7 @@ def test_unknown_label_values_refused(values):
 
 def test_convert_refuses_values_of_other_scheme():
     # 4 is enhancing in BraTS 2021 but undefined in BraTS 2023.
-    with pytest.raises(ConfigError):
+    with pytest.raises(InputError):
         _convert([0, 4], "brats2023", "brats2021")
 
 

@@ -362,7 +362,7 @@ def test_refuses_a_label_map_of_the_wrong_shape(tmp_path):
 def test_refuses_unknown_label_values(tmp_path):
     labels = np.zeros((10, 8, 6), np.uint8)
     labels[2, 2, 2] = 7
-    with pytest.raises(ConfigError, match=r"\[7\]"):
+    with pytest.raises(InputError, match=r"\[7\]"):
         write_rtstruct(labels, MSD, synthetic_series(), tmp_path / "x.dcm", algorithm_name="m",
                        algorithm_version="1")
 

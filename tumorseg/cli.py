@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -41,6 +42,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TumorsegError as e:
+            # Errors are raised 'from None' to keep the user's line short; --verbose shows where the
+            # library error behind it came from, its text redacted as library log lines are.
+            cause = e.__cause__ or e.__context__
+            if cause is not None and log.isEnabledFor(logging.DEBUG):
+                frames = "".join(traceback.format_tb(cause.__traceback__))
+                log.debug("caused by %s: %s\n%s", type(cause).__name__, logredact.redact(str(cause)), frames.rstrip())
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):

@@ -66,7 +66,7 @@ EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: rerun with --verbose and report it)",
     2: "usage error (unknown option, missing argument)",
-    InputError.exit_code: "input error: a scan is missing, unreadable, truncated, NaN/inf or constant",
+    InputError.exit_code: "input error: a scan is missing, unreadable, truncated, NaN/inf or constant, or a label map holds values its scheme does not define",
     GeometryError.exit_code: "geometry error: 2D image, non-channel 4D file, unknown orientation, channels that disagree",
     ModelError.exit_code: "model error: model card or weights missing, malformed, or checksum mismatch",
     ConfigError.exit_code: "configuration error: invalid pipeline file or option value, or an output folder "

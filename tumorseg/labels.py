@@ -8,10 +8,11 @@ conversion is refused rather than guessed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 # Tissue classes: necrosis, non-enhancing tumour, edema, enhancing tumour.
 NCR, NET, ED, ET = "necrosis", "non_enhancing", "edema", "enhancing"
@@ -63,13 +64,15 @@ class LabelScheme:
     def region_mask(self, labels: np.ndarray, region: str) -> np.ndarray:
         return np.isin(labels, self.regions[region])
 
-    def validate_array(self, labels: np.ndarray, what: str = "label map") -> None:
+    def validate_array(self, labels: np.ndarray, what: str = "label map", path: str | Path | None = None) -> None:
+        """Refuse label values this scheme does not define: an input error of the file at ``path``
+        (or of the label map ``what`` names), whether its data are wrong or another scheme was meant."""
         present = set(np.unique(labels).tolist()) - {0}
         unknown = present - {l.value for l in self.labels}
         if unknown:
-            raise ConfigError(
-                f"{what} holds values {sorted(unknown)} that scheme {self.name!r} does not define"
-            )
+            raise InputError(f"{what} holds values {sorted(unknown)} that label scheme {self.name!r} does not "
+                             f"define (values {', '.join(str(l.value) for l in self.labels)}); is it another scheme?",
+                             path)
 
 
 _RED, _GREEN, _YELLOW, _BLUE = (255, 0, 0), (0, 200, 0), (255, 220, 0), (0, 100, 255)

@@ -127,7 +127,7 @@ def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False) 
         scan = scan.with_channels(used)
     truth = read_truth(case.label_path)
     check_same_grid(scan.source.shape, scan.source.affine, truth, case.label_path)
-    case.scheme.validate_array(truth.labels, f"label map {case.label_path}")
+    case.scheme.validate_array(truth.labels, "the label map", case.label_path)
     target = card.scheme
     to_index = np.zeros(target.max_label + 1, dtype=np.uint8)
     to_index[target.class_values] = np.arange(len(target.class_values))

@@ -75,7 +75,7 @@ def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth
         raise GeometryError(f"prediction (shape {pred.labels.shape}) is not on the grid of its ground truth "
                             f"(shape {truth.labels.shape}); scores need the same voxels", truth_path)
     pred_scheme.validate_array(pred.labels, "prediction")
-    truth_scheme.validate_array(truth.labels, f"ground truth {truth_path}")
+    truth_scheme.validate_array(truth.labels, "the ground truth", truth_path)
     spacing = voxel_spacing(truth.affine)
     names, label_values = structures(pred_scheme, truth_scheme)
     masks = {r: (pred_scheme.region_mask(pred.labels, r), truth_scheme.region_mask(truth.labels, r)) for r in REGIONS}

@@ -67,7 +67,7 @@ def export_mask(mask: Path, series_folder: Path, output: Path, label_scheme: str
     scheme = get_scheme(label_scheme)
     series = choose_series(Path(series_folder), series_ref)
     labels = mask_on_series_grid(Path(mask), series)
-    scheme.validate_array(labels, f"mask {mask}")
+    scheme.validate_array(labels, "the mask", mask)
     headers = series.read_headers()
     version = f"tumorseg {__version__}"
     output = Path(output)
