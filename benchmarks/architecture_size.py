@@ -59,7 +59,7 @@ def time_predict(segmenter: Segmenter, study, repeats: int) -> float:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            write_outputs(segmenter.segment_files(study), segmenter.spec, Path(out))
+            write_outputs(segmenter.segment_inputs(study), segmenter.spec, Path(out))
             best = min(best, time.perf_counter() - start)
     return best
 

@@ -56,7 +56,7 @@ def main() -> None:
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                result = seg.segment_files(study)
+                result = seg.segment_inputs(study)
                 write_outputs(result, seg.spec, Path(out))
                 whole[name].append(time.perf_counter() - start)
                 labels_of[name] = result.labels.array

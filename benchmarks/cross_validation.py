@@ -56,8 +56,8 @@ import numpy as np
 
 from tumorseg.atomic import write_bytes_atomic
 from tumorseg.config import FIXED_PRECISIONS, PRECISIONS, load_pipeline
-from tumorseg.evaluate import REGIONS, check_same_grid, read_truth
-from tumorseg.labels import SCHEMES
+from tumorseg.evaluate import check_same_grid, read_truth
+from tumorseg.labels import REGIONS, SCHEMES
 from tumorseg.metrics import score_masks
 from tumorseg.model import InputSpec, find_model_dir, load_card, load_model, write_card
 from tumorseg.pipeline import Segmenter
@@ -283,10 +283,10 @@ def score_fold(model_ref: str, path: Path, cases: list[LabelledCase], tta: bool,
         files = dict(case.inputs.files)
         row = {"sequences": list(case.inputs.sequences),
                "predict_used": list(model.card.input.choose(case.inputs.sequences)),
-               "predict": score_result(as_predict.segment_files(case.inputs), case, model.card.scheme), "subsets": {}}
+               "predict": score_result(as_predict.segment_inputs(case.inputs), case, model.card.scheme), "subsets": {}}
         for subset in subsets(case.inputs.sequences) if with_subsets else []:
             inputs = StudyInputs(files=tuple((s, files[s]) for s in subset))
-            row["subsets"][key(subset)] = score_result(exact.segment_files(inputs), case, model.card.scheme)
+            row["subsets"][key(subset)] = score_result(exact.segment_inputs(inputs), case, model.card.scheme)
         row["seconds"] = round(time.perf_counter() - start, 1)
         scores[case.case_id] = row
         write_bytes_atomic(path, json.dumps({"settings": settings, "cases": scores}, indent=1).encode())

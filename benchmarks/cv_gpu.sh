@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, "benchmarks")
 import cross_validation as cv
 from tumorseg.stages import geometry, read
-from tumorseg.train import discover_cases
+from tumorseg.datasets import discover_cases
 carry, data = Path(sys.argv[1]), Path("../shared/data")
 spacing = tuple(float(v) for v in cv.RECIPE[cv.RECIPE.index("--spacing") + 1].split(","))
 with tempfile.TemporaryDirectory() as tmp, tarfile.open(carry / "cases.tar.xz", "w:xz", preset=9) as tar:

@@ -148,7 +148,7 @@ def segment_both(segmenters: dict, reference_path: Path, moving: Volume, truth_m
         path = workdir / f"{name}-flair.nii.gz"
         nib.save(image, str(path))
         segmenter = segmenters[name]
-        result = segmenter.segment_files(StudyInputs(files=(("flair", path), ("t1gd", reference_path))))
+        result = segmenter.segment_inputs(StudyInputs(files=(("flair", path), ("t1gd", reference_path))))
         masks[name] = segmenter.card.scheme.region_mask(result.labels.array, "WT")
     truth = read_truth(label_path)
     masks["truth"] = get_scheme(scheme).region_mask(truth.labels, "WT")

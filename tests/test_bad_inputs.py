@@ -273,7 +273,7 @@ def test_unknown_model_name(tmp_path, flair):
 def test_output_folder_that_cannot_be_made_is_refused_before_inference(tmp_path, tiny_model, flair, monkeypatch):
     import tumorseg.pipeline
 
-    monkeypatch.setattr(tumorseg.pipeline.Segmenter, "segment_files", lambda *a: pytest.fail("inference ran"))
+    monkeypatch.setattr(tumorseg.pipeline.Segmenter, "segment_inputs", lambda *a: pytest.fail("inference ran"))
     blocker = tmp_path / "afile"
     blocker.write_text("")
     result = CliRunner().invoke(main, ["predict", "--model", str(tiny_model), "-o", str(blocker / "sub"), "-q",

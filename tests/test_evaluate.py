@@ -6,7 +6,8 @@ import pytest
 
 from conftest import save_nifti
 from tumorseg.errors import GeometryError, InputError
-from tumorseg.evaluate import dice, read_truth, region_scores
+from tumorseg.evaluate import read_truth, region_scores
+from tumorseg.metrics import dice
 from tumorseg.labels import convert, get_scheme
 
 

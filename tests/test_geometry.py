@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from conftest import ThresholdNet, brain_phantom, save_nifti, shared_data
 from tumorseg.config import PipelineConfig, PostprocessConfig
@@ -80,7 +79,7 @@ def test_label_map_lands_on_input_voxels(name, tmp_path, threshold_segmenter):
     image[obj] = 400.0
     path = save_nifti(tmp_path / "scan-t2f.nii.gz", image, affine, qform_code=1, sform_code=2)
 
-    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    result = threshold_segmenter.segment_inputs(StudyInputs(files=(("flair", path),)))
     out_paths = write_outputs(result, threshold_segmenter.spec, tmp_path / "out")
     source, written = nib.load(str(path)), nib.load(str(out_paths["label_map"]))
 
@@ -112,7 +111,7 @@ def test_nifti2_input_gives_nifti2_output_on_the_same_grid(tmp_path, threshold_s
     path = tmp_path / "scan-t2f.nii"
     nib.save(source, str(path))
 
-    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    result = threshold_segmenter.segment_inputs(StudyInputs(files=(("flair", path),)))
     written = nib.load(str(write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]))
 
     assert isinstance(written, nib.Nifti2Image) and int(written.header["sizeof_hdr"]) == 540
@@ -131,7 +130,7 @@ def test_free_text_header_fields_of_the_input_are_not_copied(tmp_path, threshold
             source.header[field] = value
     path = tmp_path / "scan-t2f.nii"
     nib.save(source, str(path))
-    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    result = threshold_segmenter.segment_inputs(StudyInputs(files=(("flair", path),)))
     written = nib.load(str(write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]))
     raw = (tmp_path / "out" / "segmentation.nii.gz").read_bytes()
     header_bytes = gzip.decompress(raw)[: int(written.header["sizeof_hdr"])]
@@ -157,7 +156,7 @@ def test_real_anisotropic_nrrd(tmp_path, threshold_segmenter):
     path = tmp_path / "painted-t1c.nrrd"
     sitk.WriteImage(painted, str(path))
 
-    result = threshold_segmenter.segment_files(StudyInputs(files=(("flair", path),)))
+    result = threshold_segmenter.segment_inputs(StudyInputs(files=(("flair", path),)))
     out = write_outputs(result, threshold_segmenter.spec, tmp_path / "out")["label_map"]
 
     # Independent check with SimpleITK: same grid in LPS physical space, object at the same place.

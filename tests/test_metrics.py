@@ -183,7 +183,6 @@ def test_nsd_counts_distance_equal_to_tolerance():
 
 def test_full_size_brats_grid():
     """One 240x240x155 case at 1 mm with tumour-sized masks, as the evaluation sees them."""
-    shape = (240, 240, 155)
     grid = np.ogrid[:240, :240, :155]
     r2 = (grid[0] - 120) ** 2 + (grid[1] - 110) ** 2 + ((grid[2] - 70) * 1.2) ** 2
     lobes = blob((64, 64, 48), 21, sigma=3.0, level=0.0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np

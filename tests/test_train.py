@@ -16,7 +16,7 @@ from conftest import brain_phantom, save_nifti, shared_data
 from tumorseg.errors import ConfigError
 from tumorseg.model import load_model
 from tumorseg.datasets import discover_cases
-from tumorseg.train import TrainConfig, prepare_case, region_dice, split_cases
+from tumorseg.train import PreparedCase, TrainConfig, prepare_case, region_dice, split_cases
 
 
 def make_folder_dataset(root: Path, cases: int = 3) -> Path:
@@ -340,9 +340,7 @@ def test_brats2015_folder_discovered():
     assert all(c.inputs.sequences == ("flair", "t1gd") for c in cases)
 
 
-def _prepared(case_id: str) -> "PreparedCase":
-    from tumorseg.train import PreparedCase
-
+def _prepared(case_id: str) -> PreparedCase:
     image = np.zeros((4, 8, 8, 8), np.float32)
     return PreparedCase(case_id, image + len(case_id), np.zeros((8, 8, 8), np.uint8), [0, 1, 2, 3], np.zeros((0, 3), int))
 

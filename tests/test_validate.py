@@ -16,10 +16,8 @@ from scipy import ndimage
 from conftest import make_tiny_model, save_nifti, shared_data
 from tumorseg.cli import main
 from tumorseg.errors import SOME_CASES_FAILED, ConfigError
-from tumorseg.labels import get_scheme
+from tumorseg.labels import REGIONS, get_scheme
 from tumorseg.scan import voxel_spacing
-
-REGIONS = ("WT", "TC", "ET")
 
 
 def monai_scores(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float]:

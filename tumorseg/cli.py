@@ -163,7 +163,7 @@ def predict(inputs, flair, t1, t1gd, t2, output, model, pipeline_file, device, p
         result = segmenter.segment_dicom(*dicom)
     else:
         log.info("model %s; sequences %s", segmenter.card.name, ", ".join(study.sequences))
-        result = segmenter.segment_files(study)
+        result = segmenter.segment_inputs(study)
     paths = write_outputs(result, segmenter.spec, output)
     regions = result.report["results"]["regions"]
     summary = ", ".join(f"{r} {v['volume_ml']:.1f} mL" for r, v in regions.items())

@@ -12,16 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GeometryError, InputError
-from .labels import LabelScheme
+from .labels import REGIONS, LabelScheme
+from .metrics import dice
 from .scan import same_grid
 from .stages.read import read_volume
-
-REGIONS = ("WT", "TC", "ET")
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    denom = int(pred.sum()) + int(truth.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.count_nonzero(pred & truth)) / denom
 
 
 def region_scores(pred: np.ndarray, pred_scheme: LabelScheme, truth: np.ndarray, truth_scheme: LabelScheme) -> dict[str, float]:

@@ -16,6 +16,8 @@ from .errors import ConfigError, InputError
 
 # Tissue classes: necrosis, non-enhancing tumour, edema, enhancing tumour.
 NCR, NET, ED, ET = "necrosis", "non_enhancing", "edema", "enhancing"
+#: Evaluation regions (BraTS): whole tumour, tumour core, enhancing tumour.
+REGIONS = ("WT", "TC", "ET")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The pipeline: stages run in order on one Scan. The CLI is a thin layer over this module.
 
 >>> seg = Segmenter("default")                       # load the model once
->>> result = seg.segment_files(inputs)               # or seg.segment(scan)
+>>> result = seg.segment_inputs(inputs)              # or seg.segment(scan)
 >>> result.labels.array, result.report["results"]["regions"]["WT"]["volume_ml"]
 """
 from __future__ import annotations
@@ -328,10 +328,6 @@ class Segmenter:
     def config(self) -> PipelineConfig:
         return self.spec.config
 
-    def segment_files(self, inputs: StudyInputs) -> Result:
-        """Read the study, check its sequences against the model, and segment it."""
-        return self.segment_inputs(inputs)
-
     def segment_dicom(self, folders: list[Path], explicit: dict[str, str] | None = None) -> Result:
         """Find and choose the series of each sequence under ``folders``, and segment them.
 
@@ -341,12 +337,12 @@ class Segmenter:
         return self.segment_inputs(DicomInputs(tuple(folders), tuple((explicit or {}).items())))
 
     def segment_inputs(self, inputs: CaseInputs) -> Result:
-        prepared = self.spec.read_and_prepare(inputs)
-        return self.finish(prepared)
+        """Read the study (files or DICOM folders), check its sequences against the model, and segment it."""
+        return self.segment_prepared(self.spec.read_and_prepare(inputs))
 
     def segment(self, scan: Scan) -> Result:
         """Segment a Scan; the label map has the Scan's source shape and affine."""
-        return self.finish(self.spec.prepare(scan))
+        return self.segment_prepared(self.spec.prepare(scan))
 
     def infer(self, prepared: PreparedScan) -> tuple[np.ndarray, float]:
         """The network's output on the model grid (class probabilities for tumorseg's models), and the
@@ -362,7 +358,8 @@ class Segmenter:
         log.info("infer done in %.2f s", seconds)
         return probs, seconds
 
-    def finish(self, prepared: PreparedScan) -> Result:
+    def segment_prepared(self, prepared: PreparedScan) -> Result:
+        """Inference and the steps after it (``PipelineSpec.finish``) for a prepared scan."""
         probs, seconds = self.infer(prepared)
         return self.spec.finish(prepared, probs, seconds)
 

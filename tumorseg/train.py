@@ -30,7 +30,7 @@ from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, InputError, TumorsegError
 from .evaluate import check_same_grid, read_truth, region_scores
 from .heap import keep_freed_heap_memory
-from .labels import LabelScheme, conversion_table
+from .labels import REGIONS, LabelScheme, conversion_table
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
                     save_model)
 from .sequences import SEQUENCES
@@ -273,7 +273,7 @@ def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.
         per_case[case.case_id] = region_dice(np.argmax(probs, axis=0), case.labels, card.scheme)
     if not per_case:
         return {}
-    mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in ("WT", "TC", "ET")}
+    mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in REGIONS}
     return {"mean": mean, "cases": per_case}
 
 

@@ -26,8 +26,8 @@ from . import metrics
 from .atomic import write_bytes_atomic
 from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, GeometryError, TumorsegError
-from .evaluate import REGIONS, Truth, read_truth
-from .labels import LabelScheme, conversion_table
+from .evaluate import Truth, read_truth
+from .labels import REGIONS, LabelScheme, conversion_table
 from .scan import same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
 
@@ -69,12 +69,12 @@ def structures(pred_scheme: LabelScheme, truth_scheme: LabelScheme) -> tuple[lis
 
 
 def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth, truth_scheme: LabelScheme,
-               truth_path: Path, tolerance_mm: float) -> ScoredCase:
+               truth_path: Path, tolerance_mm: float, pred_path: Path | None = None) -> ScoredCase:
     """Every structure's scores for one case (prediction and truth on one grid)."""
     if not same_grid(pred.labels.shape, pred.affine, truth.labels.shape, truth.affine):
         raise GeometryError(f"prediction (shape {pred.labels.shape}) is not on the grid of its ground truth "
                             f"(shape {truth.labels.shape}); scores need the same voxels", truth_path)
-    pred_scheme.validate_array(pred.labels, "prediction")
+    pred_scheme.validate_array(pred.labels, "the prediction", pred_path)
     truth_scheme.validate_array(truth.labels, "the ground truth", truth_path)
     spacing = voxel_spacing(truth.affine)
     names, label_values = structures(pred_scheme, truth_scheme)
@@ -183,7 +183,8 @@ def validate(
                 raise TumorsegError(f"no prediction for case {case_id}", predictions)
             pred = read_truth(path)
             truth = read_truth(case.label_path)
-            result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm)
+            result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm,
+                                path)
             names, _ = structures(prediction_scheme, case.scheme)
             if html:
                 try:

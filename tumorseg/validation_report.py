@@ -26,8 +26,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from .atomic import write_bytes_atomic
+from .labels import REGIONS
 
-REGIONS = ("WT", "TC", "ET")
 REGION_NAMES = {"WT": "whole tumour", "TC": "tumour core", "ET": "enhancing tumour"}
 # Okabe-Ito colours: told apart with every common colour-vision deficiency, and bright on grey MRI.
 REGION_COLOURS = {"WT": "#56B4E9", "TC": "#F0E442", "ET": "#D55E00"}

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
-from ..labels import ED, ET, NCR, NET, get_scheme
+from ..labels import ED, ET, NCR, NET, REGIONS, get_scheme
 from . import load_torch
 from .nnunet import channel_sequences
 
@@ -178,8 +178,8 @@ def output_labels(metadata: dict, activation: str, scheme_name: str) -> tuple[di
         if set(found) != {"WT", "TC", "ET"}:
             raise ModelError(f"the bundle's sigmoid outputs {names} are not whole tumour, core and enhancing")
         tissue = {"WT": frozenset({ED}), "TC": frozenset({NCR, NET}), "ET": frozenset({ET})}
-        order = tuple(found[r] for r in ("WT", "TC", "ET"))
-        out = {found[r]: value_of(tissue[r]) for r in ("WT", "TC", "ET")}
+        order = tuple(found[r] for r in REGIONS)
+        out = {found[r]: value_of(tissue[r]) for r in REGIONS}
         return out, order
     for channel, name in names.items():
         key = str(name).lower()
