@@ -314,6 +314,36 @@ def test_name_planted_in_a_uid_stays_out_of_the_log(tmp_path, series, coarse_mod
     refused(result, log_text, tmp_path / "out", 3, "FrameOfReferenceUID is not a valid DICOM UID")
 
 
+@pytest.mark.parametrize("text", [
+    f"can't parse '{CANARY}' as a date",  # an apostrophe before the quoted value
+    f"bad value 'O'{CANARY}' here",  # an apostrophe inside it
+    f'value "{CANARY}" of PN',
+    f"value '{CANARY}",  # never closed
+])
+def test_quoted_values_leave_a_library_message_whole(text):
+    from tumorseg.logredact import redact
+
+    assert CANARY not in redact(text) and "'...'" in redact(text)
+
+
+def test_the_verbose_cause_of_a_refusal_keeps_values_out(tmp_path, scan, coarse_model, caplog, monkeypatch):
+    """--verbose logs the library error behind a refusal; a value it quotes stays out."""
+    import tumorseg.pipeline
+    from tumorseg.errors import InputError
+
+    def refuse(*args):
+        try:
+            raise ValueError(f"can't parse '{CANARY}' as a date")
+        except ValueError:
+            raise InputError("a header value cannot be read", "x.dcm") from None
+
+    monkeypatch.setattr(tumorseg.pipeline.Segmenter, "segment_inputs", refuse)
+    caplog.set_level("DEBUG")
+    result, log_text = run_cli("predict", str(scan), "--model", str(coarse_model), "-o", str(tmp_path / "out"), "-v")
+    refused(result, log_text, tmp_path / "out", 3, "a header value cannot be read")
+    assert "caused by ValueError: can't parse '...' as a date" in log_text and "test_lying_inputs.py" in log_text
+
+
 def test_third_party_warnings_reach_the_log_without_values(caplog):
     import logging
     import warnings

@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 import re
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+# A quote opens where no letter or digit precedes it and closes where none follows, so that an
+# apostrophe ("can't") opens nothing and a name with one ('O'BRIEN^PAT') is removed whole.
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'.*?'|\".*?\"|`.*?`)(?![A-Za-z0-9])")
+#: A quote left open after the pairs are removed: everything after it goes.
+_UNCLOSED = re.compile(r"(?<![A-Za-z0-9])['\"`].*$")
 _WARNING_LINE = re.compile(r"^.*?:\d+: (\w+): (.*)$")
 
 
@@ -27,7 +31,7 @@ def redact(text: str) -> str:
 
 
 def _first_clause(text: str) -> str:
-    text = _QUOTED.sub("'...'", text)
+    text = _UNCLOSED.sub("\0", _QUOTED.sub("\0", text)).replace("\0", "'...'")
     head, sep, _ = text.partition(": ")
     return head + (": ..." if sep else "")
 
