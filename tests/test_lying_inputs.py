@@ -326,6 +326,14 @@ def test_quoted_values_leave_a_library_message_whole(text):
     assert CANARY not in redact(text) and "'...'" in redact(text)
 
 
+def test_a_dicom_library_error_in_a_refusal_keeps_values_out():
+    """Refusals of DICOM input quote the library's first line, which may quote a header value."""
+    from tumorseg.dicom.files import first_line
+
+    line = first_line(ValueError(f"Invalid value for VR PN: '{CANARY}'\nmore"))
+    assert line == "Invalid value for VR PN: '...'"
+
+
 def test_the_verbose_cause_of_a_refusal_keeps_values_out(tmp_path, scan, coarse_model, caplog, monkeypatch):
     """--verbose logs the library error behind a refusal; a value it quotes stays out."""
     import tumorseg.pipeline

@@ -30,8 +30,13 @@ def redact(text: str) -> str:
     return _first_clause(first)
 
 
+def without_quoted(text: str) -> str:
+    """``text`` with every quoted value (and the rest of it after a quote left open) as '...'."""
+    return _UNCLOSED.sub("\0", _QUOTED.sub("\0", text)).replace("\0", "'...'")
+
+
 def _first_clause(text: str) -> str:
-    text = _UNCLOSED.sub("\0", _QUOTED.sub("\0", text)).replace("\0", "'...'")
+    text = without_quoted(text)
     head, sep, _ = text.partition(": ")
     return head + (": ..." if sep else "")
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import GeometryError, InputError
+from ..logredact import without_quoted
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ def header_text(header, keyword: str) -> str:
 
 
 def first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type's name)."""
+    """The first non-empty line of an exception's message (or its type's name), quoted values
+    removed: a DICOM library quotes the header value it failed on, and that may be a name."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return lines[0] if lines else type(e).__name__
+    return without_quoted(lines[0]) if lines else type(e).__name__
