@@ -92,12 +92,17 @@ def test_bad_roi_names_are_refused_before_anything_is_written(tmp_path, empty_mo
     assert not out.exists()
 
 
-def test_rtstruct_command_accepts_dcm2niix_oriented_mask(tmp_path):
-    series_dir = shared_data("dicom", "decubitus-t1", "HFDL")
+def dcm2niix_image(series_dir: Path, tmp_path: Path) -> nib.Nifti1Image:
+    """The series as dcm2niix, the reference converter, writes it (its own orientation)."""
     converted = tmp_path / "nifti"
     converted.mkdir()
     run_tool("dcm2niix", "-z", "y", "-f", "t1", "-o", str(converted), str(series_dir))
-    image = nib.load(str(converted / "t1.nii.gz"))
+    return nib.load(str(converted / "t1.nii.gz"))
+
+
+def test_rtstruct_command_accepts_dcm2niix_oriented_mask(tmp_path):
+    series_dir = shared_data("dicom", "decubitus-t1", "HFDL")
+    image = dcm2niix_image(series_dir, tmp_path)
     mask = np.zeros(image.shape[:3], np.uint8)
     centre = np.array(mask.shape) // 2
     mask[centre[0] - 12:centre[0] + 8, centre[1] - 10:centre[1] + 14, centre[2] - 3:centre[2] + 2] = 1
@@ -131,10 +136,7 @@ def test_rtstruct_command_refuses_a_mask_on_another_grid(tmp_path):
 
 def test_rtstruct_command_refuses_label_values_outside_the_scheme_as_an_input_error(tmp_path):
     series_dir = shared_data("dicom", "decubitus-t1", "HFS")
-    dcm2niix = tmp_path / "nifti"
-    dcm2niix.mkdir()
-    run_tool("dcm2niix", "-z", "y", "-f", "t1", "-o", str(dcm2niix), str(series_dir))
-    image = nib.load(str(dcm2niix / "t1.nii.gz"))
+    image = dcm2niix_image(series_dir, tmp_path)
     mask = np.zeros(image.shape[:3], np.uint8)
     mask[10:14, 10:14, 5:7] = 4  # BraTS's enhancing tumour: not a value of the MSD scheme
     mask_path = save_nifti(tmp_path / "brats-mask.nii.gz", mask, image.affine)
