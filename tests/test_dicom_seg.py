@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from conftest import shared_data
-from tumorseg.dicom.rtstruct import sort_source_series
+from tumorseg.dicom.source import sort_source_series
 from tumorseg.dicom.seg import write_seg
 from tumorseg.labels import get_scheme
 

@@ -26,10 +26,10 @@ from conftest import dicom3tools_findings, run_tool, shared_data
 from tumorseg.dicom.rtstruct import (
     REGION_NAMES,
     format_ds,
-    sort_source_series,
     trace_slice,
     write_rtstruct,
 )
+from tumorseg.dicom.source import sort_source_series
 from tumorseg.errors import ConfigError, GeometryError, InputError
 from tumorseg.labels import get_scheme
 

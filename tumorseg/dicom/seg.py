@@ -24,7 +24,7 @@ from ..atomic import atomic_path
 from ..labels import ED, NCR, Label, LabelScheme
 from ..errors import InputError
 from .frames import image_of_frame
-from .rtstruct import _check_labels, _lo, _series_number, sort_source_series
+from .source import check_labels, derived_series_number, long_string, sort_source_series
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,23 @@ def segment_descriptions(scheme: LabelScheme, algorithm_name: str, algorithm_ver
     """highdicom SegmentDescriptions, one per label, numbered 1..n in the scheme's order."""
     hd = _highdicom()
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=_lo(algorithm_name), family=codes.cid7162.ArtificialIntelligence,
-        version=_lo(algorithm_version),
+        name=long_string(algorithm_name), family=codes.cid7162.ArtificialIntelligence,
+        version=long_string(algorithm_version),
     )
     descriptions = []
     for number, label in enumerate(scheme.labels, start=1):
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=_lo(label.name),
+            segment_label=long_string(label.name),
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=_property_type(label),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_id=_lo(f"{scheme.name} label {label.value} {label.name}"),
+            tracking_id=long_string(f"{scheme.name} label {label.value} {label.name}"),
             tracking_uid=generate_uid(),
             display_color=hd.color.CIELabColor.from_rgb(*label.color),
         )
-        description.SegmentDescription = _lo(f"label {label.value} {label.name} ({scheme.title})")
+        description.SegmentDescription = long_string(f"label {label.value} {label.name} ({scheme.title})")
         descriptions.append(description)
     return descriptions
 
@@ -88,7 +88,7 @@ def write_seg(
     """
     hd = _highdicom()
     series = sort_source_series(source)
-    labels = _check_labels(labels, scheme, series)
+    labels = check_labels(labels, scheme, series)
 
     # Label values -> segment numbers 1..n; frames are (slice, row, column).
     lut = np.zeros(int(max(scheme.max_label, labels.max(initial=0))) + 1, dtype=np.uint8)
@@ -170,14 +170,14 @@ def _segmentation(hd, series, source_images: list[Dataset], segment_map: np.ndar
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(scheme, algorithm_name, algorithm_version),
         series_instance_uid=generate_uid(),
-        series_number=_series_number(series.first) or 1,
+        series_number=derived_series_number(series.first) or 1,
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer="tumorseg",
-        manufacturer_model_name=_lo(algorithm_name),
-        software_versions=_lo(f"tumorseg {__version__} / {algorithm_name} {algorithm_version}"),
+        manufacturer_model_name=long_string(algorithm_name),
+        software_versions=long_string(f"tumorseg {__version__} / {algorithm_name} {algorithm_version}"),
         device_serial_number="0",
         content_label="TUMORSEG",
-        content_description=_lo(f"Automatic segmentation by {algorithm_name} {algorithm_version}"),
-        series_description=_lo(f"{algorithm_name} segmentation"),
+        content_description=long_string(f"Automatic segmentation by {algorithm_name} {algorithm_version}"),
+        series_description=long_string(f"{algorithm_name} segmentation"),
     )
