@@ -211,22 +211,21 @@ class BatchRunner:
         if isinstance(prepared, CaseOutcome):
             self._record(prepared, bar)
             return None
-        prepared_scan, read_seconds, fingerprint = prepared
         try:
-            probs, infer_seconds = self.segmenter.infer(prepared_scan)
+            probs, infer_seconds = self.segmenter.infer(prepared.scan)
             self._network_seconds += infer_seconds
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             self._record(failure(case, e), bar)
             return None
-        return Finish(self.spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
-                       str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
+        return Finish(self.spec, case, prepared.scan, probs, infer_seconds, prepared.read_seconds,
+                      prepared.fingerprint, str(self.case_dir(case.case_id)), str(self.output), self.fingerprint)
 
     # -- running: worker processes --------------------------------------------------------------
     def _run_pipelined(self, cases: list[tuple[BatchCase, str]], bar) -> None:
         """Workers prepare up to ``workers + 1`` cases ahead and finish behind the network; the
         network's input and output travel through shared memory (see :mod:`.shared`)."""
         queue = deque(cases)
-        preparing: deque[tuple[BatchCase, str, Future]] = deque()
+        preparing: deque[_Preparing] = deque()
         finishing: deque[_Finishing] = deque()
         lookahead = self.workers + 1
         prefix = self._shm_prefix
@@ -243,9 +242,9 @@ class BatchRunner:
             while queue or preparing:
                 if pool.broken:  # a worker died: new workers; cases still being read go round again
                     pool.renew()
-                    for case, fingerprint, future in preparing:
-                        release_prepared(future)
-                        queue.appendleft((case, fingerprint))
+                    for item in preparing:
+                        release_prepared(item.future)
+                        queue.appendleft((item.case, item.fingerprint))
                     preparing.clear()
                 while queue and len(preparing) < lookahead and not pool.broken:
                     case, fingerprint = queue.popleft()
@@ -253,7 +252,7 @@ class BatchRunner:
                     if future is None:
                         queue.appendleft((case, fingerprint))
                     else:
-                        preparing.append((case, fingerprint, future))
+                        preparing.append(_Preparing(case, fingerprint, future))
                 if pool.broken:
                     continue
                 case, fingerprint, future = preparing.popleft()
@@ -262,13 +261,12 @@ class BatchRunner:
                     suspects.append((case, fingerprint))
                     continue
                 if not isinstance(prepared, CaseOutcome):
-                    prepared_scan, read_seconds, _, image = prepared
                     try:
-                        prepared_scan.image = take(image)
+                        prepared.prepared.scan.image = take(prepared.image)
                     except OSError as e:
                         self._record(failure(case, e), bar)
                         continue
-                    prepared = (prepared_scan, read_seconds, fingerprint)
+                    prepared = prepared.prepared
                 job = self._infer(case, prepared, bar)
                 if job is not None:
                     job = job._replace(probs=share(job.probs, prefix))
@@ -284,13 +282,13 @@ class BatchRunner:
             while finishing:
                 collect(finishing.popleft())
         except _WorkersKeepDying as e:
-            self._fail_all([*queue, *((c, fp) for c, fp, _ in preparing),
+            self._fail_all([*queue, *((item.case, item.fingerprint) for item in preparing),
                             *((item.case, item.fingerprint) for item in finishing), *suspects], e, bar)
             suspects = []
         finally:
             pool.shutdown()
-            for _, _, future in preparing:
-                release_prepared(future)
+            for item in preparing:
+                release_prepared(item.future)
             for item in finishing:
                 release(item.probs)
             left = remove_leftovers(prefix)
@@ -416,6 +414,14 @@ class BatchRunner:
         """The manifest's entries on how the cases ran."""
         return {"workers": self.workers, "worker_mode": self.worker_mode if self.workers else None}
 
+
+
+class _Preparing(NamedTuple):
+    """A case being read and prepared by a worker."""
+
+    case: BatchCase
+    fingerprint: str
+    future: Future
 
 
 class _Finishing(NamedTuple):

@@ -66,14 +66,28 @@ def init_worker(levels: dict[str, int], model_dir: str | None, threads: int, con
         _WORKER_SEGMENTER = Segmenter(model_dir, config)
 
 
-def read_and_prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str
-                      ) -> tuple[PreparedScan, float, str] | CaseOutcome:
+class Prepared(NamedTuple):
+    """A case read and prepared for the network, and what its finishing step needs of that."""
+
+    scan: PreparedScan
+    read_seconds: float
+    fingerprint: str
+
+
+class PreparedShared(NamedTuple):
+    """A ``Prepared`` case whose network input travels in shared memory (``prepare_shared``)."""
+
+    prepared: Prepared
+    image: Any
+
+
+def read_and_prepare(spec: PipelineSpec, case: BatchCase, fingerprint: str) -> Prepared | CaseOutcome:
     start = time.perf_counter()
     try:
         prepared = spec.read_and_prepare(case.inputs)
     except Exception as e:
         return failure(case, e)
-    return prepared, time.perf_counter() - start, fingerprint
+    return Prepared(prepared, time.perf_counter() - start, fingerprint)
 
 
 def run_case(spec: PipelineSpec, case: BatchCase, fingerprint: str, case_dir: str, output_root: str,
@@ -83,33 +97,30 @@ def run_case(spec: PipelineSpec, case: BatchCase, fingerprint: str, case_dir: st
     prepared = read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return prepared
-    prepared_scan, read_seconds, _ = prepared
     try:
-        probs, infer_seconds = _WORKER_SEGMENTER.infer(prepared_scan)
+        probs, infer_seconds = _WORKER_SEGMENTER.infer(prepared.scan)
     except Exception as e:
         return failure(case, e)
-    return finish_and_write(Finish(spec, case, prepared_scan, probs, infer_seconds, read_seconds, fingerprint,
-                                     case_dir, output_root, batch_fingerprint))
+    return finish_and_write(Finish(spec, case, prepared.scan, probs, infer_seconds, prepared.read_seconds,
+                                   fingerprint, case_dir, output_root, batch_fingerprint))
 
 
 def prepare_shared(spec: PipelineSpec, case: BatchCase, fingerprint: str, prefix: str):
-    """``read_and_prepare`` for a pipelined batch: the network input goes back shared, as a
-    fourth item."""
+    """``read_and_prepare`` for a pipelined batch: the network input goes back in shared memory."""
     prepared = read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return prepared
-    prepared_scan, read_seconds, fingerprint = prepared
-    image = share(prepared_scan.image, prefix)
-    prepared_scan.image = None
-    return prepared_scan, read_seconds, fingerprint, image
+    image = share(prepared.scan.image, prefix)
+    prepared.scan.image = None
+    return PreparedShared(prepared, image)
 
 
 def release_prepared(future: Future) -> None:
     """Free the shared network input of a prepared case that will not be run from it."""
     if future.done() and not future.cancelled() and future.exception() is None:
         result = future.result()
-        if isinstance(result, tuple):
-            release(result[-1])
+        if isinstance(result, PreparedShared):
+            release(result.image)
 
 
 class Finish(NamedTuple):

@@ -72,9 +72,8 @@ def _prepare(spec: PipelineSpec, case: BatchCase, case_dir: str, check: tuple[di
     prepared = read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return None, prepared
-    scan, seconds, fingerprint = prepared
-    image, scan.image = scan.image, None
-    return image, (scan, seconds, fingerprint)
+    image, prepared.scan.image = prepared.scan.image, None
+    return image, prepared
 
 
 def _finish(spec: PipelineSpec, case: BatchCase, rest, inferred, case_dir: str, output_root: str,
@@ -83,10 +82,9 @@ def _finish(spec: PipelineSpec, case: BatchCase, rest, inferred, case_dir: str, 
         return rest
     if isinstance(inferred, CaseOutcome):
         return inferred
-    scan, read_seconds, fingerprint = rest
     probs, infer_seconds = inferred
-    return finish_and_write(Finish(spec, case, scan, probs, infer_seconds, read_seconds, fingerprint, case_dir,
-                                   output_root, batch_fingerprint))
+    return finish_and_write(Finish(spec, case, rest.scan, probs, infer_seconds, rest.read_seconds, rest.fingerprint,
+                                   case_dir, output_root, batch_fingerprint))
 
 
 class _Inference:
