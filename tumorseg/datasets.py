@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import ConfigError, InputError, SequenceError
 from .labels import LabelScheme, get_scheme
-from .sequences import (DECATHLON_ORDER, IMAGE_SUFFIXES, SEQUENCES, StudyInputs, is_not_a_sequence, is_truth_file,
+from .sequences import (DECATHLON_ORDER, SEQUENCES, StudyInputs, is_image_name, is_not_a_sequence, is_truth_file,
                         parse_sequence, sequence_from_filename, strip_image_suffix)
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _decathlon_cases(root: Path) -> list[LabelledCase]:
 def _folder_case(folder: Path, scheme: LabelScheme) -> LabelledCase | None:
     files, labels = {}, []
     for path in sorted(folder.iterdir()):
-        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        if not is_image_name(path.name):
             continue
         if is_truth_file(path):
             labels.append(path)

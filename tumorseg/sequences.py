@@ -86,6 +86,11 @@ def is_not_a_sequence(path: Path) -> bool:
     return bool(_name_tokens(path) & (TRUTH_FILE_TOKENS | MASK_FILE_TOKENS))
 
 
+def is_image_name(name: str) -> bool:
+    """True for a file name with a suffix of an image format tumorseg reads."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def strip_image_suffix(name: str) -> str:
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -163,7 +168,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             images = sorted(
                 p for p in path.iterdir()
-                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                if p.is_file() and is_image_name(p.name)
             )
             if not images:
                 raise SequenceError("folder holds no NIfTI, NRRD or MHA image", path)

@@ -29,7 +29,7 @@ from ..atomic import atomic_path
 from ..dicom.files import has_dicom_marker
 from ..errors import InputError, TumorsegError
 from ..inputs import CaseInputs, DicomInputs
-from ..sequences import IMAGE_SUFFIXES, SEQUENCES, StudyInputs, assign_sequences, is_not_a_sequence, parse_sequence, strip_image_suffix
+from ..sequences import SEQUENCES, StudyInputs, assign_sequences, is_image_name, is_not_a_sequence, parse_sequence, strip_image_suffix
 from ..stages.read import volume_count
 from .layout import CASE_RECORD, MANIFEST_JSON
 
@@ -141,7 +141,7 @@ def _unique_ids(cases: list[BatchCase]) -> list[BatchCase]:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+    return is_image_name(name) and not name.startswith(".")
 
 
 def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
