@@ -122,6 +122,7 @@ def test_assign_folder(tmp_path):
     files = {s: touch(tmp_path / f"case-{a}.nii.gz") for s, a in
              [("flair", "t2f"), ("t1", "t1n"), ("t1gd", "t1c"), ("t2", "t2w")]}
     (tmp_path / "notes.txt").write_text("not an image")  # ignored: not an image suffix
+    (tmp_path / "._case-t2f.nii.gz").write_bytes(b"macOS resource fork")  # ignored: hidden
     study = assign_sequences([tmp_path], {}, never_4d)
     assert study.decathlon_4d is None
     assert dict(study.files) == files

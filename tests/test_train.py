@@ -78,6 +78,7 @@ def test_discovery_skips_masks_and_refuses_two_files_for_a_sequence(tmp_path):
     case = root / "case0"
     (case / "case0-flair_mask.nii.gz").write_bytes((case / "case0-seg.nii.gz").read_bytes())
     (case / "brainmask.nii.gz").write_bytes((case / "case0-seg.nii.gz").read_bytes())
+    (case / "._case0-t1c.nii.gz").write_bytes(b"macOS resource fork")  # hidden: never a sequence
     assert dict(discover_cases(root, "brats2023")[0].inputs.files)["flair"].name == "case0-t2f.nii.gz"
     (case / "case0_flair.nii.gz").write_bytes((case / "case0-t2f.nii.gz").read_bytes())
     with pytest.raises(SequenceError, match="two files for flair"):

@@ -87,8 +87,9 @@ def is_not_a_sequence(path: Path) -> bool:
 
 
 def is_image_name(name: str) -> bool:
-    """True for a file name with a suffix of an image format tumorseg reads."""
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    """True for a file name with a suffix of an image format tumorseg reads. Hidden files (macOS
+    ``._scan.nii.gz`` resource forks, editors' temporary copies) are never scans."""
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
 def strip_image_suffix(name: str) -> str:

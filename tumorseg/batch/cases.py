@@ -140,10 +140,6 @@ def _unique_ids(cases: list[BatchCase]) -> list[BatchCase]:
     return [c if c.case_id == i else BatchCase(i, c.inputs, c.source, c.problem) for c, i in zip(cases, ids)]
 
 
-def _is_image(name: str) -> bool:
-    return is_image_name(name) and not name.startswith(".")
-
-
 def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
     cases = []
     for split in ("imagesTr", "imagesTs"):
@@ -151,7 +147,7 @@ def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
         if (only and split != only) or not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.is_file() and _is_image(path.name):
+            if path.is_file() and is_image_name(path.name):
                 cases.append(BatchCase(safe_case_id(strip_image_suffix(path.name)), StudyInputs(decathlon_4d=path),
                                        str(path.relative_to(root))))
     return cases
@@ -163,7 +159,7 @@ def _tree_cases(root: Path, exclude: Path | None = None) -> list[BatchCase]:
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_output(here / d, exclude))
-        if any(_is_image(f) for f in files):
+        if any(is_image_name(f) for f in files):
             rel = here.relative_to(root)
             case_id = safe_case_id(root.name if str(rel) == "." else str(rel).replace(os.sep, "_"))
             image_cases.append(_image_case(case_id, here, str(rel)))
@@ -184,7 +180,7 @@ def _image_case(case_id: str, folder: Path, source: str) -> BatchCase:
 
     A folder whose files cannot be mapped to sequences becomes a case with that problem, so it
     fails alone instead of stopping the discovery."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name) and not is_not_a_sequence(p))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name) and not is_not_a_sequence(p))
     try:
         inputs = assign_sequences(files, {}, lambda p: volume_count(p) > 1)
     except TumorsegError as e:
