@@ -14,8 +14,9 @@ import click
 
 from . import __version__, logredact
 from .atomic import check_output_folder
-from .config import BRAIN_EXTRACTION_MODES, FIXED_PRECISIONS, PRECISIONS, REGISTRATION_MODES
+from .config import BRAIN_EXTRACTION_MODES, DEVICES, FIXED_PRECISIONS, PRECISIONS, REGISTRATION_MODES
 from .errors import EXIT_CODES, INTERRUPTED, ConfigError, TumorsegError
+from .labels import SCHEME_NAMES
 from .sequences import SEQUENCES
 
 log = logging.getLogger("tumorseg")
@@ -77,7 +78,7 @@ def _pipeline_options(command):
     options = [
         click.option("--model", default=None, help="Bundled model name or model folder  [default: the pipeline's model]"),
         click.option("--pipeline", "pipeline_file", default="default", show_default=True, help="Bundled pipeline name or a pipeline TOML file."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where inference runs  [default: auto, the GPU when there is one]"),
+        click.option("--device", type=click.Choice(DEVICES), default=None, help="Where inference runs  [default: auto, the GPU when there is one]"),
         click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="The network's arithmetic: auto is fp16 on a GPU, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX), else fp32; fp32 everywhere for full precision  [default: from the pipeline, auto]"),
         click.option("--seg", is_flag=True, help="With DICOM input, also write a DICOM SEG (seg.dcm) beside the RTSTRUCT."),
         click.option("--tta/--no-tta", default=None, help="Mirroring test-time augmentation (8x slower)  [default: from the pipeline, on]"),
@@ -243,7 +244,7 @@ def serve(config_file, status, verbose):
 @click.option("--mask", required=True, type=click.Path(path_type=Path), help="Label map (NIfTI, NRRD, MHA) on the series' grid.")
 @click.option("--series", "series_folder", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder of the DICOM series the mask was drawn on.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for rtstruct.dcm.")
-@click.option("--label-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default="msd", show_default=True, help="Label scheme of the mask's values.")
+@click.option("--label-scheme", type=click.Choice(SCHEME_NAMES), default="msd", show_default=True, help="Label scheme of the mask's values.")
 @click.option("--series-uid", default=None, help="SeriesInstanceUID or SeriesNumber, when the folder holds several image series.")
 @click.option("--name", "algorithm", default="tumorseg", show_default=True, help="ROI generation algorithm name.")
 @click.option("--seg", is_flag=True, help="Also write a DICOM SEG (seg.dcm).")
@@ -321,8 +322,8 @@ def batch(input_root, output, model, pipeline_file, device, precision, seg, tta,
 @click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names and a label file each.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for report.html, metrics.json, metrics.csv, summary.csv (and predictions/).")
 @click.option("--predictions", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Score these label maps (<case_id>.nii.gz as nnU-Net writes them, <case_id>/segmentation.nii.gz, or a tumorseg batch folder) instead of predicting.")
-@click.option("--prediction-scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default="msd", show_default=True, help="Label scheme of --predictions.")
-@click.option("--truth-scheme", "--label-scheme", "truth_scheme", type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
+@click.option("--prediction-scheme", type=click.Choice(SCHEME_NAMES), default="msd", show_default=True, help="Label scheme of --predictions.")
+@click.option("--truth-scheme", "--label-scheme", "truth_scheme", type=click.Choice(SCHEME_NAMES), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--nsd-tolerance", type=float, default=2.0, show_default=True, help="Normalised surface distance tolerance, mm.")
 @_pipeline_options
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes for predicting (as in tumorseg batch).")
@@ -380,7 +381,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--dataset-weights", default=None, help="Relative share of the patches for each --dataset, in order, e.g. 1,1,2  [default: equal]")
 @click.option("--exclude", multiple=True, help="Case id to leave out entirely (repeatable; for leave-one-out).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
-@click.option("--label-scheme", "label_schemes", multiple=True, type=click.Choice(["msd", "brats2015", "brats2021", "brats2023"]), help="Label scheme of the ground truth: once for every --dataset, or once per --dataset in the same order  [default: msd for a Decathlon data set; required otherwise]")
+@click.option("--label-scheme", "label_schemes", multiple=True, type=click.Choice(SCHEME_NAMES), help="Label scheme of the ground truth: once for every --dataset, or once per --dataset in the same order  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--name", default="tumorseg-model", show_default=True, help="Model name written into the card.")
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--iterations", type=int, default=100, show_default=True, help="Iterations per epoch.")
@@ -398,7 +399,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--bias-field", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a smooth multiplicative bias field (up to about 1.6x across the patch), as in scans without bias correction.")
 @click.option("--motion", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a patient who moved during the scan (k-space lines after a random moment shifted by up to 4 voxels: ghosts and blur).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(FIXED_PRECISIONS), default=None, help="The network's arithmetic in training: bf16 about halves the time on a CPU with bf16 instructions (AVX512-BF16 or AMX); fp16 is for GPUs; recorded in the card  [default: fp16 on a GPU, fp32 on the CPU]")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Worker processes that prepare the cases and draw augmented batches ahead of the network (on a GPU the CPU work is the bottleneck); the batches are the same with any number.")
 @click.option("--init", "init_model", default=None, help="Fine-tune this model (name or folder; checksum verified) instead of starting from random weights; its spacing, filters, sequences and labels must match these options.")

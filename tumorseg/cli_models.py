@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .errors import ConfigError, TumorsegError
-from .labels import SCHEMES
+from .labels import SCHEME_NAMES
 from .sequences import SEQUENCES
 
 
@@ -76,7 +76,7 @@ _common = [
     click.option("--name", required=True, help="The model's name: `--model NAME` finds it in the user models folder."),
     click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=None,
                  help="Model folder to write  [default: the user models folder/NAME; see docs/models.md]"),
-    click.option("--label-scheme", type=click.Choice(list(SCHEMES)), default="msd", show_default=True,
+    click.option("--label-scheme", type=click.Choice(SCHEME_NAMES), default="msd", show_default=True,
                  help="Label scheme the outputs are written in."),
     click.option("--copy", is_flag=True, help="Copy the model's files into the model folder instead of pointing at them."),
     click.option("--trust-code", is_flag=True,

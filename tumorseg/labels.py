@@ -123,6 +123,10 @@ SCHEMES: dict[str, LabelScheme] = {
 }
 
 
+#: The schemes by name, as the command line offers them.
+SCHEME_NAMES = tuple(SCHEMES)
+
+
 def get_scheme(name: str) -> LabelScheme:
     try:
         return SCHEMES[name]

@@ -265,7 +265,7 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, scheme: LabelScheme) -> dic
     return region_scores(values[pred], scheme, values[truth], scheme)
 
 
-def validate(network, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> dict[str, Any]:
+def score_validation_cases(network, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> dict[str, Any]:
     per_case = {}
     for case in cases:
         # One pass (no mirroring): validation tracks training, and is 8x cheaper than predict's default.
@@ -394,7 +394,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
             val = {}
             if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
                 network.eval()
-                val = validate(network, prepared_val, card, device)
+                val = score_validation_cases(network, prepared_val, card, device)
                 network.train()
             history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1),
                             "validation_dice": val.get("mean"), "validation_cases": val.get("cases")})

@@ -173,7 +173,7 @@ def content_box(image: np.ndarray, masks: Sequence[np.ndarray], centre: Sequence
     return tuple(box)  # type: ignore[return-value]
 
 
-def background_value(image: np.ndarray) -> float:
+def corner_background(image: np.ndarray) -> float:
     """The background's value: 0, or the value all eight corners share when they share one.
 
     Skull-stripped scans z-scored inside the brain (BraTS 2015) keep a constant nonzero background;
@@ -187,7 +187,7 @@ def background_value(image: np.ndarray) -> float:
 
 def foreground(image: np.ndarray) -> np.ndarray:
     """Finite voxels that differ from the background value."""
-    return np.isfinite(image) & (image != background_value(image))
+    return np.isfinite(image) & (image != corner_background(image))
 
 
 def intensity_window(image: np.ndarray) -> tuple[float, float]:
