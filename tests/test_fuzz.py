@@ -10,7 +10,8 @@ together with the seed that rebuilds the mutant.
     TUMORSEG_FUZZ_SCALE=10 TUMORSEG_FUZZ_REPORT=fuzz.json pytest tests/test_fuzz.py -s -n 0
 
 ``TUMORSEG_FUZZ_SCALE`` multiplies the number of mutants; ``TUMORSEG_FUZZ_REPORT`` writes the counts
-(per category and operator: success, refusals by exit code, the longest run) as JSON.
+(per category and operator: success, refusals by exit code, the longest run) and each mutant's seed,
+operator and outcome as JSON, so that two runs (two commits) can be compared mutant by mutant.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _fuzz(category: str, make_mutant, run, tmp_path: Path) -> None:
     failure with its seed and operator."""
     outcomes: Counter = Counter()
     by_operator: dict[str, Counter] = defaultdict(Counter)
-    failures, longest = [], 0.0
+    failures, longest, each = [], 0.0, []
     for seed in range(_count(category)):
         rng = random.Random(f"{category}-{seed}")
         work = tmp_path / f"m{seed}"
@@ -81,10 +82,11 @@ def _fuzz(category: str, make_mutant, run, tmp_path: Path) -> None:
         longest = max(longest, time.perf_counter() - start)
         outcomes[outcome] += 1
         by_operator[operator][outcome] += 1
+        each.append({"seed": seed, "operator": operator, "outcome": outcome})
         shutil.rmtree(work, ignore_errors=True)
     REPORT[category] = {"mutants": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())),
                         "by_operator": {k: dict(v) for k, v in sorted(by_operator.items())},
-                        "longest_s": round(longest, 2)}
+                        "longest_s": round(longest, 2), "each": each}
     assert not failures, f"{len(failures)} mutants broke the contract:\n" + "\n".join(failures)
     assert outcomes["ok"] > 0 and len(outcomes) > 2, f"the mutants test too little: {dict(outcomes)}"
 

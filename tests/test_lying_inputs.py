@@ -304,6 +304,18 @@ def test_uid_with_a_backslash_is_refused_before_inference(tmp_path, series, coar
     refused(result, log_text, tmp_path / "out", 3, "SOPInstanceUID is not a valid DICOM UID")
 
 
+def test_slice_with_a_damaged_sop_class_is_refused_by_name_not_skipped(tmp_path, series, coarse_model):
+    """Flipped header bytes (fuzz seed dicom-113) left a slice whose SOP Class UID was no UID and
+    whose Rows were unreadable: it was skipped as a non-image object, the series then refused for a
+    missing slice that named its neighbours, and the damaged value was logged."""
+    def damage(ds):
+        set_raw(ds, "SOPClassUID", b"\xca" + CANARY.encode())
+        del ds.Rows
+    damaged = _edit(series, 4, damage)
+    result, log_text = predict(coarse_model, tmp_path / "out", series)
+    refused(result, log_text, tmp_path / "out", 3, "SOPClassUID is not a valid DICOM UID", damaged.name)
+
+
 def test_name_planted_in_a_uid_stays_out_of_the_log(tmp_path, series, coarse_model):
     """pydicom's 'Invalid value for VR UI' once printed the planted name."""
     for path in sorted(series.glob("*.dcm")):

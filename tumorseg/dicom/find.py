@@ -12,8 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-from .files import (check_complete, check_image_header, first_line, has_dicom_marker, header_text, read_header,
-                    sop_class_name, walk_files)
+from .files import (check_complete, check_image_header, first_line, has_dicom_marker, header_text, is_valid_uid,
+                    read_header, sop_class_name, walk_files)
 from .series import PATIENT_STUDY_ATTRIBUTES, PatientStudy, SeriesInfo
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,16 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
         if header is None:
             continue
         try:
+            # Damaged, not another kind of object: skipped, a slice would leave an unexplained gap.
+            if not is_valid_uid(header_text(header, "SOPClassUID").rstrip("\0")):
+                raise InputError("SOPClassUID is not a valid DICOM UID (digits and dots, at most 64 characters); "
+                                 "the file is damaged", path)
             reason = _non_image_reason(header)
             if reason is not None:
                 ignored[(header_text(header, "SeriesInstanceUID"), reason)].append(path)
                 continue
+        except InputError:
+            raise
         except Exception as e:  # a damaged value among the few it reads
             raise InputError(f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
                              "remove or replace it", path) from None
