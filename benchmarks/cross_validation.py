@@ -56,7 +56,7 @@ import numpy as np
 
 from tumorseg.atomic import write_bytes_atomic
 from tumorseg.config import FIXED_PRECISIONS, PRECISIONS, load_pipeline
-from tumorseg.evaluate import check_same_grid, read_truth
+from tumorseg.evaluate import check_same_grid, read_label_file
 from tumorseg.labels import REGIONS, SCHEMES
 from tumorseg.metrics import score_masks
 from tumorseg.model import InputSpec, find_model_dir, load_card, load_model, write_card
@@ -116,7 +116,7 @@ def same_patient_groups(cases: list[LabelledCase], threshold: float = SAME_PATIE
     on the same grid are one patient, transitively. Order: the first case of each group in input order."""
     masks = []
     for case in cases:
-        truth = read_truth(case.label_path)
+        truth = read_label_file(case.label_path)
         masks.append((truth.labels.shape, truth.affine, case.scheme.region_mask(truth.labels, "WT")))
     parent = list(range(len(cases)))
 
@@ -231,7 +231,7 @@ def key(sequences: tuple[str, ...]) -> str:
 
 
 def score_result(result, case: LabelledCase, scheme) -> dict:
-    truth = read_truth(case.label_path)
+    truth = read_label_file(case.label_path)
     check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
     out = {}
     for region in REGIONS:

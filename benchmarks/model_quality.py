@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tumorseg.config import load_pipeline
-from tumorseg.evaluate import check_same_grid, read_truth, region_scores
+from tumorseg.evaluate import check_same_grid, read_label_file, region_scores
 from tumorseg.labels import REGIONS
 from tumorseg.pipeline import Segmenter
 from tumorseg.datasets import discover_cases
@@ -52,7 +52,7 @@ def score(segmenter: Segmenter, root: Path, truth_scheme: str | None, only: set[
             continue
         start = time.perf_counter()
         result = segmenter.segment_inputs(case.inputs)
-        truth = read_truth(case.label_path)
+        truth = read_label_file(case.label_path)
         check_same_grid(result.labels.source.shape, result.labels.affine, truth, case.label_path)
         scores = region_scores(result.labels.array, segmenter.card.scheme, truth.labels, case.scheme)
         errors = wt_errors(segmenter.card.scheme.region_mask(result.labels.array, "WT"),

@@ -135,7 +135,7 @@ def segment_both(segmenters: dict, reference_path: Path, moving: Volume, truth_m
     """WT Dice of the registered run against the perfectly registered one, and each against truth."""
     import nibabel as nib
 
-    from tumorseg.evaluate import read_truth
+    from tumorseg.evaluate import read_label_file
     from tumorseg.labels import get_scheme
     from tumorseg.sequences import StudyInputs
 
@@ -150,7 +150,7 @@ def segment_both(segmenters: dict, reference_path: Path, moving: Volume, truth_m
         segmenter = segmenters[name]
         result = segmenter.segment_inputs(StudyInputs(files=(("flair", path), ("t1gd", reference_path))))
         masks[name] = segmenter.card.scheme.region_mask(result.labels.array, "WT")
-    truth = read_truth(label_path)
+    truth = read_label_file(label_path)
     masks["truth"] = get_scheme(scheme).region_mask(truth.labels, "WT")
 
     def dice(a, b):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import save_nifti
 from tumorseg.errors import GeometryError, InputError
-from tumorseg.evaluate import read_truth, region_scores
+from tumorseg.evaluate import read_label_file, region_scores
 from tumorseg.metrics import dice
 from tumorseg.labels import convert, get_scheme
 
@@ -49,7 +49,7 @@ def test_empty_ground_truth_reads_but_empty_scan_does_not(tmp_path):
     from tumorseg.stages.read import read_volume
 
     path = save_nifti(tmp_path / "seg.nii.gz", np.zeros((5, 6, 7), np.uint8), np.eye(4))
-    assert not read_truth(path).labels.any()
+    assert not read_label_file(path).labels.any()
     with pytest.raises(InputError, match="constant"):
         read_volume(path)
 
@@ -58,9 +58,9 @@ def test_a_probability_map_is_not_read_as_labels(tmp_path):
     labels = np.zeros((5, 6, 7), np.float32)
     labels[1:3, 2:4, 3:5] = 2.0
     labels[0, 0, 0] = 1.0 + 1e-5  # float storage rounding: still the label 1
-    assert sorted(np.unique(read_truth(save_nifti(tmp_path / "seg.nii.gz", labels, np.eye(4))).labels)) == [0, 1, 2]
+    assert sorted(np.unique(read_label_file(save_nifti(tmp_path / "seg.nii.gz", labels, np.eye(4))).labels)) == [0, 1, 2]
     labels[1, 2, 3] = 0.6  # a probability, or a linearly resampled edge
     path = save_nifti(tmp_path / "probs.nii.gz", labels, np.eye(4))
     with pytest.raises(InputError, match=r"not a label map: 1 voxels hold non-integer values \(e.g. 0.6\)") as err:
-        read_truth(path)
+        read_label_file(path)
     assert "probs.nii.gz" in str(err.value)

@@ -228,7 +228,7 @@ def test_validate_never_scores_a_prediction_left_by_an_earlier_run(tmp_path):
 
 def test_volumes_on_a_sheared_grid_match_the_report():
     # Spacing 1 x 1.25 x 1 mm but 1 mm^3 per voxel (shear): validate must give predict's volume.
-    from tumorseg.evaluate import Truth
+    from tumorseg.evaluate import LabelFile
     from tumorseg.scan import LabelMap, SourceGeometry
     from tumorseg.stages.report import summarize
     from tumorseg.validate import score_case
@@ -239,7 +239,7 @@ def test_volumes_on_a_sheared_grid_match_the_report():
     pred = np.zeros_like(truth)
     pred[2:7, 2:7, 2:8] = 1  # 150 voxels
     msd = get_scheme("msd")
-    scored = score_case("c", Truth(pred, affine), msd, Truth(truth, affine), msd, Path("t.nii.gz"), 2.0)
+    scored = score_case("c", LabelFile(pred, affine), msd, LabelFile(truth, affine), msd, Path("t.nii.gz"), 2.0)
     wt = scored.scores["WT"]
     report_ml = summarize(LabelMap(pred, affine, msd, SourceGeometry(pred.shape, affine)))["regions"]["WT"]["volume_ml"]
     assert wt["volume_pred_ml"] == pytest.approx(report_ml) == pytest.approx(0.150)

@@ -28,7 +28,9 @@ def region_scores(pred: np.ndarray, pred_scheme: LabelScheme, truth: np.ndarray,
 
 
 @dataclass(frozen=True)
-class Truth:
+class LabelFile:
+    """A label map read from a file, ground truth or prediction, with its voxel-to-world affine."""
+
     labels: np.ndarray
     affine: np.ndarray
 
@@ -37,7 +39,7 @@ class Truth:
 LABEL_ROUNDING = 1e-3
 
 
-def read_truth(path: Path) -> Truth:
+def read_label_file(path: Path) -> LabelFile:
     """A label map (ground truth or prediction). Non-integer values are refused, not rounded: a
     probability map or a linearly resampled label map would otherwise be scored as labels."""
     volume = read_volume(path, allow_constant=True)
@@ -49,10 +51,10 @@ def read_truth(path: Path) -> Truth:
             f"{float(volume.array[off][0]):g}); give integer labels (nearest-neighbour resampling)",
             path,
         )
-    return Truth(labels.astype(np.int64), volume.affine)
+    return LabelFile(labels.astype(np.int64), volume.affine)
 
 
-def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: Truth, path: Path) -> None:
+def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: LabelFile, path: Path) -> None:
     """Refuse ground truth whose shape or affine differs from its scan's grid."""
     if not same_grid(truth.labels.shape, truth.affine, shape, affine):
         raise GeometryError(

@@ -28,7 +28,7 @@ from .config import FIXED_PRECISIONS, InferenceConfig
 from .configio import to_dict
 from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, InputError, TumorsegError
-from .evaluate import check_same_grid, read_truth, region_scores
+from .evaluate import check_same_grid, read_label_file, region_scores
 from .heap import keep_freed_heap_memory
 from .labels import REGIONS, LabelScheme, conversion_table
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
@@ -125,7 +125,7 @@ def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False) 
     scan = read.read_study(case.inputs)
     if as_predict and (used := card.input.choose(scan.channels)) != scan.channels:
         scan = scan.with_channels(used)
-    truth = read_truth(case.label_path)
+    truth = read_label_file(case.label_path)
     check_same_grid(scan.source.shape, scan.source.affine, truth, case.label_path)
     case.scheme.validate_array(truth.labels, "the label map", case.label_path)
     target = card.scheme

@@ -26,7 +26,7 @@ from . import metrics
 from .atomic import write_bytes_atomic
 from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, GeometryError, TumorsegError
-from .evaluate import Truth, read_truth
+from .evaluate import LabelFile, read_label_file
 from .labels import REGIONS, LabelScheme, conversion_table
 from .scan import same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
@@ -68,7 +68,7 @@ def structures(pred_scheme: LabelScheme, truth_scheme: LabelScheme) -> tuple[lis
     return list(REGIONS) + list(labels), labels
 
 
-def score_case(case_id: str, pred: Truth, pred_scheme: LabelScheme, truth: Truth, truth_scheme: LabelScheme,
+def score_case(case_id: str, pred: LabelFile, pred_scheme: LabelScheme, truth: LabelFile, truth_scheme: LabelScheme,
                truth_path: Path, tolerance_mm: float, pred_path: Path | None = None) -> ScoredCase:
     """Every structure's scores for one case (prediction and truth on one grid)."""
     if not same_grid(pred.labels.shape, pred.affine, truth.labels.shape, truth.affine):
@@ -181,8 +181,8 @@ def validate(
             path = find_prediction(Path(predictions), case_id)
             if path is None:
                 raise TumorsegError(f"no prediction for case {case_id}", predictions)
-            pred = read_truth(path)
-            truth = read_truth(case.label_path)
+            pred = read_label_file(path)
+            truth = read_label_file(case.label_path)
             result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm,
                                 path)
             names, _ = structures(prediction_scheme, case.scheme)
@@ -216,7 +216,7 @@ def validate(
     return document
 
 
-def _overlay(case: LabelledCase, pred: Truth, pred_scheme: LabelScheme, truth: Truth) -> bytes:
+def _overlay(case: LabelledCase, pred: LabelFile, pred_scheme: LabelScheme, truth: LabelFile) -> bytes:
     from .validation_report import overlay_png
 
     image = background_image(case)
