@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -318,23 +318,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
         check_init_compatible(init.card, card)
     if cfg.dataset_weights is not None and len(cfg.dataset_weights) != len(datasets):
         raise ConfigError(f"{len(cfg.dataset_weights)} dataset weights for {len(datasets)} data sets")
-    train_groups, val_cases, excluded = [], [], set()
-    for dataset, scheme in zip(datasets, dataset_schemes(datasets, label_schemes)):
-        found = discover_cases(dataset, scheme)
-        excluded |= {c.case_id for c in found if c.case_id in exclude}
-        cases = [c for c in found if c.case_id not in exclude]
-        if not cases:
-            raise InputError("no training cases left after --exclude", dataset)
-        train_part, val_part = split_cases(cases, cfg.validation_fraction, cfg.seed)
-        train_groups.append(train_part)
-        val_cases += val_part
-    if unmatched := sorted(set(exclude) - excluded):
-        # A misspelt id would train on the case it was meant to hold out, and the card would say otherwise.
-        raise ConfigError(f"--exclude {', '.join(unmatched)}: no such case in the data sets (case ids are "
-                          "file or folder names, case-sensitive)")
+    train_groups, val_cases, split = _split_datasets(datasets, label_schemes, cfg, exclude)
     train_cases = [c for group in train_groups for c in group]
-    split = {"training": [[c.case_id for c in group] for group in train_groups],
-             "validation": [c.case_id for c in val_cases], "excluded": sorted(excluded)}
     checkpoint_path = output / CHECKPOINT_NAME
     saved_state = None
     if resume:  # checked before the cases are prepared, which takes minutes on a large data set
@@ -342,16 +327,7 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     elif checkpoint_path.exists():
         raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
     log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
-    with tqdm(total=len(train_cases) + len(val_cases), desc="preparing", disable=not progress) as bar:
-        ready = []
-        for case in _in_order(_PreparedCases(train_cases + val_cases, card, len(train_cases)), workers):
-            if isinstance(case, TumorsegError):
-                raise case
-            ready.append(case)
-            bar.update()
-    in_order = iter(ready)
-    prepared = [list(itertools.islice(in_order, len(group))) for group in train_groups]
-    prepared_val = list(in_order)
+    prepared, prepared_val = _prepare_all(train_groups, val_cases, card, workers, progress)
 
     torch.manual_seed(cfg.seed)
     network = build_network(card)
@@ -374,23 +350,9 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     batches = iter(_in_order(_Batches(prepared, cfg, start_epoch), workers, pin_memory=device.type == "cuda"))
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            started, losses = time.perf_counter(), []
+            started = time.perf_counter()
             bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-            for _ in bar:
-                images, labels = next(batches)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
-                optimizer.zero_grad(set_to_none=True)
-                with infer.autocast(device, dtype):
-                    logits = network(images)
-                loss = loss_fn(logits.float(), labels)  # softmax, Dice and cross-entropy in fp32
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            losses = _train_epoch(network, batches, bar, _Optimisation(optimizer, scheduler, scaler, loss_fn), device, dtype)
             val = {}
             if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
                 network.eval()
@@ -425,6 +387,75 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     record = {"training": [c.case_id for c in train_cases], "validation": split["validation"]}
     write_bytes_atomic(output / LOG_NAME, json.dumps({"split": record, "history": history}, indent=2).encode())
     return card
+
+
+def _split_datasets(datasets: list[Path], label_schemes: tuple[str, ...], cfg: TrainConfig,
+                    exclude: tuple[str, ...]) -> tuple[list[list[LabelledCase]], list[LabelledCase], dict[str, Any]]:
+    """Each data set's training cases (one group per data set) and all validation cases, each data
+    set split on its own; and the split as the checkpoint records it."""
+    train_groups, val_cases, excluded = [], [], set()
+    for dataset, scheme in zip(datasets, dataset_schemes(datasets, label_schemes)):
+        found = discover_cases(dataset, scheme)
+        excluded |= {c.case_id for c in found if c.case_id in exclude}
+        cases = [c for c in found if c.case_id not in exclude]
+        if not cases:
+            raise InputError("no training cases left after --exclude", dataset)
+        train_part, val_part = split_cases(cases, cfg.validation_fraction, cfg.seed)
+        train_groups.append(train_part)
+        val_cases += val_part
+    if unmatched := sorted(set(exclude) - excluded):
+        # A misspelt id would train on the case it was meant to hold out, and the card would say otherwise.
+        raise ConfigError(f"--exclude {', '.join(unmatched)}: no such case in the data sets (case ids are "
+                          "file or folder names, case-sensitive)")
+    split = {"training": [[c.case_id for c in group] for group in train_groups],
+             "validation": [c.case_id for c in val_cases], "excluded": sorted(excluded)}
+    return train_groups, val_cases, split
+
+
+def _prepare_all(train_groups: list[list[LabelledCase]], val_cases: list[LabelledCase], card: ModelCard,
+                 workers: int, progress: bool) -> tuple[list[list[PreparedCase]], list[PreparedCase]]:
+    """The cases on the model grid, normalised: per training group, and the validation cases."""
+    from tqdm import tqdm
+
+    train_cases = [c for group in train_groups for c in group]
+    with tqdm(total=len(train_cases) + len(val_cases), desc="preparing", disable=not progress) as bar:
+        ready = []
+        for case in _in_order(_PreparedCases(train_cases + val_cases, card, len(train_cases)), workers):
+            if isinstance(case, TumorsegError):
+                raise case
+            ready.append(case)
+            bar.update()
+    in_order = iter(ready)
+    prepared = [list(itertools.islice(in_order, len(group))) for group in train_groups]
+    return prepared, list(in_order)
+
+
+class _Optimisation(NamedTuple):
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    loss_fn: Any
+
+
+def _train_epoch(network, batches, bar, opt: _Optimisation, device: torch.device, dtype) -> list[float]:
+    """One epoch's steps (one per item of ``bar``); the loss of each."""
+    losses = []
+    for _ in bar:
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
+        opt.optimizer.zero_grad(set_to_none=True)
+        with infer.autocast(device, dtype):
+            logits = network(images)
+        loss = opt.loss_fn(logits.float(), labels)  # softmax, Dice and cross-entropy in fp32
+        opt.scaler.scale(loss).backward()
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.scheduler.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return losses
 
 
 def _provenance(init: LoadedModel) -> dict[str, Any]:
