@@ -141,7 +141,7 @@ def validate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict (or find predictions), score every case, and write the reports. Returns metrics."""
-    from .batch.cases import BatchCase, safe_case_id, unique_case_ids
+    from .batch.cases import safe_case_id, unique_case_ids
 
     output = Path(output)
     if truth_scheme not in (None, "msd") and (Path(dataset) / "dataset.json").is_file():
@@ -158,13 +158,8 @@ def validate(
     if predictions is None:
         if segmenter is None:
             raise ValueError("give a segmenter or a predictions folder")
-        from .batch.runner import BatchRunner
-
         predictions = output / PREDICTIONS_DIR
-        batch = [BatchCase(i, c.inputs, c.case_id) for i, c in zip(ids, cases)]
-        summary = BatchRunner(segmenter, predictions, workers=workers, force=force, progress=progress).run(batch)
-        # A case that failed now must not be scored on a label map an earlier run left behind.
-        batch_failures = {o.case_id: f"prediction failed: {o.error_message}" for o in summary.failed}
+        batch_failures = _predict_cases(segmenter, ids, cases, predictions, workers, force, progress)
         prediction_scheme = segmenter.card.scheme
         model = {"name": segmenter.card.name, "version": segmenter.card.version,
                  "weights_sha256": segmenter.model.sha256}
@@ -178,19 +173,10 @@ def validate(
         try:
             if case_id in batch_failures:
                 raise TumorsegError(batch_failures[case_id])
-            path = find_prediction(Path(predictions), case_id)
-            if path is None:
-                raise TumorsegError(f"no prediction for case {case_id}", predictions)
-            pred = read_label_file(path)
-            truth = read_label_file(case.label_path)
-            result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm,
-                                path)
+            result, overlay = _score_one(case_id, case, Path(predictions), prediction_scheme, tolerance_mm, html)
             names, _ = structures(prediction_scheme, case.scheme)
-            if html:
-                try:
-                    overlays[case_id] = _overlay(case, pred, prediction_scheme, truth)
-                except (TumorsegError, ValueError) as e:  # the scores stand; only the picture is lost
-                    log.warning("%s: no overlay in the HTML report (%s)", case_id, e)
+            if overlay is not None:
+                overlays[case_id] = overlay
         except TumorsegError as e:
             log.warning("%s not scored: %s", case_id, e)
             result = ScoredCase(case_id, "failed", f"{type(e).__name__}: {e}", None, {})
@@ -214,6 +200,37 @@ def validate(
     }
     write_reports(output, document, overlays if html else None)
     return document
+
+
+def _predict_cases(segmenter, ids: list[str], cases: list[LabelledCase], predictions: Path, workers: int,
+                   force: bool, progress: bool) -> dict[str, str]:
+    """Segment every case into ``predictions`` as ``tumorseg batch`` does; the reason of each case
+    that failed now (it must not be scored on a label map an earlier run left behind)."""
+    from .batch.cases import BatchCase
+    from .batch.runner import BatchRunner
+
+    batch = [BatchCase(i, c.inputs, c.case_id) for i, c in zip(ids, cases)]
+    summary = BatchRunner(segmenter, predictions, workers=workers, force=force, progress=progress).run(batch)
+    return {o.case_id: f"prediction failed: {o.error_message}" for o in summary.failed}
+
+
+def _score_one(case_id: str, case: LabelledCase, predictions: Path, prediction_scheme: LabelScheme,
+               tolerance_mm: float, html: bool) -> tuple[ScoredCase, bytes | None]:
+    """One case's scores, and its overlay for the HTML report (None without ``html``, or when only
+    the picture failed: the scores stand)."""
+    path = find_prediction(predictions, case_id)
+    if path is None:
+        raise TumorsegError(f"no prediction for case {case_id}", predictions)
+    pred = read_label_file(path)
+    truth = read_label_file(case.label_path)
+    result = score_case(case_id, pred, prediction_scheme, truth, case.scheme, case.label_path, tolerance_mm, path)
+    overlay = None
+    if html:
+        try:
+            overlay = _overlay(case, pred, prediction_scheme, truth)
+        except (TumorsegError, ValueError) as e:
+            log.warning("%s: no overlay in the HTML report (%s)", case_id, e)
+    return result, overlay
 
 
 def _overlay(case: LabelledCase, pred: LabelFile, pred_scheme: LabelScheme, truth: LabelFile) -> bytes:
