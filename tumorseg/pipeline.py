@@ -25,7 +25,7 @@ from .heap import keep_freed_heap_memory
 from .inputs import CaseInputs, DicomInputs
 from .model import LoadedModel, ModelCard, load_model, sha256_file
 from .scan import LabelMap, Scan, SourceGeometry
-from .sequences import StudyInputs, reference_sequence
+from .sequences import NIFTI_SUFFIXES, StudyInputs, reference_sequence
 from .runner import ModelRunner, runner_for
 from .stages import brain, geometry, infer, normalize, overview, postprocess, read, register, report, write
 from .timing import timed
@@ -384,7 +384,7 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
 
 
 def _format_name(path: Path) -> str:
-    return "nifti" if path.name.lower().endswith((".nii", ".nii.gz")) else path.suffix.lstrip(".").lower()
+    return "nifti" if path.name.lower().endswith(NIFTI_SUFFIXES) else path.suffix.lstrip(".").lower()
 
 
 def write_dicom_outputs(result: Result, spec: PipelineSpec, output_dir: Path) -> dict[str, Path]:

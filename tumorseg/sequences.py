@@ -57,7 +57,10 @@ NOT_ANATOMICAL_TOKENS = frozenset({
 })
 #: BIDS entities whose values are not about the image's contrast (``ses-post`` is a session).
 _BIDS_OTHER_ENTITIES = re.compile(r"(?:^|_)(?:sub|ses|run|acq|rec|dir|echo|part|task|inv|mt|flip|chunk)-[a-z0-9]+")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: The image formats tumorseg reads by file name: NIfTI through nibabel, the others through ITK.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 #: File-name tokens of ground-truth label maps in case folders (BraTS ``*_seg``, ``OTMultiClass``).
 TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor",
                                "segmentation", "dseg"})

@@ -18,10 +18,8 @@ import numpy as np
 from ..errors import ConfigError, GeometryError, InputError, SequenceError
 from ..itk import ras_affine
 from ..scan import Scan, SourceGeometry, same_grid
-from ..sequences import DECATHLON_ORDER, StudyInputs
+from ..sequences import DECATHLON_ORDER, ITK_SUFFIXES, NIFTI_SUFFIXES, StudyInputs
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 #: Largest image accepted by default, in voxels per file or series (512^3; a 512 x 512 x 400 MR
 #: passes): a header that declares more is refused before anything is allocated.
 MAX_VOXELS = 512**3
