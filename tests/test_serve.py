@@ -226,7 +226,7 @@ def study_state(spool: Path) -> str:
 
 def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tmp_path, quiet_model, series):
     receiver = Receiver().start()
-    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)], idle_seconds=3.0).start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)], idle_seconds=5.0).start()
     files = sorted(series.glob("*.dcm"))
     first, rest = tmp_path / "first", tmp_path / "rest"
     first.mkdir(), rest.mkdir()
@@ -235,7 +235,11 @@ def test_kill_while_receiving_and_while_segmenting_then_restart_delivers_once(tm
     try:
         assert set(send_series(first, node.port)) == {0x0000}
         node.stop(signal.SIGKILL)  # while receiving: half the study spooled
+        time.sleep(5.5)  # down longer than idle_seconds
         node.start()
+        # The sender resumes a little later (once: the first half was complete at once on restart,
+        # segmented and delivered on its own before the rest arrived).
+        time.sleep(1.5)
         assert set(send_series(rest, node.port)) == {0x0000}
         seen = ""
         deadline = time.time() + 60
@@ -557,6 +561,22 @@ def test_job_store_rolls_back_a_failed_transaction(tmp_path):
     jobs._db.execute("DROP TRIGGER full")
     jobs.instance_received("1.2.3", 100)
     assert [s.instances for s in jobs.studies()] == [1]
+
+
+def test_a_study_cut_off_by_a_restart_waits_a_full_idle_period_after_it(tmp_path):
+    """The sender cannot send while the node is down: a study still being received when it stopped
+    was once complete at once on restart (its last instance older than idle_seconds), so its first
+    half was segmented and could be delivered before the sender resumed."""
+    from tumorseg.serve.state import JobStore
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs.instance_received("1.2.3", 100)
+    jobs._db.execute("UPDATE studies SET last_instance = last_instance - 600")  # the node down 10 minutes
+    jobs.restart_idle_clocks()
+    assert jobs.mark_complete(idle_seconds=60) == []
+    assert [s.study_uid for s in jobs.mark_complete(idle_seconds=0)] == ["1.2.3"]
+    jobs.restart_idle_clocks()  # a complete study is not reopened
+    assert [s.state for s in jobs.studies()] == ["complete"]
 
 
 def test_spool_writes_partial_files_outside_the_study_and_sweeps_them(tmp_path):

@@ -53,6 +53,9 @@ class Node:
             log.info("resuming %d study(ies) that were being segmented when the node stopped", recovered)
         self._load_pipeline()
         self.start_scp()
+        if self.jobs.restart_idle_clocks():
+            log.info("studies cut off when the node stopped wait %g s for the rest of their instances",
+                     self.settings.idle_seconds)
         log.info("listening as %s on %s:%d; spool %s", self.settings.ae_title, self.settings.host,
                  self.settings.port, self.config.spool)
         try:

@@ -121,6 +121,11 @@ class JobStore:
         """At start: studies that were being segmented when the node stopped run again."""
         return self._write("UPDATE studies SET state = 'complete', updated = ? WHERE state = 'running'", (time.time(),))
 
+    def restart_idle_clocks(self) -> int:
+        """At start, once listening: studies still being received wait ``idle_seconds`` from now,
+        since nobody could send them while the node was down."""
+        return self._write("UPDATE studies SET last_instance = ? WHERE state = 'received'", (time.time(),))
+
     def mark_complete(self, idle_seconds: float) -> list[Study]:
         cutoff = time.time() - idle_seconds
         ready = []
