@@ -316,6 +316,18 @@ def test_slice_with_a_damaged_sop_class_is_refused_by_name_not_skipped(tmp_path,
     refused(result, log_text, tmp_path / "out", 3, "SOPClassUID is not a valid DICOM UID", damaged.name)
 
 
+def test_a_damaged_object_in_a_series_of_its_own_does_not_refuse_the_folder(tmp_path, series, coarse_model):
+    """As an odd SR or RTSTRUCT beside the images: whatever it was, it is no slice of theirs."""
+    source = sorted(series.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    set_raw(ds, "SOPClassUID", b"\xca" + CANARY.encode())
+    del ds.Rows
+    ds.save_as(series / "odd-object.dcm")
+    result, log_text = predict(coarse_model, tmp_path / "out", series)
+    assert check_contract(result, log_text, tmp_path / "out") == "ok"
+
+
 def test_name_planted_in_a_uid_stays_out_of_the_log(tmp_path, series, coarse_model):
     """pydicom's 'Invalid value for VR UI' once printed the planted name."""
     for path in sorted(series.glob("*.dcm")):

@@ -25,8 +25,10 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
     """Every image series under ``folder`` (recursively, any file names), by SeriesInstanceUID.
 
     Files without the DICOM marker and DICOMDIR files are skipped; objects without an image
-    (RTSTRUCT, SEG, SR, presentation states ...) are ignored with a log line. A file that
-    carries the DICOM marker but cannot be parsed is refused (InputError naming it). Series are
+    (RTSTRUCT, SEG, SR, presentation states ...) are ignored with a log line, as is a file whose
+    SOP Class UID is not a UID unless it shares its series with images. A file that carries the
+    DICOM marker but cannot be parsed, or a damaged one in an image series, is refused
+    (InputError naming it). Series are
     returned ordered by SeriesNumber, then description.
     """
     folder = Path(folder)
@@ -36,27 +38,32 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
         raise InputError("not a folder (give the folder that holds the DICOM files)", folder)
     groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)
     ignored: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    unknown_class: dict[str, Path] = {}  # series UID -> a file whose SOP Class UID is no UID
     for path in walk_files(folder):
         header = read_header(path)
         if header is None:
             continue
         try:
-            # Damaged, not another kind of object: skipped, a slice would leave an unexplained gap.
             if not is_valid_uid(header_text(header, "SOPClassUID").rstrip("\0")):
-                raise InputError("SOPClassUID is not a valid DICOM UID (digits and dots, at most 64 characters); "
-                                 "the file is damaged", path)
+                unknown_class.setdefault(header_text(header, "SeriesInstanceUID"), path)
+                continue
             reason = _non_image_reason(header)
             if reason is not None:
                 ignored[(header_text(header, "SeriesInstanceUID"), reason)].append(path)
                 continue
-        except InputError:
-            raise
         except Exception as e:  # a damaged value among the few it reads
             raise InputError(f"a DICOM file that cannot be parsed (truncated or corrupt: {first_line(e)}); "
                              "remove or replace it", path) from None
         check_image_header(header, path)
         check_complete(header, path)
         groups[str(header.SeriesInstanceUID)].append((path, header))
+    for series_uid, path in unknown_class.items():
+        # Damaged rather than another kind of object when its series is an image series: skipped,
+        # it would leave a gap refused with the wrong reason (or none, at the end of the stack).
+        if series_uid in groups:
+            raise InputError("SOPClassUID is not a valid DICOM UID (digits and dots, at most 64 characters); "
+                             "the file is damaged", path)
+        ignored[(series_uid, "a SOP Class UID that is not a UID")].append(path)
     for (_, reason), paths in ignored.items():
         # File names at debug level only: exporters put patient names and IDs in them.
         log.info("ignored %d non-image object(s) (%s)", len(paths), reason)
