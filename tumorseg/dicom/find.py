@@ -28,8 +28,7 @@ def find_series(folder: str | Path) -> list[SeriesInfo]:
     (RTSTRUCT, SEG, SR, presentation states ...) are ignored with a log line, as is a file whose
     SOP Class UID is not a UID unless it shares its series with images. A file that carries the
     DICOM marker but cannot be parsed, or a damaged one in an image series, is refused
-    (InputError naming it). Series are
-    returned ordered by SeriesNumber, then description.
+    (InputError naming it). Series are returned ordered by SeriesNumber, then description.
     """
     folder = Path(folder)
     if not folder.exists():
