@@ -59,9 +59,10 @@ def candidates(mirrored_rerun: bool = False, each_fold: bool = False) -> dict:
 
     found = {}
     if hdbet.available():
+        bf16 = native_bf16_cpu()  # what the pipeline runs here with precision auto
         extractor = hdbet.load_extractor("cpu")
         found["tumorseg (HD-BET fast)"] = lambda image, affine: extractor(image, affine)
-        if native_bf16_cpu():  # what the pipeline runs here with precision auto
+        if bf16:
             in_bf16 = hdbet.load_extractor("cpu", bf16=True)
             found["tumorseg (HD-BET fast, bf16)"] = lambda image, affine: in_bf16(image, affine)
         if mirrored_rerun:
@@ -69,8 +70,8 @@ def candidates(mirrored_rerun: bool = False, each_fold: bool = False) -> dict:
         if each_fold:  # in the pipeline's precision: which fold, and what averaging them buys
             for fold in sorted(hdbet.WEIGHTS_SHA256):
                 if fold != hdbet.FOLD:
-                    found[f"HD-BET fold {fold}"] = hdbet.load_extractor("cpu", bf16=native_bf16_cpu(), folds=(fold,))
-            found[FOLDS_AVERAGED] = hdbet.load_extractor("cpu", bf16=native_bf16_cpu(), folds=tuple(hdbet.WEIGHTS_SHA256))
+                    found[f"HD-BET fold {fold}"] = hdbet.load_extractor("cpu", bf16=bf16, folds=(fold,))
+            found[FOLDS_AVERAGED] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256))
     import importlib.util
 
     if importlib.util.find_spec("deepbet") is not None:

