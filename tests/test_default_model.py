@@ -67,27 +67,23 @@ def test_readme_and_card_agree():
         synth = card.metrics[key]
         row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in ("WT", "TC", "ET"))
         assert row in readme
-    # Held-out estimates come from a cross-validation fold: the same recipe without those cases.
-    cv = card.metrics["cross_validation_fold0"]
-    held_out = [c for c, v in cv["cases"].items() if not v["seen_by_init"]]
-    assert held_out and cv["fold_model_sha256"] != card.weights.sha256
-    assert set(cv["cases"]) <= set(card.training["training_cases"])  # the shipped model then trains on them
-    assert cv["cases"].keys() == set(cv["held_out"])
-    for case, scores in cv["cases"].items():
-        before = [cv[k][case] for k in ("baseline", "version_2_2") if k in cv]  # the models it is compared with
-        assert (f"| {case} | {' | '.join(f'{scores[r]:.3f}' for r in ('WT', 'TC', 'ET'))} | "
-                + "".join(f"{' / '.join(f'{b[r]:.3f}' for r in ('WT', 'TC', 'ET'))} | " for b in before)) in readme
-    for group in ("four_sequence_mean", "unseen_mean"):
-        mean = cv[group]
-        assert " | ".join(f"{mean[r]:.3f}" for r in ("WT", "TC", "ET")) in readme
-    # ... and from the folds trained since, pooled.
+    # Held-out estimates come from the 5-fold cross-validation of the shipped model's recipe: each
+    # fold's model trained without its held-out cases (none of them the shipped model, which then
+    # trains on every case), beside the same folds of the previous version's recipe.
     folds = card.metrics["cross_validation_folds"]
-    assert set(folds["cases"]) <= set(card.training["training_cases"])
-    assert {str(k) for k in folds["folds"]} == set(folds["fold_model_sha256"])
+    previous = card.metrics["cross_validation_folds_previous"]
+    assert len(folds["folds"]) == 5 and {str(k) for k in folds["folds"]} == set(folds["fold_model_sha256"])
     assert card.weights.sha256 not in folds["fold_model_sha256"].values()
+    assert set(folds["cases"]) <= set(card.training["training_cases"])
+    assert set(folds["cases"]) == set(previous["cases"])
+    regions = ("WT", "TC", "ET")
+    for case, scores in folds["cases"].items():
+        assert previous["cases"][case]["fold"] == scores["fold"]  # the same held-out cases, fold by fold
+        assert (f"| {case} | {scores['fold']} | {' | '.join(f'{scores[r]:.3f}' for r in regions)} | "
+                + " / ".join(f"{previous['cases'][case][r]:.3f}" for r in regions) + " |") in readme
     for group in ("four_sequence_mean", "unseen_mean"):
         mean = folds[group]
-        assert (" | ".join(f"{mean[r]:.3f}" for r in ("WT", "TC", "ET")) + " | worst "
+        assert (" | ".join(f"{mean[r]:.3f}" for r in regions) + " | worst "
                 + " / ".join(f"{x:.3f}" for x in mean["worst"])) in readme
     first_lines = readme.splitlines()[:5]
     assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
