@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from conftest import benchmark_module
 from tumorseg.cli import main
+from tumorseg.labels import REGIONS
 from tumorseg.model import bundled_models_dir, load_card, load_model, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_preferred_sets_follow_the_cross_validation():
     cv = benchmark_module("cross_validation")
     card = load_card(bundled_models_dir() / "default")
     folds = card.metrics["cross_validation_folds"]
-    table = {tuple(k.split("+")): {r: v[r] for r in ("WT", "TC", "ET")} for k, v in folds["subsets"].items()}
+    table = {tuple(k.split("+")): {r: v[r] for r in REGIONS} for k, v in folds["subsets"].items()}
     assert len(table) == 15 and all(v["cases"] == folds["four_sequence_mean"]["cases"] for v in folds["subsets"].values())
     rule = cv.preferred_sets(table)
     assert [tuple(s) for s in card.input.preferred_sets] == rule
@@ -65,7 +66,7 @@ def test_readme_and_card_agree():
     assert synthetic
     for key in synthetic:
         synth = card.metrics[key]
-        row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in ("WT", "TC", "ET"))
+        row = " | ".join(f"{synth[r]['mean']:.3f} / {synth[r]['worst']:.3f}" for r in REGIONS)
         assert row in readme
     # Held-out estimates come from the 5-fold cross-validation of the shipped model's recipe: each
     # fold's model trained without its held-out cases (none of them the shipped model, which then
@@ -76,14 +77,13 @@ def test_readme_and_card_agree():
     assert card.weights.sha256 not in folds["fold_model_sha256"].values()
     assert set(folds["cases"]) <= set(card.training["training_cases"])
     assert set(folds["cases"]) == set(previous["cases"])
-    regions = ("WT", "TC", "ET")
     for case, scores in folds["cases"].items():
         assert previous["cases"][case]["fold"] == scores["fold"]  # the same held-out cases, fold by fold
-        assert (f"| {case} | {scores['fold']} | {' | '.join(f'{scores[r]:.3f}' for r in regions)} | "
-                + " / ".join(f"{previous['cases'][case][r]:.3f}" for r in regions) + " |") in readme
+        assert (f"| {case} | {scores['fold']} | {' | '.join(f'{scores[r]:.3f}' for r in REGIONS)} | "
+                + " / ".join(f"{previous['cases'][case][r]:.3f}" for r in REGIONS) + " |") in readme
     for group in ("four_sequence_mean", "unseen_mean"):
         mean = folds[group]
-        assert (" | ".join(f"{mean[r]:.3f}" for r in regions) + " | worst "
+        assert (" | ".join(f"{mean[r]:.3f}" for r in REGIONS) + " | worst "
                 + " / ".join(f"{x:.3f}" for x in mean["worst"])) in readme
     first_lines = readme.splitlines()[:5]
     assert any("tumorseg predict examples/BraTS-GLI-00001-000" in line for line in first_lines)
