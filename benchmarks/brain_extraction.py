@@ -17,7 +17,9 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 
 ``--mirrored-rerun`` adds a candidate: HD-BET run again on the image mirrored at its first mask's
 cuts (measured, not adopted: docs/performance.md). ``--each-fold`` adds HD-BET's other four folds
-alone and all five averaged, in the pipeline's precision (measured, not adopted).
+alone and all five averaged, in the pipeline's precision (measured, not adopted). ``--accurate`` adds
+HD-BET's "accurate" mode, the reference tool as its authors run it: all five folds, each over eight
+mirrorings (about 40 times the stage's time).
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
@@ -51,9 +53,10 @@ def ml(mask: np.ndarray, affine: np.ndarray) -> float:
 
 #: ``--each-fold``'s average of HD-BET's five folds; every mask is also compared with it.
 FOLDS_AVERAGED = "HD-BET folds 0-4 averaged"
+ACCURATE = "HD-BET accurate (folds 0-4, mirrored)"
 
 
-def candidates(mirrored_rerun: bool = False, each_fold: bool = False) -> dict:
+def candidates(mirrored_rerun: bool = False, each_fold: bool = False, accurate: bool = False) -> dict:
     from tumorseg import hdbet
     from tumorseg.stages.infer import native_bf16_cpu
 
@@ -72,6 +75,8 @@ def candidates(mirrored_rerun: bool = False, each_fold: bool = False) -> dict:
                 if fold != hdbet.FOLD:
                     found[f"HD-BET fold {fold}"] = hdbet.load_extractor("cpu", bf16=bf16, folds=(fold,))
             found[FOLDS_AVERAGED] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256))
+        if accurate:
+            found[ACCURATE] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256), mirror=True)
     import importlib.util
 
     if importlib.util.find_spec("deepbet") is not None:
@@ -130,6 +135,8 @@ def main() -> None:
                         "at the cuts of its first mask (measured against the stage's single pass; not adopted)")
     parser.add_argument("--each-fold", action="store_true", help="also HD-BET's other four folds alone and all five "
                         "averaged (their softmax), in the pipeline's precision: measured, not adopted")
+    parser.add_argument("--accurate", action="store_true", help="also HD-BET's accurate mode (all five folds, each "
+                        "mirrored eight ways; about 40 times the stage's time), in the pipeline's precision")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = tuple(args.predict_modes.split(","))
@@ -140,7 +147,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
 
-    methods = candidates(args.mirrored_rerun, args.each_fold)
+    methods = candidates(args.mirrored_rerun, args.each_fold, args.accurate)
     if not methods:
         raise SystemExit("no brain extraction installed: pip install 'tumorseg[brain]'")
     result = {} if args.only_predict else compare_masks(args.shared, methods)
@@ -174,9 +181,10 @@ def compare_masks(shared: Path, methods: dict) -> dict:
                 entry["lesion_inside_pct"] = round(100.0 * float((mask & extra["lesion"]).sum())
                                                    / float(extra["lesion"].sum()), 2)
             row[method] = entry
-        if FOLDS_AVERAGED in masks:
-            for method, mask in masks.items():
-                row[method]["dice_vs_folds_averaged"] = round(dice(mask, masks[FOLDS_AVERAGED]), 4)
+        for against, key in ((FOLDS_AVERAGED, "dice_vs_folds_averaged"), (ACCURATE, "dice_vs_accurate")):
+            if against in masks:
+                for method, mask in masks.items():
+                    row[method][key] = round(dice(mask, masks[against]), 4)
         rows.append(row)
         print(f"{name:28s} " + "  ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in e.items())
                                           for m, e in row.items() if m != "scan"), flush=True)

