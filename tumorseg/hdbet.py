@@ -152,9 +152,10 @@ class HdBet:
         softmax = None
         with torch.no_grad():
             for net in self.nets:
-                _, _, fold_softmax, _ = predict_case_3D_net(net, np.expand_dims(data, 0), self.mirror, cf.val_num_repeats,
-                                                            cf.val_batch_size, cf.net_input_must_be_divisible_by,
-                                                            cf.val_min_size, device, cf.da_mirror_axes)
+                _, _, fold_softmax, _ = predict_case_3D_net(net, np.expand_dims(data, 0), self.mirror,
+                                                            cf.val_num_repeats, cf.val_batch_size,
+                                                            cf.net_input_must_be_divisible_by, cf.val_min_size,
+                                                            device, cf.da_mirror_axes)
                 softmax = fold_softmax if softmax is None else softmax + fold_softmax
         seg = np.argmax(softmax, 0)  # the sum's argmax is the average's
         if seg.any():  # no brain at all: left empty, the stage refuses it
