@@ -272,10 +272,12 @@ def score_fold(model_ref: str, path: Path, cases: list[LabelledCase], tta: bool,
     exact = Segmenter(model, pipeline.with_overrides(tta=subset_tta, all_sequences=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"model_sha256": model.sha256, "tta": tta, "subsets": with_subsets, "subset_tta": subset_tta,
-                "precision": as_predict.spec.precision}
+                "precision": as_predict.spec.precision,
+                "decoding": dict(model.card.decoding.thresholds) if model.card.decoding else None}
     kept = json.loads(path.read_text()) if path.exists() else {}
-    # Scores kept before the precision setting came were fp32 (the CPU's only arithmetic then).
-    scores = kept.get("cases", {}) if {"precision": "fp32", **kept.get("settings", {})} == settings else {}
+    # Scores kept before the precision setting came were fp32 (the CPU's only arithmetic then), and
+    # before the decoding setting came, the argmax's.
+    scores = kept.get("cases", {}) if {"precision": "fp32", "decoding": None, **kept.get("settings", {})} == settings else {}
     for case in cases:
         if case.case_id in scores:
             continue

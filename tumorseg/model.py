@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .configio import from_dict, read_toml
 from .errors import ModelError
-from .labels import SCHEMES, LabelScheme, get_scheme
+from .labels import REGIONS, SCHEMES, LabelScheme, get_scheme
 from .sequences import SEQUENCES
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,30 @@ class Normalization:
                 "need 0 <= lower_percentile < upper_percentile <= 100, got "
                 f"{self.lower_percentile}, {self.upper_percentile}"
             )
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the class probabilities become labels where the argmax alone is biased (a model that
+    draws tumour too small): each listed region (WT, TC, ET of the card's scheme) is the argmax's
+    region grown, inside its decoded parent region, into connected voxels whose summed probability
+    for it exceeds the threshold. Only argmax components of at least ``grow_from_ml`` grow, so the
+    boundary of a lesion moves, and no new island appears and no small one swells. Unlisted regions
+    are the argmax's."""
+
+    thresholds: Mapping[str, float]
+    grow_from_ml: float = 1.0
+    #: Provenance of the thresholds: how and on which cases they were chosen. Free-form.
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for region, value in self.thresholds.items():
+            if region not in REGIONS:
+                raise ValueError(f"decoding threshold for unknown region {region!r} (regions: {', '.join(REGIONS)})")
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"decoding threshold of {region} must lie between 0 and 1, got {value}")
+        if not self.grow_from_ml >= 0.0:
+            raise ValueError(f"grow_from_ml must be >= 0, got {self.grow_from_ml}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +230,8 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: None: the argmax of the class probabilities.
+    decoding: Decoding | None = None
 
     def __post_init__(self) -> None:
         if self.labels not in SCHEMES:
@@ -213,6 +239,8 @@ class ModelCard:
         if self.imported is not None:
             if self.architecture is not None or self.weights is not None:
                 raise ValueError("an imported model has no [architecture] or [weights] table")
+            if self.decoding is not None:
+                raise ValueError("an imported model decodes its outputs as its own tool does: no [decoding] table")
             return
         if self.architecture is None or self.weights is None:
             raise ValueError("a tumorseg model needs [architecture] and [weights] tables (or [imported])")

@@ -17,7 +17,7 @@ import numpy as np
 from .config import InferenceConfig
 from .model import ModelCard
 from .scan import Scan
-from .stages import geometry, infer, normalize
+from .stages import decode, geometry, infer, normalize
 from .timing import timed
 
 
@@ -63,9 +63,7 @@ class NativeRunner:
 
     def to_labels(self, output: np.ndarray, transform: geometry.GridTransform) -> np.ndarray:
         probs = geometry.probabilities_to_input_grid(output, transform)
-        classes = np.argmax(probs, axis=0).astype(np.uint8)
-        del probs
-        return self.card.scheme.class_values[classes]
+        return decode.decode(probs, self.card.scheme, self.card.decoding, transform.input_voxel_ml)
 
 
 def model_input(

@@ -1,1 +1,2 @@
-"""The pipeline's stages, one module each: read, geometry, normalize, infer, postprocess, write, report."""
+"""The pipeline's stages, one module each: read, register, brain, geometry, normalize, infer, decode,
+postprocess, write, report, overview."""

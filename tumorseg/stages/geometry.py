@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from nibabel.orientations import inv_ornt_aff, io_orientation
 
-from ..scan import Scan, voxel_spacing
+from ..scan import Scan, voxel_spacing, voxel_volume_ml
 
 #: Spacing within this fraction of the model's is used as it is, without resampling.
 SPACING_TOLERANCE = 0.05
@@ -42,6 +42,8 @@ class GridTransform:
     oriented_shape: tuple[int, int, int]
     #: The oriented box at the model's spacing, before mirroring.
     resampled_shape: tuple[int, int, int]
+    #: One input voxel's volume (mL): what decoding measures component sizes in.
+    input_voxel_ml: float
     #: Of the model grid (mirrored margins included).
     model_affine: np.ndarray
     #: Model-grid voxels mirrored in (before, after) per model axis, at cuts through the brain.
@@ -102,6 +104,7 @@ def plan_transform(
         orientation=tuple((int(a), int(f)) for a, f in ornt),
         oriented_shape=oriented_shape,  # type: ignore[arg-type]
         resampled_shape=resampled_shape,  # type: ignore[arg-type]
+        input_voxel_ml=voxel_volume_ml(scan.affine),
         model_affine=oriented_affine @ scale @ shift,
         mirrored=tuple((a, b) for a, b in mirrored),
     )

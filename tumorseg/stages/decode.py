@@ -1,0 +1,67 @@
+"""Decode stage: class probabilities on the input grid -> label values. Pure functions.
+
+The argmax, unless the model card calibrates regions (``[decoding]``, :class:`~tumorseg.model.Decoding`):
+then, outermost region first (WT, TC, ET), a listed region is the argmax's region plus the voxels
+inside its decoded parent whose summed probability for it exceeds the card's threshold and that
+connect (26-neighbourhood) to an argmax component of at least ``grow_from_ml``. Each voxel then takes
+the label of the innermost region it lies in (among several labels there, the likeliest).
+"""
+from __future__ import annotations
+
+import cc3d
+import numpy as np
+
+from ..labels import LabelScheme
+from ..model import Decoding
+
+CONNECTIVITY = 26
+
+
+def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, voxel_ml: float) -> np.ndarray:
+    """Label values (uint8, I x J x K) from class probabilities (C, I, J, K) in the card's class order."""
+    labels = scheme.class_values[np.argmax(probs, axis=0)]
+    if decoding is None or not decoding.thresholds:
+        return labels
+    values = [int(v) for v in scheme.class_values]
+    # Outermost first: WT holds TC holds ET for every scheme.
+    chain = [(name, members) for name, members in sorted(scheme.regions.items(), key=lambda kv: -len(kv[1])) if members]
+    regions: list[np.ndarray] = []
+    for name, members in chain:
+        region = np.isin(labels, members)
+        if name in decoding.thresholds:
+            likely = probs[[values.index(v) for v in members]].sum(axis=0) > decoding.thresholds[name]
+            if regions:
+                likely &= regions[-1]
+            region |= _grown(region, likely, decoding.grow_from_ml / voxel_ml)
+        regions.append(region)
+    out = np.zeros_like(labels)
+    for i, (_, members) in enumerate(chain):
+        inner = set(chain[i + 1][1]) if i + 1 < len(chain) else set()
+        own = [v for v in members if v not in inner]
+        here = regions[i] & ~regions[i + 1] if i + 1 < len(chain) else regions[i]
+        if len(own) == 1:
+            out[here] = own[0]
+        elif own:
+            likeliest = np.argmax(probs[[values.index(v) for v in own]][:, here], axis=0)
+            out[here] = np.asarray(own, dtype=np.uint8)[likeliest]
+    return out
+
+
+def _grown(region: np.ndarray, likely: np.ndarray, min_seed_voxels: float) -> np.ndarray:
+    """The parts of ``region | likely`` connected to a component of ``region`` of at least ``min_seed_voxels``."""
+    seeds = _components_at_least(region, min_seed_voxels)
+    if not seeds.any():
+        return region
+    components = cc3d.connected_components(region | likely, connectivity=CONNECTIVITY)
+    keep = np.zeros(int(components.max()) + 1, dtype=bool)
+    keep[np.unique(components[seeds])] = True
+    keep[0] = False
+    return keep[components]
+
+
+def _components_at_least(mask: np.ndarray, min_voxels: float) -> np.ndarray:
+    components = cc3d.connected_components(mask, connectivity=CONNECTIVITY)
+    sizes = np.bincount(components.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[components]
