@@ -102,6 +102,7 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
     """The fold model's class probabilities for ``case`` on its input grid, as predict computes them
     (cached per case and fold weights), and the expert regions."""
     card = load_card(fold_dir)
+    truth = read_label_file(case.label_path).labels
     path = cache_dir / f"{case.case_id}.npz"
     if path.exists() and str(np.load(path)["weights_sha256"]) == card.weights.sha256:
         kept = np.load(path)
@@ -115,8 +116,7 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
         if prepared.brain_mask is not None:  # as the pipeline does: nothing outside the extracted brain
             full[:, ~prepared.brain_mask] = 0.0
             full[0, ~prepared.brain_mask] = 1.0
-        truth_full = read_label_file(case.label_path).labels
-        reach = (full[0] < 1.0 - min(GRID)) | (truth_full > 0)
+        reach = (full[0] < 1.0 - min(GRID)) | (truth > 0)
         box = tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in np.nonzero(reach))
         probs, voxel_ml = full[(slice(None),) + box].astype(np.float16), prepared.transform.input_voxel_ml
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +125,8 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
                                 weights_sha256=card.weights.sha256)
         path.with_suffix(".tmp").rename(path)
         print(f"  {case.case_id}: probabilities from {fold_dir.name}", flush=True)
-    truth = read_label_file(case.label_path).labels[box]
-    return HeldOut(str(fold_dir), probs.astype(np.float32), {r: case.scheme.region_mask(truth, r) for r in REGIONS},
-                   voxel_ml)
+    return HeldOut(str(fold_dir), probs.astype(np.float32),
+                   {r: case.scheme.region_mask(truth[box], r) for r in REGIONS}, voxel_ml)
 
 
 def region_dice(case: HeldOut, scheme, thresholds: dict[str, float]) -> dict[str, float]:
@@ -150,8 +149,7 @@ def choose_nested(cases: dict[str, HeldOut], fold_of: dict[str, int], four: set[
     for fold in range(k):
         folds[str(fold)] = choose(cases, sorted(c for c in four if fold_of[c] != fold), scheme)
         print(f"fold {fold}: thresholds chosen on the other folds' four-sequence cases: {folds[str(fold)]}", flush=True)
-    scores = {"argmax": {c: region_dice(cases[c], scheme, {}) for c in cases},
-              "nested": {c: region_dice(cases[c], scheme, folds[str(fold_of[c])]) for c in cases}}
+    scores = {"argmax": {c: region_dice(cases[c], scheme, {}) for c in cases}}
     calibrated, nested = [], {}
     for region in REGIONS:
         values = [folds[str(f)][region] for f in range(k)]
@@ -163,6 +161,8 @@ def choose_nested(cases: dict[str, HeldOut], fold_of: dict[str, int], four: set[
                           "argmax_dice": round(argmax, 4)}
         if max(values) - min(values) <= MAX_SPREAD + 1e-9 and nested[region]["nested_dice"] > argmax:
             calibrated.append(region)
+    scores["calibrated"] = {c: region_dice(cases[c], scheme, {r: folds[str(fold_of[c])][r] for r in calibrated})
+                            for c in cases}
     return {"grid": list(GRID), "max_spread": MAX_SPREAD, "grow_from_ml": GROW_FROM_ML, "folds": folds,
             "nested": nested, "calibrated": calibrated, "all": choose(cases, sorted(four), scheme),
             "cases": {c: {name: {r: round(v[c][r], 4) for r in REGIONS} for name, v in scores.items()} for c in cases}}

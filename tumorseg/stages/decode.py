@@ -13,8 +13,7 @@ import numpy as np
 
 from ..labels import LabelScheme
 from ..model import Decoding
-
-CONNECTIVITY = 26
+from .postprocess import CONNECTIVITY, remove_small_components
 
 
 def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, voxel_ml: float) -> np.ndarray:
@@ -49,7 +48,7 @@ def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, vo
 
 def _grown(region: np.ndarray, likely: np.ndarray, min_seed_voxels: float) -> np.ndarray:
     """The parts of ``region | likely`` connected to a component of ``region`` of at least ``min_seed_voxels``."""
-    seeds = _components_at_least(region, min_seed_voxels)
+    seeds = remove_small_components(region, min_seed_voxels)
     if not seeds.any():
         return region
     components = cc3d.connected_components(region | likely, connectivity=CONNECTIVITY)
@@ -58,10 +57,3 @@ def _grown(region: np.ndarray, likely: np.ndarray, min_seed_voxels: float) -> np
     keep[0] = False
     return keep[components]
 
-
-def _components_at_least(mask: np.ndarray, min_voxels: float) -> np.ndarray:
-    components = cc3d.connected_components(mask, connectivity=CONNECTIVITY)
-    sizes = np.bincount(components.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[components]
