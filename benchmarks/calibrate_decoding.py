@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.atomic import write_bytes_atomic
+from tumorseg.atomic import atomic_path
 from tumorseg.config import load_pipeline
 from tumorseg.evaluate import read_label_file
 from tumorseg.labels import REGIONS
@@ -74,7 +74,7 @@ def main() -> None:
             cases[case_id] = held_out_case(folder, by_id[case_id], args.output / "probabilities")
     four = set(plan["four_sequence_cases"])
     choices = choose_nested(cases, fold_of, four, args.folds)
-    print_choices(choices, cases, four)
+    print_choices(choices, four)
     if args.json:
         args.json.write_text(json.dumps(choices, indent=1))
     if args.write:
@@ -104,8 +104,8 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
     card = load_card(fold_dir)
     truth = read_label_file(case.label_path).labels
     path = cache_dir / f"{case.case_id}.npz"
-    if path.exists() and str(np.load(path)["weights_sha256"]) == card.weights.sha256:
-        kept = np.load(path)
+    kept = np.load(path) if path.exists() else None
+    if kept is not None and str(kept["weights_sha256"]) == card.weights.sha256:
         probs, box = kept["probs"], tuple(slice(a, b) for a, b in kept["box"])
         voxel_ml = float(kept["voxel_ml"])
     else:
@@ -119,11 +119,9 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
         reach = (full[0] < 1.0 - min(GRID)) | (truth > 0)
         box = tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in np.nonzero(reach))
         probs, voxel_ml = full[(slice(None),) + box].astype(np.float16), prepared.transform.input_voxel_ml
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".tmp"), "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, probs=probs, box=np.array([[s.start, s.stop] for s in box]), voxel_ml=voxel_ml,
                                 weights_sha256=card.weights.sha256)
-        path.with_suffix(".tmp").rename(path)
         print(f"  {case.case_id}: probabilities from {fold_dir.name}", flush=True)
     return HeldOut(str(fold_dir), probs.astype(np.float32),
                    {r: case.scheme.region_mask(truth[box], r) for r in REGIONS}, voxel_ml)
@@ -189,7 +187,7 @@ def write_decoding(model_dir: Path, thresholds: dict[str, float], calibrated: li
                                                                        calibration)))
 
 
-def print_choices(choices: dict, cases: dict, four: set[str]) -> None:
+def print_choices(choices: dict, four: set[str]) -> None:
     for region, n in choices["nested"].items():
         state = "calibrated" if region in choices["calibrated"] else "argmax kept"
         print(f"{region}: nested thresholds {n['thresholds']}, four-sequence mean Dice {n['argmax_dice']:.3f} "
