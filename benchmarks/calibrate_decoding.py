@@ -8,12 +8,14 @@ A model that draws tumour too small (its argmax misses more than it over-marks, 
 decoded better by growing each region past the argmax where its probability is still high
 (``tumorseg.model.Decoding``). The thresholds are chosen on held-out cases only: each fold model of
 ``cross_validation.py``'s run in ``-o`` predicts its held-out cases (as predict runs, mirroring; the
-class probabilities on the input grid are kept in ``OUT/probabilities/``), then, region by region
-(WT, then TC inside it, then ET), fold k's threshold is the one of ``GRID`` with the best mean Dice
-over the four-sequence cases of the other folds, and scores fold k's cases (nested: no case chooses
-its own threshold). A region is calibrated only if that nested score beats the argmax's mean Dice
-and the five folds' thresholds lie within ``MAX_SPREAD`` of each other (else the choice is noise).
-The shipped threshold is the one chosen on every fold's cases.
+class probabilities on the input grid are kept in ``OUT/probabilities/``), then, for each lesion size
+of ``GATES`` (``Decoding.grow_from_ml``) and region by region (WT, then TC inside it, then ET), the
+threshold of ``GRID`` with the best mean Dice over the four-sequence cases of the other folds; fold
+k takes the size and thresholds of the best mean over regions and scores its own cases with them
+(nested: no case chooses its own decoding). A region is calibrated only if that nested score beats
+the argmax's mean Dice and the five folds' thresholds lie within ``MAX_SPREAD`` of each other, and
+nothing is if the folds' sizes are not equal or neighbours in ``GATES`` (else the choice is noise).
+The shipped decoding is the one chosen on every fold's cases.
 
 ``--write`` puts each fold's nested ``[decoding]`` into ``OUT/fold<k>/model.toml`` (so that
 ``cross_validation.py --no-train`` then scores the calibrated folds as predict runs) and the shipped
@@ -47,8 +49,8 @@ import cross_validation as cv  # noqa: E402
 GRID = tuple(float(round(t, 2)) for t in np.arange(0.05, 0.601, 0.05))
 #: A region whose nested thresholds spread wider than this across the folds stays the argmax's.
 MAX_SPREAD = 0.10
-#: Argmax components at least this large grow (``Decoding.grow_from_ml``); smaller islands stay.
-GROW_FROM_ML = 1.0
+#: Lesion sizes (mL) tried for ``Decoding.grow_from_ml``: smaller lesions stay as the argmax draws them.
+GATES = (1.0, 10.0, 25.0, 50.0, 100.0)
 
 
 def main() -> None:
@@ -85,7 +87,8 @@ def main() -> None:
         for final in args.final:
             write_decoding(final, choices["all"], choices["calibrated"], sorted(four), command,
                            nested={r: choices["nested"][r] for r in choices["calibrated"]})
-            print(f"{final}: [decoding] {decoding_of(choices['all'], choices['calibrated'])}")
+            print(f"{final}: [decoding] {decoding_of(choices['all'], choices['calibrated']) or 'none (the argmax)'}, "
+                  f"grow_from_ml {choices['all']['grow_from_ml']}")
 
 
 @dataclasses.dataclass
@@ -127,73 +130,106 @@ def held_out_case(fold_dir: Path, case, cache_dir: Path) -> HeldOut:
                    {r: case.scheme.region_mask(truth[box], r) for r in REGIONS}, voxel_ml)
 
 
-def region_dice(case: HeldOut, scheme, thresholds: dict[str, float]) -> dict[str, float]:
-    labels = decode(case.probs, scheme, Decoding(thresholds, GROW_FROM_ML) if thresholds else None, case.voxel_ml)
+def region_dice(case: HeldOut, scheme, thresholds: dict[str, float], gate: float = GATES[0]) -> dict[str, float]:
+    labels = decode(case.probs, scheme, Decoding(thresholds, gate) if thresholds else None, case.voxel_ml)
     return {r: dice(scheme.region_mask(labels, r), case.truth[r]) for r in REGIONS}
 
 
-def choose(cases: dict[str, HeldOut], ids: list[str], scheme) -> dict[str, float]:
-    """Region by region, outermost first, the threshold of GRID with the best mean Dice over ``ids``."""
-    chosen: dict[str, float] = {}
-    for region in REGIONS:
-        means = {t: np.mean([region_dice(cases[i], scheme, {**chosen, region: t})[region] for i in ids]) for t in GRID}
-        chosen[region] = max(GRID, key=lambda t: (means[t], -abs(t - 0.5)))
-    return chosen
+class Scorer:
+    """Region Dice of held-out cases under a decoding, each decoding of a case computed once."""
+
+    def __init__(self, cases: dict[str, HeldOut]):
+        self.cases = cases
+        self.scheme = load_card(Path(next(iter(cases.values())).fold_model)).scheme
+        self._memo: dict[tuple, dict[str, float]] = {}
+
+    def __call__(self, case_id: str, gate: float = GATES[0], thresholds: dict[str, float] | None = None
+                 ) -> dict[str, float]:
+        key = (case_id, gate, tuple(sorted((thresholds or {}).items())))
+        if key not in self._memo:
+            self._memo[key] = region_dice(self.cases[case_id], self.scheme, thresholds or {}, gate)
+        return self._memo[key]
+
+
+def choose(score: Scorer, ids: list[str]) -> dict:
+    """For each lesion size of GATES, region by region (outermost first) the threshold of GRID with the
+    best mean Dice over ``ids``; then the size whose thresholds give the best mean over regions (ties:
+    the larger size, which changes fewer lesions)."""
+    candidates = []
+    for gate in GATES:
+        chosen: dict[str, float] = {}
+        for region in REGIONS:
+            means = {t: np.mean([score(i, gate, {**chosen, region: t})[region] for i in ids]) for t in GRID}
+            chosen[region] = max(GRID, key=lambda t: (means[t], -abs(t - 0.5)))
+        overall = np.mean([score(i, gate, chosen)[r] for i in ids for r in REGIONS])
+        candidates.append((round(float(overall), 6), gate, chosen))
+    _, gate, chosen = max(candidates, key=lambda c: (c[0], c[1]))
+    return {"grow_from_ml": gate, "thresholds": chosen}
 
 
 def choose_nested(cases: dict[str, HeldOut], fold_of: dict[str, int], four: set[str], k: int) -> dict:
-    scheme = load_card(Path(next(iter(cases.values())).fold_model)).scheme
+    score = Scorer(cases)
     folds = {}
     for fold in range(k):
-        folds[str(fold)] = choose(cases, sorted(c for c in four if fold_of[c] != fold), scheme)
-        print(f"fold {fold}: thresholds chosen on the other folds' four-sequence cases: {folds[str(fold)]}", flush=True)
-    scores = {"argmax": {c: region_dice(cases[c], scheme, {}) for c in cases}}
+        folds[str(fold)] = choose(score, sorted(c for c in four if fold_of[c] != fold))
+        print(f"fold {fold}: chosen on the other folds' four-sequence cases: {folds[str(fold)]}", flush=True)
+    gates = [folds[str(f)]["grow_from_ml"] for f in range(k)]
+    gates_agree = max(map(GATES.index, gates)) - min(map(GATES.index, gates)) <= 1
+
+    def nested_decoding(case_id: str, regions: list[str]) -> tuple[float, dict[str, float]]:
+        chosen = folds[str(fold_of[case_id])]
+        return chosen["grow_from_ml"], {r: chosen["thresholds"][r] for r in regions}
+
+    scores = {"argmax": {c: score(c) for c in cases}}
     calibrated, nested = [], {}
     for region in REGIONS:
-        values = [folds[str(f)][region] for f in range(k)]
+        values = [folds[str(f)]["thresholds"][region] for f in range(k)]
         # Each region judged with the regions before it decoded as they will ship.
-        keep = {c: region_dice(cases[c], scheme, {r: folds[str(fold_of[c])][r] for r in calibrated + [region]})[region]
-                for c in four}
+        keep = {c: score(c, *nested_decoding(c, calibrated + [region]))[region] for c in four}
         argmax = float(np.mean([scores["argmax"][c][region] for c in four]))
         nested[region] = {"thresholds": values, "nested_dice": round(float(np.mean(list(keep.values()))), 4),
                           "argmax_dice": round(argmax, 4)}
-        if max(values) - min(values) <= MAX_SPREAD + 1e-9 and nested[region]["nested_dice"] > argmax:
+        if gates_agree and max(values) - min(values) <= MAX_SPREAD + 1e-9 and nested[region]["nested_dice"] > argmax:
             calibrated.append(region)
-    scores["calibrated"] = {c: region_dice(cases[c], scheme, {r: folds[str(fold_of[c])][r] for r in calibrated})
-                            for c in cases}
-    return {"grid": list(GRID), "max_spread": MAX_SPREAD, "grow_from_ml": GROW_FROM_ML, "folds": folds,
-            "nested": nested, "calibrated": calibrated, "all": choose(cases, sorted(four), scheme),
+    scores["calibrated"] = {c: score(c, *nested_decoding(c, calibrated)) for c in cases}
+    return {"grid": list(GRID), "gates": list(GATES), "max_spread": MAX_SPREAD, "folds": folds,
+            "fold_gates": gates, "gates_agree": gates_agree, "nested": nested, "calibrated": calibrated,
+            "all": choose(score, sorted(four)),
             "cases": {c: {name: {r: round(v[c][r], 4) for r in REGIONS} for name, v in scores.items()} for c in cases}}
 
 
-def decoding_of(thresholds: dict[str, float], calibrated: list[str]) -> dict[str, float]:
-    return {r: thresholds[r] for r in calibrated}
+def decoding_of(chosen: dict, calibrated: list[str]) -> dict[str, float]:
+    return {r: chosen["thresholds"][r] for r in calibrated}
 
 
-def write_decoding(model_dir: Path, thresholds: dict[str, float], calibrated: list[str], chosen_on: list[str],
+def write_decoding(model_dir: Path, chosen: dict, calibrated: list[str], chosen_on: list[str],
                    command: str, nested: dict | None = None) -> None:
     card = load_card(model_dir)
     if not calibrated:
         write_card(model_dir, dataclasses.replace(card, decoding=None))
         return
-    calibration = {"command": command, "chosen_on": chosen_on, "grid": list(GRID),
-                   "note": "thresholds of the best mean Dice over these held-out four-sequence cases, region by "
-                           "region (WT, then TC inside it, then ET), each predicted by the fold model that did not "
-                           "train on it; regions not listed stay the argmax's (their nested choices spread more than "
-                           f"{MAX_SPREAD} across the folds, or did not beat the argmax)"}
+    calibration = {"command": command, "chosen_on": chosen_on, "grid": list(GRID), "gates": list(GATES),
+                   "note": "lesion size and thresholds of the best mean Dice over these held-out four-sequence "
+                           "cases, region by region (WT, then TC inside it, then ET), each predicted by the fold "
+                           "model that did not train on it; regions not listed stay the argmax's (their nested "
+                           f"choices spread more than {MAX_SPREAD} across the folds, or did not beat the argmax)"}
     if nested:
         calibration["nested"] = nested
-    write_card(model_dir, dataclasses.replace(card, decoding=Decoding(decoding_of(thresholds, calibrated), GROW_FROM_ML,
-                                                                       calibration)))
+    decoding = Decoding(decoding_of(chosen, calibrated), chosen["grow_from_ml"], calibration)
+    write_card(model_dir, dataclasses.replace(card, decoding=decoding))
 
 
 def print_choices(choices: dict, four: set[str]) -> None:
+    print(f"lesion sizes chosen by the folds (mL): {choices['fold_gates']}"
+          f"{'' if choices['gates_agree'] else ': they disagree, so nothing is calibrated'}")
     for region, n in choices["nested"].items():
         state = "calibrated" if region in choices["calibrated"] else "argmax kept"
         print(f"{region}: nested thresholds {n['thresholds']}, four-sequence mean Dice {n['argmax_dice']:.3f} "
               f"(argmax) -> {n['nested_dice']:.3f} (nested): {state}")
-    print(f"chosen on all {len(four)} four-sequence cases: {choices['all']}; "
-          f"shipped: {decoding_of(choices['all'], choices['calibrated']) or 'the argmax'}")
+    shipped = decoding_of(choices["all"], choices["calibrated"])
+    gate = choices["all"]["grow_from_ml"]
+    print(f"chosen on all {len(four)} four-sequence cases: {choices['all']}; shipped: "
+          + (f"{shipped} in lesions of >= {gate} mL" if shipped else "the argmax"))
 
 
 if __name__ == "__main__":

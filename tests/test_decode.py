@@ -70,6 +70,24 @@ def test_small_argmax_islands_do_not_grow():
     assert (large[halo] == 1).all()
 
 
+def test_the_lesion_size_decides_what_grows_not_the_regions_own_component():
+    """Two lesions, each with a 7-voxel core speck in a halo likely to be core: with grow_from_ml between
+    their sizes, the large lesion's core grows (its speck is far smaller than the gate) and the small
+    lesion's stays as drawn."""
+    shape = (40, 40, 60)
+    cells = []
+    for centre, radius in (((20, 20, 15), 9), ((20, 20, 45), 5)):  # lesions of 3.1 and 0.5 mL
+        speck = ball(shape, centre, 1)
+        halo = ball(shape, centre, 3) & ~speck
+        edema = ball(shape, centre, radius) & ~speck & ~halo
+        cells += [(edema, [0.1, 0.8, 0.1, 0.0]), (halo, [0.1, 0.6, 0.3, 0.0]), (speck, [0.0, 0.2, 0.8, 0.0])]
+    probs = probabilities(shape, cells)
+    labels = decode(probs, MSD, Decoding({"TC": 0.25}, grow_from_ml=1.0), 0.001)
+    large, small = ball(shape, (20, 20, 15), 3), ball(shape, (20, 20, 45), 3)
+    assert (labels[large] == 2).all(), "the large lesion's core grows into its halo (P(core) 0.3 > 0.25)"
+    assert (labels[small] == decode(probs, MSD, None, 0.001)[small]).all() and (labels[small] == 1).sum() > 100
+
+
 def test_core_grows_only_inside_the_whole_tumour_and_unlisted_regions_stay():
     shape = (30, 30, 30)
     enhancing = ball(shape, (15, 15, 15), 3)

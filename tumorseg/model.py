@@ -108,9 +108,9 @@ class Decoding:
     """How the class probabilities become labels where the argmax alone is biased (a model that
     draws tumour too small): each listed region (WT, TC, ET of the card's scheme) is the argmax's
     region grown, inside its decoded parent region, into connected voxels whose summed probability
-    for it exceeds the threshold. Only argmax components of at least ``grow_from_ml`` grow, so the
-    boundary of a lesion moves, and no new island appears and no small one swells. Unlisted regions
-    are the argmax's."""
+    for it exceeds the threshold. A region grows only from its argmax voxels inside a lesion (an argmax
+    whole-tumour component) of at least ``grow_from_ml``, so the boundary of a large lesion moves, no new
+    island appears, and lesions below the size still stay as drawn. Unlisted regions are the argmax's."""
 
     thresholds: Mapping[str, float]
     grow_from_ml: float = 1.0

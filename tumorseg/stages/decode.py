@@ -3,8 +3,9 @@
 The argmax, unless the model card calibrates regions (``[decoding]``, :class:`~tumorseg.model.Decoding`):
 then, outermost region first (WT, TC, ET), a listed region is the argmax's region plus the voxels
 inside its decoded parent whose summed probability for it exceeds the card's threshold and that
-connect (26-neighbourhood) to an argmax component of at least ``grow_from_ml``. Each voxel then takes
-the label of the innermost region it lies in (among several labels there, the likeliest).
+connect (26-neighbourhood) to the region's argmax voxels in a lesion (an argmax whole-tumour component)
+of at least ``grow_from_ml``. Each voxel then takes the label of the innermost region it lies in (among
+several labels there, the likeliest).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, vo
     values = [int(v) for v in scheme.class_values]
     # Outermost first: WT holds TC holds ET for every scheme.
     chain = [(name, members) for name, members in sorted(scheme.regions.items(), key=lambda kv: -len(kv[1])) if members]
+    lesions = remove_small_components(np.isin(labels, chain[0][1]), decoding.grow_from_ml / voxel_ml)
     regions: list[np.ndarray] = []
     for name, members in chain:
         region = np.isin(labels, members)
@@ -31,7 +33,7 @@ def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, vo
             likely = probs[[values.index(v) for v in members]].sum(axis=0) > decoding.thresholds[name]
             if regions:
                 likely &= regions[-1]
-            region |= _grown(region, likely, decoding.grow_from_ml / voxel_ml)
+            region = _grown(region, likely, region & lesions)
         regions.append(region)
     out = np.zeros_like(labels)
     for i, (_, members) in enumerate(chain):
@@ -46,14 +48,13 @@ def decode(probs: np.ndarray, scheme: LabelScheme, decoding: Decoding | None, vo
     return out
 
 
-def _grown(region: np.ndarray, likely: np.ndarray, min_seed_voxels: float) -> np.ndarray:
-    """The parts of ``region | likely`` connected to a component of ``region`` of at least ``min_seed_voxels``."""
-    seeds = remove_small_components(region, min_seed_voxels)
+def _grown(region: np.ndarray, likely: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """``region`` and the parts of ``region | likely`` connected to ``seeds``."""
     if not seeds.any():
         return region
     components = cc3d.connected_components(region | likely, connectivity=CONNECTIVITY)
     keep = np.zeros(int(components.max()) + 1, dtype=bool)
     keep[np.unique(components[seeds])] = True
     keep[0] = False
-    return keep[components]
+    return region | keep[components]
 
