@@ -14,7 +14,8 @@ threshold of ``GRID`` with the best mean Dice over the four-sequence cases of th
 k takes the size and thresholds of the best mean over regions and scores its own cases with them
 (nested: no case chooses its own decoding). A region is calibrated only if that nested score beats
 the argmax's mean Dice and the five folds' thresholds lie within ``MAX_SPREAD`` of each other, and
-nothing is if the folds' sizes are not equal or neighbours in ``GATES`` (else the choice is noise).
+nothing is if the folds' sizes and the one chosen on every case are not equal or neighbours in
+``GATES`` (else the choice is noise).
 The shipped decoding is the one chosen on every fold's cases.
 
 ``--write`` puts each fold's nested ``[decoding]`` into ``OUT/fold<k>/model.toml`` (so that
@@ -86,9 +87,11 @@ def main() -> None:
             write_decoding(args.output / f"fold{k}", choices["folds"][str(k)], choices["calibrated"], chosen_on, command)
         for final in args.final:
             write_decoding(final, choices["all"], choices["calibrated"], sorted(four), command,
-                           nested={r: choices["nested"][r] for r in choices["calibrated"]})
-            print(f"{final}: [decoding] {decoding_of(choices['all'], choices['calibrated']) or 'none (the argmax)'}, "
-                  f"grow_from_ml {choices['all']['grow_from_ml']}")
+                           nested={r: choices["nested"][r] for r in choices["calibrated"]},
+                           fold_gates=choices["fold_gates"])
+            shipped = decoding_of(choices["all"], choices["calibrated"])
+            print(f"{final}: " + (f"[decoding] {shipped}, grow_from_ml {choices['all']['grow_from_ml']}" if shipped
+                                  else "no [decoding] (the argmax)"))
 
 
 @dataclasses.dataclass
@@ -174,7 +177,9 @@ def choose_nested(cases: dict[str, HeldOut], fold_of: dict[str, int], four: set[
         folds[str(fold)] = choose(score, sorted(c for c in four if fold_of[c] != fold))
         print(f"fold {fold}: chosen on the other folds' four-sequence cases: {folds[str(fold)]}", flush=True)
     gates = [folds[str(f)]["grow_from_ml"] for f in range(k)]
-    gates_agree = max(map(GATES.index, gates)) - min(map(GATES.index, gates)) <= 1
+    everyone = choose(score, sorted(four))
+    steps = [GATES.index(g) for g in gates + [everyone["grow_from_ml"]]]
+    gates_agree = max(steps) - min(steps) <= 1  # the size that ships among the folds' too
 
     def nested_decoding(case_id: str, regions: list[str]) -> tuple[float, dict[str, float]]:
         chosen = folds[str(fold_of[case_id])]
@@ -194,7 +199,7 @@ def choose_nested(cases: dict[str, HeldOut], fold_of: dict[str, int], four: set[
     scores["calibrated"] = {c: score(c, *nested_decoding(c, calibrated)) for c in cases}
     return {"grid": list(GRID), "gates": list(GATES), "max_spread": MAX_SPREAD, "folds": folds,
             "fold_gates": gates, "gates_agree": gates_agree, "nested": nested, "calibrated": calibrated,
-            "all": choose(score, sorted(four)),
+            "all": everyone,
             "cases": {c: {name: {r: round(v[c][r], 4) for r in REGIONS} for name, v in scores.items()} for c in cases}}
 
 
@@ -203,7 +208,7 @@ def decoding_of(chosen: dict, calibrated: list[str]) -> dict[str, float]:
 
 
 def write_decoding(model_dir: Path, chosen: dict, calibrated: list[str], chosen_on: list[str],
-                   command: str, nested: dict | None = None) -> None:
+                   command: str, nested: dict | None = None, fold_gates: list[float] | None = None) -> None:
     card = load_card(model_dir)
     if not calibrated:
         write_card(model_dir, dataclasses.replace(card, decoding=None))
@@ -215,6 +220,8 @@ def write_decoding(model_dir: Path, chosen: dict, calibrated: list[str], chosen_
                            f"choices spread more than {MAX_SPREAD} across the folds, or did not beat the argmax)"}
     if nested:
         calibration["nested"] = nested
+    if fold_gates:
+        calibration["fold_gates"] = fold_gates
     decoding = Decoding(decoding_of(chosen, calibrated), chosen["grow_from_ml"], calibration)
     write_card(model_dir, dataclasses.replace(card, decoding=decoding))
 

@@ -1,4 +1,4 @@
-"""The decode stage: argmax, or calibrated regions grown past the argmax from its large components."""
+"""The decode stage: argmax, or calibrated regions grown past the argmax inside its large lesions."""
 from __future__ import annotations
 
 import dataclasses
@@ -97,7 +97,7 @@ def test_core_grows_only_inside_the_whole_tumour_and_unlisted_regions_stay():
     probs = probabilities(shape, [(enhancing, [0.0, 0.1, 0.2, 0.7]), (core, [0.05, 0.15, 0.8, 0.0]),
                                   (shell, [0.1, 0.7, 0.2, 0.0]),  # edema by argmax, core likely at 0.2
                                   (outside, [0.8, 0.0, 0.2, 0.0])])  # core likely at 0.2, but no tumour (WT 0.2)
-    labels = decode(probs, MSD, Decoding({"WT": 0.5, "TC": 0.15}, grow_from_ml=0.5), 0.001)  # the core: 0.9 mL
+    labels = decode(probs, MSD, Decoding({"WT": 0.5, "TC": 0.15}, grow_from_ml=0.5), 0.001)  # the lesion: 2.1 mL
     assert (labels[shell] == 2).all(), "core grows into the shell: P(core) 0.2 > 0.15 inside the whole tumour"
     assert not labels[outside].any(), "never past the whole tumour"
     assert (labels[enhancing] == 3).all() and not (labels[core | shell] == 3).any(), "ET is the argmax's"

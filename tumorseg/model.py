@@ -110,7 +110,8 @@ class Decoding:
     region grown, inside its decoded parent region, into connected voxels whose summed probability
     for it exceeds the threshold. A region grows only from its argmax voxels inside a lesion (an argmax
     whole-tumour component) of at least ``grow_from_ml``, so the boundary of a large lesion moves, no new
-    island appears, and lesions below the size still stay as drawn. Unlisted regions are the argmax's."""
+    island appears, and smaller lesions stay as drawn unless a large one's growth reaches them.
+    Unlisted regions are the argmax's."""
 
     thresholds: Mapping[str, float]
     grow_from_ml: float = 1.0
