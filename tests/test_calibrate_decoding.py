@@ -75,3 +75,21 @@ def test_a_lesion_size_is_chosen_where_only_large_lesions_are_under_called(tiny_
     assert choices["calibrated"] == ["WT"]
     for c, case in cases.items():
         assert choices["cases"][c]["calibrated"]["WT"] > 0.99, c
+
+
+def test_a_large_lesions_small_core_is_calibrated(tiny_model):
+    """A 72 mL lesion whose argmax core is a 7-voxel speck in a halo the experts call core (P(core)
+    0.3): the core grows because the lesion is large, though its own argmax component is tiny."""
+    shape = (36, 36, 36)
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt(sum((g - 18) ** 2 for g in grid))
+    probs = np.zeros((4,) + shape, np.float32)
+    probs[0] = 1.0
+    for inside, p in ((r <= 12, [0.1, 0.8, 0.1, 0.0]), (r <= 4, [0.1, 0.6, 0.3, 0.0]), (r <= 1, [0.0, 0.2, 0.8, 0.0])):
+        probs[:, inside] = np.array(p, np.float32)[:, None]
+    truth = {"WT": r <= 12, "TC": r <= 4, "ET": np.zeros(shape, bool)}
+    fold_of = {f"c{i}": i % 2 for i in range(4)}
+    cases = {c: cal.HeldOut(str(tiny_model), probs.copy(), truth, voxel_ml=0.01) for c in fold_of}
+    choices = cal.choose_nested(cases, fold_of, set(fold_of), 2)
+    assert choices["calibrated"] == ["TC"] and choices["all"]["grow_from_ml"] == 50.0
+    assert all(v["argmax"]["TC"] < 0.1 and v["calibrated"]["TC"] > 0.99 for v in choices["cases"].values())
