@@ -273,7 +273,7 @@ def score_fold(model_ref: str, path: Path, cases: list[LabelledCase], tta: bool,
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"model_sha256": model.sha256, "tta": tta, "subsets": with_subsets, "subset_tta": subset_tta,
                 "precision": as_predict.spec.precision,
-                "decoding": dict(model.card.decoding.thresholds) if model.card.decoding else None}
+                "decoding": model.card.decoding.settings() if model.card.decoding else None}
     kept = json.loads(path.read_text()) if path.exists() else {}
     # Scores kept before the precision setting came were fp32 (the CPU's only arithmetic then), and
     # before the decoding setting came, the argmax's.

@@ -2,6 +2,7 @@
 rule follows the table, and a shrunken run trains, resumes nothing twice and scores every subset."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import benchmark_module, brain_phantom, make_tiny_model, save_nifti, shared_data
-from tumorseg.model import load_card, load_model, sha256_file
+from tumorseg.model import Decoding, load_card, load_model, sha256_file, write_card
 from tumorseg.datasets import discover_cases
 
 cv = benchmark_module("cross_validation")
@@ -207,6 +208,18 @@ def test_shrunken_cross_validation_runs_end_to_end(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert printed.count("trained already, reused") == 2
     assert (tmp_path / "cv" / "fold0" / "scores.json").stat().st_mtime_ns == scores
+    # Kept scores are per decoding: a card given one, then another lesion size alone, scores again.
+    fold0 = tmp_path / "cv" / "fold0"
+    card = load_card(fold0)
+    for gate in (1.0, 2.0):
+        write_card(fold0, dataclasses.replace(card, decoding=Decoding({"WT": 0.3}, gate)))
+        cv.main()
+        capsys.readouterr()
+        kept = json.loads((fold0 / "scores.json").read_text())["settings"]["decoding"]
+        assert kept == {"thresholds": {"WT": 0.3}, "grow_from_ml": gate}
+        assert (fold0 / "scores.json").stat().st_mtime_ns != scores
+        scores = (fold0 / "scores.json").stat().st_mtime_ns
+    write_card(fold0, card)
     # The CPU recipe fine-tunes a model: started here from fold 0's model, which trained on fold 1's
     # cases, so those are scored but left out of the means, for the new folds and for the baseline.
     start = tmp_path / "cv" / "fold0"

@@ -143,5 +143,6 @@ def test_predict_decodes_with_the_cards_thresholds(tmp_path, tiny_model):
         assert result.exit_code == 0, result.output
         report = json.loads((out / "report.json").read_text())
         volumes[name] = report["results"]["regions"]["WT"]["volume_ml"]
-        assert ("decoding_thresholds" in report["model"]) == (name == "calibrated")
+        assert report["model"].get("decoding") == ({"thresholds": {"WT": 0.05}, "grow_from_ml": 0.0}
+                                                   if name == "calibrated" else None)
     assert volumes["calibrated"] > volumes["argmax"]

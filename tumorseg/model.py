@@ -127,6 +127,10 @@ class Decoding:
         if not self.grow_from_ml >= 0.0:
             raise ValueError(f"grow_from_ml must be >= 0, got {self.grow_from_ml}")
 
+    def settings(self) -> dict[str, Any]:
+        """What decides the labels (not the provenance): for reports and score caches."""
+        return {"thresholds": dict(self.thresholds), "grow_from_ml": self.grow_from_ml}
+
 
 @dataclass(frozen=True)
 class Architecture:

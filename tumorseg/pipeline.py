@@ -232,7 +232,7 @@ class PipelineSpec:
         return {
             "tumorseg_version": __version__,
             "model": {"name": card.name, "version": card.version, "weights_sha256": self.model_sha256,
-                      **({"decoding_thresholds": dict(card.decoding.thresholds)} if card.decoding else {})},
+                      **({"decoding": card.decoding.settings()} if card.decoding else {})},
             "sequences_used": [s for s in card.input.sequences if s in prepared.channels],
             "sequences_missing": [s for s in card.input.sequences
                                   if s not in prepared.channels and s not in prepared.ignored],
