@@ -17,9 +17,10 @@ weights: run here for comparison only, tumorseg does not load code-carrying weig
 
 ``--mirrored-rerun`` adds a candidate: HD-BET run again on the image mirrored at its first mask's
 cuts (measured, not adopted: docs/performance.md). ``--each-fold`` adds HD-BET's other four folds
-alone and all five averaged, in the pipeline's precision (measured, not adopted). ``--accurate`` adds
-HD-BET's "accurate" mode, the reference tool as its authors run it: all five folds, each over eight
-mirrorings (about 40 times the stage's time).
+alone and all five averaged, in the pipeline's precision and with its z-score over the head (measured,
+not adopted). ``--accurate`` adds HD-BET's "accurate" mode, the reference tool as its authors run it:
+all five folds, each over eight mirrorings, its own z-score over the whole view (about 40 times the
+stage's time).
 
 ``--predict``: ``tumorseg predict`` on the two lesion-t1c heads (T1gd alone) with the default model
 (or ``--model``; ``--only-predict`` leaves the mask comparison out),
@@ -76,7 +77,8 @@ def candidates(mirrored_rerun: bool = False, each_fold: bool = False, accurate: 
                     found[f"HD-BET fold {fold}"] = hdbet.load_extractor("cpu", bf16=bf16, folds=(fold,))
             found[FOLDS_AVERAGED] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256))
         if accurate:
-            found[ACCURATE] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256), mirror=True)
+            found[ACCURATE] = hdbet.load_extractor("cpu", bf16=bf16, folds=tuple(hdbet.WEIGHTS_SHA256), mirror=True,
+                                                   as_published=True)
     import importlib.util
 
     if importlib.util.find_spec("deepbet") is not None:
