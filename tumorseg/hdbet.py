@@ -107,7 +107,7 @@ def head_box(image: np.ndarray) -> tuple[slice, ...]:
     if not count:
         return whole
     largest = 1 + int(np.argmax(ndimage.sum_labels(foreground, labels, range(1, count + 1))))
-    return ndimage.find_objects((labels == largest).astype(np.uint8))[0]
+    return ndimage.find_objects(labels)[largest - 1]
 
 
 def zscore_over_head(image: np.ndarray) -> np.ndarray:
@@ -184,7 +184,7 @@ class HdBet:
         oriented = apply_orientation(np.asarray(image, dtype=np.float32), to_hdbet)
         oriented_affine = affine @ inv_ornt_aff(to_hdbet, image.shape)
         spacing = voxel_spacing(oriented_affine)
-        zyx = np.ascontiguousarray(oriented.transpose(2, 1, 0), dtype=np.float32)
+        zyx = np.ascontiguousarray(oriented.transpose(2, 1, 0))
         spacing_zyx = tuple(float(s) for s in spacing[::-1])
         resampled = resize_image(zyx, spacing_zyx, MODEL_SPACING)  # HD-BET's own resampling
         data = whole_view_zscore(resampled) if self.as_published else zscore_over_head(resampled)
