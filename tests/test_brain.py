@@ -76,6 +76,10 @@ def test_hdbet_input_contrast_does_not_depend_on_the_air_in_view():
                                                                    for s, p in zip(box, (30, 40, 0))]
     assert 0.3 < np.prod([s.stop - s.start for s in box]) / image.size < 0.9  # the brain, not the noise
     assert np.allclose(hdbet.zscore_over_head(wide)[inner], hdbet.zscore_over_head(image), atol=1e-5)
+    # A scanner that sets the air to exactly 0: the same head, the same box (a threshold over the
+    # tissue alone boxed only its brighter part here, from 15 rather than 3 along the first axis).
+    zero_air = np.where(brain_phantom((48, 52, 40), seed=3) > 0, image, 0)
+    assert hdbet.head_box(zero_air) == box
 
     # HD-BET's own z-score (the benchmarks' as_published reference) is what moved.
     assert not np.allclose(hdbet.whole_view_zscore(wide)[inner], hdbet.whole_view_zscore(image), atol=0.1)

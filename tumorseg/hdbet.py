@@ -97,12 +97,13 @@ def _bf16(net):
 
 def head_box(image: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of the head in ``image``: its Otsu foreground's largest component, with the
-    air's speckle opened away; the whole image where no head stands out."""
+    air's speckle opened away; the whole image where no head stands out. Otsu runs over every voxel,
+    air included: where a scanner set the air to exactly 0, a threshold over the tissue alone would
+    split bright tissue from dark and could box a part of the head."""
     whole = tuple(slice(0, n) for n in image.shape)
-    positive = image[image > 0]
-    if not positive.size or positive.min() == positive.max():
+    if image.min() == image.max():
         return whole
-    foreground = ndimage.binary_opening(image > threshold_otsu(positive))
+    foreground = ndimage.binary_opening(image > threshold_otsu(image))
     labels, count = ndimage.label(foreground)
     if not count:
         return whole
