@@ -171,3 +171,41 @@ def test_a_network_outside_the_allow_list_is_refused(tmp_path, models_dir):
     result = CliRunner().invoke(main, ["models", "import", "monai-bundle", str(bundle), "--name", "x"])
     assert result.exit_code != 0 and "torch.nn.Module is not one of" in result.output
     assert os.listdir(models_dir) == [] if models_dir.exists() else True
+
+
+class _RunsCodeWhenLoaded:
+    """A pickle that creates a file when it is unpickled (as a malicious one would do worse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_only_the_files_checked_at_import_are_loaded(tmp_path, models_dir):
+    from tumorseg.imported.monai_bundle import BundleRunner
+    from tumorseg.model import load_card, load_model
+
+    # A bundle imported with inference.yaml, and an inference.json that appears beside it later.
+    bundle = make_bundle(tmp_path / "yaml")
+    (bundle / "configs" / "inference.json").rename(bundle / "configs" / "inference.yaml")  # JSON is YAML
+    result = CliRunner().invoke(main, ["models", "import", "monai-bundle", str(bundle), "--name", "y"])
+    assert result.exit_code == 0, result.output
+    planted = copy.deepcopy(INFERENCE)
+    planted["network_def"]["_target_"] = "torch.nn.Module"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(planted))
+    assert isinstance(load_model("y").network, torch.nn.Module)
+    runner = BundleRunner(load_card(models_dir / "y"), bundle)
+    assert runner.config["network_def"]["_target_"] == INFERENCE["network_def"]["_target_"]
+
+    # TorchScript imported with --trust-code, and a pickled model.pt that appears beside it later.
+    ts = make_bundle(tmp_path / "ts")
+    (ts / "models" / "model.pt").unlink()
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), ts / "models" / "model.ts")
+    result = CliRunner().invoke(main, ["models", "import", "monai-bundle", str(ts), "--name", "ts", "--trust-code"])
+    assert result.exit_code == 0, result.output
+    marker = tmp_path / "code-ran"
+    torch.save(_RunsCodeWhenLoaded(marker), ts / "models" / "model.pt")
+    load_model("ts")
+    assert not marker.exists()

@@ -48,19 +48,39 @@ _LABEL_WORDS = [(frozenset({NCR, NET}), ("necro", "non-enhancing", "non_enhancin
 
 
 def read_config(bundle: Path) -> tuple[Path, dict]:
+    """The bundle's inference configuration, found as MONAI finds it (for import)."""
     configs = bundle / "configs"
     for name in CONFIG_NAMES:
         path = configs / name
         if path.is_file():
-            try:
-                if path.suffix == ".json":
-                    return path, json.loads(path.read_text())
-                import yaml
-
-                return path, yaml.safe_load(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelError(f"cannot read the bundle's inference configuration: {e}", path) from None
+            return path, parse_config(path)
     raise ModelError(f"not a MONAI bundle: no configs/{CONFIG_NAMES[0]} (or .yaml)", bundle)
+
+
+def parse_config(path: Path) -> dict:
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        import yaml
+
+        return yaml.safe_load(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the bundle's inference configuration: {e}", path) from None
+
+
+def recorded_file(card, folder: Path, names: tuple[str, ...]) -> Path:
+    """The first of ``names`` (paths relative to the bundle) that the card's checksums cover: after
+    import only the files checked are read, whatever has appeared beside them since (a model.pt
+    beside an imported model.ts, an inference.json beside an imported inference.yaml)."""
+    for name in names:
+        if name in card.imported.files:
+            return folder / name
+    raise ModelError(f"the model card's checked files include none of {', '.join(names)}: import the bundle again",
+                     folder)
+
+
+def recorded_config(card, folder: Path) -> dict:
+    return parse_config(recorded_file(card, folder, tuple(f"configs/{name}" for name in CONFIG_NAMES)))
 
 
 def _lookup(config: dict, reference: str, where: str) -> Any:
@@ -262,7 +282,7 @@ def _load_weights(path: Path, trust_code: bool):
     import torch
 
     if path.suffix == ".ts":
-        return torch.jit.load(str(path), map_location="cpu")  # trust_code was checked by weights_file
+        return torch.jit.load(str(path), map_location="cpu")  # trust_code was checked by the caller
     state = load_torch(path, trust_code, holds="the weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # ignite's CheckpointSaver layout
         state = state["model"]
@@ -294,8 +314,11 @@ def _fit(network, state, path: Path) -> None:
 def load_network(card, folder: Path):
     """The bundle's network with its weights, in eval mode on the CPU (files already verified)."""
     imported = card.imported
-    _, config = read_config(folder)
-    weights = weights_file(folder, imported.trust_code)
+    config = recorded_config(card, folder)
+    weights = recorded_file(card, folder, ("models/model.pt", "models/model.ts"))
+    if weights.suffix == ".ts" and not imported.trust_code:
+        raise ModelError("TorchScript weights (model.ts) run code when loaded, and the card does not record "
+                         "--trust-code: import the bundle again with --trust-code if you trust its source", weights)
     state = _load_weights(weights, imported.trust_code)
     if not isinstance(state, dict):
         return state.eval()
@@ -339,7 +362,7 @@ class BundleRunner:
 
     def __init__(self, card, folder: Path) -> None:
         self.card = card
-        _, config = read_config(folder)
+        config = recorded_config(card, folder)
         self.config = config
         self.spec = read_spec(config) if not card.imported.trust_code else None
 
