@@ -628,6 +628,43 @@ def test_an_output_folder_that_cannot_be_written_is_a_named_error(tmp_path, batc
     (tmp_path / "file").write_text("a file where a folder should be")
     result = run_batch(str(root), "-o", str(tmp_path / "file" / "out"), "--model", str(batch_model))
     assert result.exit_code == 6 and "cannot write into the output folder" in result.output, result.output
+    # With hashed ids the id key is the first thing written there: the same named error.
+    result = run_batch(str(root), "-o", str(tmp_path / "file" / "out"), "--model", str(batch_model), "--hashed-ids")
+    assert result.exit_code == 6 and "cannot write the output folder" in result.output, result.output
+
+
+def test_a_rerun_redoes_a_case_whose_sequences_or_brain_extractor_changed(tmp_path, batch_model, monkeypatch):
+    from tumorseg import hdbet
+
+    phantom_case(tmp_path / "p", 2)
+    table = tmp_path / "cases.csv"
+    # The T1 and T1gd columns mixed up, then corrected: the same files, another case.
+    table.write_text("case_id,flair,t1,t1gd,t2\nc1,p/case-t2f.nii.gz,p/case-t1c.nii.gz,p/case-t1n.nii.gz,p/case-t2w.nii.gz\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr(hdbet, "available", lambda: False)
+    assert run_batch(str(table), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    table.write_text("case_id,flair,t1,t1gd,t2\nc1,p/case-t2f.nii.gz,p/case-t1n.nii.gz,p/case-t1c.nii.gz,p/case-t2w.nii.gz\n")
+    assert run_batch(str(table), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert manifest(out)["counts"]["reused"] == 0
+    assert run_batch(str(table), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert manifest(out)["counts"]["reused"] == 1
+    # Brain extraction installed since (the report of a scan with its skull said to install it).
+    monkeypatch.setattr(hdbet, "available", lambda: True)
+    assert run_batch(str(table), "-o", str(out), "--model", str(batch_model)).exit_code == 0
+    assert manifest(out)["counts"]["reused"] == 0
+    record = json.loads((out / "cases" / "c1" / "batch-case.json").read_text())
+    assert record["fingerprint"]["brain_extractor"] == hdbet.METHOD
+
+
+def test_another_tools_manifest_json_does_not_hide_a_case(tmp_path, batch_model):
+    root = tmp_path / "in"
+    phantom_case(root / "patA", 1)
+    phantom_case(root / "patB", 2)
+    (root / "patB" / "manifest.json").write_text('{"vendor": "a PACS export", "files": 4}')
+    assert [c.case_id for c in discover(root)] == ["patA", "patB"]
+    assert run_batch(str(root), "-o", str(root / "out"), "--model", str(batch_model)).exit_code == 0
+    # The batch's own output folder inside the tree is still no case (nor are its case folders).
+    assert [c.case_id for c in discover(root)] == ["patA", "patB"]
 
 
 def test_outputs_in_a_subfolder_are_recorded_reused_and_retracted(tmp_path, batch_model):

@@ -170,6 +170,14 @@ class PipelineSpec:
         return PreparedScan(image, transform, scan.source, scan.channels, scan.spacing, inputs_report or {}, timings,
                             warnings, ignored, registration, registered, shown, brain_mask, brain_report)
 
+    @property
+    def brain_extractor(self) -> str:
+        """What a scan with its skull meets: the extractor's method, "off", or "not installed" (part
+        of a batch's fingerprint, so that installing the extra redoes the cases run without it)."""
+        if self.config.preprocess.brain_extraction == "off":
+            return "off"
+        return hdbet.METHOD if hdbet.available() else "not installed"
+
     def _extract_brain(self, scan: Scan, reference: str,
                        timings: dict[str, float]) -> tuple[Scan, np.ndarray | None, dict[str, Any]]:
         """The scan with only its brain (``[preprocess] brain_extraction``), the mask and its report;

@@ -19,19 +19,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_output_folder
 from ..dicom.files import has_dicom_marker
 from ..errors import InputError, TumorsegError
 from ..inputs import CaseInputs, DicomInputs
 from ..sequences import SEQUENCES, StudyInputs, assign_sequences, is_image_name, is_not_a_sequence, parse_sequence, strip_image_suffix
 from ..stages.read import volume_count
-from .layout import CASE_RECORD, MANIFEST_JSON
+from .layout import CASE_RECORD, LOCK_FILE, MANIFEST_JSON
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 80
@@ -43,6 +44,18 @@ class BatchCase:
     inputs: CaseInputs | None  # None when the case cannot be set up (see ``problem``)
     source: str  # where it came from, relative to the batch root (for the manifest)
     problem: TumorsegError | None = None  # why the case cannot run, found at discovery
+
+    def roles(self) -> str:
+        """Which input plays which part: the sequence of each file, the DICOM series named per
+        sequence (hashed with the files, so that a manifest whose columns are corrected redoes the
+        case)."""
+        if self.inputs is None:
+            return ""
+        if isinstance(self.inputs, DicomInputs):
+            return "dicom " + " ".join(f"{sequence}={series}" for sequence, series in self.inputs.explicit)
+        if self.inputs.decathlon_4d is not None:
+            return "decathlon-4d"
+        return " ".join(f"{sequence}={path.name}" for sequence, path in self.inputs.files)
 
     def files(self, exclude: Path | None = None) -> list[Path]:
         """Every input file of the case (DICOM: every file under its folders, except in batch
@@ -110,6 +123,7 @@ def case_id_key(output: Path) -> bytes:
     into the same folder gives the same ids (a lost key only makes the next run start afresh)."""
     path = Path(output) / ID_KEY_FILE
     if not path.is_file():
+        check_output_folder(output)  # a named error (exit 6) rather than mkdir's
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, private=True) as tmp:
             tmp.write_text(secrets.token_hex(32) + "\n")
@@ -172,7 +186,16 @@ def _tree_cases(root: Path, exclude: Path | None = None) -> list[BatchCase]:
 def _is_output(folder: Path, exclude: Path | None) -> bool:
     if exclude is not None and folder.resolve() == exclude.resolve():
         return True
-    return (folder / CASE_RECORD).is_file() or (folder / MANIFEST_JSON).is_file()
+    return (folder / CASE_RECORD).is_file() or (folder / LOCK_FILE).exists() or _is_batch_manifest(folder / MANIFEST_JSON)
+
+
+def _is_batch_manifest(path: Path) -> bool:
+    """A tumorseg batch's manifest.json, not another tool's file of that name in a case folder."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable, or not JSON
+        return False
+    return isinstance(document, dict) and "tumorseg_version" in document and "cases" in document
 
 
 def _image_case(case_id: str, folder: Path, source: str) -> BatchCase:

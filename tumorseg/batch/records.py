@@ -86,9 +86,9 @@ def config_sha256(spec: PipelineSpec) -> str:
 
 
 def inputs_sha256(case: BatchCase, exclude: Path | None = None) -> str:
-    """One checksum over the case's input files' names and contents (``exclude``: the batch's
-    output folder, which may lie inside a DICOM case's folder)."""
-    digest = hashlib.sha256()
+    """One checksum over the case's input files' names and contents and the part each plays
+    (``exclude``: the batch's output folder, which may lie inside a DICOM case's folder)."""
+    digest = hashlib.sha256(case.roles().encode() + b"\n")
     for path in case.files(exclude):
         digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return digest.hexdigest()

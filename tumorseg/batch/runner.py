@@ -140,6 +140,7 @@ class BatchRunner:
             "model_card_sha256": sha256_file(segmenter.model.directory / MODEL_CARD_FILE),
             "results_version": RESULTS_VERSION,
             "config_sha256": config_sha256(self.spec),
+            "brain_extractor": self.spec.brain_extractor,
             "tumorseg_version": __version__,
         }
         self._outcomes: dict[str, CaseOutcome] = {}
