@@ -98,9 +98,9 @@ def brain_phantom(shape=(40, 44, 36), seed: int = 0) -> np.ndarray:
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    """Run a Debian tool (dciodvfy, dcentvfy, dcm2niix); skip where it is not installed (CI has it)."""
+    """Run a Debian tool (dciodvfy, dcentvfy, dcm2niix, dcmtk's); skip where it is not installed (CI has it)."""
     if shutil.which(args[0]) is None:
-        pytest.skip(f"needs {args[0]} (Debian packages dicom3tools / dcm2niix; .ci/run installs them)")
+        pytest.skip(f"needs {args[0]} (Debian packages dicom3tools / dcm2niix / dcmtk; .ci/run installs them)")
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 

@@ -29,7 +29,7 @@ from tumorseg.dicom.study import inputs_report, read_dicom_study
 from tumorseg.itk import resample_to_grid
 from tumorseg.errors import ConfigError, GeometryError, InputError, SequenceError
 
-from conftest import shared_data
+from conftest import run_tool, shared_data
 
 POSITIONS = ("HFS", "HFP", "HFDL", "HFDR")
 CANARY_NAME = "CANARY^PATIENT"
@@ -148,6 +148,16 @@ def test_files_without_preamble_read_as_with_it(tmp_path):
     np.testing.assert_array_equal(volume.array, reference.array)
     np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-9)
     assert len(series.read_headers()) == 35
+    # The file meta without the preamble before it (the file starts with group 0002), on the last
+    # slice, where a file skipped as "not DICOM" would leave a shorter volume and no error.
+    copy_series(decubitus("HFS"), tmp_path / "meta-first")
+    last = files_by_position(tmp_path / "meta-first")[-1]
+    ds = pydicom.dcmread(last)
+    ds.preamble = None
+    ds.save_as(last, enforce_file_format=False)
+    assert last.read_bytes()[:2] == b"\x02\x00"
+    volume, _ = read_series(tmp_path / "meta-first")
+    np.testing.assert_array_equal(volume.array, reference.array)
 
 
 def test_oblique_cosines_stored_to_four_decimals_are_read(tmp_path):
@@ -348,6 +358,20 @@ def test_unsupported_transfer_syntax_is_refused(tmp_path):
     ds.save_as(files[5])
     with pytest.raises(InputError, match=r"transfer syntax MPEG2.*1\.2\.840\.10008\.1\.2\.4\.100"):
         read_series(folder)
+
+
+def test_jpeg_lossless_series_reads_as_the_uncompressed_one(tmp_path):
+    """JPEG Lossless, First-Order Prediction: what PACS archives most often hold (python-gdcm)."""
+    folder = tmp_path / "jpeg-lossless"
+    folder.mkdir()
+    for path in sorted(decubitus("HFS").iterdir()):
+        result = run_tool("dcmcjpeg", "+e1", str(path), str(folder / path.name))
+        assert result.returncode == 0, result.stderr
+    assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    volume, _ = read_series(folder)
+    reference, _ = read_series(decubitus("HFS"))
+    np.testing.assert_array_equal(volume.array, reference.array)
+    np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-9)
 
 
 def test_gantry_tilt_is_refused(tmp_path):

@@ -313,6 +313,18 @@ def test_limits_hosts_and_sop_classes_are_refused_as_documented(tmp_path, quiet_
         assert not assoc.is_established or not assoc.accepted_contexts  # CT: no presentation context
         if assoc.is_established:
             assoc.release()
+        # MR offered in a syntax nothing here decodes first (MPEG2), then JPEG Lossless (decoded by
+        # python-gdcm), then uncompressed: the node takes a syntax it can read, never the video.
+        mpeg2, jpeg_lossless = "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.70"
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(sop.MRImageStorage, [mpeg2])
+        ae.add_requested_context(sop.MRImageStorage, [jpeg_lossless])
+        ae.add_requested_context(sop.MRImageStorage, [pydicom.uid.ImplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        assert assoc.is_established
+        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        assoc.release()
+        assert accepted == {jpeg_lossless, pydicom.uid.ImplicitVRLittleEndian}
     finally:
         node.stop()
     node = NodeProcess(tmp_path / "hosts", quiet_model, [("planning", receiver.ae_title, receiver.port)],

@@ -47,11 +47,11 @@ def has_dicom_marker(path: Path) -> bool:
 
 
 def read_dataset(path: Path, **kwargs):
-    """``pydicom.dcmread`` that also reads files without the 128-byte preamble and file meta.
+    """``pydicom.dcmread`` that also reads files without the 128-byte preamble (and file meta).
 
-    Old exporters (ACR-NEMA style) write the data set straight away; pydicom then needs ``force``
-    and knows the encoding only by guessing, so it is recorded as the transfer syntax the pixel
-    decoder asks for.
+    Some exporters write the file meta, or (ACR-NEMA style) the data set, straight away; pydicom
+    then needs ``force``. Without file meta it knows the encoding only by guessing, so that guess
+    is recorded as the transfer syntax the pixel decoder asks for.
     """
     import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -66,6 +66,17 @@ def read_dataset(path: Path, **kwargs):
     return ds
 
 
+def can_decode(transfer_syntax: str) -> bool:
+    """pydicom has a decoder for ``transfer_syntax`` (a UID) installed here."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    try:
+        return bool(get_decoder(UID(transfer_syntax)).is_available)
+    except NotImplementedError:
+        return False
+
+
 def read_header(path: Path):
     """The file's header without pixel data, or None when the file is not a DICOM object."""
     import pydicom
@@ -74,13 +85,14 @@ def read_header(path: Path):
         log.debug("skipped DICOMDIR %s", path)
         return None
     if not has_dicom_marker(path):
-        # Old files without the 128-byte preamble start straight with a group 0008 element.
+        # Files without the 128-byte preamble start straight with their file meta (group 0002) or,
+        # from old exporters, their data set (group 0008); skipping one could drop an end slice.
         try:
             with open(path, "rb") as f:
                 start = f.read(4)
         except OSError as e:
             raise InputError(f"cannot read the file ({e.strerror})", path) from None
-        if start[:2] != b"\x08\x00":
+        if start[:2] not in (b"\x08\x00", b"\x02\x00"):
             log.debug("skipped non-DICOM file %s", path)
             return None
         try:

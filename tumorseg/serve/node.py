@@ -127,10 +127,15 @@ class Node:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom import sop_class as sop
 
+        from ..dicom.files import can_decode
+
         ae = AE(ae_title=self.settings.ae_title)
         ae.add_supported_context(sop.Verification)
+        # Only what can be decoded here: a sender that offers another syntax first then falls back
+        # to one of these (or transcodes), instead of a study that is stored and then fails.
+        decodable = [syntax for syntax in ALL_TRANSFER_SYNTAXES if can_decode(syntax)]
         for name in ACCEPTED_SOP_CLASSES:
-            ae.add_supported_context(getattr(sop, name), ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(getattr(sop, name), decodable)
         ae.require_calling_aet = list(self.settings.allowed_callers)
         ae.maximum_associations = self.settings.max_associations
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
