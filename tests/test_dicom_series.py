@@ -41,8 +41,9 @@ def decubitus(position: str = "HFS") -> Path:
 
 
 def copy_series(src: Path, dst: Path, edit=None, new_uids: bool = False, description: str | None = None,
-                series_number: int | None = None) -> list[Path]:
-    """Copy a series file by file, optionally with new Series/SOP UIDs and edited headers.
+                series_number: int | None = None, study_uid: str | None = None) -> list[Path]:
+    """Copy a series file by file, optionally with new Series/SOP UIDs, into another study, and
+    with edited headers.
 
     ``edit(ds, index)`` may change a dataset; it returns False to leave the file out.
     """
@@ -60,6 +61,8 @@ def copy_series(src: Path, dst: Path, edit=None, new_uids: bool = False, descrip
             ds.ProtocolName = description
         if series_number is not None:
             ds.SeriesNumber = series_number
+        if study_uid is not None:
+            ds.StudyInstanceUID = study_uid
         if edit is not None and edit(ds, index) is False:
             continue
         out = dst / f"IM{index:04d}"
@@ -597,10 +600,12 @@ def test_a_series_on_another_grid_is_registered_not_placed_by_scanner_coordinate
 
 
 def test_different_frames_of_reference_are_registered_or_refused(tmp_path):
-    """Another Frame of Reference (the same volunteer scanned prone): its scanner coordinates mean
-    nothing beside the reference's, so it is registered, or with --registration none refused."""
-    copy_series(decubitus("HFS"), tmp_path / "a", new_uids=True, description="T1 POST GD")
-    copy_series(decubitus("HFP"), tmp_path / "b", new_uids=True, description="FLAIR")
+    """Another Frame of Reference (the same volunteer scanned prone, in the same study): its scanner
+    coordinates mean nothing beside the reference's, so it is registered, or with --registration
+    none refused."""
+    study = generate_uid()
+    copy_series(decubitus("HFS"), tmp_path / "a", new_uids=True, description="T1 POST GD", study_uid=study)
+    copy_series(decubitus("HFP"), tmp_path / "b", new_uids=True, description="FLAIR", study_uid=study)
     with pytest.raises(GeometryError, match="different Frame of Reference"):
         read_dicom_study(tmp_path, registration="none")
     scan = read_dicom_study(tmp_path)
@@ -608,12 +613,31 @@ def test_different_frames_of_reference_are_registered_or_refused(tmp_path):
     assert flair.method == "rigid" and flair.rotation_deg > 2  # the head lay otherwise in the coil
 
 
+def test_series_of_two_studies_are_combined_only_when_named(tmp_path):
+    """Two visits of one patient in one folder (a PACS export of the patient): the tumour changes
+    between them, so their series are not combined unless the user names each one."""
+    copy_series(decubitus("HFS"), tmp_path / "2021", new_uids=True, description="T1 POST GD", series_number=5)
+    copy_series(decubitus("HFS"), tmp_path / "2024", new_uids=True, description="T2 FLAIR", series_number=3,
+                study_uid=generate_uid())
+    with pytest.raises(SequenceError, match=r"2 different studies \(visits\).*series 3.*\(flair\).*name each series"):
+        read_dicom_study(tmp_path)
+    with pytest.raises(SequenceError, match="2 different studies"):
+        read_dicom_study(tmp_path, explicit={"flair": 3})  # one named, the other chosen
+    scan = read_dicom_study(tmp_path, explicit={"flair": 3, "t1gd": 5})
+    assert scan.channels == ("flair", "t1gd")
+    # A study whose other series the model does not read is one study.
+    scan = read_dicom_study(tmp_path, use=lambda found: ("t1gd",))
+    assert scan.channels == ("t1gd",)
+
+
 def test_series_the_model_will_not_use_are_not_read(tmp_path):
     """A model card's preferred sets choose before pixel data is read: a T2 series in another frame of
     reference would fail the study if it were read, and the reference grid comes from what is used."""
     copy_series(decubitus("HFS"), tmp_path / "t1gd", new_uids=True, description="T1 POST GD", series_number=10)
     copy_series(decubitus("HFS"), tmp_path / "flair", new_uids=True, description="FLAIR", series_number=11)
-    copy_series(decubitus("HFP"), tmp_path / "t2", new_uids=True, description="T2 TSE", series_number=12)
+    study = pydicom.dcmread(next((tmp_path / "t1gd").iterdir()), stop_before_pixels=True).StudyInstanceUID
+    copy_series(decubitus("HFP"), tmp_path / "t2", new_uids=True, description="T2 TSE", series_number=12,
+                study_uid=study)
     with pytest.raises(GeometryError, match="different Frame of Reference"):
         read_dicom_study(tmp_path, registration="none")
     offered = []

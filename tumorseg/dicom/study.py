@@ -96,6 +96,7 @@ def read_dicom_study(
             raise SequenceError(message)
         log.info("DICOM: %s not read (the model does not use it), so its several candidates do not matter", seq)
     _check_same_patient(chosen)
+    _check_one_study({seq: info for seq, info in chosen.items() if seq in wanted}, explicit or {})
     volumes = {seq: read_series(info) for seq, info in chosen.items() if seq in wanted}
     scan = combine_series(volumes, reference=ref_seq, registration=registration)
     scan.meta["unread_sequences"] = tuple(seq for seq in found_sequences if seq not in wanted)
@@ -172,6 +173,20 @@ def _check_same_patient(chosen: Mapping[str, SeriesInfo]) -> None:
                 f"{s.label} ({seq}) and {first.label} ({seq0}) have different Patient IDs: the "
                 "folder mixes patients; give one patient's series", s.folder,
             )
+
+
+def _check_one_study(chosen: Mapping[str, SeriesInfo], explicit: Mapping[str, str | int]) -> None:
+    """The series to be read come from one study (one visit): a tumour changes between visits, so
+    series of two studies are combined only where the user named each of them."""
+    studies = {info.study_uid for info in chosen.values()}
+    if len(studies) < 2 or all(seq in explicit for seq in chosen):
+        return
+    listing = "; ".join(f"{info.label} ({seq})" for seq, info in chosen.items())
+    raise SequenceError(
+        f"the series chosen come from {len(studies)} different studies (visits): {listing}; give one "
+        "study's folder, or name each series (SeriesNumber or SeriesInstanceUID) to combine them anyway",
+        ", ".join(sorted({str(info.folder) for info in chosen.values()})),
+    )
 
 
 def _same_frame(series: DicomSeries, ref: DicomSeries) -> bool:
