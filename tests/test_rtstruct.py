@@ -289,6 +289,35 @@ def test_empty_mask_writes_a_valid_rtstruct_without_contours(tmp_path):
     assert errors == [] and result.returncode == 0, "\n".join(errors)
 
 
+def test_invalid_values_in_the_source_are_not_repeated(tmp_path):
+    """A console that writes a weight with a decimal comma, or a date as DD.MM.YY: the reader takes
+    the series, the RTSTRUCT and the SEG leave those values out (Type 3) or empty (Type 2), and pass
+    dciodvfy (the SEG writer stopped at the date)."""
+    from tumorseg.dicom.seg import write_seg
+
+    folder = tmp_path / "source"
+    folder.mkdir()
+    for path in sorted(series_dir("HFS").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientWeight, ds.StudyDate = "72.5", "20210102"
+        ds.save_as(folder / path.name)
+        data = (folder / path.name).read_bytes()
+        (folder / path.name).write_bytes(data.replace(b"72.5", b"72,5", 1).replace(b"20210102", b"02.01.21", 1))
+    source = read_source(folder)
+    summary = write_rtstruct(make_label_map((256, 256, len(source))), MSD, source, tmp_path / "rs.dcm",
+                             algorithm_name="tiny-test", algorithm_version="0")
+    ds = pydicom.dcmread(summary.path)
+    assert "PatientWeight" not in ds and ds.StudyDate == "" and ds.PatientName == source[0].PatientName
+    errors, _ = dicom3tools_findings(result := run_tool("dciodvfy", str(summary.path)))
+    assert errors == [] and result.returncode == 0, "\n".join(errors)
+    seg = write_seg(make_label_map((256, 256, len(source))), MSD, source, tmp_path / "seg.dcm",
+                    algorithm_name="tiny-test", algorithm_version="0")
+    ds = pydicom.dcmread(seg)
+    assert "PatientWeight" not in ds and ds.StudyDate == "" and source[0]["StudyDate"].value == "02.01.21"
+    errors, _ = dicom3tools_findings(result := run_tool("dciodvfy", str(seg)))
+    assert errors == [] and result.returncode == 0, "\n".join(errors)
+
+
 def test_no_patient_identifier_in_file_name_or_log(tmp_path, caplog):
     source = [copy.deepcopy(ds) for ds in read_source(series_dir("HFP"))]
     for ds in source:

@@ -39,7 +39,8 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryError
 from ..labels import LabelScheme
-from .source import SourceSeries, check_labels, derived_series_number, long_string, sort_source_series
+from .source import (COPIED_OPTIONAL, COPIED_TYPE2, SourceSeries, check_labels, derived_series_number,
+                     invalid_copied, long_string, sort_source_series, valid_source_element, warn_invalid_copied)
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ REGION_COLOURS: dict[str, tuple[int, int, int]] = {
 REGION_TITLES = {"WT": "whole tumour", "TC": "tumour core", "ET": "enhancing tumour"}
 
 
-# The patient and study attributes copied from the source (Patient and General Study modules).
-_PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
-_PATIENT_OPTIONAL = (
-    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
-    "PatientBirthTime", "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup",
-    "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence", "QualityControlSubject",
-    "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
-)
-_STUDY_TYPE2 = ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
-_STUDY_OPTIONAL = ("StudyDescription",)
-# Patient Study module (user optional in the IOD): copied so that the study reads the same in every
-# instance (dcentvfy compares them).
-_PATIENT_STUDY = ("PatientAge", "PatientSize", "PatientWeight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,11 +281,14 @@ def _base_dataset(series: SourceSeries, sop_uid: str, series_uid: str, now: date
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     # Patient and General Study, copied from the source (Type 2 present even when empty there)
-    for keyword in _PATIENT_TYPE2 + _STUDY_TYPE2:
-        setattr(ds, keyword, src.get(keyword, ""))
-    for keyword in _PATIENT_OPTIONAL + _STUDY_OPTIONAL + _PATIENT_STUDY:
-        if keyword in src:
-            ds[keyword] = src[keyword]
+    warn_invalid_copied(invalid_copied(src), "RTSTRUCT")
+    for keyword in COPIED_TYPE2:
+        element = valid_source_element(src, keyword)
+        setattr(ds, keyword, element.value if element is not None else "")
+    for keyword in COPIED_OPTIONAL:
+        element = valid_source_element(src, keyword)
+        if element is not None:
+            ds[keyword] = element
     ds.StudyInstanceUID = src.StudyInstanceUID
     # RT Series
     ds.Modality = "RTSTRUCT"

@@ -6,6 +6,7 @@ reader stacks is one the writers accept.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,23 @@ from ..labels import LabelScheme
 from .series import is_orthonormal, unit_axes
 from .stack import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
 
+log = logging.getLogger(__name__)
 
+
+# The patient and study attributes a derived object copies from its source (Patient, General Study
+# and Patient Study modules): Type 2 ones present even when empty there. The Patient Study module is
+# user optional in the IODs; it is copied so that the study reads the same in every instance
+# (dcentvfy compares them).
+COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+COPIED_OPTIONAL = (
+    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthTime", "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup",
+    "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence", "QualityControlSubject",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
+    "StudyDescription", "PatientAge", "PatientSize", "PatientWeight",
+)
 
 
 @dataclass(frozen=True)
@@ -189,3 +206,52 @@ def derived_series_number(src: Dataset) -> int | str:
 def long_string(text: str) -> str:
     """Fit a Long String (64 characters, no backslash)."""
     return text.replace("\\", "/")[:64]
+
+
+def valid_source_element(src: Dataset, keyword: str):
+    """The source's element, or None where it is absent or its value is not valid for its VR (a
+    weight written "72,5"): the reader copes with such a value, a writer must not repeat it
+    (dciodvfy, and planning systems that check as strictly)."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    if keyword not in src:
+        return None
+    try:
+        element = src[keyword]
+        if element.VR == "SQ":
+            return element
+        values = element.value if element.VM > 1 else [element.value]
+        for value in values:
+            validate_value(element.VR, value if isinstance(value, bytes) else str(value), config.RAISE)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return element
+
+
+def invalid_copied(image: Dataset) -> list[str]:
+    """The copied patient and study attributes whose values in ``image`` are not valid for their VR."""
+    return [k for k in COPIED_TYPE2 + COPIED_OPTIONAL if k in image and valid_source_element(image, k) is None]
+
+
+def warn_invalid_copied(keywords: Sequence[str], what: str) -> None:
+    if keywords:
+        log.warning("%s: the source's %s not valid for the value representation; left empty or out",
+                    what, ", ".join(sorted(set(keywords))) + (" are" if len(set(keywords)) > 1 else " is"))
+
+
+def with_valid_patient_study(image: Dataset, invalid: Sequence[str]) -> Dataset:
+    """``image`` (a shallow copy where anything changes) with the ``invalid`` copied attributes
+    emptied (Type 2) or dropped, for highdicom, which copies them and stops at a date it cannot
+    parse."""
+    if not invalid:
+        return image
+    out = Dataset()
+    if hasattr(image, "file_meta"):
+        out.file_meta = image.file_meta
+    out.update(image)  # shares the image's elements: replace, never assign into them
+    for keyword in invalid:
+        del out[keyword]
+        if keyword in COPIED_TYPE2:
+            setattr(out, keyword, "")
+    return out
