@@ -141,6 +141,31 @@ def test_validate_brats2015_with_other_tools_predictions(tmp_path):
     assert document["aggregate"]["WT"]["dice"]["worst"] == 0.0 and document["aggregate"]["WT"]["dice"]["n"] == 4
 
 
+def test_validate_takes_the_scheme_tumorseg_recorded_beside_its_predictions(tmp_path):
+    """Perfect predictions in the BraTS 2021 scheme, as a tumorseg predict folder per case with its
+    report.json: scored in that scheme without being told (as MSD their TC would be wrong), and
+    refused when the option says otherwise."""
+    brats = shared_data("brats2015-dev")
+    lut = np.array([0, 1, 2, 1, 4])  # BraTS 2015 -> 2021: necrosis and non-enhancing are one core
+    for case in sorted(p for p in brats.iterdir() if p.is_dir()):
+        truth = nib.load(case / "OTMultiClass.nii.gz")
+        folder = tmp_path / "preds" / case.name
+        folder.mkdir(parents=True)
+        save_nifti(folder / "segmentation.nii.gz", lut[np.rint(np.asarray(truth.dataobj)).astype(int)].astype(np.uint8),
+                   truth.affine)
+        (folder / "report.json").write_text(json.dumps({"results": {"label_scheme": "brats2021"}}))
+    out = tmp_path / "report"
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
+                      "-o", str(out), "--no-html")
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["prediction_scheme"] == "brats2021"
+    assert all(c["scores"][r]["dice"] == 1.0 for c in document["cases"] for r in REGIONS)
+    result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
+                      "-o", str(out), "--no-html", "--prediction-scheme", "msd")
+    assert result.exit_code == ConfigError.exit_code and "record label scheme brats2021" in result.output
+
+
 def test_validate_keeps_the_scores_of_a_case_whose_overlay_fails(tmp_path, monkeypatch):
     """A picture that cannot be drawn (no image beside the labels, another shape) costs the
     picture, not the case's scores."""

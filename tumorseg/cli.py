@@ -322,7 +322,7 @@ def batch(input_root, output, model, pipeline_file, device, precision, seg, tta,
 @click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names and a label file each.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for report.html, metrics.json, metrics.csv, summary.csv (and predictions/).")
 @click.option("--predictions", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Score these label maps (<case_id>.nii.gz as nnU-Net writes them, <case_id>/segmentation.nii.gz, or a tumorseg batch folder) instead of predicting.")
-@click.option("--prediction-scheme", type=click.Choice(SCHEME_NAMES), default="msd", show_default=True, help="Label scheme of --predictions.")
+@click.option("--prediction-scheme", type=click.Choice(SCHEME_NAMES), default=None, help="Label scheme of --predictions  [default: the one tumorseg's report.json beside each label map records, else msd]")
 @click.option("--truth-scheme", "--label-scheme", "truth_scheme", type=click.Choice(SCHEME_NAMES), default=None, help="Label scheme of the ground truth  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--nsd-tolerance", type=float, default=2.0, show_default=True, help="Normalised surface distance tolerance, mm.")
 @_pipeline_options
@@ -359,7 +359,8 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
                               brain_extraction, precision)
         segmenter = Segmenter(config.model, config)
     with quiet_stage_logs(not verbose):
-        document = run_validation(dataset, output, truth_scheme, predictions, get_scheme(prediction_scheme),
+        document = run_validation(dataset, output, truth_scheme, predictions,
+                                  get_scheme(prediction_scheme) if prediction_scheme else None,
                                   nsd_tolerance, segmenter, workers, force, html=not no_html, progress=not quiet)
     wt = document["aggregate"]["WT"]["dice"]
     mean = "n/a" if wt["mean"] is None else f"{wt['mean']:.3f}"

@@ -27,7 +27,7 @@ from .atomic import write_bytes_atomic
 from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, GeometryError, TumorsegError
 from .evaluate import LabelFile, read_label_file
-from .labels import REGIONS, LabelScheme, conversion_table
+from .labels import REGIONS, LabelScheme, conversion_table, get_scheme
 from .scan import same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
 
@@ -163,8 +163,7 @@ def validate(
         prediction_scheme = segmenter.card.scheme
         model = {"name": segmenter.card.name, "version": segmenter.card.version,
                  "weights_sha256": segmenter.model.sha256}
-    if prediction_scheme is None:
-        raise ValueError("prediction_scheme is needed with a predictions folder")
+    prediction_scheme = _prediction_scheme(Path(predictions), ids, prediction_scheme)
 
     scored: list[ScoredCase] = []
     overlays: dict[str, bytes] = {}
@@ -200,6 +199,41 @@ def validate(
     }
     write_reports(output, document, overlays if html else None)
     return document
+
+
+def recorded_scheme(prediction: Path) -> str | None:
+    """The label scheme the report.json beside a tumorseg label map records, or None (no report:
+    another tool's output)."""
+    if prediction.name != "segmentation.nii.gz":
+        return None
+    try:
+        scheme = json.loads((prediction.parent / "report.json").read_text())["results"]["label_scheme"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return scheme if isinstance(scheme, str) else None
+
+
+def _prediction_scheme(predictions: Path, ids: list[str], given: LabelScheme | None) -> LabelScheme:
+    """The predictions' label scheme: ``given``, else the one their tumorseg reports record, else
+    MSD (nnU-Net's Task01 outputs); refused where the reports disagree with it or with each other
+    (values 1-3 exist in several schemes, so a wrong one scores silently wrong)."""
+    recorded: dict[str, list[str]] = {}
+    for case_id in ids:
+        path = find_prediction(predictions, case_id)
+        scheme = recorded_scheme(path) if path is not None else None
+        if scheme is not None:
+            recorded.setdefault(scheme, []).append(case_id)
+    if given is not None:
+        others = {name: cases for name, cases in recorded.items() if name != given.name}
+        if others:
+            name, cases = next(iter(others.items()))
+            raise ConfigError(f"--prediction-scheme {given.name}, but the reports of {len(cases)} prediction(s) "
+                              f"(e.g. {cases[0]}) record label scheme {name}", predictions)
+        return given
+    if len(recorded) > 1:
+        raise ConfigError(f"the predictions' reports record several label schemes ({', '.join(sorted(recorded))}); "
+                          "score each scheme's predictions on their own", predictions)
+    return get_scheme(next(iter(recorded), "msd"))
 
 
 def _predict_cases(segmenter, ids: list[str], cases: list[LabelledCase], predictions: Path, workers: int,
