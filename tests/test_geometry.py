@@ -18,7 +18,7 @@ from tumorseg.config import PipelineConfig, PostprocessConfig
 from tumorseg.model import LoadedModel, load_card
 from tumorseg.pipeline import Segmenter, write_outputs
 from tumorseg.sequences import StudyInputs
-from tumorseg.stages import geometry
+from tumorseg.stages import geometry, read
 from tumorseg.stages.read import read_volume
 
 
@@ -124,7 +124,8 @@ def test_nifti2_input_gives_nifti2_output_on_the_same_grid(tmp_path, threshold_s
 def test_free_text_header_fields_of_the_input_are_not_copied(tmp_path, threshold_segmenter, image_class):
     image = brain_phantom((40, 44, 36), seed=3)
     source = image_class(image, np.eye(4))
-    text = {"aux_file": b"DOE^JOHN 1234567", "intent_name": b"19700101", "db_name": b"MRN1234567"}
+    text = {"aux_file": b"DOE^JOHN 1234567", "intent_name": b"19700101", "db_name": b"MRN1234567",
+            "data_type": b"DOE^JANE"}
     for field, value in text.items():
         if field in source.header:
             source.header[field] = value
@@ -186,6 +187,34 @@ def test_nrrd_affine_matches_simpleitk_physical_points():
         np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-4)
     assert volume.array.shape == itk.GetSize()
     assert volume.array[10, 200, 5] == sitk.GetArrayViewFromImage(itk)[5, 200, 10]
+
+
+def test_a_sheared_grid_is_written_exactly_or_refused_never_approximated(tmp_path):
+    """An MHA of a 15 degree tilted acquisition: no qform holds its affine. The label map's sform
+    alone carries it, so nibabel (and tumorseg) place every voxel exactly, and ITK refuses the file
+    rather than take a qform that put voxels 9 mm away."""
+    from tumorseg.labels import get_scheme
+    from tumorseg.scan import LabelMap
+    from tumorseg.stages import write
+
+    itk = sitk.GetImageFromArray(np.random.default_rng(0).random((24, 22, 20)).astype(np.float32) + 1)
+    itk.SetSpacing((1.0, 1.0, 3.0))
+    tilt = np.radians(15)
+    itk.SetDirection((1, 0, 0, 0, 1, np.sin(tilt), 0, 0, np.cos(tilt)))
+    sitk.WriteImage(itk, str(tmp_path / "t1c_tilt.mha"))
+    scan = read.stack_volumes({"t1gd": read.read_volume(tmp_path / "t1c_tilt.mha")})
+    assert write.is_sheared(scan.affine) and not write.is_sheared(np.diag([0.8, 0.8, 6.5, 1.0]))
+    labels = np.zeros(scan.spatial_shape, np.uint8)
+    labels[5:9, 6:12, 10:14] = 1
+    out = write.write_label_map(LabelMap(labels, scan.affine, get_scheme("msd"), scan.source), tmp_path / "seg.nii.gz")
+    written = nib.load(str(out))
+    assert int(written.header["qform_code"]) == 0 and int(written.header["sform_code"]) == 1
+    np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
+    again = read.read_volume(out, allow_constant=True)
+    np.testing.assert_allclose(again.affine, scan.affine, atol=1e-5)
+    np.testing.assert_array_equal(again.array, labels)
+    with pytest.raises(RuntimeError, match="orthonormal"):
+        sitk.ReadImage(str(out))
 
 
 def test_transform_round_trip_is_exact_without_resampling():

@@ -2,7 +2,9 @@
 
 When the reference input was NIfTI (version 1 or 2) its header is copied, so shape, qform, sform
 and their codes are the input's bit for bit (its free-text fields are blanked); otherwise (NRRD,
-MHA) qform and sform are both set to the affine with code 1 (scanner).
+MHA) qform and sform are both set to the affine with code 1 (scanner), or, for a sheared affine (a
+tilted acquisition) that no qform can hold, the sform alone: a reader then places every voxel
+exactly or, as ITK does, refuses the file, never placing it by an approximation.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from ..atomic import atomic_path
 from ..scan import LabelMap, SourceGeometry
 
 
-#: Header text fields copied from the input that are blanked (``descrip`` is overwritten).
-#: NIfTI-2 has no ``db_name``.
-FREE_TEXT_FIELDS = ("aux_file", "db_name", "intent_name")
+#: Header text fields copied from the input that are blanked (``descrip`` is overwritten); they may
+#: hold what a scanner or a user wrote about the patient. NIfTI-2 has no ``db_name`` or ``data_type``.
+FREE_TEXT_FIELDS = ("aux_file", "db_name", "intent_name", "data_type")
+#: Voxel axes this far from perpendicular (cosine of their angle) make an affine sheared.
+SHEAR_TOLERANCE = 1e-4
 
 
 def label_map_image(labels: LabelMap) -> nib.Nifti1Image | nib.Nifti2Image:
@@ -47,11 +51,22 @@ def _on_source_grid(array: np.ndarray, source: SourceGeometry, descrip: bytes,
         image = (nib.Nifti2Image if nifti2 else nib.Nifti1Image)(array, None, header=header)
     else:
         image = nib.Nifti1Image(array, source.affine)
-        image.header.set_qform(source.affine, code=1)
+        if is_sheared(source.affine):
+            image.header.set_qform(None, code=0)
+        else:
+            image.header.set_qform(source.affine, code=1)
         image.header.set_sform(source.affine, code=1)
         if label_max is not None:
             image.header.set_intent("label")
     return image
+
+
+def is_sheared(affine: np.ndarray) -> bool:
+    """The affine's voxel axes are not perpendicular: no qform (a rotation and voxel sizes) holds it."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    off_diagonal = axes.T @ axes - np.eye(3)
+    return bool(np.abs(off_diagonal).max() > SHEAR_TOLERANCE)
 
 
 def write_label_map(labels: LabelMap, path: Path) -> Path:
