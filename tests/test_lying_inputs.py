@@ -87,6 +87,27 @@ def test_nan_or_inf_in_header_geometry_is_refused(tmp_path, scan, coarse_model, 
     refused(result, log_text, tmp_path / "out", 4, needle, "NaN or infinite")
 
 
+def test_complex_voxels_and_values_beyond_float32_are_refused_by_what_they_are(tmp_path, scan, coarse_model):
+    """Complex voxels were read as their real part (a signed image no scanner shows), and finite
+    float64 values beyond float32's range were called NaN or infinite."""
+    import SimpleITK as sitk
+
+    image = nib.load(str(scan))
+    magnitude = np.asarray(image.dataobj, dtype=np.float64) + 100
+    phase = np.linspace(0, np.pi, magnitude.size).reshape(magnitude.shape)
+    complex_path = tmp_path / "complex-t2f.nii.gz"
+    nib.save(nib.Nifti1Image((magnitude * np.exp(1j * phase)).astype(np.complex64), image.affine), str(complex_path))
+    result, log_text = predict(coarse_model, tmp_path / "out-complex", complex_path)
+    refused(result, log_text, tmp_path / "out-complex", 3, "complex-valued", "magnitude")
+    huge = tmp_path / "huge-t2f.nii.gz"
+    nib.save(nib.Nifti1Image(magnitude * 1e300, image.affine), str(huge))
+    itk = sitk.GetImageFromArray(np.transpose(magnitude * 1e300))
+    sitk.WriteImage(itk, str(tmp_path / "huge-t2f.mha"))
+    for path in (huge, tmp_path / "huge-t2f.mha"):
+        result, log_text = predict(coarse_model, tmp_path / f"out-{path.suffix}", path)
+        refused(result, log_text, tmp_path / f"out-{path.suffix}", 3, "32-bit floating-point range")
+
+
 def test_quaternion_longer_than_one_is_refused_not_an_internal_error(tmp_path, scan, coarse_model):
     """quatern_d > 1: nibabel's 'w2 should be positive' once escaped as exit 1."""
     path = with_header(scan, tmp_path / "quat-t2f.nii.gz", quatern_d=1.5)

@@ -147,6 +147,17 @@ def test_smoothing_removes_one_voxel_spur():
     assert not out[labels == 0].any()  # nothing grows
 
 
+def test_smoothing_keeps_tumour_that_reaches_the_edge_of_the_view():
+    """A lesion cut by the first slice keeps its edge slices (a closing never removes voxels; the
+    image's edge is not the lesion's)."""
+    labels = np.zeros((50, 50, 12), np.uint8)
+    labels[5:45, 5:45, 0:8] = EDEMA  # 40 x 40 x 8 voxels: larger than either ball
+    for spacing, radius in (((1.0, 1.0, 1.0), 2.0), ((0.8, 0.8, 6.5), 6.5)):
+        out = run(labels, spacing=spacing, edema=LabelPostprocess(smoothing_radius_mm=radius))
+        assert np.all(out[15:35, 15:35, 0] == EDEMA), (spacing, radius)  # the cut face stays
+        assert not out[labels == 0].any()
+
+
 def test_smoothing_never_claims_other_labels():
     labels = np.zeros((15, 15, 15), np.uint8)
     labels[3:12, 3:12, 3:12] = EDEMA

@@ -45,7 +45,11 @@ def _clean_label(
         return
     if settings.smoothing_radius_mm > 0:
         ball = ellipsoid(settings.smoothing_radius_mm, spacing_mm)
-        smooth = ndimage.binary_closing(ndimage.binary_opening(mask, ball), ball)
+        # The mask continued beyond the field of view: with the image's edge as background, the
+        # closing ate tumour that reaches the edge (whole slices at 6.5 mm).
+        pad = [(n // 2, n // 2) for n in ball.shape]
+        smooth = ndimage.binary_closing(ndimage.binary_opening(np.pad(mask, pad, mode="edge"), ball), ball)
+        smooth = smooth[tuple(slice(before, before + n) for (before, _), n in zip(pad, mask.shape))]
         # Smoothing may only claim background or this label, never another label's voxels.
         smooth &= (out == 0) | mask
         mask = smooth

@@ -119,6 +119,9 @@ def _read_nifti(path: Path) -> Volume:
             path,
         )
     _check_size(img.shape, path)
+    if header.get_data_dtype().kind == "c":
+        raise InputError("complex-valued voxels (magnitude and phase in one number); give the magnitude image "
+                         "the scanner reconstructs", path)
     _check_header_geometry(header, path)
     _check_forms_agree(header, img.shape[:3], path)
     try:
@@ -131,6 +134,8 @@ def _read_nifti(path: Path) -> Volume:
             raise InputError(f"truncated image data: the file holds {path.stat().st_size} bytes, the header "
                              f"declares {data_end}", path)
         array = np.asarray(img.get_fdata(dtype=np.float32))
+        if not np.isfinite(array).all():
+            _check_float32_range(np.asanyarray(img.dataobj), path)
     except (EOFError, zlib.error, OSError, ValueError, TypeError, OverflowError) as e:
         raise InputError(f"truncated or corrupt image data ({_first_line(e)})", path) from None
     return Volume(array, np.asarray(img.affine, dtype=np.float64), header.binaryblock, path)
@@ -244,9 +249,22 @@ def _read_itk(path: Path) -> Volume:
     if dim < 3:
         raise GeometryError(f"a {dim}D image; tumorseg segments 3D volumes", path)
     # GetArrayFromImage is indexed [k, j, i]; reverse to (i, j, k) to match the affine.
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    native = sitk.GetArrayFromImage(image)
+    if native.dtype.itemsize > 4 and native.dtype.kind == "f":
+        _check_float32_range(native, path)
+    array = native.astype(np.float32)
     array = np.ascontiguousarray(np.transpose(array, tuple(range(array.ndim))[::-1]))
     return Volume(array, ras_affine(image), None, path)
+
+
+def _check_float32_range(values: np.ndarray, path: Path) -> None:
+    """Refuse finite values beyond float32's range (the pipeline's arithmetic), which the cast would
+    turn into infinities that read as a damaged file: the scaling or the export is wrong."""
+    finite = values[np.isfinite(values)]
+    limit = float(np.finfo(np.float32).max)
+    if finite.size and float(np.abs(finite).max()) > limit:
+        raise InputError(f"voxel values up to {float(np.abs(finite).max()):.3g} exceed the 32-bit floating-point "
+                         f"range ({limit:.3g}) the pipeline works in; check the image's scaling or export", path)
 
 
 def _check_nrrd_gzip(path: Path) -> None:
