@@ -41,6 +41,20 @@ def test_skull_stripped_scans_are_left_alone_and_heads_are_not():
     assert brain.needs_extraction(scan_of(big))
 
 
+def test_a_slab_cut_by_the_field_of_view_is_named_as_such():
+    """A 60 mm slab through a head whose air is exactly 0 holds a brain's volume: auto cannot tell
+    it from a skull-stripped brain, and says so rather than pass it silently."""
+    stripped = brain_phantom()
+    assert brain.slab_warning(scan_of(stripped)) is None  # background all round
+    head = np.pad(np.full((150, 180, 60), 50.0, np.float32), ((4, 4), (4, 4), (0, 0)))  # 1 mm, cut above and below
+    slab = scan_of(head)
+    assert not brain.needs_extraction(slab)  # 1620 mL: a brain's volume
+    assert "slab through the head" in brain.slab_warning(slab)
+    assert brain.slab_warning(scan_of(head[:, :, 1:])) is not None
+    one_end = np.pad(head, ((0, 0), (0, 0), (0, 4)))  # reaches one end only, as a brain cut at its cerebellum
+    assert brain.slab_warning(scan_of(one_end)) is None
+
+
 def test_the_mask_keeps_the_grid_and_zeroes_the_rest():
     scan = scan_of(head())
     mask = brain_phantom() > 0

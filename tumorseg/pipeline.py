@@ -183,8 +183,11 @@ class PipelineSpec:
         """The scan with only its brain (``[preprocess] brain_extraction``), the mask and its report;
         the scan unchanged, None and {} where the brain is not extracted."""
         mode = self.config.preprocess.brain_extraction
-        if mode == "off" or (mode == "auto" and not brain.needs_extraction(scan)):
+        if mode == "off":
             return scan, None, {}
+        if mode == "auto" and not brain.needs_extraction(scan):
+            slab = brain.slab_warning(scan)
+            return scan, None, {"skipped": slab} if slab else {}
         if not hdbet.available():  # "on" without it was refused when the Segmenter was made
             return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
                                           f"installed ({hdbet.INSTALL_HINT})"}

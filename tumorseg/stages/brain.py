@@ -1,7 +1,8 @@
 """Brain extraction: the network sees only the brain, as on the skull-stripped scans it learned from.
 
 Stage contract: after registration, before normalisation. ``needs_extraction(scan)`` says whether a
-scan still has its skull (a channel without a constant background, or more foreground than a brain); ``apply_brain_mask(scan, mask)`` returns the scan with every channel
+scan still has its skull (a channel without a constant background, or more foreground than a brain),
+``slab_warning(scan)`` what it cannot tell (a slab through the head); ``apply_brain_mask(scan, mask)`` returns the scan with every channel
 set to 0 outside the mask (the background of skull-stripped training data) on the same grid;
 ``grow`` adds the safety margin the applied mask has; ``brain_summary`` and ``tumour_at_border``
 describe the mask for the report. The mask itself comes
@@ -27,6 +28,10 @@ PLAUSIBLE_BRAIN_ML = (900.0, 2000.0)
 MARGIN_MM = 3.0
 #: A skull-stripped scan's foreground is its brain (BraTS: 1500-1650 mL); more is a head (mL).
 MAX_BRAIN_FOREGROUND_ML = 2100.0
+#: A foreground that reaches both ends of the field of view along one axis, over at least this area
+#: (cm2) at each, is a slab through the head or brain: its volume cannot tell which. The 20 real
+#: skull-stripped brains in ../shared/data reach one end at most (the cerebellum, up to 37 cm2).
+SLAB_FACE_CM2 = 10.0
 #: Tumour within this distance (mm) of the mask's edge lies at the border.
 BORDER_MM = 3.0
 #: A share of the tumour's surface at the mask's border that suggests the mask cut the tumour: a
@@ -53,6 +58,25 @@ def needs_extraction(scan: Scan) -> bool:
         return True
     foreground = np.logical_or.reduce(masks)
     return float(np.count_nonzero(foreground)) * voxel_volume_ml(scan.affine) > MAX_BRAIN_FOREGROUND_ML
+
+
+def slab_warning(scan: Scan) -> str | None:
+    """Why a scan that ``needs_extraction`` takes for skull-stripped may still have its skull: its
+    foreground is a slab cut by the field of view, whose volume says nothing (a 60 mm slab of a head
+    whose air is exactly 0 holds 1667 mL: a brain's volume)."""
+    masks = normalize.channel_masks(scan.array)
+    if masks is None:
+        return None
+    foreground = np.logical_or.reduce(masks)
+    spacing = voxel_spacing(scan.affine)
+    for axis in range(3):
+        face_cm2 = float(np.prod(np.delete(spacing, axis))) / 100.0
+        ends = [np.count_nonzero(np.take(foreground, end, axis=axis)) * face_cm2 for end in (0, -1)]
+        if min(ends) >= SLAB_FACE_CM2:
+            return ("the scan is a slab through the head (its foreground reaches both ends of the field of view), so "
+                    "whether it is skull-stripped cannot be told from its volume, and the brain was not extracted: "
+                    "if the scan still has its skull, rerun with --brain-extraction on")
+    return None
 
 
 def apply_brain_mask(scan: Scan, mask: np.ndarray) -> Scan:
