@@ -227,8 +227,8 @@ def _prediction_scheme(predictions: Path, ids: list[str], given: LabelScheme | N
         others = {name: cases for name, cases in recorded.items() if name != given.name}
         if others:
             name, cases = next(iter(others.items()))
-            raise ConfigError(f"--prediction-scheme {given.name}, but the reports of {len(cases)} prediction(s) "
-                              f"(e.g. {cases[0]}) record label scheme {name}", predictions)
+            raise ConfigError(f"the predictions are to be scored in label scheme {given.name}, but the reports of "
+                              f"{len(cases)} of them (e.g. {cases[0]}) record label scheme {name}", predictions)
         return given
     if len(recorded) > 1:
         raise ConfigError(f"the predictions' reports record several label schemes ({', '.join(sorted(recorded))}); "
