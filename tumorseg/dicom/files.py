@@ -66,6 +66,17 @@ def read_dataset(path: Path, **kwargs):
     return ds
 
 
+def shallow_copy(dataset):
+    """A new data set sharing ``dataset``'s elements (and file meta): replace them in the copy, never
+    assign into them."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    out.file_meta = getattr(dataset, "file_meta", Dataset())
+    out.update(dataset)
+    return out
+
+
 def can_decode(transfer_syntax: str) -> bool:
     """pydicom has a decoder for ``transfer_syntax`` (a UID) installed here."""
     from pydicom.pixels import get_decoder

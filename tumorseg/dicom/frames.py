@@ -16,6 +16,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from ..errors import GeometryError
+from .files import shallow_copy
 
 # (functional group, attribute in it, attribute of the flattened frame header).
 _GROUP_ATTRIBUTES = (
@@ -123,9 +124,7 @@ def image_of_frame(frame_image: Dataset) -> Dataset:
 def _copy_without_frame_geometry(header) -> Dataset:
     """A shallow copy of ``header`` without a frame's top-level geometry and frame number. It shares
     the header's elements: callers replace elements, never assign into them."""
-    out = Dataset()
-    out.file_meta = getattr(header, "file_meta", Dataset())
-    out.update(header)
+    out = shallow_copy(header)
     for keyword in (*_FRAME_TOP_LEVEL, "ReferencedFrameNumber"):
         if keyword in out:
             delattr(out, keyword)

@@ -39,8 +39,8 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ConfigError, GeometryError
 from ..labels import LabelScheme
-from .source import (COPIED_OPTIONAL, COPIED_TYPE2, SourceSeries, check_labels, derived_series_number,
-                     invalid_copied, long_string, sort_source_series, valid_source_element, warn_invalid_copied)
+from .source import (COPIED_OPTIONAL, COPIED_TYPE2, SourceSeries, check_labels, derived_series_number, long_string,
+                     sort_source_series, with_valid_patient_study)
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +281,12 @@ def _base_dataset(series: SourceSeries, sop_uid: str, series_uid: str, now: date
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     # Patient and General Study, copied from the source (Type 2 present even when empty there)
-    warn_invalid_copied(invalid_copied(src), "RTSTRUCT")
+    (src,) = with_valid_patient_study([src], "RTSTRUCT")
     for keyword in COPIED_TYPE2:
-        element = valid_source_element(src, keyword)
-        setattr(ds, keyword, element.value if element is not None else "")
+        setattr(ds, keyword, src.get(keyword, ""))
     for keyword in COPIED_OPTIONAL:
-        element = valid_source_element(src, keyword)
-        if element is not None:
-            ds[keyword] = element
+        if keyword in src:
+            ds[keyword] = src[keyword]
     ds.StudyInstanceUID = src.StudyInstanceUID
     # RT Series
     ds.Modality = "RTSTRUCT"

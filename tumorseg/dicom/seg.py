@@ -24,8 +24,8 @@ from ..atomic import atomic_path
 from ..labels import ED, NCR, Label, LabelScheme
 from ..errors import InputError
 from .frames import image_of_frame
-from .source import (check_labels, derived_series_number, invalid_copied, long_string, sort_source_series,
-                     warn_invalid_copied, with_valid_patient_study)
+from .files import shallow_copy
+from .source import check_labels, derived_series_number, long_string, sort_source_series, with_valid_patient_study
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ def write_seg(
         lut[label.value] = number
     segment_map = lut[labels.astype(np.intp)].transpose(2, 1, 0)
     source_images, segment_map = _source_images(series, segment_map)
-    invalid = [invalid_copied(image) for image in source_images]
-    warn_invalid_copied([k for keywords in invalid for k in keywords], "DICOM SEG")
-    source_images = [with_valid_patient_study(image, keywords) for image, keywords in zip(source_images, invalid)]
+    source_images = with_valid_patient_study(source_images, "DICOM SEG")
 
     sop_uid = generate_uid()
     with warnings.catch_warnings():
@@ -157,9 +155,7 @@ def _with_shared_geometry(image: Dataset) -> Dataset:
     for group in ("PixelMeasuresSequence", "PlaneOrientationSequence"):
         if group not in shared and group in first:
             shared[group] = first[group]
-    out = Dataset()
-    out.file_meta = image.file_meta
-    out.update(image)  # shares the image's elements: replace, never assign into them
+    out = shallow_copy(image)
     if "SharedFunctionalGroupsSequence" in out:
         del out.SharedFunctionalGroupsSequence
     out.SharedFunctionalGroupsSequence = DicomSequence([shared])

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 
 from ..errors import GeometryError, InputError
 from ..labels import LabelScheme
+from .files import shallow_copy
 from .series import is_orthonormal, unit_axes
 from .stack import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
 
@@ -208,50 +209,39 @@ def long_string(text: str) -> str:
     return text.replace("\\", "/")[:64]
 
 
-def valid_source_element(src: Dataset, keyword: str):
-    """The source's element, or None where it is absent or its value is not valid for its VR (a
-    weight written "72,5"): the reader copes with such a value, a writer must not repeat it
-    (dciodvfy, and planning systems that check as strictly)."""
+def _valid_value(image: Dataset, keyword: str) -> bool:
+    """The element's value is valid for its VR (sequences are not checked)."""
     from pydicom import config
     from pydicom.valuerep import validate_value
 
-    if keyword not in src:
-        return None
     try:
-        element = src[keyword]
+        element = image[keyword]
         if element.VR == "SQ":
-            return element
-        values = element.value if element.VM > 1 else [element.value]
-        for value in values:
+            return True
+        for value in (element.value if element.VM > 1 else [element.value]):
             validate_value(element.VR, value if isinstance(value, bytes) else str(value), config.RAISE)
     except (ValueError, TypeError, OverflowError):
-        return None
-    return element
+        return False
+    return True
 
 
-def invalid_copied(image: Dataset) -> list[str]:
-    """The copied patient and study attributes whose values in ``image`` are not valid for their VR."""
-    return [k for k in COPIED_TYPE2 + COPIED_OPTIONAL if k in image and valid_source_element(image, k) is None]
-
-
-def warn_invalid_copied(keywords: Sequence[str], what: str) -> None:
-    if keywords:
+def with_valid_patient_study(images: Sequence[Dataset], what: str) -> list[Dataset]:
+    """``images`` with the copied patient and study values that are invalid for their VR (a weight
+    written "72,5", a date "02.01.21") emptied (Type 2) or dropped, in shallow copies: the reader
+    copes with such values, a writer must not repeat them (dciodvfy; planning systems check as
+    strictly; highdicom stops at a date it cannot parse). ``what`` names the writer in the warning."""
+    out, found = [], set()
+    for image in images:
+        invalid = [k for k in COPIED_TYPE2 + COPIED_OPTIONAL if k in image and not _valid_value(image, k)]
+        if invalid:
+            found.update(invalid)
+            image = shallow_copy(image)
+            for keyword in invalid:
+                del image[keyword]
+                if keyword in COPIED_TYPE2:
+                    setattr(image, keyword, "")
+        out.append(image)
+    if found:
         log.warning("%s: the source's %s not valid for the value representation; left empty or out",
-                    what, ", ".join(sorted(set(keywords))) + (" are" if len(set(keywords)) > 1 else " is"))
-
-
-def with_valid_patient_study(image: Dataset, invalid: Sequence[str]) -> Dataset:
-    """``image`` (a shallow copy where anything changes) with the ``invalid`` copied attributes
-    emptied (Type 2) or dropped, for highdicom, which copies them and stops at a date it cannot
-    parse."""
-    if not invalid:
-        return image
-    out = Dataset()
-    if hasattr(image, "file_meta"):
-        out.file_meta = image.file_meta
-    out.update(image)  # shares the image's elements: replace, never assign into them
-    for keyword in invalid:
-        del out[keyword]
-        if keyword in COPIED_TYPE2:
-            setattr(out, keyword, "")
+                    what, ", ".join(sorted(found)) + (" are" if len(found) > 1 else " is"))
     return out
