@@ -185,9 +185,10 @@ class PipelineSpec:
         mode = self.config.preprocess.brain_extraction
         if mode == "off":
             return scan, None, {}
-        if mode == "auto" and not brain.needs_extraction(scan):
-            slab = brain.slab_warning(scan)
-            return scan, None, {"skipped": slab} if slab else {}
+        if mode == "auto":
+            has_skull, cannot_tell = brain.skull_check(scan)
+            if not has_skull:
+                return scan, None, {"skipped": cannot_tell} if cannot_tell else {}
         if not hdbet.available():  # "on" without it was refused when the Segmenter was made
             return scan, None, {"skipped": f"the scan has its skull, but brain extraction was skipped: it is not "
                                           f"installed ({hdbet.INSTALL_HINT})"}

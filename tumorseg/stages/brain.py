@@ -1,8 +1,8 @@
 """Brain extraction: the network sees only the brain, as on the skull-stripped scans it learned from.
 
-Stage contract: after registration, before normalisation. ``needs_extraction(scan)`` says whether a
-scan still has its skull (a channel without a constant background, or more foreground than a brain),
-``slab_warning(scan)`` what it cannot tell (a slab through the head); ``apply_brain_mask(scan, mask)`` returns the scan with every channel
+Stage contract: after registration, before normalisation. ``skull_check(scan)`` says whether a
+scan still has its skull (a channel without a constant background, or more foreground than a brain)
+and warns where it cannot tell (a slab through the head); ``apply_brain_mask(scan, mask)`` returns the scan with every channel
 set to 0 outside the mask (the background of skull-stripped training data) on the same grid;
 ``grow`` adds the safety margin the applied mask has; ``brain_summary`` and ``tumour_at_border``
 describe the mask for the report. The mask itself comes
@@ -49,34 +49,27 @@ class BrainExtractor(Protocol):
     def __call__(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray: ...
 
 
-def needs_extraction(scan: Scan) -> bool:
-    """The scan still has its skull: some channel has no constant background (skull-stripped scans
-    keep one), or the voxels off the background hold more than a brain does (a head whose scanner
-    set the air around it to exactly 0)."""
+def skull_check(scan: Scan) -> tuple[bool, str | None]:
+    """Whether the scan still has its skull, and (where it seems not to) a warning when that cannot
+    be told. It has: some channel has no constant background (skull-stripped scans keep one), or the
+    voxels off the background hold more than a brain does (a head whose scanner set the air around
+    it to exactly 0). It cannot be told: the foreground is a slab cut by the field of view, whose
+    volume says nothing (a 60 mm slab of such a head holds 1667 mL: a brain's volume)."""
     masks = normalize.channel_masks(scan.array)
     if masks is None:
-        return True
+        return True, None
     foreground = np.logical_or.reduce(masks)
-    return float(np.count_nonzero(foreground)) * voxel_volume_ml(scan.affine) > MAX_BRAIN_FOREGROUND_ML
-
-
-def slab_warning(scan: Scan) -> str | None:
-    """Why a scan that ``needs_extraction`` takes for skull-stripped may still have its skull: its
-    foreground is a slab cut by the field of view, whose volume says nothing (a 60 mm slab of a head
-    whose air is exactly 0 holds 1667 mL: a brain's volume)."""
-    masks = normalize.channel_masks(scan.array)
-    if masks is None:
-        return None
-    foreground = np.logical_or.reduce(masks)
+    if float(np.count_nonzero(foreground)) * voxel_volume_ml(scan.affine) > MAX_BRAIN_FOREGROUND_ML:
+        return True, None
     spacing = voxel_spacing(scan.affine)
     for axis in range(3):
         face_cm2 = float(np.prod(np.delete(spacing, axis))) / 100.0
         ends = [np.count_nonzero(np.take(foreground, end, axis=axis)) * face_cm2 for end in (0, -1)]
         if min(ends) >= SLAB_FACE_CM2:
-            return ("the scan is a slab through the head (its foreground reaches both ends of the field of view), so "
-                    "whether it is skull-stripped cannot be told from its volume, and the brain was not extracted: "
-                    "if the scan still has its skull, rerun with --brain-extraction on")
-    return None
+            return False, ("the scan is a slab through the head (its foreground reaches both ends of the field of "
+                           "view), so whether it is skull-stripped cannot be told from its volume, and the brain "
+                           "was not extracted: if the scan still has its skull, rerun with --brain-extraction on")
+    return False, None
 
 
 def apply_brain_mask(scan: Scan, mask: np.ndarray) -> Scan:
