@@ -364,6 +364,10 @@ def test_name_planted_in_a_uid_stays_out_of_the_log(tmp_path, series, coarse_mod
     f"bad value 'O'{CANARY}' here",  # an apostrophe inside it
     f'value "{CANARY}" of PN',
     f"value '{CANARY}",  # never closed
+    f"Unknown encoding '{CANARY}' JOHN 1970' - using default encoding",  # a quote inside, before a space
+    f"Unknown encoding 'SMITH' {CANARY} 1970' - using default encoding",
+    f"Value b'{CANARY}' is not valid for VR PN",  # Python's bytes
+    f"r'{CANARY}' u'{CANARY}'",
 ])
 def test_quoted_values_leave_a_library_message_whole(text):
     from tumorseg.logredact import redact

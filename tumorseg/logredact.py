@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import re
 
-# A quote opens where no letter or digit precedes it and closes where none follows, so that an
-# apostrophe ("can't") opens nothing and a name with one ('O'BRIEN^PAT') is removed whole.
-_QUOTED = re.compile(r"(?<![A-Za-z0-9])(?:'.*?'|\".*?\"|`.*?`)(?![A-Za-z0-9])")
-#: A quote left open after the pairs are removed: everything after it goes.
-_UNCLOSED = re.compile(r"(?<![A-Za-z0-9])['\"`].*$")
+# A quote opens where no letter or digit precedes it (or a Python prefix: b'...', r'...') and
+# closes where none follows, so that an apostrophe ("can't") opens nothing. A value runs to the
+# *last* closing quote of its kind: a value may hold quotes itself ('O'BRIEN^PAT', 'SMITH' JOHN'),
+# and text lost between two values is better than a value left in. An unclosed one runs to the end.
+_OPEN = re.compile(r"(?<![A-Za-z0-9])(?:[bBrRuU]{1,2})?(['\"`])")
+_CLOSE = {q: re.compile(re.escape(q) + r"(?![A-Za-z0-9])") for q in "'\"`"}
 _WARNING_LINE = re.compile(r"^.*?:\d+: (\w+): (.*)$")
 
 
@@ -32,7 +33,14 @@ def redact(text: str) -> str:
 
 def without_quoted(text: str) -> str:
     """``text`` with every quoted value (and the rest of it after a quote left open) as '...'."""
-    return _UNCLOSED.sub("\0", _QUOTED.sub("\0", text)).replace("\0", "'...'")
+    parts, position = [], 0
+    while (opening := _OPEN.search(text, position)) is not None:
+        closings = list(_CLOSE[opening.group(1)].finditer(text, opening.end()))
+        parts.append(text[position:opening.start()] + "'...'")
+        if not closings:
+            return "".join(parts)
+        position = closings[-1].end()
+    return "".join(parts) + text[position:]
 
 
 def _first_clause(text: str) -> str:
