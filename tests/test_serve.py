@@ -299,6 +299,24 @@ def test_config_errors_name_the_key(tmp_path):
     config.write_text('[node]\nallowed_caller = ["X"]\n')
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 6 and "allowed_callers" in result.output
+    # TOML's nan and inf, and a host name where an address is meant: each would have loaded and then
+    # stopped the node from segmenting, cleaning its spool, retrying or letting anyone in.
+    destination = '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\n'
+    for setting, key in (("idle_seconds = inf", "idle_seconds"), ("keep_days = nan", "keep_days"),
+                         ("retry_seconds = inf", "retry_seconds"), ('allowed_hosts = ["pacs.example.org"]', "allowed_hosts")):
+        config.write_text(f'[node]\nallowed_callers = ["X"]\n{setting}\n{destination}')
+        result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+        assert result.exit_code == 6 and key in result.output, (setting, result.output)
+
+
+def test_allowed_hosts_take_addresses_and_networks():
+    from tumorseg.serve.config import NodeSettings
+
+    settings = NodeSettings(allowed_callers=("X",), allowed_hosts=("10.1.0.0/16", "192.168.2.7", "fd00::/8"))
+    assert settings.host_allowed("10.1.200.3") and settings.host_allowed("192.168.2.7")
+    assert settings.host_allowed("::ffff:10.1.0.9") and settings.host_allowed("fd00::1")
+    assert not settings.host_allowed("10.2.0.1") and not settings.host_allowed("192.168.2.8")
+    assert NodeSettings(allowed_callers=("X",)).host_allowed("203.0.113.5")  # none listed: all
 
 
 def test_limits_hosts_and_sop_classes_are_refused_as_documented(tmp_path, quiet_model, series):

@@ -1,6 +1,8 @@
 """The node's configuration file (``node.toml``), checked at start with errors that name the key."""
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,8 @@ class NodeSettings:
     pipeline: str = "default"
     #: Calling AE titles allowed to associate; no one else is let in.
     allowed_callers: tuple[str, ...] = ()
-    #: When not empty, the peer's IP address must be one of these as well.
+    #: When not empty, the peer's IP address must be one of these addresses or in one of these
+    #: networks ("10.1.2.3", "10.1.0.0/16") as well.
     allowed_hosts: tuple[str, ...] = ()
     max_associations: int = 4
     max_instance_mb: float = 256.0
@@ -82,14 +85,39 @@ class NodeSettings:
             raise ValueError("allowed_callers must list the calling AE titles allowed to send (none is open to all)")
         for title in self.allowed_callers:
             _check_ae_title(title, "allowed_callers")
+        # TOML has nan and inf: an infinite idle time never completes a study, a nan keep_days never
+        # empties the spool.
         for key in ("idle_seconds", "max_instance_mb", "max_study_mb", "retry_seconds"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.keep_days < 0:
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ValueError(f"{key} must be a positive number, got {getattr(self, key)}")
+        if not (math.isfinite(self.keep_days) and self.keep_days >= 0):
             raise ValueError(f"keep_days must be 0 (keep everything) or more, got {self.keep_days}")
+        _host_networks(self.allowed_hosts)  # refused now, not at the first association
         for key in ("max_associations", "send_attempts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+
+    def host_allowed(self, address: str) -> bool:
+        """The peer's IP address is let in by ``allowed_hosts`` (all are where it is empty)."""
+        if not self.allowed_hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:10.1.2.3 from a dual-stack socket
+        return any(ip in network for network in _host_networks(self.allowed_hosts))
+
+
+def _host_networks(entries: tuple[str, ...]) -> list:
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"allowed_hosts: {entry!r} is no IP address or network (such as 10.1.2.3 or "
+                             "10.1.0.0/16); host names are not looked up") from None
+    return networks
 
 
 @dataclass(frozen=True)

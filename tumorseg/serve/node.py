@@ -148,9 +148,8 @@ class Node:
                               "check [node] host and port") from None
 
     def _on_requested(self, event) -> None:
-        allowed = self.settings.allowed_hosts
         address = event.assoc.requestor.address
-        if allowed and address not in allowed:
+        if not self.settings.host_allowed(address):
             log.warning("refused an association from %s: not in allowed_hosts", address)
             event.assoc.abort()
 
