@@ -62,7 +62,7 @@ from tumorseg.metrics import score_masks
 from tumorseg.model import InputSpec, find_model_dir, load_card, load_model, write_card
 from tumorseg.pipeline import Segmenter
 from tumorseg.sequences import SEQUENCES, StudyInputs
-from tumorseg.datasets import LabelledCase, discover_cases
+from tumorseg.datasets import SAME_PATIENT_DICE, LabelledCase, discover_cases, patient_groups
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = HERE / "published_missing_modality.json"
@@ -86,8 +86,6 @@ CPU_RECIPE = ["--init", "default", "--patch-size", "64,64,64", "--spacing", "1.5
               "--sequence-dropout", "0.5", "--low-resolution", "0.2", "--bias-field", "0.3", "--motion", "0.1",
               "--seed", "0"]
 CPU_EPOCHS, CPU_ITERATIONS = 30, 100
-#: Same patient: whole-tumour labels this alike on one grid.
-SAME_PATIENT_DICE = 0.9
 #: ``preferred_sets``: a subset must beat the sequences it leaves out by this much mean Dice per
 #: sequence dropped before the network is given it alone (more sequences are kept on a near tie).
 MARGIN_PER_SEQUENCE = 0.01
@@ -112,30 +110,8 @@ def discover(datasets: list[tuple[Path, str]]) -> list[LabelledCase]:
 
 
 def same_patient_groups(cases: list[LabelledCase], threshold: float = SAME_PATIENT_DICE) -> list[list[str]]:
-    """Case ids grouped by patient: cases whose whole-tumour labels agree (Dice >= ``threshold``)
-    on the same grid are one patient, transitively. Order: the first case of each group in input order."""
-    masks = []
-    for case in cases:
-        truth = read_label_file(case.label_path)
-        masks.append((truth.labels.shape, truth.affine, case.scheme.region_mask(truth.labels, "WT")))
-    parent = list(range(len(cases)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for i, j in itertools.combinations(range(len(cases)), 2):
-        (shape_i, affine_i, wt_i), (shape_j, affine_j, wt_j) = masks[i], masks[j]
-        if shape_i != shape_j or not np.allclose(affine_i, affine_j, atol=1e-3):
-            continue
-        total = int(wt_i.sum()) + int(wt_j.sum())
-        if total and 2 * int(np.count_nonzero(wt_i & wt_j)) / total >= threshold:
-            parent[root(j)] = root(i)
-    groups: dict[int, list[str]] = {}
-    for i, case in enumerate(cases):
-        groups.setdefault(root(i), []).append(case.case_id)
-    return list(groups.values())
+    """Case ids grouped by patient (``tumorseg.datasets.patient_groups``)."""
+    return [[cases[i].case_id for i in group] for group in patient_groups(cases, threshold)]
 
 
 def make_folds(groups: list[list[str]], four_sequence: set[str], k: int, seed: int) -> list[list[str]]:

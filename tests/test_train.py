@@ -170,6 +170,53 @@ def test_two_level_network_is_refused_before_training(tmp_path):
     assert result.returncode == 6 and "at least 3" in result.stderr and "internal error" not in result.stderr
 
 
+def test_one_patient_in_two_data_sets_is_never_trained_on_and_validated():
+    """brats2018-train's Brats18_2013_20_1 is brats2015-dev's pat0006: each data set is split on its
+    own, so with the default seed one copy trained and the other scored the model."""
+    import dataclasses
+
+    from tumorseg.train import _split_datasets
+
+    datasets = [shared_data("brats2018-train"), shared_data("brats2015-dev")]
+    twins = {"Brats18_2013_20_1", "brats_2013_pat0006_1"}
+    left_out = 0
+    for seed in range(4):
+        config = dataclasses.replace(TrainConfig(), validation_fraction=0.25, seed=seed)
+        groups, validation, split = _split_datasets(datasets, ("brats2021", "brats2015"), config, ())
+        trained = {c.case_id for group in groups for c in group}
+        validated = {c.case_id for c in validation}
+        assert not (twins & trained and twins & validated), seed
+        assert set(split.get("left_out_of_validation", [])) <= twins - trained
+        left_out += len(split.get("left_out_of_validation", []))
+    assert left_out  # seeds 0 and 2 split the twins
+
+
+def test_validation_scores_every_case_when_ids_repeat_across_data_sets():
+    import torch
+
+    from tumorseg.labels import get_scheme
+    from tumorseg.train import score_validation_cases
+
+    class Background(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros((x.shape[0], 4) + tuple(x.shape[2:]))
+            out[:, 0] = 1.0
+            return out
+
+    tumour = np.zeros((16, 16, 16), np.uint8)
+    tumour[4:10, 4:10, 4:10] = 1
+    cases = [PreparedCase("synth_0000", np.zeros((1, 16, 16, 16), np.float32), labels, [0], np.zeros((0, 3)))
+             for labels in (tumour, np.zeros_like(tumour))]
+
+    class Card:
+        scheme = get_scheme("msd")
+        input = type("Input", (), {"patch_size": (16, 16, 16)})()
+
+    scores = score_validation_cases(Background(), cases, Card(), torch.device("cpu"))
+    assert sorted(scores["cases"]) == ["synth_0000", "synth_0000-2"]
+    assert scores["mean"]["WT"] == pytest.approx(0.5)  # 0 on the tumour, 1 on the empty case
+
+
 def test_region_dice_counts_empty_as_perfect():
     from tumorseg.labels import get_scheme
 

@@ -90,3 +90,42 @@ def _folder_case(folder: Path, scheme: LabelScheme) -> LabelledCase | None:
         return None
     inputs = StudyInputs(files=tuple((s, files[s]) for s in SEQUENCES if s in files))
     return LabelledCase(folder.name, inputs, labels[0], scheme)
+
+
+#: Same patient: whole-tumour labels this alike on one grid (BraTS 2018's Brats18_2013_20_1 and
+#: BraTS 2015's pat0006 agree to Dice 1.000).
+SAME_PATIENT_DICE = 0.9
+
+
+def patient_groups(cases: list[LabelledCase], threshold: float = SAME_PATIENT_DICE) -> list[list[int]]:
+    """Indices into ``cases`` grouped by patient: cases whose whole-tumour labels agree (Dice >=
+    ``threshold``) on the same grid are one patient, transitively. Order: the first case of each
+    group in input order."""
+    import itertools
+
+    import numpy as np
+
+    from .evaluate import read_label_file
+
+    masks = []
+    for case in cases:
+        truth = read_label_file(case.label_path)
+        masks.append((truth.labels.shape, truth.affine, case.scheme.region_mask(truth.labels, "WT")))
+    parent = list(range(len(cases)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in itertools.combinations(range(len(cases)), 2):
+        (shape_i, affine_i, wt_i), (shape_j, affine_j, wt_j) = masks[i], masks[j]
+        if shape_i != shape_j or not np.allclose(affine_i, affine_j, atol=1e-3):
+            continue
+        total = int(wt_i.sum()) + int(wt_j.sum())
+        if total and 2 * int(np.count_nonzero(wt_i & wt_j)) / total >= threshold:
+            parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(cases)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())

@@ -26,7 +26,8 @@ from .atomic import atomic_path, write_bytes_atomic
 from .augment import AugmentConfig, augment
 from .config import FIXED_PRECISIONS, InferenceConfig
 from .configio import to_dict
-from .datasets import LabelledCase, discover_cases
+from .batch.cases import unique_case_ids
+from .datasets import LabelledCase, discover_cases, patient_groups
 from .errors import ConfigError, InputError, TumorsegError
 from .evaluate import check_same_grid, read_label_file, region_scores
 from .heap import keep_freed_heap_memory
@@ -267,10 +268,12 @@ def region_dice(pred: np.ndarray, truth: np.ndarray, scheme: LabelScheme) -> dic
 
 def score_validation_cases(network, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> dict[str, Any]:
     per_case = {}
-    for case in cases:
+    # Ids repeated across data sets (two synthetic sets both hold synth_0000) get -2, -3: each case
+    # is scored and counted in the mean.
+    for name, case in zip(unique_case_ids([c.case_id for c in cases]), cases):
         # One pass (no mirroring): validation tracks training, and is 8x cheaper than predict's default.
         probs = infer.predict_probabilities(network, case.image, card.input.patch_size, InferenceConfig(tta=False), device)
-        per_case[case.case_id] = region_dice(np.argmax(probs, axis=0), case.labels, card.scheme)
+        per_case[name] = region_dice(np.argmax(probs, axis=0), case.labels, card.scheme)
     if not per_case:
         return {}
     mean = {r: float(np.mean([d[r] for d in per_case.values()])) for r in REGIONS}
@@ -407,9 +410,30 @@ def _split_datasets(datasets: list[Path], label_schemes: tuple[str, ...], cfg: T
         # A misspelt id would train on the case it was meant to hold out, and the card would say otherwise.
         raise ConfigError(f"--exclude {', '.join(unmatched)}: no such case in the data sets (case ids are "
                           "file or folder names, case-sensitive)")
+    val_cases, trained_patients = _without_trained_patients(train_groups, val_cases) if len(datasets) > 1 \
+        else (val_cases, [])
     split = {"training": [[c.case_id for c in group] for group in train_groups],
              "validation": [c.case_id for c in val_cases], "excluded": sorted(excluded)}
+    if trained_patients:
+        split["left_out_of_validation"] = trained_patients
     return train_groups, val_cases, split
+
+
+def _without_trained_patients(train_groups: list[list[LabelledCase]],
+                              val_cases: list[LabelledCase]) -> tuple[list[LabelledCase], list[str]]:
+    """The validation cases less those whose patient is trained on from another data set (BraTS
+    2018's Brats18_2013_20_1 is BraTS 2015's pat0006), and the ids left out: each data set is split on
+    its own, so one copy could train while the other scored the model."""
+    if not val_cases:
+        return val_cases, []
+    trained = [c for group in train_groups for c in group]
+    leaked: set[int] = set()
+    for group in patient_groups(trained + val_cases):
+        if any(i < len(trained) for i in group):
+            leaked |= {i - len(trained) for i in group if i >= len(trained)}
+    for i in sorted(leaked):
+        log.info("validation: %s left out: the same patient is among the training cases", val_cases[i].case_id)
+    return [c for i, c in enumerate(val_cases) if i not in leaked], [val_cases[i].case_id for i in sorted(leaked)]
 
 
 def _prepare_all(train_groups: list[list[LabelledCase]], val_cases: list[LabelledCase], card: ModelCard,
