@@ -396,7 +396,7 @@ def _split_datasets(datasets: list[Path], label_schemes: tuple[str, ...], cfg: T
                     exclude: tuple[str, ...]) -> tuple[list[list[LabelledCase]], list[LabelledCase], dict[str, Any]]:
     """Each data set's training cases (one group per data set) and all validation cases, each data
     set split on its own; and the split as the checkpoint records it."""
-    train_groups, val_cases, excluded = [], [], set()
+    train_groups, val_groups, excluded = [], [], set()
     for dataset, scheme in zip(datasets, dataset_schemes(datasets, label_schemes)):
         found = discover_cases(dataset, scheme)
         excluded |= {c.case_id for c in found if c.case_id in exclude}
@@ -405,13 +405,12 @@ def _split_datasets(datasets: list[Path], label_schemes: tuple[str, ...], cfg: T
             raise InputError("no training cases left after --exclude", dataset)
         train_part, val_part = split_cases(cases, cfg.validation_fraction, cfg.seed)
         train_groups.append(train_part)
-        val_cases += val_part
+        val_groups.append(val_part)
     if unmatched := sorted(set(exclude) - excluded):
         # A misspelt id would train on the case it was meant to hold out, and the card would say otherwise.
         raise ConfigError(f"--exclude {', '.join(unmatched)}: no such case in the data sets (case ids are "
                           "file or folder names, case-sensitive)")
-    val_cases, trained_patients = _without_trained_patients(train_groups, val_cases) if len(datasets) > 1 \
-        else (val_cases, [])
+    val_cases, trained_patients = _without_trained_patients(train_groups, val_groups)
     split = {"training": [[c.case_id for c in group] for group in train_groups],
              "validation": [c.case_id for c in val_cases], "excluded": sorted(excluded)}
     if trained_patients:
@@ -420,20 +419,24 @@ def _split_datasets(datasets: list[Path], label_schemes: tuple[str, ...], cfg: T
 
 
 def _without_trained_patients(train_groups: list[list[LabelledCase]],
-                              val_cases: list[LabelledCase]) -> tuple[list[LabelledCase], list[str]]:
-    """The validation cases less those whose patient is trained on from another data set (BraTS
-    2018's Brats18_2013_20_1 is BraTS 2015's pat0006), and the ids left out: each data set is split on
-    its own, so one copy could train while the other scored the model."""
-    if not val_cases:
+                              val_groups: list[list[LabelledCase]]) -> tuple[list[LabelledCase], list[str]]:
+    """All data sets' validation cases less those whose patient is trained on from another data set
+    (BraTS 2018's Brats18_2013_20_1 is BraTS 2015's pat0006), and the ids left out: each data set is
+    split on its own, so one copy could train while the other scored the model. (Within one data set
+    a case is one patient: two synthetic cases alike are not.)"""
+    val_cases = [c for group in val_groups for c in group]
+    if len(train_groups) < 2 or not val_cases:
         return val_cases, []
-    trained = [c for group in train_groups for c in group]
+    cases = [(d, c, False) for d, group in enumerate(train_groups) for c in group]
+    cases += [(d, c, True) for d, group in enumerate(val_groups) for c in group]
     leaked: set[int] = set()
-    for group in patient_groups(trained + val_cases):
-        if any(i < len(trained) for i in group):
-            leaked |= {i - len(trained) for i in group if i >= len(trained)}
+    for group in patient_groups([c for _, c, _ in cases]):
+        trained_from = {cases[i][0] for i in group if not cases[i][2]}
+        leaked |= {i for i in group if cases[i][2] and trained_from - {cases[i][0]}}
     for i in sorted(leaked):
-        log.info("validation: %s left out: the same patient is among the training cases", val_cases[i].case_id)
-    return [c for i, c in enumerate(val_cases) if i not in leaked], [val_cases[i].case_id for i in sorted(leaked)]
+        log.info("validation: %s left out: the same patient is trained on from another data set", cases[i][1].case_id)
+    kept = [c for i, (_, c, validating) in enumerate(cases) if validating and i not in leaked]
+    return kept, [cases[i][1].case_id for i in sorted(leaked)]
 
 
 def _prepare_all(train_groups: list[list[LabelledCase]], val_cases: list[LabelledCase], card: ModelCard,
