@@ -212,14 +212,11 @@ def output_labels(metadata: dict, activation: str, scheme_name: str) -> tuple[di
     return out, ()
 
 
-def weights_file(bundle: Path, trust_code: bool) -> Path:
+def weights_file(bundle: Path) -> Path:
     models = bundle / "models"
     if (models / "model.pt").is_file():
         return models / "model.pt"
     if (models / "model.ts").is_file():
-        if not trust_code:
-            raise ModelError("the bundle has only TorchScript weights (model.ts), whose loading runs code; "
-                             "import with --trust-code if you trust its source", models / "model.ts")
         return models / "model.ts"
     raise ModelError("the bundle has no models/model.pt or models/model.ts", bundle)
 
@@ -242,7 +239,7 @@ def import_bundle(bundle: Path, name: str, channels: dict[int, str] | None = Non
     if not sequences:
         raise ModelError("the bundle's metadata gives no input channel_def; name the channels with --channels", metadata_path)
     labels, order = output_labels(metadata, activation, scheme)
-    weights = weights_file(bundle, trust_code)
+    weights = weights_file(bundle)
     state = _load_weights(weights, trust_code)  # refused now rather than at the first prediction
     network = build_network(config, spec)
     _fit(network, state, weights)
@@ -282,7 +279,10 @@ def _load_weights(path: Path, trust_code: bool):
     import torch
 
     if path.suffix == ".ts":
-        return torch.jit.load(str(path), map_location="cpu")  # trust_code was checked by the caller
+        if not trust_code:
+            raise ModelError("the bundle has TorchScript weights (model.ts), whose loading runs code; "
+                             "import it with --trust-code if you trust its source", path)
+        return torch.jit.load(str(path), map_location="cpu")
     state = load_torch(path, trust_code, holds="the weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # ignite's CheckpointSaver layout
         state = state["model"]
@@ -316,9 +316,6 @@ def load_network(card, folder: Path):
     imported = card.imported
     config = recorded_config(card, folder)
     weights = recorded_file(card, folder, ("models/model.pt", "models/model.ts"))
-    if weights.suffix == ".ts" and not imported.trust_code:
-        raise ModelError("TorchScript weights (model.ts) run code when loaded, and the card does not record "
-                         "--trust-code: import the bundle again with --trust-code if you trust its source", weights)
     state = _load_weights(weights, imported.trust_code)
     if not isinstance(state, dict):
         return state.eval()
