@@ -360,6 +360,8 @@ def test_init_from_an_imported_model_is_refused(models_dir):
     ({"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}, "brats2021", {1: 2, 2: 1, 3: 4}),
     # BraTS 2023 names
     ({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}, "brats2023", {1: 1, 2: 2, 3: 3}),
+    # nnU-Net v1's table, value -> name, as the Decathlon's own dataset.json
+    ({"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}, "msd", {1: 1, 2: 2, 3: 3}),
 ])
 def test_label_names_map_to_the_scheme(labels, scheme, expected):
     from tumorseg.imported.nnunet import label_map
@@ -372,3 +374,15 @@ def test_an_unknown_label_name_asks_for_labels():
 
     with pytest.raises(ModelError, match="--labels"):
         label_map({"labels": {"background": 0, "lesion": 1}}, "msd")
+
+
+@pytest.mark.parametrize("labels", [
+    {"background": 0},  # no tumour label: the label map would be empty
+    {"background": 0, "edema": "1"},  # a value that is not an integer
+    {"background": 0, "whole tumor": [1, 2, 3]},  # a region without regions_class_order
+])
+def test_a_labels_table_without_tumour_values_is_refused_at_import(labels):
+    from tumorseg.imported.nnunet import label_map
+
+    with pytest.raises(ModelError, match="dataset.json label"):
+        label_map({"labels": labels}, "msd")

@@ -82,6 +82,9 @@ def label_map(dataset: dict, scheme_name: str, given: dict[int, str] | None = No
     nested regions painted in ``regions_class_order``) by the nesting; plain labels by name."""
     scheme = get_scheme(scheme_name)
     labels = dataset.get("labels", {})
+    if labels and all(str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
+        # nnU-Net v1's table runs value -> name ("1": "edema"); v2's converter turns it round too.
+        labels = {name: int(value) for value, name in labels.items()}
     regions = {name: (tuple(v) if isinstance(v, list) else (v,)) for name, v in labels.items()}
     tissue: dict[int, frozenset[str]] = {}
     if given:
@@ -99,7 +102,10 @@ def label_map(dataset: dict, scheme_name: str, given: dict[int, str] | None = No
             tissue[int(value)] = by_depth[depth]
     else:
         for name, value in labels.items():
-            if value == 0 or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelError(f"dataset.json label {name!r} has the value {value!r}: a plain-label model needs "
+                                 "one integer per label (a region list needs regions_class_order)")
+            if value == 0:
                 continue
             key = name.lower().replace(" ", "_")
             found = [classes for classes, words in _LABEL_KEYWORDS
@@ -108,6 +114,9 @@ def label_map(dataset: dict, scheme_name: str, given: dict[int, str] | None = No
                 raise ModelError(f"dataset.json label {name!r} ({value}) is not a tumour label tumorseg recognises; "
                                  "name each output with --labels 1=edema,2=...")
             tissue[int(value)] = found[0]
+    if not tissue:
+        raise ModelError(f"dataset.json labels {labels} name no tumour label; "
+                         "name each output with --labels 1=edema,2=...")
     out = {}
     for value, classes in sorted(tissue.items()):
         matches = [label for label in scheme.labels if classes <= label.classes]
