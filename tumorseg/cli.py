@@ -380,7 +380,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @main.command()
 @click.option("--dataset", "datasets", required=True, multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False), help="Decathlon data set (dataset.json, imagesTr/, labelsTr/) or a folder of case folders with BraTS file names; repeat to train on several, each contributing an equal share of the patches (see --dataset-weights).")
 @click.option("--dataset-weights", default=None, help="Relative share of the patches for each --dataset, in order, e.g. 1,1,2  [default: equal]")
-@click.option("--exclude", multiple=True, help="Case id to leave out entirely (repeatable; for leave-one-out).")
+@click.option("--exclude", multiple=True, help="Case id to leave out entirely, from every data set that holds it (repeatable; for leave-one-out).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the model card, weights, checkpoint and training log.")
 @click.option("--label-scheme", "label_schemes", multiple=True, type=click.Choice(SCHEME_NAMES), help="Label scheme of the ground truth: once for every --dataset, or once per --dataset in the same order  [default: msd for a Decathlon data set; required otherwise]")
 @click.option("--name", default="tumorseg-model", show_default=True, help="Model name written into the card.")
