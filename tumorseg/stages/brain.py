@@ -32,6 +32,10 @@ MAX_BRAIN_FOREGROUND_ML = 2100.0
 #: (cm2) at each, is a slab through the head or brain: its volume cannot tell which. The 20 real
 #: skull-stripped brains in ../shared/data reach one end at most (the cerebellum, up to 37 cm2).
 SLAB_FACE_CM2 = 10.0
+#: A foreground cut by one end of the field of view over at least this area (cm2) may be a head cut
+#: there as well as a brain: the real skull-stripped brains reach an end over 37 cm2 at most; Colin27's
+#: head (its air exactly 0) cut 20 mm below its vertex has a 99 cm2 face and holds 99 mL.
+CUT_FACE_CM2 = 60.0
 #: Tumour within this distance (mm) of the mask's edge lies at the border.
 BORDER_MM = 3.0
 #: A share of the tumour's surface at the mask's border that suggests the mask cut the tumour: a
@@ -53,8 +57,9 @@ def skull_check(scan: Scan) -> tuple[bool, str | None]:
     """Whether the scan still has its skull, and (where it seems not to) a warning when that cannot
     be told. It has: some channel has no constant background (skull-stripped scans keep one), or the
     voxels off the background hold more than a brain does (a head whose scanner set the air around
-    it to exactly 0). It cannot be told: the foreground is a slab cut by the field of view, whose
-    volume says nothing (a 60 mm slab of such a head holds 1667 mL: a brain's volume)."""
+    it to exactly 0). It cannot be told: the foreground is a slab cut by the field of view, or is cut
+    at one end over more than a brain's cut face, so its volume says nothing (a 60 mm slab of such a
+    head holds 1667 mL: a brain's volume)."""
     masks = normalize.channel_masks(scan.array)
     if masks is None:
         return True, None
@@ -66,9 +71,14 @@ def skull_check(scan: Scan) -> tuple[bool, str | None]:
         face_cm2 = float(np.prod(np.delete(spacing, axis))) / 100.0
         ends = [np.count_nonzero(np.take(foreground, end, axis=axis)) * face_cm2 for end in (0, -1)]
         if min(ends) >= SLAB_FACE_CM2:
-            return False, ("the scan is a slab through the head (its foreground reaches both ends of the field of "
-                           "view), so whether it is skull-stripped cannot be told from its volume, and the brain "
-                           "was not extracted: if the scan still has its skull, rerun with --brain-extraction on")
+            cut = "is a slab through the head (its foreground reaches both ends of the field of view)"
+        elif max(ends) >= CUT_FACE_CM2:
+            cut = (f"is cut by the field of view over {max(ends):.0f} cm2 (a skull-stripped brain's foreground "
+                   f"reaches an end over under {CUT_FACE_CM2:.0f} cm2)")
+        else:
+            continue
+        return False, (f"the scan {cut}, so whether it is skull-stripped cannot be told from its volume, and the "
+                       "brain was not extracted: if the scan still has its skull, rerun with --brain-extraction on")
     return False, None
 
 
