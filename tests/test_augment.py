@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from tumorseg.augment import AugmentConfig, _thick_slices, augment, moved_during_scan
+from tumorseg.augment import AugmentConfig, _rotate_scale, _thick_slices, augment, moved_during_scan
 
 OFF = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, sequence_dropout=0,
                     low_resolution=0)
@@ -39,6 +39,34 @@ def test_flips_move_image_and_labels_together():
     out, lab = augment(image, labels, [0], np.random.default_rng(2), cfg)
     assert torch.equal(out[0], lab.float())
     assert torch.equal(lab, labels.flip(0, 1, 2))
+
+
+class _Draws:
+    """A generator stand-in that gives ``_rotate_scale`` chosen angles (degrees) and scale."""
+
+    def __init__(self, angles_deg, scale):
+        self.values = [np.asarray(angles_deg, float), scale]
+
+    def uniform(self, *args):
+        return self.values.pop(0)
+
+
+def test_rotation_of_a_non_cubic_patch_keeps_its_shape_and_rotates_rather_than_shears():
+    """The patch window need not be a cube (--patch-size 48,48,24): before, rotation gave the patch
+    back with its first and last axes swapped (and training stopped when patches were stacked)."""
+    shape = (48, 40, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
+    sphere = torch.from_numpy((np.sqrt((grid**2).sum(0)) <= 9).astype(np.int64))
+    image = torch.stack([sphere.float(), torch.from_numpy(grid[0]).float()])
+    cfg = AugmentConfig(max_rotation_deg=90)
+    same, same_labels = _rotate_scale(image, sphere, _Draws(np.zeros(3), 1.0), cfg)
+    assert same.shape == image.shape and torch.allclose(same, image, atol=1e-4) and torch.equal(same_labels, sphere)
+    # 40 degrees about axis 0, in the plane of the 40- and 24-voxel axes: a sphere stays a sphere.
+    out, labels = _rotate_scale(image, sphere, _Draws([40.0, 0.0, 0.0], 1.0), cfg)
+    assert out.shape == image.shape and labels.shape == sphere.shape
+    extents = [int(labels.any(dim=tuple(a for a in range(3) if a != axis)).sum()) for axis in range(3)]
+    assert max(extents) - min(extents) <= 1, extents
+    assert abs(int(labels.sum()) - int(sphere.sum())) < 0.03 * int(sphere.sum())
 
 
 def test_thick_slices_average_along_one_axis_only():
@@ -153,6 +181,18 @@ def test_motion_during_the_whole_scan_is_a_shift_and_after_it_nothing():
     half = moved_during_scan(image, 0, 0.5, np.array([0.0, 3.0, 0.0]))
     assert not torch.allclose(half, image, atol=0.1)
     assert abs(float(half.mean() - image.mean())) < 1e-4  # the centre line (the mean) was read before the move
+
+
+def test_motion_after_the_centre_of_k_space_leaves_the_image_where_its_labels_are():
+    """The low frequencies are read first, so the object stays where it was (its labels' place) and
+    the move only adds ghosts: before, a moment under 0.5 moved the whole image off its labels."""
+    cube = torch.zeros(24, 24, 24)
+    cube[8:16, 8:16, 8:16] = 1.0
+    for moment in (0.2, 0.4, 0.6):
+        moved = moved_during_scan(cube, 0, moment, np.array([0.0, 3.0, 0.0])).clamp_min(0)
+        centroid = [float((moved.sum(dim=tuple(a for a in range(3) if a != axis)) * torch.arange(24)).sum() / moved.sum())
+                    for axis in range(3)]
+        assert np.allclose(centroid, 11.5, atol=0.6), (moment, centroid)
 
 
 def test_motion_leaves_background_labels_and_absent_sequences_alone():

@@ -85,7 +85,7 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
             channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
     keep = None
     # No draw without a set to keep: the random stream, and so models trained before, stay as they were.
-    if cfg.preferred_set and set(preferred) < set(present) and rng.random() < cfg.preferred_set:
+    if cfg.preferred_set and preferred and set(preferred) < set(present) and rng.random() < cfg.preferred_set:
         keep = preferred
     elif len(present) > 1 and rng.random() < cfg.sequence_dropout:
         keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
@@ -106,9 +106,12 @@ def _rotate_scale(image, labels, rng, cfg):
         a, b = [x for x in range(3) if x != axis]
         r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
         matrix = matrix @ r
+    # affine_grid works in coordinates normalised to each axis' extent: rotate in voxels, so that a
+    # non-cubic patch is rotated, not sheared (for a cubic one ``extent`` is the identity).
+    extent = np.diag(np.asarray(image.shape[1:], dtype=float) / image.shape[1])
     theta = torch.zeros(1, 3, 4)
-    theta[0, :, :3] = torch.from_numpy(matrix / scale).float()
-    size = (1, 1) + tuple(image.shape[1:])
+    theta[0, :, :3] = torch.from_numpy(np.linalg.inv(extent) @ (matrix / scale) @ extent).float()
+    size = (1, 1) + tuple(image.shape[1:])[::-1]  # (N, C, D, H, W) of the permuted volume below
     grid = F.affine_grid(theta, list(size), align_corners=False)
     # grid_sample's grid is (x, y, z) = (W, H, D): sample in reversed axis order consistently.
     img = F.grid_sample(image[None].permute(0, 1, 4, 3, 2), grid, mode="bilinear", align_corners=False)
@@ -136,7 +139,9 @@ def moved_during_scan(channel: torch.Tensor, axis: int, moment: float, shift: np
     freqs = [torch.fft.fftfreq(n, dtype=torch.float64) for n in channel.shape]
     ramp = sum(-2j * math.pi * float(d) * f.view([-1 if a == i else 1 for a in range(3)])
                for i, (f, d) in enumerate(zip(freqs, shift)))
-    lines = freqs[axis].argsort().argsort()  # each line's place in the read order
+    # Each line's place in the read order, the centre of k-space first: the image's position is
+    # where the head was when the low frequencies were read, and so where its labels are.
+    lines = freqs[axis].abs().argsort(stable=True).argsort()
     after = (lines >= moment * channel.shape[axis]).view([-1 if a == axis else 1 for a in range(3)])
     k = torch.where(after, k * torch.exp(ramp), k)
     return torch.fft.ifftn(k).real.to(channel.dtype)
