@@ -234,6 +234,12 @@ def test_t2_flair_names_are_flair(name):
     ("sub-01_ses-post_T1w.nii.gz", "t1"),  # a session named post, not contrast
     ("T2_TIRM.nii.gz", "flair"), ("dark-fluid_t2.nii.gz", "flair"),
     ("c-t1c.nii.gz", "t1gd"),  # a case named c: its T1c is still T1gd
+    # after treatment or at follow-up, not after contrast
+    ("pt_post_RT_t1.nii.gz", "t1"), ("t1_post_treatment.nii.gz", "t1"), ("t1_post_chemo.nii.gz", "t1"),
+    ("t1_post_resection.nii.gz", "t1"), ("t1_post_gd.nii.gz", "t1gd"),
+    # BIDS acq- values say contrast as ce- does; other entities' values are not read
+    ("sub-01_acq-gd_T1w.nii.gz", "t1gd"), ("sub-01_acq-postcontrast_T1w.nii.gz", "t1gd"),
+    ("sub-01_acq-mprage_T1w.nii.gz", "t1"), ("sub-01_part-mag_T1w.nii.gz", "t1"),
 ])
 def test_contrast_and_flair_spellings(name, expected):
     assert sequence_from_filename(Path(name)) == expected
@@ -248,6 +254,11 @@ def test_contrast_and_flair_spellings(name, expected):
     ("T2_star.nii.gz", "star"), ("t2_swi.nii.gz", "swi"), ("adc_t2.nii.gz", "adc"), ("pd_t2.nii.gz", "pd"),
     ("t1_map.nii.gz", "map"), ("localizer_t1.nii.gz", "localizer"), ("T1_CE_subtraction.nii.gz", "subtraction"),
     ("flair_mask.nii.gz", "mask"), ("t1ce_segmentation.nii.gz", "segmentation"), ("flair_pred.nii.gz", "pred"),
+    # label maps, masks and maps derived from a sequence, as other tools name them
+    ("pt_t2_lesion.nii.gz", "lesion"), ("t1ce_roi.nii.gz", "roi"), ("flair_tumor.nii.gz", "tumor"),
+    ("flair_labelmap.nii.gz", "labelmap"), ("t1ce_segmented.nii.gz", "segmented"), ("flair_probs.nii.gz", "probs"),
+    ("t1_pve_0.nii.gz", "pve"), ("T1_brain_pveseg.nii.gz", "pveseg"), ("t1_aseg.nii.gz", "aseg"),
+    ("t1ce_uncertainty.nii.gz", "uncertainty"), ("sub-01_part-phase_T1w.nii.gz", "phase"),
 ])
 def test_names_that_could_be_misread_are_refused(name, needle):
     with pytest.raises(SequenceError, match=needle):
@@ -259,6 +270,22 @@ def test_a_folder_with_its_ground_truth_and_brain_mask_is_read(tmp_path):
     touch(tmp_path / "case-seg.nii.gz")
     touch(tmp_path / "brainmask.nii.gz")
     assert assign_sequences([tmp_path], {}, never_4d).files == (("flair", flair),)
+
+
+def test_a_folder_leaves_out_a_lesion_outline_named_after_its_sequence(tmp_path, caplog):
+    """Before, pt_t2_lesion was read as the T2 (a binary outline segmented as a scan)."""
+    flair = touch(tmp_path / "pt_flair.nii.gz")
+    touch(tmp_path / "pt_t2_lesion.nii.gz")
+    with caplog.at_level("INFO"):
+        assert assign_sequences([tmp_path], {}, never_4d).files == (("flair", flair),)
+    assert "left out 1" in caplog.text and tmp_path.name not in caplog.text  # the folder may name the patient
+
+
+@pytest.mark.parametrize("name", ["pt_dwi.nii.gz", "pt_perfusion_dsc.nii.gz", "pt_softmax.nii.gz", "pt_seg.nii.gz"])
+def test_a_multi_volume_file_named_as_no_study_is_refused(tmp_path, name):
+    """A 4-volume diffusion, perfusion, softmax or one-hot label file is not a Decathlon study."""
+    with pytest.raises(SequenceError, match="marks it as"):
+        assign_sequences([touch(tmp_path / name)], {}, lambda p: True)
 
 
 def test_a_multi_volume_file_named_as_one_sequence_is_refused(tmp_path):

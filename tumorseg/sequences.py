@@ -45,27 +45,32 @@ CONTRAST_TOKENS = frozenset({"ce", "gd", "gad", "gado", "gadolinium", "contrast"
 #: "t1_pre_gd"), the name is refused rather than read either way.
 NO_CONTRAST_TOKENS = frozenset({"no", "non", "none", "wo", "without", "pre", "before", "precontrast",
                                 "noncontrast", "nc", "native", "nativ", "ohne", "vor"})
-#: "post" that is not contrast: post-operative, posterior fossa.
-NOT_CONTRAST_POST = frozenset({"op", "operative", "surgery", "fossa"})
+#: "post" that is not contrast: post-operative, posterior fossa, after treatment or at follow-up.
+NOT_CONTRAST_POST = frozenset({"op", "operative", "surgery", "surgical", "resection", "fossa", "rt", "radiotherapy",
+                               "radiation", "treatment", "therapy", "tx", "chemo", "chemotherapy", "fu", "followup"})
 #: Tokens of images that are not one of the four anatomical sequences, or are derived from one
 #: (T2*, susceptibility, diffusion, maps, localizers, subtractions, perfusion, network outputs):
 #: a name with one of these and a sequence's name is refused, never read as that sequence.
 NOT_ANATOMICAL_TOKENS = frozenset({
     "star", "t2star", "swi", "swan", "gre", "adc", "dwi", "dti", "trace", "pd", "map", "maps", "mapping",
     "localizer", "localiser", "scout", "sub", "subtraction", "subtracted", "perfusion", "dsc", "dce", "asl",
-    "mip", "prob", "probability", "probabilities", "pred", "prediction", "softmax",
+    "mip", "prob", "probs", "probability", "probabilities", "probmap", "pred", "predicted", "prediction",
+    "softmax", "heatmap", "uncertainty", "entropy", "pve", "gm", "wm", "csf", "fa", "md", "phase", "imag",
 })
-#: BIDS entities whose values are not about the image's contrast (``ses-post`` is a session).
-_BIDS_OTHER_ENTITIES = re.compile(r"(?:^|_)(?:sub|ses|run|acq|rec|dir|echo|part|task|inv|mt|flip|chunk)-[a-z0-9]+")
+#: BIDS entities whose values are not about the image's contrast (``ses-post`` is a session). The
+#: values of ``acq-`` and ``rec-`` (``acq-gd``) and ``part-`` (``part-phase``) are read as tokens.
+_BIDS_OTHER_ENTITIES = re.compile(r"(?:^|_)(?:sub|ses|run|dir|echo|task|inv|mt|flip|chunk)-[a-z0-9]+")
 #: The image formats tumorseg reads by file name: NIfTI through nibabel, the others through ITK.
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 #: File-name tokens of ground-truth label maps in case folders (BraTS ``*_seg``, ``OTMultiClass``).
-TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth", "mask_tumor",
+TRUTH_FILE_TOKENS = frozenset({"seg", "label", "labels", "gt", "otmulticlass", "groundtruth",
                                "segmentation", "dseg"})
-#: ... and of other masks that sit beside the sequences (``brainmask``).
-MASK_FILE_TOKENS = frozenset({"brainmask", "mask"})
+#: ... and of other masks and label maps that sit beside the sequences (``brainmask``, a lesion
+#: outline, FSL's ``pveseg``, FreeSurfer's ``aseg``).
+MASK_FILE_TOKENS = frozenset({"brainmask", "mask", "roi", "lesion", "lesions", "tumor", "tumour", "labelmap",
+                              "segmented", "pveseg", "aseg"})
 
 
 def _name_tokens(path: Path) -> set[str]:
@@ -178,7 +183,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
                 raise SequenceError("folder holds no NIfTI, NRRD or MHA image", path)
             inside = [p for p in images if not is_not_a_sequence(p)]
             if len(inside) < len(images):
-                log.info("left out %d label or mask file(s) in %s", len(images) - len(inside), path.name)
+                log.info("left out %d label or mask file(s) of an input folder", len(images) - len(inside))
             if not inside:
                 raise SequenceError("folder holds only label maps or masks, no scan", path)
             files.extend(inside)
@@ -197,6 +202,10 @@ def assign_sequences(
     """
     files = expand_inputs(positional)
     if len(files) == 1 and not explicit and is_multi_volume(files[0]):
+        if other := _name_tokens(files[0]) & (NOT_ANATOMICAL_TOKENS | TRUTH_FILE_TOKENS | MASK_FILE_TOKENS):
+            raise SequenceError(
+                f"a file with several volumes is read as a Decathlon study (FLAIR, T1w, T1gd, T2w), but its name "
+                f"marks it as {', '.join(sorted(other))}: give the study's scans", files[0])
         if (named := sequence_from_filename(files[0])) is not None:
             raise SequenceError(
                 f"a file with several volumes is read as a Decathlon study (FLAIR, T1w, T1gd, T2w), but its "
