@@ -124,6 +124,45 @@ def test_absurd_sform_is_refused_not_an_internal_error(tmp_path, scan, coarse_mo
     refused(result, log_text, tmp_path / "out", 4, needle)
 
 
+@pytest.mark.parametrize("units, needle", [(3, "micron"), (1, "meter")])
+def test_spatial_units_other_than_mm_are_refused(tmp_path, scan, coarse_model, units, needle):
+    """0.5 mm voxels stored in micrometres were read as 500 mm ones and planned a model grid of
+    4e4 voxels a side (an internal error, naming no file); stored in metres, as a constant image."""
+    path = with_header(scan, tmp_path / "units-t2f.nii.gz", xyzt_units=units)
+    result, log_text = predict(coarse_model, tmp_path / "out", path)
+    refused(result, log_text, tmp_path / "out", 4, "units-t2f.nii.gz", needle, "millimetres")
+
+
+def test_voxels_no_mr_scan_has_are_refused_before_the_model_grid_is_allocated(tmp_path, scan, coarse_model):
+    path = with_header(scan, tmp_path / "vast-t2f.nii.gz", srow_x=[300.0, 0, 0, 0], srow_y=[0, 300.0, 0, 0],
+                       srow_z=[0, 0, 300.0, 0], qform_code=0)
+    result, log_text = predict(coarse_model, tmp_path / "out", path)
+    refused(result, log_text, tmp_path / "out", 4, "not an MR scan's", "units")
+
+
+@pytest.mark.parametrize("suffix, header, needle", [
+    (".nrrd", "", "no space"),
+    (".nrrd", "spacings: 1.2 1 1.1\n", "no space"),
+    (".nrrd", "space: scanner-xyz\nspace directions: (1.2,0,0) (0,1,0) (0,0,1.1)\nspace origin: (0,0,0)\n", "scanner-xyz"),
+    (".nrrd", "space: left-posterior-superior\nspace directions: (1.2,0,0) (0,1,0) (0,0,1.1)\n", "no space origin"),
+    (".mha", "", "ElementSpacing, TransformMatrix, Offset"),
+])
+def test_nrrd_and_metaimage_headers_without_a_place_in_the_patient_are_refused(tmp_path, scan, coarse_model,
+                                                                            suffix, header, needle):
+    """ITK fills in unit spacing, an identity direction and a zero origin, which were written into
+    the label map as scanner coordinates (qform and sform codes 1)."""
+    voxels = np.asarray(nib.load(str(scan)).dataobj, dtype=np.float32)
+    path = tmp_path / f"bare-t2f{suffix}"
+    size = " ".join(str(n) for n in voxels.shape)
+    if suffix == ".nrrd":
+        text = f"NRRD0004\ntype: float\ndimension: 3\nsizes: {size}\n{header}endian: little\nencoding: raw\n\n"
+    else:
+        text = f"ObjectType = Image\nNDims = 3\nDimSize = {size}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    path.write_bytes(text.encode() + voxels.tobytes(order="F"))
+    result, log_text = predict(coarse_model, tmp_path / "out", path)
+    refused(result, log_text, tmp_path / "out", 4, path.name, needle)
+
+
 def test_singular_affine_message_is_one_line(tmp_path, scan, coarse_model):
     """The 4x4 matrix once printed over five lines."""
     path = with_header(scan, tmp_path / "flat-t2f.nii.gz", srow_x=[0, 1.0, 0, 0], srow_y=[0, 1.0, 0, 0],

@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from nibabel.orientations import inv_ornt_aff, io_orientation
 
+from ..errors import GeometryError
 from ..scan import Scan, voxel_spacing, voxel_volume_ml
 
 #: Spacing within this fraction of the model's is used as it is, without resampling.
 SPACING_TOLERANCE = 0.05
+#: The largest model grid planned (512 mm a side at 1 mm, the input's own limit): more means a
+#: voxel size no MR scan has, such as micrometres read as millimetres.
+MAX_MODEL_GRID_VOXELS = 512**3
 #: Voxels kept around the non-zero bounding box.
 CROP_MARGIN = 2
 #: The brain region is cut, not at its own end, toward a face of the scan where its outermost section
@@ -86,6 +90,10 @@ def plan_transform(
         n if abs(s - t) <= SPACING_TOLERANCE * t else max(1, int(round(n * s / t)))
         for n, s, t in zip(oriented_shape, spacing, target)
     )
+    if (planned := float(np.prod(resampled_shape, dtype=np.float64))) > MAX_MODEL_GRID_VOXELS:
+        raise GeometryError(f"the scan would fill {planned:.3g} voxels on the model's {target.tolist()} mm grid (at "
+                            f"most {MAX_MODEL_GRID_VOXELS:.3g}): its voxels of {np.round(spacing, 4).tolist()} mm are "
+                            "not an MR scan's; check the header's voxel size and units")
     # Voxel i' of the new grid sits at continuous index (i' + 0.5) * n / n' - 0.5 of the old one.
     ratio = np.array(oriented_shape, dtype=np.float64) / np.array(resampled_shape, dtype=np.float64)
     scale = np.eye(4)

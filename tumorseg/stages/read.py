@@ -123,6 +123,7 @@ def _read_nifti(path: Path) -> Volume:
         raise InputError("complex-valued voxels (magnitude and phase in one number); give the magnitude image "
                          "the scanner reconstructs", path)
     _check_header_geometry(header, path)
+    _check_spatial_units(header, path)
     _check_forms_agree(header, img.shape[:3], path)
     try:
         itemsize = header.get_data_dtype().itemsize
@@ -195,6 +196,16 @@ def _check_header_geometry(header, path: Path) -> None:
                                 f"{norm:.4g}, more than 1); its geometry is damaged", path)
 
 
+def _check_spatial_units(header, path: Path) -> None:
+    """Refuse spatial units other than millimetres (or unset, which every reader takes as mm):
+    nibabel's affine is in the file's units, so 0.5 mm voxels stored in micrometres would be read
+    as 500 mm ones, and readers that convert would place the label map elsewhere."""
+    unit, _ = header.get_xyzt_units()
+    if unit not in ("mm", "unknown"):
+        raise GeometryError(f"the NIfTI header gives its spatial units as {unit} (xyzt_units); tumorseg reads "
+                            "millimetres only: convert the header to mm before segmenting", path)
+
+
 def _check_forms_agree(header, shape: tuple[int, ...], path: Path) -> None:
     """Refuse a header whose qform and sform (both set) place the volume differently.
 
@@ -236,6 +247,7 @@ def _read_itk(path: Path) -> Volume:
 
     reader = _itk_reader(path)
     _check_size(reader.GetSize(), path)
+    _check_itk_geometry(reader, path)
     _check_nrrd_gzip(path)
     if reader.GetNumberOfComponents() != 1:
         raise GeometryError(
@@ -257,6 +269,60 @@ def _read_itk(path: Path) -> Volume:
     return Volume(array, ras_affine(image), None, path)
 
 
+#: NRRD spaces that place a volume in the patient; "scanner-xyz" and "3D-right-handed" do not say
+#: which way the patient lies.
+NRRD_PATIENT_SPACES = (b"left-posterior-superior", b"right-anterior-superior", b"left-anterior-superior",
+                       b"lps", b"ras", b"las")
+#: MetaImage fields, one of each group, that together state the grid in the patient (LPS).
+_META_GEOMETRY = (("ElementSpacing", "ElementSize"), ("TransformMatrix", "Rotation", "Orientation"),
+                  ("Offset", "Origin", "Position"))
+
+
+def _check_itk_geometry(reader, path: Path) -> None:
+    """Refuse an NRRD or MetaImage header that does not state the volume's place in the patient:
+    ITK would fill in unit spacing, an identity direction or a zero origin, and the label map
+    would be written with that guess presented as scanner coordinates."""
+    io = reader.GetMetaData("ITK_InputFilterName")
+    if io == "NrrdImageIO":
+        fields, _ = _nrrd_header(path)
+        space = fields.get(b"space", b"").strip().lower()
+        missing = [name.decode() for name in (b"space directions", b"space origin") if name not in fields]
+        if space not in NRRD_PATIENT_SPACES or missing:
+            said = f"space: {space.decode('latin-1')}" if space else "no space"
+            raise GeometryError(f"the NRRD header states {said}{' and no ' + ' or '.join(missing) if missing else ''}, "
+                                "so the scan's place in the patient is unknown; it needs space LPS, RAS or LAS with "
+                                "space directions and a space origin", path)
+    elif io == "MetaImageIO":
+        header = _meta_header(path)
+        missing = [group[0] for group in _META_GEOMETRY if not any(field in header for field in group)]
+        if missing:
+            raise GeometryError(f"the MetaImage header has no {', '.join(missing)}, so the scan's place in the patient "
+                                "is unknown; fix the header before segmenting", path)
+
+
+def _nrrd_header(path: Path) -> tuple[dict[bytes, bytes], int]:
+    """An NRRD header's fields (lower-case names) and where its data starts (-1 for a detached
+    header, .nhdr, or a header longer than 64 KiB, whose fields are all read)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"\n\n") if path.suffix.lower() == ".nrrd" else -1
+    lines = (head[:end] if end >= 0 else head).splitlines()[1:]
+    fields = dict(line.split(b":", 1) for line in lines if b":" in line and not line.startswith(b"#"))
+    return {name.strip().lower(): value.strip() for name, value in fields.items()}, end
+
+
+def _meta_header(path: Path) -> set[str]:
+    """The field names of a MetaImage header (.mha: up to ElementDataFile; .mhd: the whole file)."""
+    fields = set()
+    with open(path, "rb") as f:
+        for line in f:
+            name = line.split(b"=", 1)[0].strip().decode("latin-1")
+            fields.add(name)
+            if name == "ElementDataFile" or len(fields) > 200:
+                break
+    return fields
+
+
 def _check_float32_range(values: np.ndarray, path: Path) -> None:
     """Refuse finite values beyond float32's range (the pipeline's arithmetic), which the cast would
     turn into infinities that read as a damaged file: the scaling or the export is wrong."""
@@ -271,14 +337,10 @@ def _check_nrrd_gzip(path: Path) -> None:
     """Verify an attached gzip-encoded NRRD's CRC and length (ITK stops where the voxels end)."""
     if path.suffix.lower() != ".nrrd":
         return
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    end = head.find(b"\n\n")
+    fields, end = _nrrd_header(path)
     if end < 0:
         return  # ITK read the header, so it is longer than this: no integrity check (documented)
-    fields = dict(line.split(b":", 1) for line in head[:end].splitlines()[1:] if b":" in line and not line.startswith(b"#"))
-    encoding = fields.get(b"encoding", b"").strip().lower()
-    if encoding in (b"gzip", b"gz") and b"data file" not in fields:
+    if fields.get(b"encoding", b"").lower() in (b"gzip", b"gz") and b"data file" not in fields:
         _gunzip_checked(path, 0, offset=end + 2)
 
 
