@@ -151,6 +151,32 @@ def test_ray_batch_gives_the_local_batch_outputs(tmp_path, ray_cluster, batch_mo
     assert rerun.returncode == local.exit_code and manifest(tmp_path / "ray")["counts"]["reused"] == len(ours)
 
 
+def test_relative_paths_reach_the_cluster_as_the_driver_means_them(tmp_path, ray_cluster, batch_model):  # noqa: F811
+    """Ray's workers run in folders of their own: a relative -o wrote the outputs under the head's
+    working folder (the manifest said done), and a relative input failed every case."""
+    address, _ = ray_cluster
+    _cases(tmp_path / "in", 2)
+    (tmp_path / "model").symlink_to(batch_model)
+    result = subprocess.run([str(Path(sys.executable).parent / "tumorseg"), "batch", "in", "-o", "out", "--model",
+                             "model", "--ray", address, "-q"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "cases").iterdir()) == ["p0", "p1"]
+    assert all((tmp_path / "out" / "cases" / c / "segmentation.nii.gz").is_file() for c in ("p0", "p1"))
+
+
+def test_an_address_where_nothing_answers_is_refused_at_once_and_keeps_the_manifest(tmp_path, batch_model):  # noqa: F811
+    """Ray retried such an address for about 14 minutes, after emptying the previous manifest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"complete": true}')
+    start = time.monotonic()
+    result = run_on_ray(str(_cases(tmp_path / "in", 1)), "-o", str(out), "--model", str(batch_model),
+                        "--ray", f"127.0.0.1:{_ports(20000) + 3}")
+    assert result.returncode == 6 and "nothing answers there" in result.stderr, result.stderr
+    assert time.monotonic() - start < 60
+    assert (out / "manifest.json").read_text() == '{"complete": true}'
+
+
 def test_a_case_broken_at_discovery_keeps_no_old_outputs_on_ray(tmp_path, ray_cluster, batch_model):  # noqa: F811
     address, _ = ray_cluster
     case = phantom_case(tmp_path / "in" / "a", 1)
@@ -248,3 +274,54 @@ def test_a_lost_case_waits_and_avoids_the_actor_that_lost_it(monkeypatch):
     clock[0] += ray_batch.ACTOR_REST_S
     flight.pending.extend([("d", 1), ("e", 1)])
     assert [actor for _, _, actor in flight.to_start()] == [0, 1]  # rested: both used again
+
+
+def test_a_steps_own_error_is_recorded_at_once_and_a_dead_actor_is_replaced():
+    """A case whose step raised (not the cluster's fault) was retried three times as 'lost on the
+    cluster' and recorded without its cause; an actor whose restarts were spent was sent every
+    remaining case, which all failed."""
+    import ray
+
+    from tumorseg.batch.cases import BatchCase
+    from tumorseg.cluster import ray_batch
+
+    runner = object.__new__(ray_batch.RayBatchRunner)
+    runner.attempts = 3
+    runner._actors, made = ["first", "second"], []
+    runner._new_actor = lambda: made.append("new") or "new"
+    killed = []
+    fake_ray = type("FakeRay", (), {"exceptions": ray.exceptions, "kill": staticmethod(lambda a, no_restart: killed.append(a))})
+    case = BatchCase("p1", None, "p1")
+    flight = ray_batch._Flight([], actors=2)
+    own = ray.exceptions.RayTaskError("_finish", "Traceback ...", ValueError("a step's own bug")).as_instanceof_cause()
+    outcome = runner._lost(fake_ray, own, case, 1, 0, flight, retry=True)
+    assert outcome.status == "failed" and "a step's own bug" in outcome.error_message and not flight.later
+    died = ray.exceptions.ActorDiedError()
+    assert runner._lost(fake_ray, died, case, 1, 1, flight, retry=True) is None  # started again
+    assert killed == ["second"] and runner._actors == ["first", "new"] and len(flight.later) == 1
+    outcome = runner._lost(fake_ray, died, case, 3, 1, flight, retry=True)
+    assert outcome.status == "failed" and "lost on the cluster 3 times" in outcome.error_message
+
+
+def test_the_report_names_the_device_and_precision_the_actor_ran_on(tmp_path, batch_model):  # noqa: F811
+    """The finishing task wrote the driver's device and precision into report.json: a driver on a
+    CPU with bf16 recorded bf16 for actors that ran in fp32 (or on a GPU)."""
+    from tumorseg.batch.cases import discover
+    from tumorseg.batch.runner import BatchRunner
+    from tumorseg.cluster import ray_batch
+    from tumorseg.pipeline import Segmenter
+
+    (case,) = discover(_cases(tmp_path / "in", 1))
+    segmenter = Segmenter(str(batch_model))
+    runner = BatchRunner(segmenter, tmp_path / "out")
+    actor = object.__new__(ray_batch._Inference)
+    actor.segmenter = segmenter
+    case_dir = tmp_path / "out" / "cases" / case.case_id
+    image, rest = ray_batch._prepare(segmenter.spec, case, str(case_dir), (runner.fingerprint, False, str(tmp_path / "out")))
+    probs, seconds, device, precision = actor.infer(case, image, rest)
+    assert (device, precision) == (segmenter.spec.device, segmenter.spec.precision)
+    outcome = ray_batch._finish(segmenter.spec, case, rest, (probs, seconds, "cuda:1", "fp16"), str(case_dir),
+                                str(tmp_path / "out"), runner.fingerprint)
+    assert outcome.status == "ok", outcome.error_message
+    report = json.loads((case_dir / "report.json").read_text())
+    assert (report["device"], report["precision"]) == ("cuda:1", "fp16")

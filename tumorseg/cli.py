@@ -299,6 +299,7 @@ def batch(input_root, output, model, pipeline_file, device, precision, seg, tta,
         from .cluster.ray_batch import require_ray
 
         require_ray()  # before reading anything
+        input_root, output = input_root.absolute(), output.absolute()  # Ray's workers run in their own folders
     config = _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequences, registration, reference,
                               brain_extraction, precision)
     cases = discover(input_root, exclude=output, id_key=case_id_key(output) if hashed_ids else None)

@@ -24,6 +24,7 @@ import logging
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -49,6 +50,8 @@ RETRY_DELAY_S = 3.0
 ACTOR_REST_S = 20.0
 #: How long a node may take to run the output folder check.
 CHECK_WAIT_S = 120
+#: Seconds to wait for the head's port to answer before ``ray.init`` (which retries for minutes).
+REACH_WAIT_S = 10.0
 
 
 def require_ray():
@@ -65,6 +68,9 @@ def _prepare(spec: PipelineSpec, case: BatchCase, case_dir: str, check: tuple[di
     """(network input, the rest) or (None, CaseOutcome): two objects, so that the finishing task
     does not fetch the network input again. The case is checked here first (its inputs hashed,
     a previous run's outputs reused), on the node that reads the inputs anyway."""
+    from .. import logredact
+
+    logredact.install()  # this worker's log too: pydicom quotes header values in its warnings
     batch_fingerprint, force, output_root = check
     outcome, fingerprint = check_case(case, Path(case_dir), batch_fingerprint, force, exclude=Path(output_root))
     if outcome is not None:
@@ -78,11 +84,15 @@ def _prepare(spec: PipelineSpec, case: BatchCase, case_dir: str, check: tuple[di
 
 def _finish(spec: PipelineSpec, case: BatchCase, rest, inferred, case_dir: str, output_root: str,
             batch_fingerprint: dict[str, str]) -> CaseOutcome:
+    from .. import logredact
+
+    logredact.install()
     if isinstance(rest, CaseOutcome):
         return rest
     if isinstance(inferred, CaseOutcome):
         return inferred
-    probs, infer_seconds = inferred
+    probs, infer_seconds, device, precision = inferred
+    spec = dataclasses.replace(spec, device=device, precision=precision)  # the report names the actor's
     return finish_and_write(Finish(spec, case, rest.scan, probs, infer_seconds, rest.read_seconds, rest.fingerprint,
                                    case_dir, output_root, batch_fingerprint))
 
@@ -101,6 +111,10 @@ class _Inference:
         logredact.install()
         self.segmenter = Segmenter(model_dir, config)
 
+    def ready(self) -> bool:
+        """Called once before any case: the model loaded (an error loading it is raised here)."""
+        return True
+
     def infer(self, case: BatchCase, image, rest):
         if isinstance(rest, CaseOutcome):
             return rest
@@ -113,7 +127,7 @@ class _Inference:
         # rebuilds an output lost with a node), and inferring empties the scan's image.
         scan = dataclasses.replace(rest[0], image=image)
         try:
-            return self.segmenter.infer(scan)
+            return (*self.segmenter.infer(scan), self.segmenter.spec.device, self.segmenter.spec.precision)
         except Exception as e:  # e.g. out of memory on the device: this case fails, the batch goes on
             return failure(case, e)
 
@@ -171,7 +185,8 @@ class RayBatchRunner(BatchRunner):
 
     def __init__(self, segmenter: Segmenter, output: Path, address: str, force: bool = False, progress: bool = True,
                  actors: int | None = None, attempts: int = ATTEMPTS, max_retries: int = 2) -> None:
-        super().__init__(segmenter, output, workers=0, force=force, progress=progress)
+        # Absolute: Ray's workers run in folders of their own, not the driver's.
+        super().__init__(segmenter, Path(output).absolute(), workers=0, force=force, progress=progress)
         self.address = address
         self.actors = actors
         self.attempts = attempts
@@ -189,19 +204,25 @@ class RayBatchRunner(BatchRunner):
     def _run_info(self) -> dict[str, Any]:
         return {"workers": self._actor_count, "worker_mode": "ray", "ray_address": self.address}
 
-    def _schedule(self, todo: list[tuple[BatchCase, str]], bar) -> None:
+    def run(self, cases: list[BatchCase]):
+        """The local batch's run, connected to the cluster first: an address that cannot be
+        reached is refused before the output folder's manifest is touched."""
         ray = require_ray()
         connect = not ray.is_initialized()
         if connect:
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"cannot connect to the Ray cluster at {self.address}: {e}") from None
         try:
-            self._run_on_ray(ray, todo, bar)
+            return super().run(cases)
         finally:
             if connect:  # a driver still connected would be ended when the cluster stops
                 ray.shutdown()
+
+    def _schedule(self, todo: list[tuple[BatchCase, str]], bar) -> None:
+        self._run_on_ray(require_ray(), todo, bar)
 
     def _run_on_ray(self, ray, todo: list[tuple[BatchCase, str]], bar) -> None:
         self._check_shared_output(ray)
@@ -215,8 +236,15 @@ class RayBatchRunner(BatchRunner):
         # cluster that lost a node: the restarted actors take the cores the tasks wait for.
         actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 0}
         Actor = ray.remote(max_restarts=self.max_retries, max_task_retries=self.max_retries)(_Inference)
-        actors = [Actor.options(**actor_options, scheduling_strategy="SPREAD").remote(str(self.segmenter.model.directory), self.spec.config,
-                                                         1 if not gpus else 4) for _ in range(count)]
+        model_dir = str(self.segmenter.model.directory.absolute())
+        self._new_actor = lambda: Actor.options(**actor_options, scheduling_strategy="SPREAD").remote(
+            model_dir, self.spec.config, 1 if not gpus else 4)
+        actors = self._actors = [self._new_actor() for _ in range(count)]
+        try:
+            ray.get([actor.ready.remote() for actor in actors])
+        except ray.exceptions.RayError as e:  # the same model and settings load on the driver
+            raise ConfigError(f"the model could not be loaded on the cluster ({_last_line(e)}): every node needs the "
+                              "model folder at the same path, and the same tumorseg") from None
         prepare = ray.remote(num_cpus=0.5, num_returns=2, max_retries=self.max_retries)(_prepare)
         finish = ray.remote(num_cpus=0.5, max_retries=self.max_retries)(_finish)
         spec = ray.put(self.spec)
@@ -256,20 +284,38 @@ class RayBatchRunner(BatchRunner):
         case, attempt, actor = flight.running.pop(ref)
         try:
             outcome = ray.get(ref)
-        except Exception as e:  # the cluster lost the case: a worker, actor or node died
-            if not retry:  # after Ctrl-C: not done, and not failed either; the rerun runs it
-                log.info("%s: lost on the cluster while stopping", case.case_id)
+        except Exception as e:
+            outcome = self._lost(ray, e, case, attempt, actor, flight, retry)
+            if outcome is None:
                 return
-            if attempt < self.attempts:
-                log.warning("%s: lost on the cluster (%s); starting it again (attempt %d of %d)",
-                            case.case_id, type(e).__name__, attempt + 1, self.attempts)
-                flight.lost(case, attempt, actor)
-                return
-            outcome = failure(case, RuntimeError(
-                f"lost on the cluster {attempt} times ({type(e).__name__}: {_first_line(e)})"))
         if not outcome.reused:
             self._network_seconds += outcome.timings_s.get("infer", 0.0)
+            for warning in outcome.warnings:  # the workers' logs stay on their nodes
+                log.warning("%s: %s", case.case_id, warning)
         self._record(outcome, bar)
+
+    def _lost(self, ray, error: Exception, case: BatchCase, attempt: int, actor: int, flight: _Flight,
+              retry: bool) -> CaseOutcome | None:
+        """The outcome of a case whose steps raised: its own error (a step's bug) is recorded at
+        once; a loss to the cluster (a worker, actor or node died) starts it again, up to
+        ``attempts`` times (None: started again, or left to the rerun after Ctrl-C)."""
+        cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
+        if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+            return failure(case, cause)
+        if isinstance(error, ray.exceptions.ActorDiedError):  # its restarts spent: a new one in its place
+            with contextlib.suppress(Exception):
+                ray.kill(self._actors[actor], no_restart=True)
+            self._actors[actor] = self._new_actor()
+        if not retry:  # after Ctrl-C: not done, and not failed either; the rerun runs it
+            log.info("%s: lost on the cluster while stopping", case.case_id)
+            return None
+        if attempt < self.attempts:
+            log.warning("%s: lost on the cluster (%s); starting it again (attempt %d of %d)",
+                        case.case_id, type(error).__name__, attempt + 1, self.attempts)
+            flight.lost(case, attempt, actor)
+            return None
+        return failure(case, RuntimeError(f"lost on the cluster {attempt} times ({type(error).__name__}: "
+                                          f"{_first_line(error)})"))
 
     def _check_shared_output(self, ray) -> None:
         """Every node must see OUT: a marker written here is read back by a task on each node."""
@@ -320,6 +366,24 @@ def _sees(ray, ref, node: dict) -> bool | None:
     except ray.exceptions.GetTimeoutError:
         raise ConfigError(f"Ray node {node['NodeManagerAddress']} did not run the output folder check within "
                           f"{CHECK_WAIT_S} s; is it overloaded or failing?") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT where nothing answers within seconds (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return  # Ray's own forms: it says what is wrong with them
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_WAIT_S).close()
+    except OSError as e:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                          f"({e.strerror or type(e).__name__}); is its head started (ray start --head)?") from None
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of Ray's text for an error: the exception raised on the node, after its traceback."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:
