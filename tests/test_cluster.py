@@ -25,6 +25,8 @@ from test_batch import (assert_stopped_batch_resumes, batch_command, batch_model
 pytest.importorskip("ray", reason="the cluster runner needs Ray (pip install 'tumorseg[cluster]'; the test extra has it)")
 
 RAY = str(Path(sys.executable).parent / "ray")
+#: Each running test cluster's temporary folder (its logs), by its head's address.
+TEMP_DIRS: dict[str, str] = {}
 
 
 def _ray(*args: str, env: dict) -> None:
@@ -52,6 +54,7 @@ def _cluster(base: int, joined: bool = True, gpus: int = 0):
                  f"--dashboard-agent-grpc-port={base + 35}", f"--runtime-env-agent-port={base + 36}",
                  f"--metrics-export-port={base + 37}", f"--min-worker-port={base + 38}",
                  f"--max-worker-port={base + 49}", "--num-gpus=0", *common, env=env)
+        TEMP_DIRS[f"127.0.0.1:{base}"] = temp
         yield f"127.0.0.1:{base}", base + 31
     finally:
         _stop_cluster(temp)
@@ -175,6 +178,26 @@ def test_an_address_where_nothing_answers_is_refused_at_once_and_keeps_the_manif
     assert result.returncode == 6 and "nothing answers there" in result.stderr, result.stderr
     assert time.monotonic() - start < 60
     assert (out / "manifest.json").read_text() == '{"complete": true}'
+
+
+def test_header_values_stay_out_of_the_workers_logs(tmp_path, ray_cluster, batch_model):  # noqa: F811
+    """The preparing task's worker logged pydicom's warning quoting a planted UID value: the
+    local batch's workers redact their logs, Ray's did not."""
+    import pydicom
+
+    from mutants import CANARY, set_raw, small_real_series
+
+    address, _ = ray_cluster
+    series = small_real_series(tmp_path / "in" / "study" / "s1")
+    for path in sorted(series.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        set_raw(ds, "FrameOfReferenceUID", CANARY.encode())
+        ds.save_as(path)
+    result = run_on_ray(str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(batch_model), "--ray", address)
+    assert result.returncode == SOME_CASES_FAILED  # refused: a UID of digits and dots only
+    logs = [p for p in Path(TEMP_DIRS[address]).rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")]
+    assert logs and not [p.name for p in logs if CANARY.encode() in p.read_bytes()]
+    assert CANARY not in result.stdout + result.stderr
 
 
 def test_a_case_broken_at_discovery_keeps_no_old_outputs_on_ray(tmp_path, ray_cluster, batch_model):  # noqa: F811
