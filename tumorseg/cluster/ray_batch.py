@@ -10,7 +10,7 @@ written atomically and its record last, so a Ray run and a local run over the sa
 same label maps and reports.
 
 Faults: Ray retries a task whose worker or node died (``max_retries``) and restarts a dead actor
-(``max_restarts``); a case whose steps still fail for the cluster's sake (a worker killed, a node
+(``max_restarts``), and the driver replaces an actor whose restarts are spent; a case whose steps still fail for the cluster's sake (a worker killed, a node
 lost) is run again from the start up to ``attempts`` times, then recorded as failed with the
 reason. A case that fails on its own (a bad input) is recorded at once, as locally. Ctrl-C stops
 starting cases and finishes those in flight (a second Ctrl-C stops at once); the manifest and
