@@ -64,3 +64,16 @@ def test_no_tumour_shows_the_centre():
     assert overview.centre_of_largest(empty) == (30, 35, 25)
     rgb = overview.render({"t1": overview.window(image)}, "t1", empty, np.eye(4), SCHEME)
     assert not ({COLOURS[1], COLOURS[2], COLOURS[3]} & colours_in(rgb))
+
+
+def test_a_field_of_view_over_the_panel_limit_is_shrunk_without_stretching():
+    """Each axis was capped on its own at MAX_SIDE pixels: a 40 mm sphere in a 400 mm tall view was
+    drawn 41 pixels wide but 33 tall in the coronal and sagittal panels."""
+    shape = (200, 256, 400)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    sphere = np.linalg.norm(grid - np.array(shape) / 2, axis=-1) < 20
+    for plane in (1, 2):  # coronal, sagittal: rows along the 400 mm axis
+        drawn = overview._plane(sphere.astype(np.float32), plane, np.array(shape) // 2, np.ones(3), 0) > 0.5
+        rows, cols = np.nonzero(drawn)
+        assert max(drawn.shape) <= overview.MAX_SIDE
+        assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1, plane

@@ -123,6 +123,29 @@ def test_fill_holes_ignores_open_cavity():
     np.testing.assert_array_equal(out, labels)
 
 
+def test_an_enhancing_speck_removed_inside_the_core_leaves_no_hole():
+    """The default pipeline: the core's holes were filled before the enhancing label lost its
+    small components, so a speck removed inside the core became background enclosed by it."""
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:18, 2:18, 2:18] = EDEMA
+    labels[5:15, 5:15, 5:15] = CORE
+    labels[9:11, 9:11, 9:11] = ENH  # 8 voxels: 0.008 mL, under the 0.02 mL threshold
+    out = run(labels, enhancing_tumour=LabelPostprocess(min_component_ml=0.02),
+              non_enhancing_tumour=LabelPostprocess(fill_holes=True))
+    assert not (out == ENH).any()
+    assert (out[5:15, 5:15, 5:15] == CORE).all()  # the speck's place is core, not a hole
+
+
+def test_a_component_of_exactly_the_threshold_volume_stays():
+    """0.1 mL of 1 x 1 x 5 mm voxels is 20 voxels; the determinant's rounding made the threshold
+    20.000000000000004, and the component was removed although the report calls it 0.1 mL."""
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:6, 2:7, 4] = EDEMA  # 20 voxels of 5 mm^3
+    np.testing.assert_array_equal(run(labels, (1.0, 1.0, 5.0), tumour_ml=0.1), labels)
+    np.testing.assert_array_equal(run(labels, (1.0, 1.0, 5.0), edema=LabelPostprocess(min_component_ml=0.1)), labels)
+    assert not run(labels, (1.0, 1.0, 5.0), tumour_ml=0.1001).any()
+
+
 def test_fill_holes_of_core_does_not_take_edema():
     labels = np.zeros((11, 11, 11), np.uint8)
     labels[2:9, 2:9, 2:9] = CORE

@@ -224,6 +224,8 @@ class PipelineSpec:
             cleaned = postprocess.postprocess(
                 raw, prepared.source.affine, self.config.postprocess, card.scheme
             )
+            if prepared.brain_mask is not None:  # smoothing or hole filling may reach past it
+                cleaned[~prepared.brain_mask] = 0
         labels = LabelMap(cleaned, prepared.source.affine, card.scheme, prepared.source)
         if prepared.brain_mask is not None:
             cut = brain.tumour_at_border(prepared.brain_mask, cleaned > 0, prepared.source.affine)

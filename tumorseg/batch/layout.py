@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 #: Raise when a change to tumorseg changes the outputs it writes: earlier outputs are redone.
-RESULTS_VERSION = 5  # 4: HD-BET's input z-scored over the head; 5: its head box found over every voxel (air at 0)
+RESULTS_VERSION = 6  # 4: HD-BET's input z-scored over the head; 5: its head box found over every voxel (air at 0); 6: holes filled after every label is cleaned
 CASES_DIR = "cases"
 CASE_RECORD = "batch-case.json"
 MANIFEST_CSV = "manifest.csv"

@@ -120,7 +120,7 @@ def _plane(ras: np.ndarray, plane: int, centre: np.ndarray, spacing: np.ndarray,
     else:  # sagittal: rows superior to inferior, columns anterior to posterior
         image, (sr, sc) = ras[centre[0], ::-1, ::-1].T, (spacing[2], spacing[1])
     zoom = np.array([sr, sc]) / PIXEL_MM
-    zoom = np.minimum(zoom, MAX_SIDE / np.array(image.shape))
+    zoom *= min(1.0, float((MAX_SIDE / (np.array(image.shape) * zoom)).min()))  # one factor: no stretching
     return ndi.zoom(image, zoom, order=order, mode="nearest", grid_mode=True)
 
 
