@@ -179,6 +179,28 @@ def test_node_receives_segments_and_delivers_once(tmp_path, model, series):
     assert CANARY not in node.status()
 
 
+def test_a_sender_pausing_within_one_association_gets_one_result(tmp_path, quiet_model, series):
+    """Pauses longer than idle_seconds inside one open association made each part a complete study:
+    segmented and delivered three times, the first two from part of the series."""
+    receiver = Receiver().start()
+    node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
+    try:
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(sop.MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        for n, path in enumerate(sorted(series.glob("*.dcm"))):
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+            if n in (3, 7):
+                time.sleep(2.5)  # idle_seconds is 1
+        assoc.release()
+        wait_for(lambda: len(receiver.received) == 1, what="the RTSTRUCT")
+        time.sleep(3)
+        assert len(receiver.received) == 1 and " g1 " in node.status()
+    finally:
+        assert node.stop() == 0
+        receiver.stop()
+
+
 def test_unknown_caller_is_rejected_and_nothing_spooled(tmp_path, quiet_model, series):
     receiver = Receiver().start()
     node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
@@ -343,6 +365,23 @@ def test_limits_hosts_and_sop_classes_are_refused_as_documented(tmp_path, quiet_
         accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
         assoc.release()
         assert accepted == {jpeg_lossless, pydicom.uid.ImplicitVRLittleEndian}
+        # An association for another AE title is not the node's; a CT image sent over the MR
+        # context was stored with success and failed later as 'modality CT'.
+        ae = AE(ae_title=CALLER)
+        ae.add_requested_context(sop.MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="NOTTUMORSEG")
+        assert not assoc.is_established
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        choose = assoc._get_valid_context  # a sender that puts a CT image on the MR context
+        assoc._get_valid_context = lambda _, *args, **kwargs: choose(sop.MRImageStorage, *args, **kwargs)
+        ct = pydicom.dcmread(sorted(series.glob("*.dcm"))[0])
+        ct.SOPClassUID = sop.CTImageStorage
+        ct.remove_private_tags()  # small: under max_instance_mb, so the class is what is judged
+        ct.PixelData = ct.PixelData[:10]
+        ct.Rows, ct.Columns = 1, 5
+        status = assoc.send_c_store(ct).Status
+        assoc.release()
+        assert status == 0xA900
     finally:
         node.stop()
     node = NodeProcess(tmp_path / "hosts", quiet_model, [("planning", receiver.ae_title, receiver.port)],
@@ -607,6 +646,37 @@ def test_a_study_cut_off_by_a_restart_waits_a_full_idle_period_after_it(tmp_path
     assert [s.study_uid for s in jobs.mark_complete(idle_seconds=0)] == ["1.2.3"]
     jobs.restart_idle_clocks()  # a complete study is not reopened
     assert [s.state for s in jobs.studies()] == ["complete"]
+
+
+def test_an_instance_sent_again_counts_once_and_a_study_sent_again_starts_afresh(tmp_path):
+    """A PACS that resends a study after an interrupted association replaces its files: they were
+    counted again, so max_study_mb refused good instances; and a study already sent was refused
+    whole when sent again, its finished generation's bytes counted against the new one."""
+    from tumorseg.serve.spool import Spool
+    from tumorseg.serve.state import JobStore
+
+    spool, jobs = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite")
+    for _ in range(2):  # the same instance twice
+        replaced = spool.stored_size("1.2.3", "1.2.3.4", "1.2.3.4.5")
+        spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"x" * 100)
+        jobs.instance_received("1.2.3", 100, replaced)
+    assert [(s.instances, s.bytes) for s in jobs.studies()] == [(1, 100)] and jobs.study_bytes("1.2.3") == 100
+    jobs.mark_complete(idle_seconds=0)
+    assert jobs.study_bytes("1.2.3") == 0  # past receiving: a new generation would start from nothing
+
+
+def test_a_study_an_open_association_is_sending_is_not_complete(tmp_path):
+    """A sender pausing longer than idle_seconds within one association had each part segmented
+    and delivered (three RTSTRUCTs for one study); after an abort the study waits afresh."""
+    from tumorseg.serve.state import JobStore
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs.instance_received("1.2.3", 100)
+    jobs._db.execute("UPDATE studies SET last_instance = last_instance - 600")
+    assert jobs.mark_complete(idle_seconds=60, still_open={"1.2.3"}) == []
+    assert jobs.restart_idle_clock("1.2.3")  # the association was aborted
+    assert jobs.mark_complete(idle_seconds=60) == []
+    assert [s.study_uid for s in jobs.mark_complete(idle_seconds=0)] == ["1.2.3"]
 
 
 def test_spool_writes_partial_files_outside_the_study_and_sweeps_them(tmp_path):

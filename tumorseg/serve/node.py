@@ -28,6 +28,7 @@ REFUSED_NOT_AUTHORISED = 0x0124
 #: What the node accepts: MR images (slice files and enhanced multi-frame). Anything else is
 #: refused at association (no presentation context), as a PACS administrator expects.
 ACCEPTED_SOP_CLASSES = ("MRImageStorage", "EnhancedMRImageStorage")
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 RESULTS = {"rtstruct": "rtstruct.dcm", "seg": "seg.dcm"}
 
 
@@ -42,6 +43,9 @@ class Node:
         self._segmenter = None
         self._next_cleanup = 0.0
         self._spool_lock = threading.Lock()
+        # Studies each open association has stored to: none is complete while one is still open.
+        self._receiving: dict[int, set[str]] = {}
+        self._receiving_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
     def run(self, poll_seconds: float = 0.5) -> None:
@@ -64,21 +68,28 @@ class Node:
                     self.stopping.wait(poll_seconds)
         finally:
             if self.server is not None:
+                # Associations still sending are aborted (the sender sends again later): none may
+                # store once the job database is closed.
+                for assoc in list(self.server.active_associations):
+                    assoc.abort()
                 self.server.shutdown()
             self.jobs.close()
             log.info("stopped")
 
     def step(self) -> bool:
-        """One unit of work (mark quiet studies complete, segment one, or send one); False when idle."""
-        for study in self.jobs.mark_complete(self.settings.idle_seconds):
+        """One unit of work (mark quiet studies complete, send one result, or segment one study);
+        False when idle. Sending first: a result waits for no other study's segmentation."""
+        with self._receiving_lock:
+            open_studies = set().union(*self._receiving.values())
+        for study in self.jobs.mark_complete(self.settings.idle_seconds, still_open=open_studies):
             log.info("study %s complete: %d instance(s)", study.key, study.instances)
-        study = self.jobs.next_complete()
-        if study is not None:
-            self.segment(study)
-            return True
         due = self.jobs.due_deliveries()
         if due:
             self.deliver(*due[0])
+            return True
+        study = self.jobs.next_complete()
+        if study is not None:
+            self.segment(study)
             return True
         if self.settings.keep_days and time.time() >= self._next_cleanup:
             self._next_cleanup = time.time() + min(60.0, self.settings.keep_days * 86400 / 2)
@@ -133,13 +144,16 @@ class Node:
         ae.add_supported_context(sop.Verification)
         # Only what can be decoded here: a sender that offers another syntax first then falls back
         # to one of these (or transcodes), instead of a study that is stored and then fails.
-        decodable = [syntax for syntax in ALL_TRANSFER_SYNTAXES if can_decode(syntax)]
+        # JPEG Extended is left out: GDCM cannot decode its 12-bit form, MR's usual depth.
+        decodable = [syntax for syntax in ALL_TRANSFER_SYNTAXES if can_decode(syntax) and syntax != JPEG_EXTENDED]
         for name in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(getattr(sop, name), decodable)
         ae.require_calling_aet = list(self.settings.allowed_callers)
+        ae.require_called_aet = True  # an association for another AE title is not ours
         ae.maximum_associations = self.settings.max_associations
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_REQUESTED, self._on_requested)]
+                    (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_RELEASED, self._on_closed),
+                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_CLOSE, self._on_closed)]
         try:
             self.server = ae.start_server((self.settings.host, self.settings.port), block=False,
                                           evt_handlers=handlers, ssl_context=self._server_tls())
@@ -155,6 +169,20 @@ class Node:
 
     def _on_echo(self, event) -> int:
         return SUCCESS
+
+    def _on_closed(self, event) -> None:
+        with self._receiving_lock:
+            self._receiving.pop(id(event.assoc), None)
+
+    def _on_aborted(self, event) -> None:
+        """A sender cut off mid-study sends again: the studies it was storing wait a full idle
+        period from now rather than from their last instance."""
+        with self._receiving_lock:
+            studies = self._receiving.pop(id(event.assoc), set())
+        for study_uid in studies:
+            if self.jobs.restart_idle_clock(study_uid):
+                log.warning("study %s: the association sending it was aborted; waiting %g s for the rest",
+                            study_key(study_uid), self.settings.idle_seconds)
 
     def _on_store(self, event) -> int:
         import pydicom
@@ -179,17 +207,24 @@ class Node:
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             log.warning("refused an instance whose SOP Instance UID differs from the request's")
             return CANNOT_UNDERSTAND
+        sop_class = str(header.get("SOPClassUID", ""))
+        if not sop_class == str(event.request.AffectedSOPClassUID) == str(event.context.abstract_syntax):
+            log.warning("refused an instance whose SOP class differs from the presentation context's")
+            return DATA_SET_DOES_NOT_MATCH
         if not _pixel_data_complete(header):
             log.warning("study %s: refused an instance whose pixel data is missing or cut short", study_key(study_uid))
             return DATA_SET_DOES_NOT_MATCH
+        with self._receiving_lock:
+            self._receiving.setdefault(id(event.assoc), set()).add(study_uid)
         try:
-            if self.jobs.study_bytes(study_uid) + len(data) > self.settings.max_study_mb * 2**20:
-                log.warning("study %s: refused an instance past max_study_mb %g", study_key(study_uid),
-                            self.settings.max_study_mb)
-                return OUT_OF_RESOURCES
             with self._spool_lock:  # the file and its row together (see clean_up)
+                replaced = self.spool.stored_size(study_uid, series_uid, sop_uid)
+                if self.jobs.study_bytes(study_uid) + len(data) - replaced > self.settings.max_study_mb * 2**20:
+                    log.warning("study %s: refused an instance past max_study_mb %g", study_key(study_uid),
+                                self.settings.max_study_mb)
+                    return OUT_OF_RESOURCES
                 self.spool.store(study_uid, series_uid, sop_uid, data)
-                self.jobs.instance_received(study_uid, len(data))
+                self.jobs.instance_received(study_uid, len(data), replaced)
         except ValueError:
             log.warning("refused an instance whose UIDs are not valid DICOM UIDs")
             return CANNOT_UNDERSTAND
@@ -302,9 +337,9 @@ class Node:
         tls = self.config.tls
         if tls is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if tls.ca_certificates:
-            context.load_verify_locations(self.config.path(tls.ca_certificates))
+        # With ca_certificates, destinations are verified against it alone, not the system's CAs.
+        ca = self.config.path(tls.ca_certificates) if tls.ca_certificates else None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
         context.load_cert_chain(self.config.path(tls.certificate), self.config.path(tls.key))
         return context
 

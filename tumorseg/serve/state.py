@@ -97,11 +97,13 @@ class JobStore:
 
     # --- receiving -------------------------------------------------------------------------
     def study_bytes(self, study_uid: str) -> int:
-        rows = self._read("SELECT bytes FROM studies WHERE study_uid = ?", (study_uid,))
+        """The bytes of the study being received (0 for one past it: a new generation starts)."""
+        rows = self._read("SELECT bytes FROM studies WHERE study_uid = ? AND state = 'received'", (study_uid,))
         return int(rows[0][0]) if rows else 0
 
-    def instance_received(self, study_uid: str, size: int) -> None:
-        """Count an instance (already on disk); a study past ``complete`` starts a new generation."""
+    def instance_received(self, study_uid: str, size: int, replaced: int = 0) -> None:
+        """Count an instance (already on disk); ``replaced``: the size of the file it replaced (the
+        same instance sent again counts once). A study past ``complete`` starts a new generation."""
         now = time.time()
         with self._transaction():
             row = self._db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
@@ -109,8 +111,9 @@ class JobStore:
                 self._db.execute("INSERT INTO studies (study_uid, key, state, instances, bytes, last_instance, updated)"
                                  " VALUES (?, ?, 'received', 1, ?, ?, ?)", (study_uid, study_key(study_uid), size, now, now))
             elif row[0] == "received":
-                self._db.execute("UPDATE studies SET instances = instances + 1, bytes = bytes + ?, last_instance = ?,"
-                                 " updated = ? WHERE study_uid = ?", (size, now, now, study_uid))
+                self._db.execute("UPDATE studies SET instances = instances + ?, bytes = bytes + ?, last_instance = ?,"
+                                 " updated = ? WHERE study_uid = ?", (0 if replaced else 1, size - replaced, now, now,
+                                                                      study_uid))
             else:
                 self._db.execute("UPDATE studies SET state = 'received', generation = generation + 1, reason = '',"
                                  " instances = 1, bytes = ?, last_instance = ?, updated = ?"
@@ -126,10 +129,19 @@ class JobStore:
         since nobody could send them while the node was down."""
         return self._write("UPDATE studies SET last_instance = ? WHERE state = 'received'", (time.time(),))
 
-    def mark_complete(self, idle_seconds: float) -> list[Study]:
+    def restart_idle_clock(self, study_uid: str) -> bool:
+        """The study, still being received, waits ``idle_seconds`` from now (its sender was cut off)."""
+        return bool(self._write("UPDATE studies SET last_instance = ? WHERE study_uid = ? AND state = 'received'",
+                                (time.time(), study_uid)))
+
+    def mark_complete(self, idle_seconds: float, still_open: set[str] = frozenset()) -> list[Study]:
+        """Studies quiet for ``idle_seconds`` become complete, except those an open association
+        is still sending (``still_open``: study UIDs)."""
         cutoff = time.time() - idle_seconds
         ready = []
         for s in self.studies("received"):
+            if s.study_uid in still_open:
+                continue
             # Re-checked in the UPDATE: an instance that arrived since the SELECT keeps it open.
             if s.last_instance <= cutoff and self._write(
                     "UPDATE studies SET state = 'complete', updated = ? WHERE study_uid = ? AND state = 'received'"
