@@ -54,6 +54,13 @@ class Receiver:
             self.server = None
 
 
+def mr_association(port: int, called: str = "TUMORSEG"):
+    """An association offering MR Image Storage to the node (check ``is_established``)."""
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(sop.MRImageStorage)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
 def send_series(folder: Path, port: int, caller: str = CALLER, tls=None) -> list[int]:
     """C-STORE every file of ``folder`` to the node; the statuses ([] when not let in)."""
     ae = AE(ae_title=caller)
@@ -185,9 +192,7 @@ def test_a_sender_pausing_within_one_association_gets_one_result(tmp_path, quiet
     receiver = Receiver().start()
     node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
     try:
-        ae = AE(ae_title=CALLER)
-        ae.add_requested_context(sop.MRImageStorage)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        assoc = mr_association(node.port)
         for n, path in enumerate(sorted(series.glob("*.dcm"))):
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
             if n in (3, 7):
@@ -216,9 +221,7 @@ def test_garbage_instance_is_refused_and_the_node_keeps_serving(tmp_path, quiet_
     receiver = Receiver().start()
     node = NodeProcess(tmp_path, quiet_model, [("planning", receiver.ae_title, receiver.port)]).start()
     try:
-        ae = AE(ae_title=CALLER)
-        ae.add_requested_context(sop.MRImageStorage)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        assoc = mr_association(node.port)
         bad = pydicom.dcmread(next(series.glob("*.dcm")))
         bad.StudyInstanceUID = "1.2.3\\../../etc"  # two values, one a path
         status = assoc.send_c_store(bad)
@@ -367,11 +370,8 @@ def test_limits_hosts_and_sop_classes_are_refused_as_documented(tmp_path, quiet_
         assert accepted == {jpeg_lossless, pydicom.uid.ImplicitVRLittleEndian}
         # An association for another AE title is not the node's; a CT image sent over the MR
         # context was stored with success and failed later as 'modality CT'.
-        ae = AE(ae_title=CALLER)
-        ae.add_requested_context(sop.MRImageStorage)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="NOTTUMORSEG")
-        assert not assoc.is_established
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TUMORSEG")
+        assert not mr_association(node.port, called="NOTTUMORSEG").is_established
+        assoc = mr_association(node.port)
         choose = assoc._get_valid_context  # a sender that puts a CT image on the MR context
         assoc._get_valid_context = lambda _, *args, **kwargs: choose(sop.MRImageStorage, *args, **kwargs)
         ct = pydicom.dcmread(sorted(series.glob("*.dcm"))[0])
