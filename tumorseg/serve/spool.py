@@ -27,26 +27,26 @@ class Spool:
     def results_folder(self, key: str, generation: int) -> Path:
         return self.root / "results" / key / f"g{int(generation)}"
 
-    def stored_size(self, study_uid: str, series_uid: str, sop_uid: str) -> int:
-        """The size of the instance already stored under these UIDs (0 when there is none): a
-        sender that sends a study again replaces its files, and they count once."""
+    def _instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
                 raise ValueError("an instance UID is not a valid DICOM UID")
+        return self.study_folder(study_uid) / series_uid / f"{sop_uid}.dcm"
+
+    def stored_size(self, study_uid: str, series_uid: str, sop_uid: str) -> int:
+        """The size of the instance already stored under these UIDs (0 when there is none): a
+        sender that sends a study again replaces its files, and they count once."""
         try:
-            return (self.study_folder(study_uid) / series_uid / f"{sop_uid}.dcm").stat().st_size
+            return self._instance_path(study_uid, series_uid, sop_uid).stat().st_size
         except FileNotFoundError:
             return 0
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
         """Write one instance durably; the UIDs must be valid (ValueError otherwise)."""
-        for uid in (study_uid, series_uid, sop_uid):
-            if not is_valid_uid(uid):
-                raise ValueError("an instance UID is not a valid DICOM UID")
-        folder = self.study_folder(study_uid) / series_uid
+        path = self._instance_path(study_uid, series_uid, sop_uid)
+        folder = path.parent
         new_folder = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{sop_uid}.dcm"
         # Written under tmp/ (same file system), fsynced, then renamed into place: a kill never
         # leaves a partial file among a study's instances.
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".dcm")
