@@ -319,9 +319,11 @@ def test_a_steps_own_error_is_recorded_at_once_and_a_dead_actor_is_replaced():
     own = ray.exceptions.RayTaskError("_finish", "Traceback ...", ValueError("a step's own bug")).as_instanceof_cause()
     outcome = runner._lost(fake_ray, own, case, 1, 0, flight, retry=True)
     assert outcome.status == "failed" and "a step's own bug" in outcome.error_message and not flight.later
+    rebuilt = ray.exceptions.RayTaskError("_finish", "Traceback ...", ray_batch._InputRebuilt("p1")).as_instanceof_cause()
+    assert runner._lost(fake_ray, rebuilt, case, 1, 0, flight, retry=True) is None  # the actor's own signal to retry
     died = ray.exceptions.ActorDiedError()
     assert runner._lost(fake_ray, died, case, 1, 1, flight, retry=True) is None  # started again
-    assert killed == ["second"] and runner._actors == ["first", "new"] and len(flight.later) == 1
+    assert killed == ["second"] and runner._actors == ["first", "new"] and len(flight.later) == 2
     outcome = runner._lost(fake_ray, died, case, 3, 1, flight, retry=True)
     assert outcome.status == "failed" and "lost on the cluster 3 times" in outcome.error_message
 

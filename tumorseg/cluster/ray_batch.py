@@ -97,6 +97,11 @@ def _finish(spec: PipelineSpec, case: BatchCase, rest, inferred, case_dir: str, 
                                    case_dir, output_root, batch_fingerprint))
 
 
+class _InputRebuilt(RuntimeError):
+    """Raised by the actor for a network input Ray rebuilt without its scan: the driver starts the
+    case again, as for a case the cluster lost (it is not the case's own error)."""
+
+
 class _Inference:
     """A Ray actor holding one loaded model (its weights' checksum verified again where it runs)."""
 
@@ -122,7 +127,7 @@ class _Inference:
             # Ray rebuilt the network input lost with a node by running the preparing task again,
             # which found the case's outputs written by the first attempt: the pair no longer
             # matches. Raised, not returned: the driver starts the case again, and it is reused.
-            raise RuntimeError(f"{case.case_id}: the network input was rebuilt without the case's scan")
+            raise _InputRebuilt(f"{case.case_id}: the network input was rebuilt without the case's scan")
         # A copy: Ray may run this again in this process with the same argument objects (when it
         # rebuilds an output lost with a node), and inferring empties the scan's image.
         scan = dataclasses.replace(rest[0], image=image)
@@ -300,7 +305,7 @@ class RayBatchRunner(BatchRunner):
         once; a loss to the cluster (a worker, actor or node died) starts it again, up to
         ``attempts`` times (None: started again, or left to the rerun after Ctrl-C)."""
         cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
-        if cause is not None and not isinstance(cause, ray.exceptions.RayError):
+        if cause is not None and not isinstance(cause, (ray.exceptions.RayError, _InputRebuilt)):
             return failure(case, cause)
         if isinstance(error, ray.exceptions.ActorDiedError):  # its restarts spent: a new one in its place
             with contextlib.suppress(Exception):
