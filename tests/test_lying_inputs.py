@@ -99,6 +99,11 @@ def test_complex_voxels_and_values_beyond_float32_are_refused_by_what_they_are(t
     nib.save(nib.Nifti1Image((magnitude * np.exp(1j * phase)).astype(np.complex64), image.affine), str(complex_path))
     result, log_text = predict(coarse_model, tmp_path / "out-complex", complex_path)
     refused(result, log_text, tmp_path / "out-complex", 3, "complex-valued", "magnitude")
+    rgb_path = tmp_path / "rgb-t2f.nii.gz"  # was refused as 'truncated or corrupt image data (... VoidDType)'
+    rgb = np.zeros(magnitude.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, image.affine), str(rgb_path))
+    result, log_text = predict(coarse_model, tmp_path / "out-rgb", rgb_path)
+    refused(result, log_text, tmp_path / "out-rgb", 3, "rgb-t2f.nii.gz", "colour (RGB)")
     huge = tmp_path / "huge-t2f.nii.gz"
     nib.save(nib.Nifti1Image(magnitude * 1e300, image.affine), str(huge))
     itk = sitk.GetImageFromArray(np.transpose(magnitude * 1e300))

@@ -119,6 +119,8 @@ def _read_nifti(path: Path) -> Volume:
             path,
         )
     _check_size(img.shape, path)
+    if header.get_data_dtype().fields:  # RGB24, RGBA32: a colour picture, not an MR intensity
+        raise InputError("colour (RGB) voxels; give the grey-scale scan the scanner reconstructs", path)
     if header.get_data_dtype().kind == "c":
         raise InputError("complex-valued voxels (magnitude and phase in one number); give the magnitude image "
                          "the scanner reconstructs", path)
