@@ -385,12 +385,17 @@ def _check_reachable(address: str) -> None:
                           f"({e.strerror or type(e).__name__}); is its head started (ray start --head)?") from None
 
 
+def _lines(error: BaseException) -> list[str]:
+    """Ray's text for an error, without its colours, in non-empty lines."""
+    return [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+
+
 def _last_line(error: BaseException) -> str:
-    """The last line of Ray's text for an error: the exception raised on the node, after its traceback."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    """The exception raised on the node, after its traceback."""
+    lines = _lines(error)
     return lines[-1][:300] if lines else type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # without Ray's colours
-    return text[0][:200] if text else ""
+    lines = _lines(error)
+    return lines[0][:200] if lines else ""

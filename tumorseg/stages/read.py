@@ -287,7 +287,7 @@ def _check_itk_geometry(reader, path: Path) -> None:
     io = reader.GetMetaData("ITK_InputFilterName")
     if io == "NrrdImageIO":
         fields, _ = _nrrd_header(path)
-        space = fields.get(b"space", b"").strip().lower()
+        space = fields.get(b"space", b"").lower()
         missing = [name.decode() for name in (b"space directions", b"space origin") if name not in fields]
         if space not in NRRD_PATIENT_SPACES or missing:
             said = f"space: {space.decode('latin-1')}" if space else "no space"
