@@ -687,9 +687,32 @@ def test_spool_writes_partial_files_outside_the_study_and_sweeps_them(tmp_path):
     spool = Spool(tmp_path / "spool")  # a restart
     assert not any((spool.root / "tmp").iterdir())
     path = spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"DICM")
-    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.5.dcm"]
+    assert [p.read_bytes() for p in path.parent.iterdir()] == [b"DICM"]
     with pytest.raises(ValueError):
         spool.store("1.2.3", "../etc", "1.2", b"x")
+
+
+def test_spool_names_hold_no_uid_and_an_old_spool_is_renamed_without_loss(tmp_path):
+    """A vendor's UID may encode the acquisition date (Siemens: ...2012021516011634767289): the
+    spool's folder and file names were the UIDs until 2026-12-08."""
+    from tumorseg.serve.spool import Spool
+
+    study = "1.3.12.2.1107.5.2.32.35162.30000012021507"
+    series, sop = study + ".2012021516011634767289", study + ".2012021516011634767290"
+    spool = Spool(tmp_path / "new")
+    path = spool.store(study, series, sop, b"DICM new")
+    named = [p.relative_to(spool.root).as_posix() for p in spool.root.rglob("*")]
+    assert not any("2012" in name or "." in name.removesuffix(".dcm") for name in named), named
+    assert path.parent.parent == spool.study_folder(study)
+
+    old = tmp_path / "old" / "studies" / study / series  # the layout before 2026-12-08
+    old.mkdir(parents=True)
+    (old / f"{sop}.dcm").write_bytes(b"DICM old")
+    (old.parent / "1.2.3").mkdir()  # an empty series folder
+    spool = Spool(tmp_path / "old")  # the node starts on it
+    assert spool._instance_path(study, series, sop).read_bytes() == b"DICM old"
+    assert spool.stored_size(study, series, sop) == 8  # a re-sent instance still counts once
+    assert [p.name for p in (spool.root / "studies").iterdir()] == [spool.study_folder(study).name]
 
 
 def test_a_study_whose_series_cannot_be_chosen_fails_with_the_reason(tmp_path, quiet_model, series):

@@ -111,7 +111,7 @@ class Node:
                     log.info("study %s: removed from the spool (%s more than %g days ago)", study.key, study.state,
                              self.settings.keep_days)
             rows = self.jobs.studies()
-            known = {s.study_uid for s in rows}
+            known = {self.spool.study_folder(s.study_uid).name for s in rows}
             for folder in (self.spool.root / "studies").iterdir():
                 if folder.name not in known:
                     shutil.rmtree(folder, ignore_errors=True)

@@ -1,14 +1,25 @@
-"""Received instances on disk: ``studies/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
-each written atomically and fsynced (file and folder) before the sender hears success. Paths are
-built only from UIDs that passed :func:`tumorseg.dicom.files.is_valid_uid` (digits and dots)."""
+"""Received instances on disk: ``studies/<study>/<series>/<instance>.dcm``, each written atomically
+and fsynced (file and folder) before the sender hears success. The names are hashes of the
+Study, Series and SOP Instance UIDs (:func:`spool_name`), never the UIDs themselves: a vendor's UID
+may encode the acquisition date and the scanner's serial number. Only UIDs that pass
+:func:`tumorseg.dicom.files.is_valid_uid` are accepted."""
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 
 import tempfile
 
 from ..dicom.files import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+
+def spool_name(uid: str) -> str:
+    """The file or folder name for a UID: 128 bits of its SHA-256, so two studies never share a folder."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
 class Spool:
@@ -18,11 +29,12 @@ class Spool:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for left in (self.root / "tmp").iterdir():  # partial writes of a killed node
             left.unlink(missing_ok=True)
+        self._rename_uid_paths()
 
     def study_folder(self, study_uid: str) -> Path:
         if not is_valid_uid(study_uid):
             raise ValueError("not a valid StudyInstanceUID")
-        return self.root / "studies" / study_uid
+        return self.root / "studies" / spool_name(study_uid)
 
     def results_folder(self, key: str, generation: int) -> Path:
         return self.root / "results" / key / f"g{int(generation)}"
@@ -31,7 +43,7 @@ class Spool:
         for uid in (study_uid, series_uid, sop_uid):
             if not is_valid_uid(uid):
                 raise ValueError("an instance UID is not a valid DICOM UID")
-        return self.study_folder(study_uid) / series_uid / f"{sop_uid}.dcm"
+        return self.study_folder(study_uid) / spool_name(series_uid) / f"{spool_name(sop_uid)}.dcm"
 
     def stored_size(self, study_uid: str, series_uid: str, sop_uid: str) -> int:
         """The size of the instance already stored under these UIDs (0 when there is none): a
@@ -64,6 +76,38 @@ class Spool:
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
         return path
+
+    def _rename_uid_paths(self) -> None:
+        """Give a spool written before 2026-12-08 (folders and files named by their UIDs) hashed
+        names. File by file with os.replace, so a kill part way loses nothing and the next start
+        finishes the job; the instances' own headers name their study and series."""
+        studies = self.root / "studies"
+        old = [folder for folder in studies.iterdir() if _named_by_uid(folder.name)]
+        for study in old:
+            for series in [s for s in study.iterdir() if s.is_dir() and _named_by_uid(s.name)]:
+                target = studies / spool_name(study.name) / spool_name(series.name)
+                target.mkdir(parents=True, exist_ok=True)
+                for instance in series.glob("*.dcm"):
+                    if _named_by_uid(instance.stem):
+                        os.replace(instance, target / f"{spool_name(instance.stem)}.dcm")
+                _fsync_dir(target)
+                _remove_if_empty(series)
+            _remove_if_empty(study)
+        if old:
+            _fsync_dir(studies)
+            log.info("spool: %d received studies renamed from their UIDs to hashed names", len(old))
+
+
+def _named_by_uid(name: str) -> bool:
+    # A hashed name is 32 hex digits, never with a dot; every real UID has one ("1.2...", "2.25...").
+    return "." in name and is_valid_uid(name)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # something that is not an instance: left for clean_up, which knows the studies
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:
