@@ -3,6 +3,7 @@ each with one CPU, on 127.0.0.1 with this test's own ports), stopped at the end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -350,3 +351,36 @@ def test_the_report_names_the_device_and_precision_the_actor_ran_on(tmp_path, ba
     assert outcome.status == "ok", outcome.error_message
     report = json.loads((case_dir / "report.json").read_text())
     assert (report["device"], report["precision"]) == ("cuda:1", "fp16")
+
+
+def test_brain_extraction_on_the_cluster_runs_on_the_preparing_nodes_cpu(tmp_path, batch_model, monkeypatch):  # noqa: F811
+    """The preparing task ran HD-BET on the driver's device: a driver with a GPU sent it to "cuda"
+    in a task Ray gives no GPU, so every skull-on case failed (or took a GPU no actor knew of)."""
+    from tumorseg import hdbet
+    from tumorseg.batch.cases import discover
+    from tumorseg.batch.runner import BatchRunner
+    from tumorseg.cluster import ray_batch
+    from tumorseg.config import load_pipeline
+    from tumorseg.pipeline import Segmenter
+
+    asked = []
+
+    class Extractor:
+        name = "the whole head"
+
+        def __init__(self, device="cpu", bf16=False):
+            asked.append(device)
+
+        def __call__(self, image, affine):
+            return image > 0
+
+    monkeypatch.setattr(hdbet, "available", lambda: True)
+    monkeypatch.setattr(hdbet, "load_extractor", Extractor)
+    (case,) = discover(_cases(tmp_path / "in", 1))
+    segmenter = Segmenter(str(batch_model), load_pipeline("default").with_preprocess(brain_extraction="on"))
+    runner = BatchRunner(segmenter, tmp_path / "out")
+    on_a_gpu_driver = dataclasses.replace(segmenter.spec, device="cuda", precision="fp16")
+    image, rest = ray_batch._prepare(on_a_gpu_driver, case, str(tmp_path / "out" / "cases" / case.case_id),
+                                     (runner.fingerprint, False, str(tmp_path / "out")))
+    assert image is not None, getattr(rest, "error_message", rest)
+    assert asked == ["cpu"] and rest.scan.brain_mask is not None

@@ -38,6 +38,7 @@ from ..batch.runner import BatchRunner
 from ..batch.steps import Finish, finish_and_write, read_and_prepare
 from ..errors import ConfigError
 from ..pipeline import PipelineSpec, Segmenter
+from ..stages.infer import native_bf16_cpu
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def _prepare(spec: PipelineSpec, case: BatchCase, case_dir: str, check: tuple[di
     outcome, fingerprint = check_case(case, Path(case_dir), batch_fingerprint, force, exclude=Path(output_root))
     if outcome is not None:
         return None, outcome
+    # Ray gives this task no GPU, whatever the driver has: brain extraction runs on the node's CPU.
+    spec = dataclasses.replace(spec, device="cpu", precision="bf16" if native_bf16_cpu() else "fp32")
     prepared = read_and_prepare(spec, case, fingerprint)
     if isinstance(prepared, CaseOutcome):
         return None, prepared
