@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from conftest import make_tiny_model, save_nifti, shared_data
 from tumorseg.cli import main
@@ -176,10 +177,10 @@ def test_validate_keeps_the_scores_of_a_case_whose_overlay_fails(tmp_path, monke
     first = sorted(p.name for p in brats.iterdir() if p.is_dir())[0]
     draw = tumorseg.validate.background_image
 
-    def failing(case):
+    def failing(case, *args):
         if case.case_id == first:
             raise ValueError("image (240, 240, 150) is not on the label grid")
-        return draw(case)
+        return draw(case, *args)
     monkeypatch.setattr(tumorseg.validate, "background_image", failing)
     out = tmp_path / "report"
     result = validate("--dataset", str(brats), "--truth-scheme", "brats2015", "--predictions", str(tmp_path / "preds"),
@@ -270,3 +271,123 @@ def test_volumes_on_a_sheared_grid_match_the_report():
     assert wt["volume_pred_ml"] == pytest.approx(report_ml) == pytest.approx(0.150)
     assert wt["volume_truth_ml"] == pytest.approx(0.100)
     assert wt["dice"] == pytest.approx(2 * 100 / 250)
+
+
+def test_a_decathlon_set_whose_labels_are_named_in_another_scheme_is_not_scored_as_msd(tmp_path):
+    """dataset.json declaring 1 NCR, 2 ED, 3 ET (BraTS 2023 order) was scored as Task01 (1 = edema):
+    a perfect prediction got TC Dice 0.32, silently."""
+    data = tmp_path / "dec"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    rng = np.random.default_rng(0)
+    lab = np.zeros((24, 24, 24), np.uint8)
+    lab[4:20, 4:20, 4:20] = 2
+    lab[7:17, 7:17, 7:17] = 3
+    lab[10:14, 10:14, 10:14] = 1
+    nib.save(nib.Nifti1Image(rng.normal(size=(24, 24, 24, 4)).astype(np.float32), np.eye(4)),
+             data / "imagesTr" / "c1.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), data / "labelsTr" / "c1.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), preds / "c1.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "NCR", "2": "ED", "3": "ET"},
+        "training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"}]}))
+    result = CliRunner().invoke(main, ["validate", "--dataset", str(data), "--predictions", str(preds),
+                                       "--prediction-scheme", "brats2023", "-o", str(tmp_path / "out"), "-q",
+                                       "--no-html"])
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert "NCR" in result.output
+
+
+def test_the_overlay_is_not_drawn_on_an_image_of_another_grid(tmp_path):
+    """docs/validation.md: an overlay whose image is 'on another grid' is left out. An image of the
+    same shape but another affine (left-right flipped voxel order) was drawn anyway, the contours
+    on the wrong hemisphere."""
+    src = shared_data("brats2018-train") / "Brats18_2013_11_1" / "Brats18_2013_11_1"
+    case = tmp_path / "data" / "caseA"
+    case.mkdir(parents=True)
+    seg, flair = nib.load(f"{src}_seg.nii.gz"), nib.load(f"{src}_flair.nii.gz")
+    nib.save(seg, case / "caseA_seg.nii.gz")
+    flipped = np.asarray(flair.dataobj)[::-1].copy()
+    affine = flair.affine.copy()
+    affine[:3, 0] *= -1
+    affine[:3, 3] = flair.affine[:3, :3] @ [flipped.shape[0] - 1, 0, 0] + flair.affine[:3, 3]
+    nib.save(nib.Nifti1Image(flipped, affine), case / "caseA_flair.nii.gz")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    nib.save(seg, preds / "caseA.nii.gz")
+    out = tmp_path / "out"
+    result = validate("--dataset", str(tmp_path / "data"), "--predictions", str(preds), "--prediction-scheme", "brats2021",
+                  "--truth-scheme", "brats2021", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    assert 'alt="overlay caseA"' not in html
+    assert "No overlay image was made for this case." in html
+
+
+def test_a_case_folder_with_two_label_files_is_not_dropped_silently(tmp_path):
+    """A case folder holding the ground truth and a second label-like file (tumorseg predict's
+    segmentation.nii.gz written beside the scans) vanished from the report: exit 0, n one smaller."""
+    import shutil
+
+    brats = shared_data("brats2015-dev")
+    data = tmp_path / "data"
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for case in sorted(p for p in brats.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(case, data / case.name)
+        shutil.copy(case / "OTMultiClass.nii.gz", preds / f"{case.name}.nii.gz")
+    first = sorted(data.iterdir())[0]
+    shutil.copy(first / "OTMultiClass.nii.gz", first / "segmentation.nii.gz")
+    out = tmp_path / "out"
+    result = validate("--dataset", str(data), "--truth-scheme", "brats2015", "--predictions", str(preds),
+                  "--prediction-scheme", "brats2015", "-o", str(out), "--no-html")
+    assert result.exit_code == SOME_CASES_FAILED, result.output
+    cases = {c["case_id"]: c for c in json.loads((out / "metrics.json").read_text())["cases"]}
+    assert cases[first.name]["status"] == "failed" and "label files" in cases[first.name]["error"]
+
+
+def test_surface_distances_on_a_sheared_grid_are_world_distances():
+    """Volumes honour a sheared affine (|det|); HD95 and NSD used the column norms as if the axes were
+    orthogonal: 5.48 mm against 6.93 mm measured in world coordinates."""
+    from tumorseg.evaluate import LabelFile
+    from tumorseg.labels import get_scheme
+    from tumorseg.validate import score_case
+
+    affine = np.eye(4)
+    affine[0, 1] = 0.75
+    truth = np.zeros((30, 30, 12), np.uint8)
+    truth[8:16, 8:16, 3:9] = 1
+    pred = np.zeros_like(truth)
+    pred[11:20, 11:20, 3:9] = 1
+    msd = get_scheme("msd")
+    wt = score_case("c", LabelFile(pred, affine), msd, LabelFile(truth, affine), msd, Path("t.nii.gz"), 2.0).scores["WT"]
+
+    def world_surface(m):
+        s = m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(3, 1), border_value=0)
+        return np.argwhere(s).astype(float) @ affine[:3, :3].T
+
+    wp, wt_ = world_surface(pred > 0), world_surface(truth > 0)
+    d_pt, d_tp = cKDTree(wt_).query(wp)[0], cKDTree(wp).query(wt_)[0]
+    assert wt["hd95_mm"] == pytest.approx(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), abs=1e-6)
+    assert wt["nsd"] == pytest.approx((np.sum(d_pt <= 2) + np.sum(d_tp <= 2)) / (d_pt.size + d_tp.size))
+
+
+def test_the_grid_mismatch_error_says_what_differs():
+    """Same shapes, origins 2 mm apart: the error read 'prediction (shape (8, 8, 8)) is not on the
+    grid of its ground truth (shape (8, 8, 8))' and named only the truth file."""
+    from tumorseg.errors import GeometryError
+    from tumorseg.evaluate import LabelFile
+    from tumorseg.labels import get_scheme
+    from tumorseg.validate import score_case
+
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0
+    labels = np.zeros((8, 8, 8), np.uint8)
+    msd = get_scheme("msd")
+    with pytest.raises(GeometryError) as error:
+        score_case("c", LabelFile(labels, shifted), msd, LabelFile(labels, np.eye(4)), msd, Path("t.nii.gz"), 2.0,
+                   Path("p.nii.gz"))
+    assert "affine" in str(error.value) and "2" in str(error.value) and "p.nii.gz" in str(error.value)

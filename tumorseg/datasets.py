@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,11 @@ class LabelledCase:
     scheme: LabelScheme
 
 
-def discover_cases(root: Path, label_scheme: str | None) -> list[LabelledCase]:
-    """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders."""
+def discover_cases(root: Path, label_scheme: str | None,
+                   problems: list[tuple[str, str]] | None = None) -> list[LabelledCase]:
+    """Cases of a Decathlon data set (``dataset.json``) or of a folder of case folders. A case
+    folder with scans but several label files is left out; with ``problems`` its name and why are
+    appended there (``validate`` reports it as a failed case rather than shrink n silently)."""
     root = Path(root)
     if (root / "dataset.json").is_file():
         return _decathlon_cases(root)
@@ -39,8 +43,9 @@ def discover_cases(root: Path, label_scheme: str | None) -> list[LabelledCase]:
             f"{root} has no dataset.json, so its label scheme is unknown; "
             "name it with --label-scheme (msd, brats2015, brats2021, brats2023)"
         )
-    cases = [c for c in (_folder_case(d, get_scheme(label_scheme)) for d in sorted(root.iterdir()) if d.is_dir()) if c]
-    if not cases:
+    cases = [c for c in (_folder_case(d, get_scheme(label_scheme), problems) for d in sorted(root.iterdir())
+                         if d.is_dir()) if c]
+    if not cases and not problems:
         raise InputError("no case folders with images and a label file", root)
     return cases
 
@@ -65,6 +70,15 @@ def _decathlon_cases(root: Path) -> list[LabelledCase]:
     msd = get_scheme("msd")
     if label_values != [0] + [l.value for l in msd.labels]:
         raise ConfigError(f"labels {labels} are not the Decathlon Task01 labels 0-3", path)
+    # Values 1-3 exist in several schemes (BraTS 2023: 1 NCR, 2 ED, 3 ET): names that say another
+    # tissue than Task01's (1 edema, 2 non-enhancing tumour, 3 enhancing tumour) are refused, not
+    # scored as Task01.
+    for value, name in sorted((int(k), str(v)) for k, v in labels.items()):
+        said = _label_class(name)
+        if value and said is not None and said != _MSD_CLASS[value]:
+            raise ConfigError(f"labels {labels}: label {value} is named {name!r} ({said}), but the Decathlon "
+                              f"Task01 scheme has {_MSD_CLASS[value]} there; give the cases as a folder of "
+                              "case folders with --truth-scheme to score another scheme", path)
     cases = [LabelledCase(strip_image_suffix(image.name), StudyInputs(decathlon_4d=image), label, msd)
              for image, label in entries]
     if not cases:
@@ -72,7 +86,23 @@ def _decathlon_cases(root: Path) -> list[LabelledCase]:
     return cases
 
 
-def _folder_case(folder: Path, scheme: LabelScheme) -> LabelledCase | None:
+_MSD_CLASS = {1: "edema", 2: "non-enhancing or necrotic tumour", 3: "enhancing tumour"}
+
+
+def _label_class(name: str) -> str | None:
+    """The tissue a dataset.json label name says (Task01 wording or BraTS abbreviations), or None."""
+    text = re.sub(r"[^a-z]", "", name.lower())
+    if text in ("ed", "edema", "oedema", "peritumoraledema", "snfh") or "edema" in text:
+        return _MSD_CLASS[1]
+    if text in ("ncr", "net", "ncrnet", "necrosis", "necrotic") or "nonenhanc" in text or "necro" in text:
+        return _MSD_CLASS[2]
+    if text in ("et", "enhancing", "enhancingtumor", "enhancingtumour") or "enhanc" in text:
+        return _MSD_CLASS[3]
+    return None
+
+
+def _folder_case(folder: Path, scheme: LabelScheme,
+                 problems: list[tuple[str, str]] | None = None) -> LabelledCase | None:
     files, labels = {}, []
     for path in sorted(folder.iterdir()):
         if not is_image_name(path.name):
@@ -85,6 +115,9 @@ def _folder_case(folder: Path, scheme: LabelScheme) -> LabelledCase | None:
             if seq in files:
                 raise SequenceError(f"two files for {seq}: {files[seq].name} and {path.name}", folder)
             files[seq] = path
+    if files and len(labels) > 1 and problems is not None:
+        problems.append((folder.name, f"{len(labels)} label files ({', '.join(p.name for p in labels)}): "
+                                      "which one is the ground truth is not guessed; leave one in the case folder"))
     if not files or len(labels) != 1:
         log.warning("skipping %s: %d label files, sequences %s", folder.name, len(labels), sorted(files))
         return None

@@ -121,13 +121,24 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=_STRUCTURE, border_value=0)
 
 
-def _distances_to(surface_from: np.ndarray, surface_to: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each voxel of ``surface_from`` (C order) to the nearest of ``surface_to``."""
+def _distances_to(surface_from: np.ndarray, surface_to: np.ndarray, spacing: np.ndarray,
+                  sheared: np.ndarray | None = None) -> np.ndarray:
+    """Distance (mm) from each voxel of ``surface_from`` (C order) to the nearest of ``surface_to``.
+
+    ``sheared``: the 3x3 voxel-to-world matrix of a grid whose axes are not orthogonal; the
+    distance transform's per-axis spacing cannot express it, so distances are measured between
+    world points (a k-d tree: exact, slower)."""
     n = int(np.count_nonzero(surface_from))
     if n == 0:
         return np.zeros(0, dtype=np.float64)
     if not surface_to.any():
         return np.full(n, np.inf)  # nothing to reach
+    if sheared is not None:
+        from scipy.spatial import cKDTree
+
+        to_world = np.argwhere(surface_to).astype(np.float64) @ sheared.T
+        from_world = np.argwhere(surface_from).astype(np.float64) @ sheared.T
+        return cKDTree(to_world).query(from_world)[0]
     # distance_transform_edt(~surface_to, sampling=spacing) read at surface_from. Exact on the
     # cropped array: every surface voxel lies inside it, so the nearest one is found there.
     # We ask scipy for the feature transform (index of the nearest surface_to voxel) only and form
@@ -164,9 +175,20 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], *,
 
 
 def _surface_distances(a: np.ndarray, b: np.ndarray, sp: np.ndarray,
-                       crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                       crop: bool = True, sheared: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     sa, sb = _surfaces(a, b, crop)
-    return _distances_to(sa, sb, sp), _distances_to(sb, sa, sp)
+    return _distances_to(sa, sb, sp, sheared), _distances_to(sb, sa, sp, sheared)
+
+
+def _sheared(axes: np.ndarray | None) -> np.ndarray | None:
+    """``axes`` (a 3x3 voxel-to-world matrix) when its columns are not orthogonal, else None."""
+    if axes is None:
+        return None
+    m = np.asarray(axes, dtype=np.float64)[:3, :3]
+    gram = m.T @ m
+    norms = np.sqrt(np.diag(gram))
+    cosines = gram / np.outer(norms, norms) - np.eye(3)
+    return m if np.abs(cosines).max() > 1e-6 else None
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -243,13 +265,15 @@ class MaskScores:
 
 
 def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, voxel_ml: float | None = None) -> MaskScores:
+                tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, voxel_ml: float | None = None,
+                affine: np.ndarray | None = None) -> MaskScores:
     """Every metric of :class:`MaskScores`, computing the surface distances once. ``voxel_ml``:
     the voxel volume from the image affine (``scan.voxel_volume_ml``); default the product of
-    ``spacing``, which is the same unless the grid is sheared."""
+    ``spacing``, which is the same unless the grid is sheared. ``affine``: the grid's affine; a
+    sheared one has its surface distances measured in world coordinates."""
     tol = _check_tolerance(tolerance_mm)
     p, t, sp = _validate(pred, truth, spacing)
-    d_pt, d_tp = _surface_distances(p, t, sp)
+    d_pt, d_tp = _surface_distances(p, t, sp, sheared=_sheared(affine))
     n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
     if voxel_ml is None:
         voxel_ml = float(np.prod(sp)) / 1000.0

@@ -25,10 +25,10 @@ import numpy as np
 from . import metrics
 from .atomic import write_bytes_atomic
 from .datasets import LabelledCase, discover_cases
-from .errors import ConfigError, GeometryError, TumorsegError
+from .errors import ConfigError, GeometryError, InputError, TumorsegError
 from .evaluate import LabelFile, read_label_file
 from .labels import REGIONS, LabelScheme, conversion_table, get_scheme
-from .scan import same_grid, voxel_spacing, voxel_volume_ml
+from .scan import AFFINE_TOLERANCE_MM, same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,11 @@ def score_case(case_id: str, pred: LabelFile, pred_scheme: LabelScheme, truth: L
                truth_path: Path, tolerance_mm: float, pred_path: Path | None = None) -> ScoredCase:
     """Every structure's scores for one case (prediction and truth on one grid)."""
     if not same_grid(pred.labels.shape, pred.affine, truth.labels.shape, truth.affine):
-        raise GeometryError(f"prediction (shape {pred.labels.shape}) is not on the grid of its ground truth "
-                            f"(shape {truth.labels.shape}); scores need the same voxels", truth_path)
+        where = f"prediction {pred_path}" if pred_path is not None else "prediction"
+        raise GeometryError(f"{where} (shape {pred.labels.shape}) is not on the grid of its ground truth "
+                            f"(shape {truth.labels.shape}); {_affine_difference(pred.affine, truth.affine)}; "
+                            "scores need the same voxels (resample the prediction with nearest neighbour)",
+                            truth_path)
     pred_scheme.validate_array(pred.labels, "the prediction", pred_path)
     truth_scheme.validate_array(truth.labels, "the ground truth", truth_path)
     spacing = voxel_spacing(truth.affine)
@@ -84,8 +87,19 @@ def score_case(case_id: str, pred: LabelFile, pred_scheme: LabelScheme, truth: L
         for name, value in label_values.items():
             masks[name] = (pred.labels == value, truth_in_pred_scheme == value)
     voxel_ml = voxel_volume_ml(truth.affine)
-    scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm, voxel_ml).to_dict() for name in names}
+    scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm, voxel_ml, truth.affine).to_dict() for name in names}
     return ScoredCase(case_id, "ok", None, [round(float(s), 6) for s in spacing], scores)
+
+
+def _affine_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """What differs between two voxel-to-world affines, in words a user can act on."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    origin = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+    axes = float(np.abs(a[:3, :3] - b[:3, :3]).max())
+    if axes <= AFFINE_TOLERANCE_MM:
+        return f"the affines differ only in origin, by {origin:.4g} mm"
+    return (f"the affines differ: voxel axes by up to {axes:.4g} mm per entry (another orientation or spacing), "
+            f"origin by {origin:.4g} mm")
 
 
 def aggregate(cases: list[ScoredCase], names: list[str]) -> dict[str, dict[str, dict[str, float | int | None]]]:
@@ -117,14 +131,23 @@ def find_prediction(folder: Path, case_id: str) -> Path | None:
     return None
 
 
-def background_image(case: LabelledCase) -> np.ndarray:
-    """The image under the overlays: FLAIR if the case has it, else its first sequence."""
+def background_image(case: LabelledCase, truth: LabelFile | None = None) -> np.ndarray:
+    """The image under the overlays: FLAIR if the case has it, else its first sequence. With
+    ``truth``, an image on another grid than the ground truth's is refused (GeometryError): drawn
+    on it, the outlines would land on other anatomy (a flipped axis: the other hemisphere)."""
     inputs = case.inputs
     if inputs.decathlon_4d is not None:
         volume = read.read_volume(inputs.decathlon_4d)
-        return volume.array[..., 0] if volume.array.ndim == 4 else volume.array
-    files = dict(inputs.files)
-    return read.read_volume(files.get("flair", inputs.files[0][1])).array
+        array = volume.array[..., 0] if volume.array.ndim == 4 else volume.array
+    else:
+        files = dict(inputs.files)
+        volume = read.read_volume(files.get("flair", inputs.files[0][1]))
+        array = volume.array
+    if truth is not None and not same_grid(array.shape[:3], volume.affine, truth.labels.shape, truth.affine):
+        raise GeometryError(f"the image (shape {array.shape[:3]}) is not on the grid of the ground truth "
+                            f"(shape {truth.labels.shape}); {_affine_difference(volume.affine, truth.affine)}",
+                            volume.path)
+    return array
 
 
 def validate(
@@ -151,8 +174,12 @@ def validate(
             f"scheme that its dataset.json declares, so --truth-scheme {truth_scheme} cannot apply; "
             "give the cases as a folder of case folders to score another scheme"
         )
-    cases = discover_cases(Path(dataset), truth_scheme)
-    ids = unique_case_ids([safe_case_id(c.case_id) for c in cases])
+    problems: list[tuple[str, str]] = []
+    cases = discover_cases(Path(dataset), truth_scheme, problems)
+    if not cases:
+        raise InputError(f"no case folder can be scored ({problems[0][0]}: {problems[0][1]})", Path(dataset))
+    all_ids = unique_case_ids([safe_case_id(c.case_id) for c in cases] + [safe_case_id(n) for n, _ in problems])
+    ids, problem_ids = all_ids[:len(cases)], all_ids[len(cases):]
     model = None
     batch_failures: dict[str, str] = {}
     if predictions is None:
@@ -180,6 +207,9 @@ def validate(
             log.warning("%s not scored: %s", case_id, e)
             result = ScoredCase(case_id, "failed", f"{type(e).__name__}: {e}", None, {})
         scored.append(result)
+    for case_id, (_, why) in zip(problem_ids, problems):
+        log.warning("%s not scored: %s", case_id, why)
+        scored.append(ScoredCase(case_id, "failed", f"InputError: {why}", None, {}))
 
     from . import __version__
 
@@ -270,7 +300,7 @@ def _score_one(case_id: str, case: LabelledCase, predictions: Path, prediction_s
 def _overlay(case: LabelledCase, pred: LabelFile, pred_scheme: LabelScheme, truth: LabelFile) -> bytes:
     from .validation_report import overlay_png
 
-    image = background_image(case)
+    image = background_image(case, truth)
     return overlay_png(
         image, truth.affine,
         {r: pred_scheme.region_mask(pred.labels, r) for r in REGIONS},
