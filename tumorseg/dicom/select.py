@@ -37,9 +37,14 @@ S = TypeVar("S", bound=SeriesInfo)
 
 # Token boundaries: "_" and digits separate words in protocol names (t1_mprage, 3D_T1), so the
 # patterns use explicit look-arounds instead of \b.
-_T1 = r"(?<![a-z0-9])t1(?![0-9])|mp-?rage|(?<![a-z])spgr|(?<![a-z])bravo|tfl3d|(?<![a-z])vibe|3d_?t1(?![0-9])"
-_T2 = r"(?<![a-z0-9])t2(?![0-9*])"
-_FLAIR = r"flair|(?<![a-z0-9])t2[ _-]?f(?![a-z])|dark[ _-]?fluid|(?<![a-z])tirm"
+# Philips prefixes SmartExam protocols with "s" (sT1W_3D_TFE).
+_START = r"(?:(?<![a-z0-9])|(?<=(?<![a-z0-9])s))"
+_T1 = (_START + r"t1(?![0-9])|mp-?rage|(?<![a-z])f?spgr|(?<![a-z])bravo|tfl3d|(?<![a-z])vibe|3d_?t1(?![0-9])")
+_T2 = _START + r"t2(?![0-9*])"
+# Siemens SPACE FLAIR is "t2_spc_da-fl" (dark fluid). A TIRM (inversion recovery) named with
+# stir or fat suppression is a STIR, not a FLAIR.
+_FLAIR = (r"flair|(?<![a-z0-9])t2[ _-]?f(?![a-z])|dark[ _-]?fluid|(?<![a-z])da[ _-]?fl(?![a-z])|"
+          r"(?<![a-z])tirm(?!.*(?<![a-z])(stir|fs|fat[ _-]?sat)(?![a-z]))")
 
 
 @dataclass(frozen=True)
@@ -103,25 +108,51 @@ class SelectionRules:
             raise ConfigError(f"unknown series-selection key(s) {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(sorted(known))}")
         changes: dict[str, Any] = {}
-        try:
-            if "rules" in data:
-                changes["rules"] = tuple(
-                    SequenceRule(str(r["sequence"]), tuple(r["include"]), tuple(r.get("exclude", ())),
-                                 r.get("contrast"))
-                    for r in data["rules"]
-                )
-            if "skip_descriptions" in data:
-                changes["skip_descriptions"] = tuple((str(k), str(v)) for k, v in
-                                                     dict(data["skip_descriptions"]).items())
-            for key in ("skip_image_types", "modalities", "contrast_patterns", "precontrast_patterns"):
-                if key in data:
-                    changes[key] = tuple(str(v) for v in data[key])
-            for key in ("skip_derived", "contrast_agent_tag"):
-                if key in data:
-                    changes[key] = bool(data[key])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"malformed series-selection rules ({e!r})") from None
+        if "rules" in data:
+            if not _is_list(data["rules"]):
+                raise ConfigError("series-selection key rules must be a list of tables")
+            rules = []
+            for n, r in enumerate(data["rules"], start=1):
+                if not isinstance(r, Mapping):
+                    raise ConfigError(f"series-selection rule {n} is not a table")
+                extra = set(r) - {"sequence", "include", "exclude", "contrast"}
+                if extra or "sequence" not in r or "include" not in r:
+                    raise ConfigError(f"series-selection rule {n} needs keys sequence and include (and may have "
+                                      f"exclude, contrast); unknown: {', '.join(sorted(map(str, extra))) or 'none'}")
+                if r.get("contrast") is not None and not isinstance(r["contrast"], bool):
+                    raise ConfigError(f"series-selection rule {n}: contrast must be true, false or left out")
+                rules.append(SequenceRule(str(r["sequence"]), _strings(r["include"], f"rule {n} include"),
+                                          _strings(r.get("exclude", ()), f"rule {n} exclude"), r.get("contrast")))
+            changes["rules"] = tuple(rules)
+        if "skip_descriptions" in data:
+            table = data["skip_descriptions"]
+            if not isinstance(table, Mapping):
+                raise ConfigError("series-selection key skip_descriptions must be a table reason = pattern")
+            changes["skip_descriptions"] = tuple((str(k), v) for k, v in
+                                                 zip(table, _strings(list(table.values()), "skip_descriptions")))
+        for key in ("skip_image_types", "modalities"):
+            if key in data:
+                changes[key] = tuple(v.strip().upper() for v in _strings(data[key], key))
+        for key in ("contrast_patterns", "precontrast_patterns"):
+            if key in data:
+                changes[key] = _strings(data[key], key)
+        for key in ("skip_derived", "contrast_agent_tag"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise ConfigError(f"series-selection key {key} must be true or false")
+                changes[key] = data[key]
         return replace(base, **changes)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    """A list of strings; a lone string is refused (it would be read as its characters)."""
+    if not _is_list(value) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"series-selection {what} must be a list of strings (patterns), e.g. [\"FLAIR\"]")
+    return tuple(value)
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -137,20 +168,22 @@ DEFAULT_RULES = SelectionRules(
         SequenceRule("flair", include=(_FLAIR,), exclude=(r"(?<![a-z0-9])t1(?![0-9])",)),
         SequenceRule("t2", include=(_T2, r"t2w", r"(?<![a-z])tse(?![a-z]).*(?<![a-z0-9])t2"),
                      exclude=(r"t2\*", r"t2[ _-]?star", r"(?<![a-z])(swi|swan)(?![a-z])", r"hemo", r"medic",
-                              r"(?<![a-z])gre(?![a-z])", r"(?<![a-z])me2d", r"fiesta", r"(?<![a-z])ciss")),
-        SequenceRule("t1gd", include=(_T1, r"(?<![a-z0-9])t1(c|ce|gd|post)(?![a-z])"), contrast=True),
-        SequenceRule("t1", include=(_T1, r"(?<![a-z0-9])t1(n|w)(?![a-z])"), contrast=False),
+                              r"(?<![a-z])gre(?![a-z])", r"(?<![a-z])me2d", r"fiesta", r"(?<![a-z])ciss",
+                              r"(?<![a-z])(tirm|stir|ffe|merge)(?![a-z])")),
+        SequenceRule("t1gd", include=(_T1, _START + r"t1(c|ce|gd|post)(?![a-z])"), contrast=True),
+        SequenceRule("t1", include=(_T1, _START + r"t1(n|w)(?![a-z])"), contrast=False),
     ),
     skip_descriptions=(
         ("localizer", r"locali[sz]er|scout|survey|(?<![a-z])loc(?![a-z])|aahead|aascout|"
                       r"3[ -]?plane|tri-?pilot|(?<![a-z])pilot"),
         ("diffusion", r"(?<![a-z])dwi|diffusion|(?<![a-z])diff(?![a-z])|ep2d_diff|(?<![a-z])dti|"
-                      r"(?<![a-z])adc(?![a-z])|trace|tensor|(?<![a-z])resolve|(?<![a-z])fa(?![a-z])|colfa"),
+                      r"(?<![a-z])adc(?![a-z])|trace|tensor|(?<![a-z])resolve|(?<![a-z])fa(?![a-z0-9])|colfa"),
         ("perfusion", r"perf|(?<![a-z])(dsc|dce|asl|pcasl|pasl|rcbv|rcbf|cbv|cbf|mtt|ttp|tmax)(?![a-z])"),
         ("functional, angiographic, susceptibility or spectroscopic series",
-         r"(?<![a-z])(bold|fmri|mra|tof|swi|swan|svs|csi|mip|mpr)(?![a-z])|angio|spectro|phase"),
+         r"(?<![a-z])(bold|fmri|mra|tof|swi|swan|svs|csi|mip)(?![a-z])|angio|spectro|phase"),
         ("quantitative map, subtraction, dynamic or reformatted series",
-         r"(?<![a-z])(maps?|mapping|relaxometry|sub|dyn|dynamic)(?![a-z])|subtract|reformat"),
+         r"(?<![a-z])(maps?|mapping|relaxometry|sub|dyn|dynamic)(?![a-z])|subtract|reformat|"
+         r"(?<![a-z])mpr[ _-]?(tra|cor|ax|axial|coronal|transversal)(?![a-z])"),
     ),
     skip_image_types=("LOCALIZER", "MPR", "MIP", "PROJECTION IMAGE", "REFORMATTED", "CPR",
                       "CSA MPR", "CSAPARALLEL", "ADC", "TRACEW", "FA", "DIFFUSION", "PERFUSION",
@@ -165,8 +198,9 @@ DEFAULT_RULES = SelectionRules(
     ),
     # Phrases first: each match is blanked out before the contrast patterns are tried, so that
     # "no contrast" or "pre Gd" is not also read as contrast.
-    precontrast_patterns=(r"(?<![a-z])(no|non|without|w/o|wo|pre|before|ohne|vor)[ _-]?(contrast|kontrast|gd|gad|gado|km)",
-                          r"(?<![a-z])pre(?![a-z])", r"precontrast", r"native?", r"(?<![a-z0-9])t1n(?![a-z])",
+    precontrast_patterns=(r"(?<![a-z])(no|non|without|w/o|wo|pre|prae|prä|before|ohne|vor|v\.)[ _-]?"
+                          r"(contrast|kontrast|gd|gad|gado|km)",
+                          r"(?<![a-z])(pre|prae|prä)(?![a-z])", r"precontrast", r"native?", r"(?<![a-z0-9])t1n(?![a-z])",
                           r"(?<![a-z])nc(?![a-z])"),
 )
 
@@ -176,8 +210,10 @@ def series_text(series: SeriesInfo) -> str:
     return f"{series.series_description} | {series.protocol_name}"
 
 
-def skip_reason(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -> str | None:
-    """Why ``series`` is not a candidate for any sequence, or None when it is one."""
+def skip_reason(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES,
+                text: str | None = None) -> str | None:
+    """Why ``series`` is not a candidate for any sequence, or None when it is one (``text``: the
+    text the description patterns are matched against, by default :func:`series_text`)."""
     if series.modality.upper() not in rules.modalities:
         return f"modality {series.modality or '(none)'}, not {'/'.join(rules.modalities)}"
     types = set(series.image_type)
@@ -186,7 +222,7 @@ def skip_reason(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -> st
         return f"ImageType {'/'.join(series.image_type)} marks it {marked[0]}"
     if rules.skip_derived and series.image_type[:1] == ("DERIVED",):
         return f"a derived image (ImageType {'/'.join(series.image_type)})"
-    text = series_text(series)
+    text = series_text(series) if text is None else text
     for reason, pattern in rules.skip_descriptions:
         m = _compile(pattern).search(text)
         if m:
@@ -198,15 +234,27 @@ def classify_series(series: SeriesInfo, rules: SelectionRules = DEFAULT_RULES) -
     """The sequence ``series`` is a candidate for (or None), and why, in words for the log.
     A series whose description and protocol name each name a sequence, not the same one, is
     no candidate: which of the two is right cannot be told."""
-    reason = skip_reason(series, rules)
-    if reason is not None:
-        return None, f"skipped: {reason}"
     description, protocol = series.series_description.strip(), series.protocol_name.strip()
-    if description and protocol and description.lower() != protocol.lower():
-        said = [_classify_text(series, text, rules)[0] for text in (description, protocol)]
-        if None not in said and said[0] != said[1]:
-            return None, f"skipped: its description says {said[0]}, its protocol name {said[1]}"
-    return _classify_text(series, series_text(series), rules)
+    if not (description and protocol and description.lower() != protocol.lower()):
+        text = series_text(series)
+        reason = skip_reason(series, rules, text)
+        if reason is not None:
+            return None, f"skipped: {reason}"
+        return _classify_text(series, text, rules)
+    # GE's ProtocolName is the exam's protocol ("BRAIN W WO CONTRAST", "BRAIN TUMOR PERFUSION"),
+    # the same for every series: its words must not skip or re-read a series its description names.
+    said = []
+    for text in (description, protocol):
+        reason = skip_reason(series, rules, text)
+        said.append((None, f"skipped: {reason}") if reason is not None else _classify_text(series, text, rules))
+    (d_seq, d_why), (p_seq, p_why) = said
+    if d_seq is not None and p_seq is not None and d_seq != p_seq:
+        return None, f"skipped: its description says {d_seq}, its protocol name {p_seq}"
+    if d_seq is not None:
+        return d_seq, d_why
+    if d_why.startswith("skipped:"):
+        return None, d_why
+    return p_seq, p_why
 
 
 def _classify_text(series: SeriesInfo, text: str, rules: SelectionRules) -> tuple[str | None, str]:
@@ -241,9 +289,13 @@ def _contrast(series: SeriesInfo, text: str, rules: SelectionRules) -> tuple[boo
         return True, f"contrast marker {post.group(0)!r}"
     if pre is not None:
         return False, f"pre-contrast marker {pre.group(0)!r}"
-    if rules.contrast_agent_tag and series.contrast_agent:
+    if rules.contrast_agent_tag and series.contrast_agent and not _NO_AGENT.fullmatch(series.contrast_agent.strip()):
         return True, "ContrastBolusAgent is set"
     return False, "no contrast marker"
+
+
+#: ContrastBolusAgent values that mean no agent was given.
+_NO_AGENT = re.compile(r"none|no|n|0|nil|n/?a|-+|no contrast|without contrast|keine?|kein km|nein", re.IGNORECASE)
 
 
 def _matches(series: SeriesInfo, choice: str | int) -> bool:
@@ -290,9 +342,12 @@ def select_series(
             )
         if len(found) > 1:
             raise SequenceError(
-                f"SeriesNumber {choice} names {len(found)} series: {_listing(found)}; "
+                f"{choice} names {len(found)} series: {_listing(found)}; "
                 f"name the one for {seq} by its SeriesInstanceUID"
             )
+        twice = next((other for other, s in chosen.items() if s.series_uid == found[0].series_uid), None)
+        if twice is not None:
+            raise SequenceError(f"{found[0].label} is named for both {twice} and {seq}; one series is one sequence")
         chosen[seq] = found[0]
         log.info("DICOM: %s chosen as %s (named explicitly)", found[0].label, seq)
     taken = {s.series_uid for s in chosen.values()}

@@ -17,7 +17,8 @@ from ..errors import GeometryError, InputError
 from ..labels import LabelScheme
 from .files import shallow_copy
 from .series import is_orthonormal, unit_axes
-from .stack import GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM
+from .stack import (GAP_TOLERANCE, IN_PLANE_TOLERANCE_MM, ORIENTATION_TOLERANCE, PIXEL_SPACING_TOLERANCE_MM,
+                    TILT_TOLERANCE_RAD)
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ def sort_source_series(source: Sequence[Dataset]) -> SourceSeries:
 
 def _check_stack(positions: np.ndarray, z: np.ndarray, normal: np.ndarray) -> None:
     in_plane = (positions - positions[0]) - np.outer(z - z[0], normal)
-    offset = float(np.linalg.norm(in_plane, axis=1).max())
-    if offset > IN_PLANE_TOLERANCE_MM:
+    offsets = np.linalg.norm(in_plane, axis=1)
+    allowed = np.maximum(2 * IN_PLANE_TOLERANCE_MM, TILT_TOLERANCE_RAD * np.abs(z - z[0]))  # as stack.py
+    offset = float(offsets.max())
+    if (offsets > allowed).any():
         raise GeometryError(
             f"the slice positions drift {offset:.3f} mm across the slice plane (gantry tilt or "
             "a sheared stack); resample the series first"

@@ -38,6 +38,9 @@ PIXEL_SPACING_TOLERANCE_MM = 1e-4
 #: Largest distance of a slice's IPP from the slice normal through the first slice, mm (larger:
 #: gantry tilt or a sheared stack). The RTSTRUCT writer uses the same bound.
 IN_PLANE_TOLERANCE_MM = 0.01
+#: Largest angle (radians) between the slice normal and the line from the first slice to another
+#: that is not called a tilt: rounding of IOP to 4 decimals reaches ~1e-4.
+TILT_TOLERANCE_RAD = 3e-4
 #: Largest relative deviation of a gap between neighbouring slices from the median gap.
 GAP_TOLERANCE = 0.01
 #: Floor of the tolerance for a slice's distance from the uniform grid, mm.
@@ -339,8 +342,11 @@ def _check_grid(headers, positions: np.ndarray, z: np.ndarray, normal: np.ndarra
     """Each slice on the orthogonal uniform grid through the first and last slices."""
     in_plane = (positions - positions[0]) - np.outer(z - z[0], normal)
     offset = np.linalg.norm(in_plane, axis=1)
-    k = int(np.argmax(offset))
-    if offset[k] > IN_PLANE_TOLERANCE_MM:
+    # Cosines written to 4 decimals tilt the normal by up to ~1e-4 rad, positions written to 2
+    # decimals move a slice by up to ~0.01 mm: neither is a gantry tilt (a degree and more).
+    allowed = np.maximum(2 * IN_PLANE_TOLERANCE_MM, TILT_TOLERANCE_RAD * np.abs(z - z[0]))
+    k = int(np.argmax(offset - allowed))
+    if offset[k] > allowed[k]:
         angle = np.degrees(np.arctan2(offset[k], abs(z[k] - z[0])))
         raise GeometryError(
             f"{series.label} is not stacked along its slice normal: {headers[k][0].name} lies "

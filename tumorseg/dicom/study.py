@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ def read_dicom_study(
     found: list[SeriesInfo] = []
     for f in folders:
         found.extend(find_series(f))
+    found = _merge_same_series(found)
     if not found:
         raise InputError("no DICOM image series found", ", ".join(str(f) for f in folders))
     ambiguous: dict[str, str] = {}
@@ -161,6 +163,20 @@ def inputs_report(scan: Scan) -> dict[str, dict]:
             "sha256": series_sha256(series),
         }
     return out
+
+
+def _merge_same_series(found: list[SeriesInfo]) -> list[SeriesInfo]:
+    """One SeriesInfo per SeriesInstanceUID: folders that overlap, or a series split over two
+    folders, must not become two candidates that no choice can tell apart."""
+    merged: dict[str, SeriesInfo] = {}
+    for info in found:
+        if info.series_uid in merged:
+            first = merged[info.series_uid]
+            paths = tuple(dict.fromkeys(p.resolve() for p in first.paths + info.paths))
+            merged[info.series_uid] = replace(first, paths=paths)
+        else:
+            merged[info.series_uid] = info
+    return list(merged.values())
 
 
 def _check_same_patient(chosen: Mapping[str, SeriesInfo]) -> None:
