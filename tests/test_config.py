@@ -1,14 +1,17 @@
 """Pipeline files, the TOML loader, and model cards."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 from click.testing import CliRunner
 
+from conftest import brain_phantom, save_nifti
 from tumorseg.cli import main
 from tumorseg.config import (
     InferenceConfig,
@@ -21,8 +24,8 @@ from tumorseg.errors import EXIT_CODES, ConfigError, ModelError
 from tumorseg.model import CARD_NAME, load_card, load_model
 
 
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -322,3 +325,109 @@ def test_preferred_sets_choose_the_first_complete_set_and_are_validated():
         InputSpec(sequences=("flair", "t1gd"), required=("t1gd",), preferred_sets=(("flair",),))
     with pytest.raises(ValueError, match="min_sequences"):
         InputSpec(sequences=("flair", "t1gd"), min_sequences=2, preferred_sets=(("flair",),))
+
+
+
+
+
+# --- [dicom]: a value of the wrong type is refused by key, never read as something else -------
+
+@pytest.mark.parametrize("text, needle", [
+    # tuple("KM") was the patterns 'K' and 'M': every "T1 MPRAGE" became T1gd
+    ("[dicom]\ncontrast_patterns = 'KM'\n", "contrast_patterns"),
+    # tuple("DARKFLUID") matched any description holding an 'a': every T1 and T2 became FLAIR
+    ("[[dicom.rules]]\nsequence = 'flair'\ninclude = 'DARKFLUID'\n", "include"),
+    ("[[dicom.rules]]\nsequence = 't2'\ninclude = ['T2']\nexlude = ['TSE']\n", "did you mean 'exclude'"),
+    ("[[dicom.rules]]\nsequence = 't1'\ninclude = ['T1']\ncontrast = 'false'\n", "contrast"),
+    ("[dicom]\nskip_derived = 'false'\n", "skip_derived"),  # bool('false') is True
+    ("[[dicom.rules]]\nsequence = 'flair'\ninclude = [1]\n", "include"),  # was internal error (TypeError)
+    ("[dicom]\nrules = 3\n", "rules"),
+    ("[dicom]\nskip_descriptions = ['SURVEY']\n", "skip_descriptions"),
+])
+def test_dicom_table_wrong_types_refused_by_key(tmp_path, text, needle):
+    path = write(tmp_path / "p.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    assert needle in str(info.value) and str(path) in str(info.value)
+
+
+# --- a pipeline file that is not UTF-8: a configuration error (exit 6), not an internal one ------
+
+def test_non_utf8_pipeline_is_a_config_error(tmp_path):
+    path = write(tmp_path / "site.toml", '[output.roi_names]\nedema = "\xd6dem"\n'.encode("latin-1"))
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "x.nii.gz"), "--pipeline", str(path)])
+    assert result.exit_code == 6, result.output
+    assert "site.toml" in result.output and "UTF-8" in result.output
+
+
+# --- model_sha256 must be a whole sha256; a prefix was refused as a 'mismatch' of equal prefixes --
+
+@pytest.mark.parametrize("value", ["d80f0123456789ab", "A" * 64])
+def test_model_sha256_format_checked_at_load(tmp_path, value):
+    path = write(tmp_path / "p.toml", f"model_sha256 = '{value}'\n")
+    with pytest.raises(ConfigError, match="model_sha256"):
+        load_pipeline(path)
+
+
+# --- input limits: a bad value stops batch at once with exit 6, as docs/configuration.md says -----
+
+@pytest.fixture
+def two_cases(tmp_path):
+    for case in ("c1", "c2"):
+        folder = tmp_path / "data" / case
+        folder.mkdir(parents=True)
+        for seq, seed in (("t1c", 1), ("t2f", 2)):
+            save_nifti(folder / f"{case}-{seq}.nii.gz", brain_phantom(seed=seed), np.eye(4))
+    return tmp_path / "data"
+
+
+def test_bad_input_limit_is_exit_6_for_batch(tmp_path, two_cases, tiny_model, monkeypatch):
+    monkeypatch.setenv("TUMORSEG_MAX_VOXELS", "abc")
+    result = CliRunner().invoke(main, ["batch", str(two_cases), "-o", str(tmp_path / "out"), "--model",
+                                       str(tiny_model), "--brain-extraction", "off", "--no-tta", "-q"])
+    assert result.exit_code == 6, result.output
+    assert "TUMORSEG_MAX_VOXELS" in result.output
+
+
+# --- the batch fingerprint: what the outputs depend on, not how they were asked for -------------
+
+def _sha(tiny_model, config, **spec_changes):
+    from tumorseg.batch.records import config_sha256
+    from tumorseg.pipeline import Segmenter
+
+    spec = Segmenter(str(tiny_model), config).spec
+    return config_sha256(dataclasses.replace(spec, **spec_changes))
+
+
+def test_config_sha256_ignores_speed_settings_and_model_spelling(tmp_path, tiny_model):
+    from tumorseg.configio import to_dict
+    from tumorseg.model import load_model
+
+    base = load_pipeline("as-trained")
+    same = _sha(tiny_model, dataclasses.replace(base, model=str(tiny_model)))
+    resolved = {"tumorseg_version": "0", "model_card": "tiny",
+                **to_dict(dataclasses.replace(base, model=str(tiny_model), model_sha256=load_model(str(tiny_model)).sha256))}
+    path = write(tmp_path / "pipeline.resolved.toml", tomli_w.dumps(resolved))
+    assert _sha(tiny_model, load_pipeline(path)) == same  # rerunning the resolved file reuses the cases
+    for change in (dict(windows_per_batch=9), dict(device="cpu"), dict(compile=True)):
+        changed = dataclasses.replace(base, model=str(tiny_model),
+                                      inference=dataclasses.replace(base.inference, **change))
+        assert _sha(tiny_model, changed) == same, change
+    assert _sha(tiny_model, base.with_overrides(overlap=0.25)) != same  # an output setting still counts
+
+
+def test_config_sha256_counts_the_precision_that_ran(tiny_model):
+    base = load_pipeline("as-trained")  # precision = "auto" in both: fp32 on one CPU, bf16 on another
+    assert _sha(tiny_model, base, precision="fp32") != _sha(tiny_model, base, precision="bf16")
+
+
+# --- pipeline.resolved.toml reruns from another working directory -------------------------------
+
+def test_resolved_records_model_folder_as_absolute_path(tmp_path, tiny_model, monkeypatch):
+    from tumorseg.pipeline import Segmenter
+
+    shutil.copytree(tiny_model, tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    segmenter = Segmenter("mine", dataclasses.replace(load_pipeline("as-trained"), model="mine"))
+    assert Path(segmenter.config.model).is_absolute()
+    assert Path(segmenter.config.model) == (tmp_path / "mine").resolve()

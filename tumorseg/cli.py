@@ -98,7 +98,11 @@ def _pipeline_config(pipeline_file, model, device, seg, tta, overlap, all_sequen
     from dataclasses import replace
 
     from .config import load_pipeline
+    from .stages.read import max_decompressed_bytes, max_voxels
 
+    # TUMORSEG_MAX_VOXELS / _DECOMPRESSED_MB are read per file; a bad value must stop the command
+    # now (exit 6), not fail every case of a batch one by one (exit 8).
+    max_voxels(), max_decompressed_bytes()
     config = load_pipeline(pipeline_file).with_overrides(device=device, tta=tta, overlap=overlap,
                                                          all_sequences=all_sequences, precision=precision)
     config = config.with_preprocess(registration=registration, reference=reference,
@@ -223,7 +227,9 @@ def serve(config_file, status, verbose):
     _setup_logging(False, verbose)
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     from .serve.config import load_node_config
+    from .stages.read import max_decompressed_bytes, max_voxels
 
+    max_voxels(), max_decompressed_bytes()  # a bad limit would fail every study received
     config = load_node_config(config_file)
     if status:
         from .serve.node import status_lines
@@ -351,6 +357,9 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
 
     if not (math.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
         raise ConfigError(f"--nsd-tolerance must be a finite number >= 0 mm, got {nsd_tolerance}")
+    from .stages.read import max_decompressed_bytes, max_voxels
+
+    max_voxels(), max_decompressed_bytes()  # refused now, not once per case scored
     check_output_folder(output)
     segmenter = None
     if predictions is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -161,6 +162,9 @@ class PipelineConfig:
     dicom: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.model_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.model_sha256):
+            raise ValueError(f"model_sha256 must be the 64 lower-case hex digits of the weights' sha256 "
+                             f"(as pipeline.resolved.toml writes it), got {self.model_sha256!r}")
         self.selection_rules()  # refuse a bad [dicom] table when the file is loaded
 
     def selection_rules(self):

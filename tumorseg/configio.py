@@ -36,6 +36,10 @@ def read_toml(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any
         raise error("file not found", path) from None
     except tomllib.TOMLDecodeError as e:
         raise error(f"not valid TOML: {e}", path) from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; a Latin-1 or UTF-16 file fails here
+        raise error(f"not valid TOML: not UTF-8 text (byte {e.start}); save the file as UTF-8", path) from None
+    except OSError as e:
+        raise error(f"cannot read the file ({e.strerror})", path) from None
 
 
 def from_dict(cls: type[T], data: Any, where: str, error: type[Exception] = ConfigError) -> T:

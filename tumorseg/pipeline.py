@@ -307,6 +307,14 @@ class Segmenter:
         if model is None:
             model = config.model
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        if isinstance(model, str) and config.model == model:
+            # A model folder found by path (relative to the working directory) is recorded as an
+            # absolute path: pipeline.resolved.toml must rerun from anywhere, as docs/cli.md says.
+            from .model import bundled_models_dir, user_models_dir
+
+            found = self.model.directory.resolve()
+            if found.parent not in (user_models_dir().resolve(), bundled_models_dir().resolve()):
+                config = dataclasses.replace(config, model=str(found))
         if config.model_sha256 is not None and config.model_sha256 != self.model.sha256:
             raise ConfigError(f"the pipeline pins model weights sha256 {config.model_sha256[:16]}... (model_sha256), "
                               f"but model {self.model.directory.name} has {self.model.sha256[:16]}...; give that "

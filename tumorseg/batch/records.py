@@ -81,8 +81,22 @@ class BatchSummary:
         return [o for o in self.outcomes if o.reused]
 
 
+#: Settings that change how fast the outputs are made, not what they are (windows_per_batch,
+#: compile), or that are hashed as what they resolved to (device, precision: "auto" is fp16 on a
+#: GPU, bf16 or fp32 on a CPU); and how the model was named (its weights and card have their own
+#: entries in the fingerprint), so that --model DIR for --model NAME, or rerunning a
+#: pipeline.resolved.toml (model_sha256 set), reuses the cases it made.
+_NOT_OUTPUT_INFERENCE = ("windows_per_batch", "compile", "device", "precision")
+
+
 def config_sha256(spec: PipelineSpec) -> str:
-    return hashlib.sha256(json.dumps(to_dict(spec.config), sort_keys=True).encode()).hexdigest()
+    settings = to_dict(spec.config)
+    settings.pop("model", None)
+    settings.pop("model_sha256", None)
+    for key in _NOT_OUTPUT_INFERENCE:
+        settings["inference"].pop(key, None)
+    settings["inference"]["ran_on"] = {"device": spec.device.split(":")[0], "precision": spec.precision}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def inputs_sha256(case: BatchCase, exclude: Path | None = None) -> str:

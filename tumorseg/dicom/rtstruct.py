@@ -178,6 +178,10 @@ def roi_specs(scheme: LabelScheme, roi_names: Mapping[str, str] | None = None,
     names = dict(roi_names or {})
     known = [label.name for label in scheme.labels] + (list(scheme.regions) if include_regions else [])
     unknown = sorted(set(names) - set(known))
+    regions_off = [k for k in unknown if k in scheme.regions]
+    if regions_off:
+        raise ConfigError(f"roi_names names the regions {regions_off}, but include_regions is false, so no "
+                          "region ROIs are written: remove those names, or set include_regions = true")
     if unknown:
         raise ConfigError(f"roi_names has keys {unknown} that are neither labels of scheme "
                           f"{scheme.name!r} nor regions; known keys: {', '.join(known)}")

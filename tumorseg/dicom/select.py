@@ -21,6 +21,7 @@ from plain data (e.g. a pipeline file's table).
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -115,10 +116,13 @@ class SelectionRules:
             for n, r in enumerate(data["rules"], start=1):
                 if not isinstance(r, Mapping):
                     raise ConfigError(f"series-selection rule {n} is not a table")
-                extra = set(r) - {"sequence", "include", "exclude", "contrast"}
-                if extra or "sequence" not in r or "include" not in r:
-                    raise ConfigError(f"series-selection rule {n} needs keys sequence and include (and may have "
-                                      f"exclude, contrast); unknown: {', '.join(sorted(map(str, extra))) or 'none'}")
+                keys = ("sequence", "include", "exclude", "contrast")
+                for key in sorted(map(str, set(r) - set(keys))):
+                    close = difflib.get_close_matches(key, keys, n=1)
+                    raise ConfigError(f"series-selection rule {n}: unknown key {key!r}"
+                                      + (f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"))
+                if "sequence" not in r or "include" not in r:
+                    raise ConfigError(f"series-selection rule {n} needs keys sequence and include")
                 if r.get("contrast") is not None and not isinstance(r["contrast"], bool):
                     raise ConfigError(f"series-selection rule {n}: contrast must be true, false or left out")
                 rules.append(SequenceRule(str(r["sequence"]), _strings(r["include"], f"rule {n} include"),
