@@ -418,6 +418,7 @@ def test_settings_without_the_new_options_match_earlier_checkpoints():
     assert "preferred_sets" not in saved and "dataset_weights" not in saved
     assert "preferred_set" not in saved["augment"] and "bias_field" not in saved["augment"]
     assert "motion" not in saved["augment"] and "precision" not in saved
+    assert "subset_normalisation" not in saved["augment"]
 
 
 def test_preferred_set_trained_is_the_one_predict_would_choose():
@@ -475,3 +476,56 @@ def test_a_bad_case_in_a_worker_is_reported_as_an_input_error(tmp_path):
     assert result.returncode == 3, result.stderr
     assert str(broken) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m" / "model.toml").exists()
+
+
+def _case_with_dark_flair(root: Path) -> Path:
+    """One case whose FLAIR covers only part of the brain that the T1 shows (Brats18_2013_20_1's
+    FLAIR ends 38 mm short of its brain: 66 % of the region the four sequences cover) and holds
+    exact zeros inside it."""
+    folder = root / "dark"
+    folder.mkdir(parents=True)
+    shape = (18, 18, 18)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    r = np.linalg.norm(grid - 8.5, axis=-1)
+    brain = r < 8
+    t1 = np.where(brain, 100 + 3 * grid[..., 0] + np.random.default_rng(1).normal(0, 5, shape), 0)
+    flair = np.where(brain & (grid[..., 1] > 3), 80 + 5 * grid[..., 2] + np.random.default_rng(2).normal(0, 5, shape), 0)
+    flair[(r < 4) & (grid[..., 0] > 8)] = 0
+    labels = ((r < 3) * 2).astype(np.uint8)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    save_nifti(folder / "dark-t2f.nii.gz", flair.astype(np.float32), affine)
+    save_nifti(folder / "dark-t1n.nii.gz", t1.astype(np.float32), affine)
+    save_nifti(folder / "dark-seg.nii.gz", labels, affine)
+    return root
+
+
+def test_sequence_dropout_normalises_the_kept_sequence_as_predict_given_only_it(tmp_path):
+    """Training on FLAIR alone (sequence dropout) must show the network what predict shows it when
+    given the FLAIR file alone: z-scores inside the FLAIR's own brain region, not inside the region
+    of FLAIR and T1 together (where the T1-only voxels gave the FLAIR dark z-scores and moved its
+    percentiles, mean and sd)."""
+    from tumorseg.augment import AugmentConfig
+    from tumorseg.runner import model_input
+    from tumorseg.sequences import StudyInputs
+    from tumorseg.stages import read
+    from tumorseg.train import sample_batch
+
+    case = discover_cases(_case_with_dark_flair(tmp_path / "ds"), "brats2023")[0]
+    off = AugmentConfig(flip=0, rotate_scale=0, intensity=0, gamma=0, noise=0, blur=0, low_resolution=0,
+                        sequence_dropout=1.0, subset_normalisation=True)
+    # A patch 4x the model grid holds all of it wherever it is centred: the values can be compared.
+    cfg = TrainConfig(patch_size=(80, 80, 80), filters=(4, 8, 16), strides=(1, 2, 2), batch_size=1, augment=off)
+    card = cfg.card()
+    prepared = prepare_case(case, card, subset_normalisation=True)
+    alone = {s: model_input(read.read_study(StudyInputs(files=((s, p),))), card)[0]
+             for s, p in case.inputs.files}
+    seen = set()
+    for seed in range(8):
+        image = sample_batch([[prepared]], cfg, np.random.default_rng(seed))[0][0].numpy()
+        kept = [c for c in range(4) if np.abs(image[c]).sum() > 0]
+        assert len(kept) == 1  # two sequences, one dropped
+        c = kept[0]
+        expected = alone[card.input.sequences[c]][c]
+        np.testing.assert_allclose(np.sort(image[c][image[c] != 0]), np.sort(expected[expected != 0]), atol=1e-6)
+        seen.add(c)
+    assert seen == {0, 1}

@@ -44,14 +44,33 @@ class AugmentConfig:
     #: model's card makes it use at inference), drawn before ``sequence_dropout``. None: off (and
     #: left out of saved settings, so checkpoints of earlier versions still resume).
     preferred_set: float | None = None
+    #: Normalise the sequences a patch keeps (sequence dropout, the preferred set) as ``predict``
+    #: does when given only those files: z-scored inside the brain region of the kept sequences alone
+    #: (their percentiles, mean and sd there), not inside the region of all the case's sequences.
+    #: None: off (and left out of saved settings, as ``bias_field``; the draws of earlier models stay).
+    subset_normalisation: bool | None = None
+
+
+def draw_kept_channels(present: list[int], preferred: tuple[int, ...], rng: np.random.Generator,
+                       cfg: AugmentConfig) -> tuple[int, ...] | None:
+    """The channels a patch keeps (the ``preferred`` set, or a random non-empty subset of
+    ``present``), or None to keep them all."""
+    # No draw without a set to keep: the random stream, and so models trained before, stay as they were.
+    if cfg.preferred_set and preferred and set(preferred) < set(present) and rng.random() < cfg.preferred_set:
+        return tuple(preferred)
+    if len(present) > 1 and rng.random() < cfg.sequence_dropout:
+        return tuple(int(c) for c in rng.choice(present, size=int(rng.integers(1, len(present))), replace=False))
+    return None
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: np.random.Generator,
-            cfg: AugmentConfig, preferred: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+            cfg: AugmentConfig, preferred: tuple[int, ...] = (), dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment ``image`` (C, X, Y, Z) float and ``labels`` (X, Y, Z) long; ``present`` channels.
 
     ``preferred``: the channels inference would give the network for this case (the card's
     ``InputSpec.choose``); kept alone with probability ``cfg.preferred_set`` when ``present`` has more.
+    ``dropout`` False: every ``present`` channel is kept (the caller drew the kept channels and
+    normalised them as predict would, ``cfg.subset_normalisation``).
     """
     if rng.random() < cfg.rotate_scale:
         image, labels = _rotate_scale(image, labels, rng, cfg)
@@ -83,12 +102,7 @@ def augment(image: torch.Tensor, labels: torch.Tensor, present: list[int], rng: 
             channel.add_(noise)
         if rng.random() < cfg.blur:
             channel.copy_(_blur(channel, float(rng.uniform(0.5, 1.2))))
-    keep = None
-    # No draw without a set to keep: the random stream, and so models trained before, stay as they were.
-    if cfg.preferred_set and preferred and set(preferred) < set(present) and rng.random() < cfg.preferred_set:
-        keep = preferred
-    elif len(present) > 1 and rng.random() < cfg.sequence_dropout:
-        keep = rng.choice(present, size=int(rng.integers(1, len(present))), replace=False)
+    keep = draw_kept_channels(present, preferred, rng, cfg) if dropout else None
     if keep is not None:
         for c in present:
             if c not in keep:

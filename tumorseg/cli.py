@@ -409,6 +409,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--low-resolution", type=float, default=0.2, show_default=True, help="Probability, per sequence of a patch, of simulating 1.5-4x thicker slices along a random axis.")
 @click.option("--bias-field", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a smooth multiplicative bias field (up to about 1.6x across the patch), as in scans without bias correction.")
 @click.option("--motion", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Probability, per sequence of a patch, of a patient who moved during the scan (k-space lines after a random moment shifted by up to 4 voxels: ghosts and blur).")
+@click.option("--subset-normalisation", is_flag=True, help="Normalise the sequences a patch keeps (--sequence-dropout, --preferred-set) inside their own brain region, as predict does when given only those files, not inside the region of all the case's sequences (off by default, so earlier models' commands reproduce).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(FIXED_PRECISIONS), default=None, help="The network's arithmetic in training: bf16 about halves the time on a CPU with bf16 instructions (AVX512-BF16 or AMX); fp16 is for GPUs; recorded in the card  [default: fp16 on a GPU, fp32 on the CPU]")
@@ -419,7 +420,8 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("-v", "--verbose", is_flag=True)
 def train(datasets, dataset_weights, exclude, output, label_schemes, name, epochs, iterations, batch_size, patch_size, spacing,
           filters, lr, validation_fraction, validate_every, sequence_dropout, preferred_sets, preferred_set_probability,
-          low_resolution, bias_field, motion, seed, device, precision, workers, init_model, resume, quiet, verbose):
+          low_resolution, bias_field, motion, subset_normalisation, seed, device, precision, workers, init_model, resume,
+          quiet, verbose):
     """Train a 3D U-Net (MONAI DynUNet) and write a model card with weights that predict uses as they are.
 
     \b
@@ -455,7 +457,8 @@ def train(datasets, dataset_weights, exclude, output, label_schemes, name, epoch
             validation_fraction=validation_fraction, validate_every=validate_every, seed=seed,
             augment=dc.replace(AugmentConfig(), sequence_dropout=sequence_dropout, low_resolution=low_resolution,
                                preferred_set=preferred_set_probability if sets else None,
-                               bias_field=bias_field or None, motion=motion or None),
+                               bias_field=bias_field or None, motion=motion or None,
+                               subset_normalisation=subset_normalisation or None),
             preferred_sets=sets or None, dataset_weights=weights,
             init_weights_sha256=init.sha256 if init else None, precision=precision,
         )

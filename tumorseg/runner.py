@@ -73,7 +73,8 @@ def model_input(
     channels in the card's order (zeros for missing sequences). ``predict`` and ``train`` both
     use this, so training and inference prepare scans identically (``prepare`` may first leave
     out sequences, following the card's ``preferred_sets``, and mirror the grid at cuts through a
-    brain it extracted: ``mirror_cuts_mm``)."""
+    brain it extracted: ``mirror_cuts_mm``). Training on a subset of a case's sequences normalises
+    them as here from ``model_grid_parts`` (``train.PreparedCase.patch``)."""
     timings = {} if timings is None else timings
     with timed(timings, "geometry"):
         brain = normalize.brain_mask(scan.array)
@@ -84,6 +85,26 @@ def model_input(
         normalized = normalize.normalize(on_grid, card.normalization, brain_on_grid)
         image = _model_channels(normalized, card.input.sequences)
     return image, transform
+
+
+def model_grid_parts(scan: Scan, card: ModelCard) -> tuple[np.ndarray, np.ndarray, geometry.GridTransform]:
+    """``scan`` on the model grid of ``model_input`` but not normalised, in the card's channel order
+    (zeros for missing sequences), and each channel's own brain region there (where it differs from its constant
+    background; every voxel for a channel without one, none for a missing one): the union of
+    the masks of any subset of the channels is the brain region ``model_input`` would normalise
+    that subset in, had only its sequences been given."""
+    brain = normalize.brain_mask(scan.array)
+    transform = geometry.plan_transform(scan, card.input.spacing_mm, brain)
+    on_grid = geometry.to_model_grid(scan, transform)
+    order = card.input.sequences
+    raw = _model_channels(on_grid, order)
+    regions = np.zeros(raw.shape, dtype=bool)
+    for c, name in enumerate(order):
+        if name in scan.channels:
+            channel = scan.array[scan.channels.index(name)]
+            background = normalize.background_value(channel)
+            regions[c] = True if background is None else geometry.labels_to_model_grid(channel != background, transform)
+    return raw, regions, transform
 
 
 def _model_channels(scan: Scan, order: tuple[str, ...]) -> np.ndarray:

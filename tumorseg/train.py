@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path, write_bytes_atomic
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, draw_kept_channels
 from .config import FIXED_PRECISIONS, InferenceConfig
 from .configio import to_dict
 from .batch.cases import unique_case_ids
@@ -35,8 +35,8 @@ from .labels import REGIONS, LabelScheme, conversion_table
 from .model import (Architecture, InputSpec, LoadedModel, ModelCard, Normalization, Weights, build_network,
                     save_model)
 from .sequences import SEQUENCES
-from .runner import model_input
-from .stages import geometry, infer, read
+from .runner import model_grid_parts, model_input
+from .stages import geometry, infer, normalize, read
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,42 @@ class TrainConfig:
 @dataclass
 class PreparedCase:
     case_id: str
-    image: np.ndarray  # (C, X, Y, Z) float32, normalised, model channel order, zeros for missing
+    image: np.ndarray | None  # (C, X, Y, Z) float32, normalised, model channel order, zeros for missing
     labels: np.ndarray  # (X, Y, Z) uint8 class indices 0..L
     present: list[int]
     foreground: np.ndarray  # (N, 3) indices of tumour voxels
+    #: With ``AugmentConfig.subset_normalisation`` (then ``image`` is None): the model-grid image
+    #: before normalisation, each channel's own brain region, and for every non-empty subset of
+    #: ``present`` the statistics (``normalize.channel_statistics``) of its channels inside the union
+    #: of their regions, as ``predict`` given only those sequences computes them.
+    raw: np.ndarray | None = None
+    regions: np.ndarray | None = None
+    stats: dict[tuple[int, ...], dict[int, tuple]] | None = None
+
+    def patch(self, keep: tuple[int, ...] | None, start: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """The normalised crop (zero-padded) of the channels ``keep`` (None: ``present``), the others 0."""
+        if self.raw is None:
+            img = _crop(self.image, start, size, channel_axis=True)
+            if keep is not None:
+                img[[c for c in range(len(img)) if c not in keep]] = 0.0
+            return img
+        keep = tuple(sorted(self.present if keep is None else keep))
+        raw = _crop(self.raw, start, size, channel_axis=True)
+        region = _crop(self.regions[list(keep)], start, size, channel_axis=True).any(axis=0)
+        out = np.zeros_like(raw)
+        for c in keep:
+            out[c][region] = normalize.z_scores(raw[c][region], self.stats[keep][c])
+        return out
 
 
-def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False) -> PreparedCase:
+def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False,
+                 subset_normalisation: bool = False) -> PreparedCase:
     """Read, move to the model grid and normalise exactly as ``predict`` does. ``as_predict``
     (validation cases): only the sequences ``predict`` gives the network (the card's
     ``preferred_sets``), so the validation Dice measures what ``predict`` does; training cases
-    keep all, for sequence dropout and the preferred-set draw."""
+    keep all, for sequence dropout and the preferred-set draw. ``subset_normalisation`` (training
+    cases): keep the image unnormalised with what normalising any subset of its sequences needs
+    (``PreparedCase.patch``)."""
     scan = read.read_study(case.inputs)
     if as_predict and (used := card.input.choose(scan.channels)) != scan.channels:
         scan = scan.with_channels(used)
@@ -133,13 +158,26 @@ def prepare_case(case: LabelledCase, card: ModelCard, as_predict: bool = False) 
     to_index = np.zeros(target.max_label + 1, dtype=np.uint8)
     to_index[target.class_values] = np.arange(len(target.class_values))
     indices = to_index[conversion_table(case.scheme, target)[truth.labels]]
-    channels, transform = model_input(scan, card)
     order = card.input.sequences
+    present = [c for c, s in enumerate(order) if s in scan.channels]
+    if subset_normalisation and not as_predict:
+        raw, regions, transform = model_grid_parts(scan, card)
+        stats = {}
+        for n in range(1, len(present) + 1):
+            for keep in itertools.combinations(present, n):
+                region = regions[list(keep)].any(axis=0)
+                if not region.any():
+                    raise InputError("the brain region is empty: every voxel is background",
+                                     scan.meta.get("paths", {}).get(order[keep[0]]))
+                stats[keep] = {c: normalize.channel_statistics(raw[c][region], card.normalization, order[c],
+                                                               scan.meta.get("paths", {}).get(order[c]))
+                               for c in keep}
+        channels = None
+    else:
+        channels, transform = model_input(scan, card)
+        raw = regions = stats = None
     labels = geometry.labels_to_model_grid(indices.astype(np.uint8), transform)
-    return PreparedCase(
-        case.case_id, channels, labels, [c for c, s in enumerate(order) if s in scan.channels],
-        np.argwhere(labels > 0),
-    )
+    return PreparedCase(case.case_id, channels, labels, present, np.argwhere(labels > 0), raw, regions, stats)
 
 
 def check_init_compatible(init: ModelCard, card: ModelCard) -> None:
@@ -185,12 +223,19 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
         else:
             centre = np.array([int(rng.integers(0, n)) for n in shape])
         start = centre - patch // 2
-        img = _crop(case.image, start, patch, channel_axis=True)
         lab = _crop(case.labels, start, patch, channel_axis=False)
         # The channels predict would give the network for this case (the card's preferred sets).
         preferred = tuple(spec.sequences.index(s) for s in spec.choose(tuple(spec.sequences[c] for c in case.present)))
-        img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng,
-                               cfg.augment, preferred)
+        if cfg.augment.subset_normalisation:
+            # The kept channels are drawn first and normalised as predict given only them would.
+            keep = draw_kept_channels(case.present, preferred, rng, cfg.augment) or tuple(case.present)
+            img = case.patch(keep, start, patch)
+            img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), sorted(keep), rng,
+                                   cfg.augment, dropout=False)
+        else:
+            img = case.patch(None, start, patch)
+            img_t, lab_t = augment(torch.from_numpy(img), torch.from_numpy(lab.astype(np.int64)), case.present, rng,
+                                   cfg.augment, preferred)
         images.append(img_t)
         labels.append(lab_t.to(torch.uint8))  # an eighth of int64's bytes between processes
     return torch.stack(images), torch.stack(labels)[:, None]
@@ -199,15 +244,18 @@ def sample_batch(groups: list[list[PreparedCase]], cfg: TrainConfig, rng: np.ran
 class _PreparedCases(torch.utils.data.Dataset):
     """``prepare_case`` of each case, for ``_in_order``."""
 
-    def __init__(self, cases: list[LabelledCase], card: ModelCard, first_validation: int) -> None:
+    def __init__(self, cases: list[LabelledCase], card: ModelCard, first_validation: int,
+                 subset_normalisation: bool = False) -> None:
         self.cases, self.card, self.first_validation = cases, card, first_validation
+        self.subset_normalisation = subset_normalisation
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, i: int) -> PreparedCase | TumorsegError:
         try:
-            return prepare_case(self.cases[i], self.card, as_predict=i >= self.first_validation)
+            return prepare_case(self.cases[i], self.card, as_predict=i >= self.first_validation,
+                                subset_normalisation=self.subset_normalisation)
         except TumorsegError as e:  # returned, not raised: a worker would re-raise it as a traceback
             return e
 
@@ -330,7 +378,8 @@ def train(datasets: list[Path], output: Path, cfg: TrainConfig, label_schemes: t
     elif checkpoint_path.exists():
         raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --output")
     log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
-    prepared, prepared_val = _prepare_all(train_groups, val_cases, card, workers, progress)
+    prepared, prepared_val = _prepare_all(train_groups, val_cases, card, workers, progress,
+                                          bool(cfg.augment.subset_normalisation))
 
     torch.manual_seed(cfg.seed)
     network = build_network(card)
@@ -440,14 +489,15 @@ def _without_trained_patients(train_groups: list[list[LabelledCase]],
 
 
 def _prepare_all(train_groups: list[list[LabelledCase]], val_cases: list[LabelledCase], card: ModelCard,
-                 workers: int, progress: bool) -> tuple[list[list[PreparedCase]], list[PreparedCase]]:
+                 workers: int, progress: bool,
+                 subset_normalisation: bool = False) -> tuple[list[list[PreparedCase]], list[PreparedCase]]:
     """The cases on the model grid, normalised: per training group, and the validation cases."""
     from tqdm import tqdm
 
     train_cases = [c for group in train_groups for c in group]
     with tqdm(total=len(train_cases) + len(val_cases), desc="preparing", disable=not progress) as bar:
         ready = []
-        for case in _in_order(_PreparedCases(train_cases + val_cases, card, len(train_cases)), workers):
+        for case in _in_order(_PreparedCases(train_cases + val_cases, card, len(train_cases), subset_normalisation), workers):
             if isinstance(case, TumorsegError):
                 raise case
             ready.append(case)

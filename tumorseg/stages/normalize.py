@@ -63,6 +63,28 @@ def brain_mask(array: np.ndarray) -> np.ndarray:
     return np.ones(array.shape[1:], dtype=bool) if masks is None else np.logical_or.reduce(masks)
 
 
+def channel_statistics(values: np.ndarray, params: Normalization, name: str = "",
+                       path=None) -> tuple[float, float, np.floating, float]:
+    """The clip bounds, mean and standard deviation of one channel's ``values`` inside the brain
+    region (``normalize``); an InputError when the channel is constant there after clipping."""
+    lo, hi = np.percentile(values, [params.lower_percentile, params.upper_percentile])
+    clipped = np.clip(values, lo, hi)
+    mean, std = clipped.mean(), float(clipped.std())
+    if not std > 1e-8 * max(1.0, abs(float(mean))):
+        raise InputError(
+            f"the {name} channel is constant inside the brain region after clipping "
+            f"(value {float(mean):g}); nothing to segment",
+            path,
+        )
+    return lo, hi, mean, std
+
+
+def z_scores(values: np.ndarray, stats: tuple[float, float, np.floating, float]) -> np.ndarray:
+    """``values`` clipped and z-scored by ``stats`` (``channel_statistics``)."""
+    lo, hi, mean, std = stats
+    return (np.clip(values, lo, hi) - mean) / std
+
+
 def normalize(scan: Scan, params: Normalization, mask: np.ndarray) -> Scan:
     """A new Scan with every channel clipped to its percentiles and z-scored inside ``mask``."""
     if not mask.any():
@@ -70,15 +92,6 @@ def normalize(scan: Scan, params: Normalization, mask: np.ndarray) -> Scan:
     out = np.zeros_like(scan.array, dtype=np.float32)
     for c, name in enumerate(scan.channels):
         values = scan.array[c][mask]
-        lo, hi = np.percentile(values, [params.lower_percentile, params.upper_percentile])
-        clipped = np.clip(values, lo, hi)
-        std = float(clipped.std())
-        if not std > 1e-8 * max(1.0, abs(float(clipped.mean()))):
-            path = scan.meta.get("paths", {}).get(name)
-            raise InputError(
-                f"the {name} channel is constant inside the brain region after clipping "
-                f"(value {float(clipped.mean()):g}); nothing to segment",
-                path,
-            )
-        out[c][mask] = (clipped - clipped.mean()) / std
+        stats = channel_statistics(values, params, name, scan.meta.get("paths", {}).get(name))
+        out[c][mask] = z_scores(values, stats)
     return scan.with_array(out)
