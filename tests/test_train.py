@@ -529,3 +529,16 @@ def test_sequence_dropout_normalises_the_kept_sequence_as_predict_given_only_it(
         np.testing.assert_allclose(np.sort(image[c][image[c] != 0]), np.sort(expected[expected != 0]), atol=1e-6)
         seen.add(c)
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "-1"), ("--sequence-dropout", "2"), ("--low-resolution", "-1"),
+                                           ("--epochs", "0"), ("--validation-fraction", "1")])
+def test_train_options_out_of_range_are_refused_before_reading_data(tmp_path, option, value):
+    """--lr -1 was an internal error (exit 1) after the cases were read; --sequence-dropout 2 and
+    --low-resolution -1 were accepted."""
+    from click.testing import CliRunner
+
+    from tumorseg.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--dataset", str(tmp_path), "-o", str(tmp_path / "m"), option, value])
+    assert result.exit_code == 2 and option in result.output, result.output
