@@ -391,3 +391,18 @@ def test_the_grid_mismatch_error_says_what_differs():
         score_case("c", LabelFile(labels, shifted), msd, LabelFile(labels, np.eye(4)), msd, Path("t.nii.gz"), 2.0,
                    Path("p.nii.gz"))
     assert "affine" in str(error.value) and "2" in str(error.value) and "p.nii.gz" in str(error.value)
+
+
+@pytest.mark.parametrize("args", [["--model", "nope"], ["--overlap", "0.7"], ["--pipeline", "missing.toml"],
+                                  ["--workers", "2"], ["--force"]])
+def test_pipeline_options_with_predictions_are_refused_not_ignored(tmp_path, args):
+    """With --predictions nothing is predicted: --model nope and a missing --pipeline file gave exit 0."""
+    (tmp_path / "preds").mkdir()
+    result = validate("--dataset", str(tmp_path), "--predictions", str(tmp_path / "preds"), "-o",
+                      str(tmp_path / "out"), *args)
+    assert result.exit_code == 2 and "with --predictions nothing is predicted" in result.output, result.output
+
+
+def test_prediction_scheme_without_predictions_is_refused(tmp_path):
+    result = validate("--dataset", str(tmp_path), "--prediction-scheme", "msd", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "--prediction-scheme is for --predictions" in result.output, result.output

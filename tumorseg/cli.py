@@ -360,6 +360,18 @@ def validate(dataset, output, predictions, prediction_scheme, truth_scheme, nsd_
     from .stages.read import max_decompressed_bytes, max_voxels
 
     max_voxels(), max_decompressed_bytes()  # refused now, not once per case scored
+    if predictions is None and prediction_scheme is not None:
+        raise click.UsageError("--prediction-scheme is for --predictions: cases predicted here are in the model's scheme")
+    if predictions is not None:  # nothing is predicted: a pipeline option would be ignored silently
+        given = {"--model": model, "--device": device, "--precision": precision, "--tta/--no-tta": tta,
+                 "--overlap": overlap, "--registration": registration, "--reference": reference,
+                 "--brain-extraction": brain_extraction, "--all-sequences": all_sequences,
+                 "--pipeline": None if pipeline_file == "default" else pipeline_file,
+                 "--seg": seg or None, "--workers": workers or None, "--force": force or None}
+        ignored = [name for name, value in given.items() if value is not None]
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)} choose how cases are predicted; with --predictions "
+                                   "nothing is predicted")
     check_output_folder(output)
     segmenter = None
     if predictions is None:
