@@ -332,6 +332,9 @@ def test_config_errors_name_the_key(tmp_path):
         config.write_text(f'[node]\nallowed_callers = ["X"]\n{setting}\n{destination}')
         result = CliRunner().invoke(main, ["serve", "--config", str(config)])
         assert result.exit_code == 6 and key in result.output, (setting, result.output)
+    config.write_text('[node]\nallowed_callers = ["X"]\n' + destination.replace('host = "h"', 'host = ""'))
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])  # once refused only at the first send
+    assert result.exit_code == 6 and "host" in result.output, result.output
 
 
 def test_allowed_hosts_take_addresses_and_networks():

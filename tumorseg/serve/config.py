@@ -37,6 +37,9 @@ class Destination:
         _check_port(self.port, "port")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.name):
             raise ValueError(f"name must be letters, digits, _ or - (at most 40), got {self.name!r}")
+        # An empty or spaced host was accepted and failed only at the first send, a study later.
+        if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", self.host):
+            raise ValueError(f"host must be a host name or IP address, got {self.host!r}")
 
 
 @dataclass(frozen=True)
