@@ -232,7 +232,7 @@ def test_t2_flair_names_are_flair(name):
     ("t1_postgad.nii.gz", "t1gd"), ("t1_post_contrast.nii.gz", "t1gd"),
     ("t1_pre.nii.gz", "t1"), ("t1_native.nii.gz", "t1"), ("t1_post_op.nii.gz", "t1"),
     ("sub-01_ses-post_T1w.nii.gz", "t1"),  # a session named post, not contrast
-    ("T2_TIRM.nii.gz", "flair"), ("dark-fluid_t2.nii.gz", "flair"),
+    ("T2_TIRM.nii.gz", "flair"), ("dark-fluid_t2.nii.gz", "flair"), ("t2_spc_da-fl_sag.nii.gz", "flair"),
     ("c-t1c.nii.gz", "t1gd"),  # a case named c: its T1c is still T1gd
     # after treatment or at follow-up, not after contrast
     ("pt_post_RT_t1.nii.gz", "t1"), ("t1_post_treatment.nii.gz", "t1"), ("t1_post_chemo.nii.gz", "t1"),
@@ -252,6 +252,7 @@ def test_contrast_and_flair_spellings(name, expected):
     ("T1-C.nii.gz", "had contrast"),
     # Not one of the four anatomical sequences, or derived from one.
     ("T2_star.nii.gz", "star"), ("t2_swi.nii.gz", "swi"), ("adc_t2.nii.gz", "adc"), ("pd_t2.nii.gz", "pd"),
+    ("t2_tirm_cor_stir.nii.gz", "stir"), ("AX_T2_MERGE.nii.gz", "merge"),  # a STIR, a T2* gradient echo
     ("t1_map.nii.gz", "map"), ("localizer_t1.nii.gz", "localizer"), ("T1_CE_subtraction.nii.gz", "subtraction"),
     ("flair_mask.nii.gz", "mask"), ("t1ce_segmentation.nii.gz", "segmentation"), ("flair_pred.nii.gz", "pred"),
     # label maps, masks and maps derived from a sequence, as other tools name them

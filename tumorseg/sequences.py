@@ -52,7 +52,7 @@ NOT_CONTRAST_POST = frozenset({"op", "operative", "surgery", "surgical", "resect
 #: (T2*, susceptibility, diffusion, maps, localizers, subtractions, perfusion, network outputs):
 #: a name with one of these and a sequence's name is refused, never read as that sequence.
 NOT_ANATOMICAL_TOKENS = frozenset({
-    "star", "t2star", "swi", "swan", "gre", "adc", "dwi", "dti", "trace", "pd", "map", "maps", "mapping",
+    "star", "t2star", "swi", "swan", "gre", "merge", "stir", "adc", "dwi", "dti", "trace", "pd", "map", "maps", "mapping",
     "localizer", "localiser", "scout", "sub", "subtraction", "subtracted", "perfusion", "dsc", "dce", "asl",
     "mip", "prob", "probs", "probability", "probabilities", "probmap", "pred", "predicted", "prediction",
     "softmax", "heatmap", "uncertainty", "entropy", "pve", "gm", "wm", "csf", "fa", "md", "phase", "imag",
@@ -79,7 +79,7 @@ def _name_tokens(path: Path) -> set[str]:
     name = re.sub(r"\+\s*c(?![a-z0-9])|(?<![a-z0-9])c\s*\+", " pluscontrast ", name)  # T1+C, T1 C+
     name = _BIDS_OTHER_ENTITIES.sub("_", name)
     tokens = {t for t in re.split(r"[^a-z0-9]+", name) if t}
-    if {"dark", "fluid"} <= tokens:
+    if {"dark", "fluid"} <= tokens or {"da", "fl"} <= tokens:  # Siemens SPACE FLAIR: t2_spc_da-fl
         tokens.add("darkfluid")
     return tokens
 
