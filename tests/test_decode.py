@@ -146,3 +146,18 @@ def test_predict_decodes_with_the_cards_thresholds(tmp_path, tiny_model):
         assert report["model"].get("decoding") == ({"thresholds": {"WT": 0.05}, "grow_from_ml": 0.0}
                                                    if name == "calibrated" else None)
     assert volumes["calibrated"] > volumes["argmax"]
+
+
+def test_the_labels_are_numpys_argmax_ties_to_the_first_class():
+    """decode takes the argmax class by class (no transposed copy of the probabilities): the
+    same labels as np.argmax, ties included."""
+    import numpy as np
+
+    from tumorseg.labels import get_scheme
+    from tumorseg.stages import decode
+
+    probs = np.random.default_rng(1).random((4, 20, 18, 16)).astype(np.float32)
+    probs[2, :5] = probs[1, :5]
+    probs[3, :, :3] = probs[0, :, :3]
+    msd = get_scheme("msd")
+    np.testing.assert_array_equal(decode.decode(probs, msd, None, 0.001), msd.class_values[np.argmax(probs, axis=0)])

@@ -178,3 +178,82 @@ def test_real_case_moved_five_millimetre_flair_is_registered():
     brain = np.argwhere(reference.array > 0)[::100]
     mean, worst = bench.tre(matrix, truth, np.c_[brain, np.ones(len(brain))] @ reference.affine.T)
     assert mean < 1.0 and worst < 2.0
+
+
+def _turned(volume: Volume, degrees: float, axis: int = 2) -> np.ndarray:
+    """RAS matrix of a turn by ``degrees`` about ``axis`` through the volume's grid centre."""
+    centre = register.grid_centre(volume.array.shape, volume.affine)
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    turn = np.eye(4)
+    turn[i, i] = turn[j, j] = c
+    turn[i, j], turn[j, i] = -s, s
+    move, back = np.eye(4), np.eye(4)
+    move[:3, 3], back[:3, 3] = centre, -centre
+    return move @ turn @ back
+
+
+def test_a_series_its_header_turns_by_180_degrees_is_refused_not_placed_wrongly():
+    """A FLAIR whose header turns it 180 degrees about the head's axis (a prone scan entered as supine):
+    the search ends in a wrong basin (mean TRE 91 mm, MI -0.20 where the right answer has -0.68); it
+    was accepted as 'rigid' without a warning, the FLAIR channel of another place fed to the network."""
+    case = shared_data("brats2018-train", "Brats18_2013_11_1")
+    reference = read_volume(case / "Brats18_2013_11_1_t1ce.nii.gz")
+    flair = read_volume(case / "Brats18_2013_11_1_flair.nii.gz")
+    centre = register.grid_centre(reference.array.shape, reference.affine)
+    shape, affine = (140, 140, 95), np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm, the whole head in view
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    truth = _turned(reference, 180.0)
+    array, _ = resample_to_grid(flair.array, flair.affine, shape, affine, matrix_ras=np.linalg.inv(truth))
+    moving = Volume(array, affine, None, Path("turned-flair.nii.gz"))
+    try:
+        _, records = register.register_volumes({"t1gd": reference, "flair": moving}, "t1gd")
+    except GeometryError as refused:
+        assert "turned-flair.nii.gz" in str(refused) and "flair" in str(refused)
+        return
+    brain = np.argwhere(reference.array > 0)[::100]
+    mean, _ = bench.tre(records[1].matrix_ras, truth, np.c_[brain, np.ones(len(brain))] @ reference.affine.T)
+    assert mean < 2.0, f"accepted a registration {mean:.0f} mm wrong (metric {records[1].metric:.3f}, " \
+                       f"warning {records[1].warning!r})"
+
+
+def test_the_same_voxels_stored_in_another_order_are_reordered_not_registered():
+    reference = head()
+    flipped_affine = reference.affine @ np.array([[-1, 0, 0, reference.array.shape[0] - 1], [0, 1, 0, 0],
+                                                  [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    flipped = Volume(np.ascontiguousarray(reference.array[::-1]) * 0.5 + 3, flipped_affine, None, Path("las-flair.nii"))
+    on_grid, records = register.register_volumes({"t1gd": reference, "flair": flipped}, "t1gd")
+    assert records[1].method == "same grid" and np.array_equal(records[1].matrix_ras, np.eye(4))
+    assert np.array_equal(on_grid["flair"].array, reference.array * 0.5 + 3)  # exact, not interpolated
+
+
+def test_a_reference_too_thin_to_register_is_refused_naming_it():
+    reference = head()
+    thin = Volume(reference.array[:, :, 20:23].copy(), reference.affine, None, Path("thin-t1c.nii.gz"))
+    moved = reference.affine.copy()
+    moved[0, 3] += 3
+    with pytest.raises(GeometryError, match="t1gd sequence has 3 slices") as refused:
+        register.register_volumes({"t1gd": thin, "flair": Volume(reference.array, moved, None, Path("f.nii"))}, "t1gd")
+    assert "thin-t1c.nii.gz" in str(refused.value)
+    with pytest.raises(GeometryError, match="flair sequence has 3 slices"):
+        register.register_volumes({"t1gd": reference, "flair": Volume(thin.array, moved, None, Path("f.nii"))}, "t1gd")
+
+
+def test_outside_its_field_of_view_a_sequence_holds_its_own_background():
+    """z-scored BraTS 2015 files have a background of -3.16 and 0 is average tissue: a FLAIR slab filled
+    with 0 around it made the brain region of the case 3.5 times the brain."""
+    from tumorseg.stages import normalize
+
+    case = shared_data("brats2015-dev", "brats_2013_pat0003_1")
+    reference = read_volume(case / "T1c_subtrMeanDivStd.nii.gz")
+    flair = read_volume(case / "Flair_subtrMeanDivStd.nii.gz")
+    affine = flair.affine.copy()
+    affine[:, 2] *= 5
+    affine[:3, 3] = flair.affine[:3, :3] @ [0, 0, 30] + flair.affine[:3, 3]
+    slab, _ = resample_to_grid(flair.array, flair.affine, (240, 240, 20), affine)
+    slab[slab == 0] = flair.array[0, 0, 0]  # the slab's own border is background, as the file's is
+    on_grid, _ = register.register_volumes({"t1gd": reference, "flair": Volume(slab, affine, None, Path("f.nii"))},
+                                           "t1gd", mode="none")
+    alone = normalize.brain_mask(reference.array[None]).sum()
+    both = normalize.brain_mask(np.stack([reference.array, on_grid["flair"].array])).sum()
+    assert both < 1.2 * alone

@@ -70,9 +70,9 @@ def matrix_ras(transform) -> np.ndarray:
 
 def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape: Sequence[int],
                      reference_affine: np.ndarray, order: int = 1,
-                     matrix_ras: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                     matrix_ras: np.ndarray | None = None, default: float = 0.0) -> tuple[np.ndarray, float]:
     """Resample float (I, J, K) ``array`` with RAS ``affine`` onto the grid (``shape``,
-    ``reference_affine``); linear (``order`` 1) or nearest (0); 0 outside. ``matrix_ras`` (see
+    ``reference_affine``); linear (``order`` 1) or nearest (0); ``default`` outside. ``matrix_ras`` (see
     :func:`sitk_transform`; None: the identity, scanner coordinates alone) maps reference world
     points into ``array``'s world. Returns the new float32 array and the fraction of its voxels
     that lie inside the source volume."""
@@ -82,7 +82,7 @@ def resample_to_grid(array: np.ndarray, affine: np.ndarray, shape: Sequence[int]
     moving = to_sitk(array.astype(np.float32, copy=False), affine)
     fixed = to_sitk(np.zeros(tuple(shape), dtype=np.uint8), reference_affine)
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    out = sitk.Resample(moving, fixed, transform, interpolator, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(moving, fixed, transform, interpolator, float(default), sitk.sitkFloat32)
     inside = sitk.Resample(to_sitk(np.ones(array.shape, dtype=np.uint8), affine), fixed,
                            transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     result = np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))

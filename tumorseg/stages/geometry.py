@@ -154,13 +154,14 @@ def probabilities_to_input_grid(probs: np.ndarray, transform: GridTransform) -> 
         raise ValueError(f"probabilities of shape {probs.shape} for model grid {transform.model_shape}")
     probs = probs[(slice(None),) + tuple(slice(a, a + n) for n, (a, _) in zip(transform.resampled_shape,
                                                                            transform.mirrored))]
-    if transform.resampled:
-        probs = _resize(probs, transform.oriented_shape)
-    probs = _unorient(probs, transform.orientation)
     full = np.zeros((probs.shape[0],) + transform.input_shape, dtype=np.float32)
     full[0] = 1.0
     box = tuple(slice(a, b) for a, b in transform.crop)
-    full[(slice(None),) + box] = probs
+    # One class at a time, written straight into place: a 512 x 512 x 400 input held three
+    # full-size copies of every class here (4.4 GB for four classes), now one.
+    for c in range(probs.shape[0]):
+        channel = _resize(probs[c:c + 1], transform.oriented_shape) if transform.resampled else probs[c:c + 1]
+        full[(slice(c, c + 1),) + box] = _unorient(channel, transform.orientation, contiguous=False)
     return full
 
 
@@ -205,13 +206,13 @@ def _orient(array: np.ndarray, ornt: tuple[tuple[int, int], ...]) -> np.ndarray:
     return np.transpose(array, order)
 
 
-def _unorient(array: np.ndarray, ornt: tuple[tuple[int, int], ...]) -> np.ndarray:
+def _unorient(array: np.ndarray, ornt: tuple[tuple[int, int], ...], contiguous: bool = True) -> np.ndarray:
     order = [0] + [1 + a for a, _ in ornt]
     array = np.transpose(array, order)
     for axis, (_, flip) in enumerate(ornt):
         if flip == -1:
             array = np.flip(array, axis=axis + 1)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array) if contiguous else array
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

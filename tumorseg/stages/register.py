@@ -56,10 +56,15 @@ MIN_OVERLAP = 0.5
 WARN_ROTATION_DEG = 20.0
 WARN_SHIFT_MM = 30.0
 #: Mattes MI is negative, lower is better: above WARN_METRIC the images share little structure
-#: (warned); above REFUSE_METRIC next to none, so the optimisation found nothing to align (refused).
-#: Real sequence pairs of one head end near -0.4 to -0.9.
-WARN_METRIC = -0.15
-REFUSE_METRIC = -0.05
+#: (warned); above REFUSE_METRIC the search ended in a wrong place or the series are not of one head
+#: (refused). Real sequence pairs of one head ended at -0.46 to -0.98 (BraTS FLAIR/T1/T2 onto T1c
+#: at 1-5 mm and 0-30 degrees, the FLAIR with Rician noise of 30 % of the brain's mean: -0.46; the
+#: decubitus T1 series -0.90 to -0.98); a search left in a wrong basin (the series turned 60, 90 or
+#: 180 degrees by its header) at -0.14 to -0.25, another patient's head at -0.29 and -0.39.
+WARN_METRIC = -0.4
+REFUSE_METRIC = -0.3
+#: A volume needs this many voxels along each axis to be registered (the pyramid's smoothing).
+MIN_SLICES = 4
 
 
 @dataclass(frozen=True)
@@ -121,19 +126,24 @@ def register_volumes(volumes: dict[str, Volume], reference: str, mode: str = "au
         if seq == reference:
             continue
         on_grid = same_grid(vol.array.shape, vol.affine, ref.array.shape, ref.affine)
+        if not on_grid and mode != "rigid" and (reordered := _reoriented_onto(vol, ref)) is not None:
+            vol, on_grid = reordered, True  # the same voxels stored in another order: reordered, not interpolated
         if mode == "none" or (mode == "auto" and on_grid and seq not in untrusted):
             if on_grid:
                 out[seq], record = vol, Registration(seq, "same grid", identity)
             else:
-                array, covered = resample_to_grid(vol.array, vol.affine, ref.array.shape, ref.affine)
+                array, covered = resample_to_grid(vol.array, vol.affine, ref.array.shape, ref.affine,
+                                                  default=_background(vol.array))
                 out[seq] = Volume(array, ref.affine, ref.nifti_header, vol.path)
                 record = Registration(seq, "scanner coordinates", identity, coverage=covered)
         else:
-            matrix, metric = rigid_transform(ref, vol, seq)
-            array, covered = resample_to_grid(vol.array, vol.affine, ref.array.shape, ref.affine, matrix_ras=matrix)
+            matrix, metric = rigid_transform(ref, vol, seq, reference)
+            fill = _background(vol.array)
+            array, covered = resample_to_grid(vol.array, vol.affine, ref.array.shape, ref.affine, matrix_ras=matrix,
+                                              default=fill)
             out[seq] = Volume(array, ref.affine, ref.nifti_header, vol.path)
             record = Registration(seq, "rigid", matrix, metric, covered)
-            overlap = _head_overlap(ref.array, array)
+            overlap = _head_overlap(ref.array, array, fill)
             if overlap < MIN_OVERLAP:
                 raise GeometryError(
                     f"the {seq} sequence could not be registered to the {reference} reference: after "
@@ -156,14 +166,16 @@ def register_study(volumes: dict[str, Volume], reference: str, mode: str = "auto
     return scan
 
 
-def rigid_transform(fixed: Volume, moving: Volume, sequence: str) -> tuple[np.ndarray, float]:
+def rigid_transform(fixed: Volume, moving: Volume, sequence: str,
+                    reference: str = "reference") -> tuple[np.ndarray, float]:
     """The rigid ``matrix_ras`` (reference world -> ``moving``'s world) that best aligns ``moving``
     to ``fixed`` by mutual information, and the final metric. Refuses what cannot be registered."""
     import SimpleITK as sitk
 
-    if min(moving.array.shape[:3]) < 3:
-        raise GeometryError(f"the {sequence} sequence has {min(moving.array.shape[:3])} slices along one "
-                            "axis: too few to register; give the whole series", moving.path)
+    for volume, name in ((moving, sequence), (fixed, reference)):
+        if min(volume.array.shape[:3]) < MIN_SLICES:
+            raise GeometryError(f"the {name} sequence has {min(volume.array.shape[:3])} slices along one axis: "
+                                f"too few to register (at least {MIN_SLICES}); give the whole series", volume.path)
     # The metric samples the fixed image's voxels and interpolates the moving one: the image with
     # fewer voxels (usually the thick-slice series) is sampled, where its data really is, and the
     # finer one interpolated; the transform found is then inverted. On BraTS FLAIR re-acquired at
@@ -213,8 +225,9 @@ def rigid_transform(fixed: Volume, moving: Volume, sequence: str) -> tuple[np.nd
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     if not np.isfinite(metric) or metric > REFUSE_METRIC:
         raise GeometryError(f"the {sequence} sequence could not be registered to the reference: the images share "
-                            f"next to no structure after registration (mutual information {metric:.3f}); check "
-                            "that both series show the same head", (fixed if swap else moving).path)
+                            f"next to no structure after registration (mutual information {metric:.3f}; one head's "
+                            f"series reach {WARN_METRIC} or lower): the search failed (is a header's orientation "
+                            "wrong?) or the series do not show the same head", (fixed if swap else moving).path)
     matrix = matrix_ras(final)
     return (np.linalg.inv(matrix) if swap else matrix), metric
 
@@ -285,10 +298,32 @@ def head_mask(array: np.ndarray) -> np.ndarray:
     return array > threshold_otsu(sample)
 
 
-def _head_overlap(reference: np.ndarray, moved: np.ndarray) -> float:
-    """Share of the reference's head where the moved sequence holds data."""
+def _head_overlap(reference: np.ndarray, moved: np.ndarray, background: float = 0.0) -> float:
+    """Share of the reference's head where the moved sequence holds data (not its background)."""
     head = head_mask(reference)
-    return float(np.count_nonzero(head & (moved != 0)) / max(1, np.count_nonzero(head)))
+    return float(np.count_nonzero(head & (moved != background)) / max(1, np.count_nonzero(head)))
+
+
+def _background(array: np.ndarray) -> float:
+    """What a sequence holds outside its field of view once resampled: its own constant background
+    (-3.16 in z-scored BraTS 2015 files, where 0 is average tissue), else 0."""
+    from .normalize import background_value
+
+    value = background_value(array)
+    return 0.0 if value is None else value
+
+
+def _reoriented_onto(vol: Volume, ref: Volume) -> Volume | None:
+    """``vol`` with its axes permuted and flipped onto ``ref``'s grid when both are the same voxels
+    stored in another order (a LAS file beside a RAS one); None otherwise."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    ornt = ornt_transform(io_orientation(vol.affine), io_orientation(ref.affine))
+    array = apply_orientation(vol.array, ornt)
+    affine = vol.affine @ inv_ornt_aff(ornt, vol.array.shape)
+    if not same_grid(array.shape, affine, ref.array.shape, ref.affine):
+        return None
+    return Volume(np.ascontiguousarray(array), affine, vol.nifti_header, vol.path)
 
 
 def _with_warning(record: Registration, centre_ras: np.ndarray) -> Registration:
