@@ -111,13 +111,32 @@ def literal(value: Any, config: dict, where: str) -> Any:
     return value
 
 
+#: Where MONAI's own classes live; a ``_target_`` in another module (the bundle's ``scripts``) is
+#: the bundle's own code, which tumorseg does not replace by MONAI's class of the same name.
+MONAI_MODULES = ("monai.",)
+
+
+def _disabled(entry: Any, config: dict, where: str) -> bool:
+    """MONAI's ``_disabled_``: a component so marked is left out (of a list: dropped)."""
+    if not isinstance(entry, dict) or "_disabled_" not in entry:
+        return False
+    flag = literal(entry["_disabled_"], config, f"{where}._disabled_")
+    return flag.lower().strip() == "true" if isinstance(flag, str) else bool(flag)
+
+
 def _component(entry: dict, allowed: set[str], config: dict, where: str) -> tuple[str, dict]:
     if not isinstance(entry, dict) or "_target_" not in entry:
         raise ModelError(f"{where} is not a MONAI component (no _target_)")
-    target = str(entry["_target_"]).rsplit(".", 1)[-1]
+    full = str(entry["_target_"])
+    target = full.rsplit(".", 1)[-1]
     if target not in allowed:
         raise ModelError(f"{where}: {entry['_target_']} is not one of the components tumorseg reproduces "
                          f"({', '.join(sorted(allowed))}); import with --trust-code to let MONAI build it")
+    if "." in full and not full.startswith(MONAI_MODULES):
+        raise ModelError(f"{where}: {full} is the bundle's own class, not MONAI's {target}; import with "
+                         "--trust-code to let MONAI build it")
+    if entry.get("_mode_", "default") != "default":
+        raise ModelError(f"{where}: _mode_ {entry['_mode_']!r} is not reproduced; import with --trust-code")
     kwargs = {k: v for k, v in entry.items() if not k.startswith("_")}
     return target, kwargs
 
@@ -135,24 +154,59 @@ class BundleSpec:
     discrete: dict  # AsDiscreted's arguments: threshold or argmax
 
 
+def _transforms(config: dict, key: str) -> list:
+    """The transforms of ``config[key]`` (a Compose or a list); the key must be the one the bundle
+    uses: a dataset, evaluator or Invertd that names other transforms is refused."""
+    if key not in config:
+        raise ModelError(f"the bundle's inference configuration has no {key!r}, the transforms tumorseg reproduces; "
+                         "import with --trust-code to let MONAI build its configuration")
+    entries = config[key]
+    entries = entries.get("transforms") if isinstance(entries, dict) else entries
+    if not isinstance(entries, list):
+        raise ModelError(f"the bundle's {key} is not a list of transforms (or a Compose of one)")
+    return entries
+
+
+def _check_references(config: dict) -> None:
+    """The transforms the bundle's own run uses are ``preprocessing`` and ``postprocessing``."""
+    uses = [("dataset.transform", (config.get("dataset") or {}).get("transform"), "@preprocessing"),
+            ("evaluator.postprocessing", (config.get("evaluator") or {}).get("postprocessing"), "@postprocessing")]
+    post = config.get("postprocessing")
+    for i, entry in enumerate(post.get("transforms", []) if isinstance(post, dict) else post or []):
+        if isinstance(entry, dict) and str(entry.get("_target_", "")).endswith("Invertd"):
+            uses.append((f"postprocessing.transforms[{i}].transform", entry.get("transform"), "@preprocessing"))
+    for where, value, expected in uses:
+        if value is not None and value != expected:
+            raise ModelError(f"the bundle's {where} is {value!r}, not {expected}: tumorseg reproduces {expected[1:]} "
+                             "only; import with --trust-code to let MONAI build its configuration")
+
+
 def read_spec(config: dict) -> BundleSpec:
     net_name, net_kwargs = _component(config.get("network_def"), NETWORKS, config, "network_def")
-    pre_entries = config.get("preprocessing", {})
-    pre_entries = pre_entries.get("transforms", []) if isinstance(pre_entries, dict) else pre_entries
+    _check_references(config)
+    pre_entries = _transforms(config, "preprocessing")
     pre = []
     for i, entry in enumerate(pre_entries):
+        if _disabled(entry, config, f"preprocessing.transforms[{i}]"):
+            continue
         name, kwargs = _component(entry, PREPROCESSING, config, f"preprocessing.transforms[{i}]")
         if name != "LoadImaged":
             pre.append((name, literal(kwargs, config, f"preprocessing.transforms[{i}]")))
     inferer_name, inferer = _component(config.get("inferer"), {"SlidingWindowInferer"}, config, "inferer")
-    post_entries = config.get("postprocessing", {})
-    post_entries = post_entries.get("transforms", []) if isinstance(post_entries, dict) else post_entries
+    post_entries = _transforms(config, "postprocessing")
     activation, invert, nearest, discrete = "", False, False, {}
+    last = None  # the first of the bundle's last steps
     for i, entry in enumerate(post_entries):
         where = f"postprocessing.transforms[{i}]"
+        if _disabled(entry, config, where):
+            continue
         name = str(entry.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(entry, dict) else ""
         if name in LAST_STEPS:
+            last = last or f"{where} ({name})"
             continue  # label painting and saving: tumorseg's own, from the metadata
+        if last is not None:
+            raise ModelError(f"{where} ({name}) comes after {last}, which tumorseg replaces by its own labels: "
+                             "what that step does to the output would be lost; import with --trust-code")
         name, kwargs = _component(entry, POSTPROCESSING, config, where)
         if name == "Activationsd":
             kwargs = literal({k: v for k, v in kwargs.items() if k in ("sigmoid", "softmax")}, config, where)
@@ -162,6 +216,9 @@ def read_spec(config: dict) -> BundleSpec:
             nearest = bool(literal(kwargs.get("nearest_interp", True), config, where))
         elif name == "AsDiscreted":
             discrete = literal({k: v for k, v in kwargs.items() if k in ("threshold", "argmax")}, config, where)
+    if not discrete:
+        raise ModelError("the bundle's postprocessing has no AsDiscreted (threshold or argmax): tumorseg cannot "
+                         "tell how it turns the network's output into labels; import with --trust-code")
     return BundleSpec((net_name, literal(net_kwargs, config, "network_def")), tuple(pre),
                       literal(inferer, config, "inferer"), activation, invert, nearest, discrete)
 
@@ -246,7 +303,8 @@ def import_bundle(bundle: Path, name: str, channels: dict[int, str] | None = Non
     used = {"configs/metadata.json": metadata_path, f"configs/{config_path.name}": config_path,
             f"models/{weights.name}": weights}
     roi = (spec.inferer if spec else {}).get("roi_size") or [96, 96, 96]
-    spacing = next((kw.get("pixdim") for n, kw in (spec.preprocessing if spec else ()) if n == "Spacingd"), None)
+    spacing = _card_spacing(next((kw.get("pixdim") for n, kw in (spec.preprocessing if spec else ())
+                                  if n == "Spacingd"), None))
     card = ModelCard(
         name=name,
         input=InputSpec(sequences=sequences, required=sequences, min_sequences=len(sequences),
@@ -264,6 +322,16 @@ def import_bundle(bundle: Path, name: str, channels: dict[int, str] | None = Non
                   "data_source": str(metadata.get("data_source", ""))},
     )
     return card, used
+
+
+def _card_spacing(pixdim) -> tuple[float, float, float] | None:
+    """Spacingd's ``pixdim`` as MONAI reads it (a number or a shorter list padded with its last value),
+    for the card; None where an axis keeps the input's spacing (a non-positive entry)."""
+    if pixdim is None:
+        return None
+    values = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim])][:3]
+    values += [values[-1]] * (3 - len(values))
+    return tuple(values) if all(v > 0 for v in values) else None  # type: ignore[return-value]
 
 
 def _trusted_activation(config: dict) -> str:
@@ -445,6 +513,11 @@ class BundleRunner:
             pred = torch.as_tensor(inverted)
         discrete = self.spec.discrete if self.spec else {"threshold": 0.5} if activation == "sigmoid" else {"argmax": True}
         pred = AsDiscrete(**discrete)(pred)
+        if self.spec is not None and not self.spec.invert and transform.applied_operations:
+            # No Invertd: the bundle's own run saves its labels on the preprocessed grid (RAS, its
+            # spacing) with that grid's affine; on the input grid they are those labels, nearest.
+            image = MetaTensor(pred, meta=transform.meta, applied_operations=transform.applied_operations)
+            pred = torch.as_tensor(self._invert(image, True))
         values = pred.cpu().numpy()
         shape = transform.input_shape
         out = np.zeros(shape, dtype=np.uint8)

@@ -62,7 +62,10 @@ def channel_sequences(dataset: dict, given: dict[int, str] | None = None) -> tup
     if given:
         if sorted(given) != list(range(count)):
             raise ModelError(f"--channels must name each of the {count} channels 0..{count - 1} once, got {sorted(given)}")
-        return tuple(given[c] for c in range(count))
+        out = tuple(given[c] for c in range(count))
+        if len(set(out)) != len(out):
+            raise ModelError(f"--channels names a sequence twice: {', '.join(out)}")
+        return out
     out = []
     for c in range(count):
         name = str(names[str(c)]).strip()
@@ -85,9 +88,14 @@ def label_map(dataset: dict, scheme_name: str, given: dict[int, str] | None = No
     if labels and all(str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
         # nnU-Net v1's table runs value -> name ("1": "edema"); v2's converter turns it round too.
         labels = {name: int(value) for value, name in labels.items()}
+    labels = {name: v for name, v in labels.items() if name != "ignore"}  # nnU-Net's ignore label: no output
     regions = {name: (tuple(v) if isinstance(v, list) else (v,)) for name, v in labels.items()}
     tissue: dict[int, frozenset[str]] = {}
     if given:
+        expected = output_values(dataset)
+        if sorted(given) != expected:
+            raise ModelError(f"--labels must name each output value of the model once, {expected} "
+                             f"(0 is background), got {sorted(given)}")
         return {value: scheme.label(name).value for value, name in given.items()}
     if "regions_class_order" in dataset:
         # Nested regions, as nnU-Net's BraTS data sets: a value in all three is enhancing, in two
@@ -128,8 +136,52 @@ def label_map(dataset: dict, scheme_name: str, given: dict[int, str] | None = No
 
 
 def output_heads(dataset: dict) -> int:
-    """The network's output channels: one per region of a region-based model, else one per label."""
-    return len(dataset["regions_class_order"]) if "regions_class_order" in dataset else len(dataset["labels"])
+    """The network's output channels: one per region of a region-based model, else one per label
+    (nnU-Net's ``LabelManager.num_segmentation_heads``: the ignore label has none)."""
+    if "regions_class_order" in dataset:
+        return len(dataset["regions_class_order"])
+    return len([name for name in dataset["labels"] if name != "ignore"])
+
+
+def output_values(dataset: dict) -> list[int]:
+    """The label values nnU-Net writes besides background: ``regions_class_order``, or 1..heads-1."""
+    if "regions_class_order" in dataset:
+        return sorted(int(v) for v in dataset["regions_class_order"])
+    return list(range(1, output_heads(dataset)))
+
+
+#: nnU-Net readers that give the file's voxels as SimpleITK does, (k, j, i), as tumorseg feeds them;
+#: the *WithReorient ones turn the image to RAS first, which tumorseg does not reproduce.
+READERS = ("SimpleITKIO", "NibabelIO")
+
+
+def check_reader(plans: dict, where: Path) -> None:
+    reader = plans.get("image_reader_writer", "SimpleITKIO")
+    if reader not in READERS:
+        raise ModelError(f"plans use image_reader_writer {reader!r}, which reads images in another voxel order "
+                         f"than the file's; tumorseg reproduces {', '.join(READERS)} only", where)
+
+
+def configuration_of(plans: dict, name: str, where: Path | None = None) -> dict:
+    """A configuration of the plans with its ``inherits_from`` chain resolved, as nnU-Net's
+    ``PlansManager.get_configuration`` does."""
+    configurations = plans.get("configurations", {})
+    seen: list[str] = []
+    chain = []
+    while True:
+        if name not in configurations:
+            raise ModelError(f"plans.json has no configuration {name!r}", where)
+        if name in seen:
+            raise ModelError(f"plans.json configurations inherit in a circle: {' -> '.join([*seen, name])}", where)
+        seen.append(name)
+        chain.append(configurations[name])
+        if "inherits_from" not in configurations[name]:
+            break
+        name = configurations[name]["inherits_from"]
+    out: dict = {}
+    for config in reversed(chain):
+        out.update(config)
+    return out
 
 
 def read_json(path: Path) -> dict:
@@ -145,7 +197,10 @@ def checkpoint_files(folder: Path, folds: tuple[str, ...] | None, checkpoint: st
     """fold -> checkpoint file; all ``fold_*`` folders holding ``checkpoint`` when ``folds`` is None."""
     name = f"checkpoint_{checkpoint}.pth"
     if folds is None:
-        found = sorted(p.name[len("fold_"):] for p in folder.glob("fold_*") if (p / name).is_file())
+        # nnU-Net's auto_detect_available_folds: every fold_* but fold_all
+        found = sorted((p.name[len("fold_"):] for p in folder.glob("fold_*")
+                        if p.name != "fold_all" and (p / name).is_file()),
+                       key=lambda f: (0, int(f), f) if f.isdigit() else (1, 0, f))
         if not found:
             raise ModelError(f"no fold_*/{name} in the results folder", folder)
         folds = tuple(found)
@@ -184,7 +239,7 @@ def build_network(plans: dict, configuration: str, in_channels: int, out_channel
     except ImportError:
         raise ModelError(f"nnU-Net models need dynamic-network-architectures, which is not installed: "
                          f"{INSTALL_HINT}") from None
-    arch = plans["configurations"][configuration]["architecture"]
+    arch = configuration_of(plans, configuration)["architecture"]
     name = arch["network_class_name"]
     if name not in NETWORK_CLASSES:
         raise ModelError(f"plans name network class {name!r}; tumorseg builds only {sorted(NETWORK_CLASSES)}")
@@ -254,11 +309,8 @@ def read_settings(folder: Path, card) -> NnunetSettings:
     configuration = imported.configuration
     plans = read_json(folder / "plans.json")
     dataset = read_json(folder / "dataset.json")
-    if configuration not in plans.get("configurations", {}):
-        raise ModelError(f"plans.json has no configuration {configuration!r}", folder / "plans.json")
-    config = plans["configurations"][configuration]
-    if "inherits_from" in config:  # nnU-Net's plans may inherit keys from another configuration
-        config = {**plans["configurations"][config["inherits_from"]], **config}
+    config = configuration_of(plans, configuration, folder / "plans.json")
+    check_reader(plans, folder / "plans.json")
     if len(config["patch_size"]) != 3:
         raise ModelError(f"configuration {configuration} is 2D; tumorseg runs 3D configurations only", folder)
     if config.get("previous_stage"):
@@ -464,15 +516,16 @@ def import_nnunet(results: Path, name: str, folds: tuple[str, ...] | None = None
         other = load_checkpoint(path, trust_code)
         if (other.get("init_args") or {}).get("configuration") != configuration:
             raise ModelError(f"this fold was trained with another configuration than fold {next(iter(files))}", path)
+    config = configuration_of(plans, configuration, results / "plans.json")
+    if len(config.get("patch_size", ())) != 3:
+        raise ModelError(f"configuration {configuration} is not 3D; tumorseg runs 3D nnU-Net models only", results)
+    if config.get("previous_stage"):
+        raise ModelError(f"configuration {configuration} is a cascade stage; tumorseg does not run cascades", results)
+    check_reader(plans, results / "plans.json")
     sequences = channel_sequences(dataset, channels)
     values = label_map(dataset, scheme, labels)
     heads = output_heads(dataset)
     _fit(build_network(plans, configuration, len(sequences), heads), first, next(iter(files.values())))
-    config = plans["configurations"][configuration]
-    if "inherits_from" in config:
-        config = {**plans["configurations"][config["inherits_from"]], **config}
-    if len(config.get("patch_size", ())) != 3:
-        raise ModelError(f"configuration {configuration} is not 3D; tumorseg runs 3D nnU-Net models only", results)
     # The plans are in nnU-Net's axes, (k, j, i) then transpose_forward: back to the file's (i, j, k).
     backward = plans["transpose_backward"]
     spacing_kji = [config["spacing"][a] for a in backward]
