@@ -238,8 +238,10 @@ def main() -> None:
                 row = {"case": case.case_id, "acquisition": name, "moving_shape": list(moving.array.shape),
                        "motion_deg": round(float(np.degrees(np.arccos((np.trace(truth[:3, :3]) - 1) / 2))), 2),
                        "motion_mm": round(float(np.linalg.norm(truth[:3, 3] - (centre - truth[:3, :3] @ centre))), 2)}
+                metric = []  # tumorseg's final mutual information, against register.WARN/REFUSE_METRIC
                 methods = {"scanner coordinates": lambda: np.eye(4),
-                           "tumorseg (SimpleITK)": lambda: register.rigid_transform(reference, moving, "flair")[0],
+                           "tumorseg (SimpleITK)": lambda: metric.append(
+                               register.rigid_transform(reference, moving, "flair")) or metric[-1][0],
                            "itk-elastix": lambda: elastix_rigid(reference, moving)}
                 for method, run in methods.items():
                     start = time.perf_counter()
@@ -249,12 +251,15 @@ def main() -> None:
                     mean, worst = tre(estimate, truth, points)
                     row[method] = {"tre_mean_mm": round(mean, 3), "tre_max_mm": round(worst, 3),
                                    "seconds": round(time.perf_counter() - start, 2)}
+                    if method == "tumorseg (SimpleITK)":
+                        row[method]["metric"] = round(float(metric[-1][1]), 3)
                 if segmenters:
                     row["wt_dice"] = segment_both(segmenters, files["t1gd"], moving, truth, case.label_path,
                                                   args.label_scheme, workdir)
                 rows.append(row)
                 print(f"{case.case_id:22s} {name:24s} motion {row['motion_deg']:5.1f} deg {row['motion_mm']:5.1f} mm  "
                       + "  ".join(f"{m}: TRE {r['tre_mean_mm']:.2f} (max {r['tre_max_mm']:.2f}) mm {r['seconds']:.1f} s"
+                                  + (f" MI {r['metric']:.3f}" if "metric" in r else "")
                                   for m, r in row.items() if isinstance(r, dict) and "tre_mean_mm" in r)
                       + (f"  WT Dice registered/perfect {row['wt_dice']['registered_vs_perfect']:.3f}" if segmenters else ""),
                       flush=True)
