@@ -125,6 +125,17 @@ def test_wrong_types_name_the_key(tmp_path, text, key, expected):
         ("[inference]\nprecision = 'fp8'\n", "fp8"),
         ("[postprocess]\ntumour_min_component_ml = -1\n", "tumour_min_component_ml"),
         ("[postprocess.labels.edema]\nsmoothing_radius_mm = -1\n", "smoothing_radius_mm"),
+        # [dicom]: a value of the wrong type is refused by key, never read as something else
+        # tuple("KM") was the patterns 'K' and 'M': every "T1 MPRAGE" became T1gd
+        ("[dicom]\ncontrast_patterns = 'KM'\n", "contrast_patterns"),
+        # tuple("DARKFLUID") matched any description holding an 'a': every T1 and T2 became FLAIR
+        ("[[dicom.rules]]\nsequence = 'flair'\ninclude = 'DARKFLUID'\n", "include"),
+        ("[[dicom.rules]]\nsequence = 't2'\ninclude = ['T2']\nexlude = ['TSE']\n", "did you mean 'exclude'"),
+        ("[[dicom.rules]]\nsequence = 't1'\ninclude = ['T1']\ncontrast = 'false'\n", "contrast"),
+        ("[dicom]\nskip_derived = 'false'\n", "skip_derived"),  # bool('false') is True
+        ("[[dicom.rules]]\nsequence = 'flair'\ninclude = [1]\n", "include"),  # was internal error (TypeError)
+        ("[dicom]\nrules = 3\n", "rules"),
+        ("[dicom]\nskip_descriptions = ['SURVEY']\n", "skip_descriptions"),
     ],
 )
 def test_invalid_values(tmp_path, text, needle):
@@ -328,27 +339,6 @@ def test_preferred_sets_choose_the_first_complete_set_and_are_validated():
 
 
 
-
-
-# --- [dicom]: a value of the wrong type is refused by key, never read as something else -------
-
-@pytest.mark.parametrize("text, needle", [
-    # tuple("KM") was the patterns 'K' and 'M': every "T1 MPRAGE" became T1gd
-    ("[dicom]\ncontrast_patterns = 'KM'\n", "contrast_patterns"),
-    # tuple("DARKFLUID") matched any description holding an 'a': every T1 and T2 became FLAIR
-    ("[[dicom.rules]]\nsequence = 'flair'\ninclude = 'DARKFLUID'\n", "include"),
-    ("[[dicom.rules]]\nsequence = 't2'\ninclude = ['T2']\nexlude = ['TSE']\n", "did you mean 'exclude'"),
-    ("[[dicom.rules]]\nsequence = 't1'\ninclude = ['T1']\ncontrast = 'false'\n", "contrast"),
-    ("[dicom]\nskip_derived = 'false'\n", "skip_derived"),  # bool('false') is True
-    ("[[dicom.rules]]\nsequence = 'flair'\ninclude = [1]\n", "include"),  # was internal error (TypeError)
-    ("[dicom]\nrules = 3\n", "rules"),
-    ("[dicom]\nskip_descriptions = ['SURVEY']\n", "skip_descriptions"),
-])
-def test_dicom_table_wrong_types_refused_by_key(tmp_path, text, needle):
-    path = write(tmp_path / "p.toml", text)
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(path)
-    assert needle in str(info.value) and str(path) in str(info.value)
 
 
 # --- a pipeline file that is not UTF-8: a configuration error (exit 6), not an internal one ------
