@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import json
 import os
@@ -695,3 +696,45 @@ def test_outputs_in_a_subfolder_are_recorded_reused_and_retracted(tmp_path, batc
     assert manifest(out)["counts"] == {"ok": 1, "failed": 0, "reused": 0, "pending": 0}
     assert outside.read_text() == "not the batch's"
     assert not (case_dir / "registered" / "t2.nii.gz").exists() and (case_dir / "registered" / "t1gd.nii.gz").is_file()
+
+
+def test_killed_before_record_then_failing_rerun_leaves_no_result(tmp_path, batch_model):
+    phantom_case(tmp_path / "in" / "caseA", 0)
+    out = tmp_path / "out"
+    args = (str(tmp_path / "in"), "-o", str(out), "--model", str(batch_model), "--no-tta", "--brain-extraction", "off")
+    assert run_batch(*args).exit_code == 0
+    # What a SIGKILL between report.json and batch-case.json leaves (reproduced with a real kill too).
+    (out / "cases" / "caseA" / "batch-case.json").unlink()
+    (tmp_path / "in" / "caseA" / "case-t1n.nii.gz").write_bytes(b"garbage")  # the input is now broken
+    result = run_batch(*args)
+    assert result.exit_code == SOME_CASES_FAILED
+    assert manifest(out)["cases"][0]["status"] == "failed"
+    assert find_prediction(out, "caseA") is None, "the killed run's label map is taken for the failed case's result"
+    assert not (out / "cases" / "caseA" / "report.json").exists()
+
+
+def test_disk_full_while_writing_leaves_no_label_map(tmp_path, batch_model, monkeypatch):
+    import tumorseg.pipeline as pipeline
+
+    phantom_case(tmp_path / "in" / "caseA", 0)
+    out = tmp_path / "out"
+    write = pipeline.write_bytes_atomic
+
+    def full(path, data):
+        if path.name == "overview.png":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, data)
+
+    monkeypatch.setattr(pipeline, "write_bytes_atomic", full)
+    result = run_batch(str(tmp_path / "in"), "-o", str(out), "--model", str(batch_model), "--no-tta",
+                       "--brain-extraction", "off", "-q")
+    assert result.exit_code == SOME_CASES_FAILED
+    assert find_prediction(out, "caseA") is None
+
+
+def test_linked_case_folder_is_a_case(tmp_path):
+    phantom_case(tmp_path / "elsewhere" / "caseA", 0)
+    phantom_case(tmp_path / "in" / "caseB", 1)
+    os.symlink(tmp_path / "elsewhere" / "caseA", tmp_path / "in" / "caseA")
+    os.symlink(tmp_path / "in", tmp_path / "in" / "caseB" / "loop")  # no endless walk
+    assert sorted(c.case_id for c in discover(tmp_path / "in")) == ["caseA", "caseB"]

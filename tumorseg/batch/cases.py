@@ -170,8 +170,16 @@ def _decathlon_cases(root: Path, only: str | None = None) -> list[BatchCase]:
 def _tree_cases(root: Path, exclude: Path | None = None) -> list[BatchCase]:
     image_cases: list[BatchCase] = []
     dicom_folders: list[Path] = []
-    for folder, dirs, files in os.walk(root):
+    seen: set[str] = set()
+    # followlinks: a case folder linked in from elsewhere is a case (os.walk skips linked folders
+    # silently); each real folder is walked once, so a link to an ancestor is no loop.
+    for folder, dirs, files in os.walk(root, followlinks=True):
         here = Path(folder)
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_output(here / d, exclude))
         if any(is_image_name(f) for f in files):
             rel = here.relative_to(root)

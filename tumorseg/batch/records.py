@@ -168,12 +168,27 @@ def retract_previous_outputs(case_dir: Path) -> None:
         # Inside the case folder only: never an absolute path or one that climbs out of it.
         if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
             (case_dir / name).unlink(missing_ok=True)
+    remove_unrecorded_outputs(case_dir)
+
+
+def remove_unrecorded_outputs(case_dir: Path) -> None:
+    """The outputs a run writes, whether or not a record lists them: a run killed after its outputs
+    and before its record, or one that failed part way through writing them, leaves them with no
+    record, and ``validate`` would score such a label map as the case's result."""
+    from ..pipeline import (BRAIN_MASK_NAME, CONFIG_NAME, LABEL_MAP_NAME, OVERVIEW_NAME, REGISTERED_DIR,
+                            REPORT_NAME, RTSTRUCT_NAME, SEG_NAME)
+
+    # The report first: a folder without one claims no complete set.
+    for name in (REPORT_NAME, LABEL_MAP_NAME, CONFIG_NAME, OVERVIEW_NAME, BRAIN_MASK_NAME, RTSTRUCT_NAME, SEG_NAME):
+        (case_dir / name).unlink(missing_ok=True)
+    for old in (case_dir / REGISTERED_DIR).glob("*.nii.gz"):
+        old.unlink(missing_ok=True)
 
 
 def remove_stale_partials(case_dir: Path) -> None:
     """Temporary files left by a killed run (see :mod:`tumorseg.atomic`)."""
     if case_dir.is_dir():
-        for stale in case_dir.glob(".*.partial*"):
+        for stale in [*case_dir.glob(".*.partial*"), *case_dir.glob("registered/.*.partial*")]:
             stale.unlink(missing_ok=True)
 
 

@@ -17,7 +17,7 @@ from ..config import PipelineConfig
 from ..heap import keep_freed_heap_memory
 from ..pipeline import PipelineSpec, PreparedScan, Segmenter, write_outputs
 from .cases import BatchCase
-from .records import CaseOutcome, failure, write_case_record
+from .records import CaseOutcome, failure, retract_previous_outputs, write_case_record
 from .shared import release, share, take
 
 #: Per-stage messages that would bury the progress bar; shown with --verbose.
@@ -51,6 +51,7 @@ def init_worker(levels: dict[str, int], model_dir: str | None, threads: int, con
     import torch
 
     global _WORKER_SEGMENTER
+    _exit_with_parent()
     torch.set_num_threads(threads)
     keep_freed_heap_memory()
     if model_dir is None:
@@ -64,6 +65,21 @@ def init_worker(levels: dict[str, int], model_dir: str | None, threads: int, con
     logredact.install()  # as in the main process: no header values from libraries in the log
     if model_dir is not None:  # the weights' checksum is verified again here
         _WORKER_SEGMENTER = Segmenter(model_dir, config)
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the batch that started it is gone (killed, even by SIGKILL): a
+    process pool's workers otherwise wait for work forever, each holding its copy of the model."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tumorseg-parent-watch", daemon=True).start()
 
 
 class Prepared(NamedTuple):
@@ -153,6 +169,7 @@ def finish_and_write(job: Finish) -> CaseOutcome:
         result = spec.finish(job.prepared, job.probs, job.infer_seconds)
         paths = write_outputs(result, spec, case_path)
     except Exception as e:
+        _remove_written(case_path)
         return failure(case, e)
     try:
         outcome = CaseOutcome(
@@ -168,5 +185,15 @@ def finish_and_write(job: Finish) -> CaseOutcome:
         )
         write_case_record(case_path, {**job.batch_fingerprint, "inputs_sha256": fingerprint}, paths, outcome)
     except Exception as e:  # e.g. a full disk
+        _remove_written(case_path)
         return failure(case, e)
     return outcome
+
+
+def _remove_written(case_path: Path) -> None:
+    """A failed case keeps no outputs: a label map left by a write that failed part way (a full
+    disk) would be scored by ``validate`` as the case's result."""
+    try:
+        retract_previous_outputs(case_path)
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not remove the outputs of a failed case (%s)", e.strerror)
