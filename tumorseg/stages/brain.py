@@ -118,9 +118,23 @@ def tumour_at_border(mask: np.ndarray, tumour: np.ndarray, affine: np.ndarray) -
     if whole < BORDER_MIN_ML:
         return None
     spacing = voxel_spacing(affine)
-    shell = mask & (ndimage.distance_transform_edt(mask, sampling=spacing) <= BORDER_MM)
-    surface = tumour & ~ndimage.binary_erosion(tumour)
-    share = float((surface & shell).sum()) / float(surface.sum())
+    # The mask's own outer layer is at its edge whatever the voxel size (a 6.5 mm slice lies 6.5 mm
+    # from the next one, never within BORDER_MM of it).
+    shell = mask & ((ndimage.distance_transform_edt(mask, sampling=spacing) <= BORDER_MM)
+                    | ~ndimage.binary_erosion(mask, border_value=1))
+    # The surface's share by area (mm2 of voxel faces), not by voxel count: on thick slices a voxel
+    # count weighs the faces across the slices many times over the rest.
+    padded = np.pad(tumour, 1)
+    total = at_edge = 0.0
+    for axis in range(3):
+        area = float(np.prod(np.delete(spacing, axis)))
+        for step in (-1, 1):
+            index = [slice(1, -1)] * 3
+            index[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            exposed = tumour & ~padded[tuple(index)]
+            total += area * np.count_nonzero(exposed)
+            at_edge += area * np.count_nonzero(exposed & shell)
+    share = at_edge / total
     if share >= BORDER_WARN_SHARE:
         return (f"{100 * share:.0f} % of the tumour's surface ({whole:.1f} mL) lies at the brain mask's edge: the "
                 "mask may have cut the tumour; check brain_mask.nii.gz and overview.png, or rerun with "
