@@ -412,7 +412,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--patch-size", default="96,96,96", show_default=True, help="Training and inference window, voxels.")
 @click.option("--spacing", default="1,1,1", show_default=True, help="Model voxel size in mm.")
 @click.option("--filters", default="16,32,64,128,256", show_default=True, help="DynUNet filters per level (network size).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="AdamW learning rate (polynomial decay).")
+@click.option("--lr", type=click.FloatRange(min=0), default=1e-3, show_default=True, help="AdamW learning rate (polynomial decay).")
 @click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Share of each data set's cases held out for validation.")
 @click.option("--validate-every", type=click.IntRange(min=1), default=1, show_default=True, help="Validate after every this many epochs (and after the last).")
 @click.option("--sequence-dropout", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Probability of training a patch on a random subset of its sequences.")
