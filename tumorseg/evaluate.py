@@ -14,7 +14,7 @@ import numpy as np
 from .errors import GeometryError, InputError
 from .labels import REGIONS, LabelScheme
 from .metrics import dice
-from .scan import same_grid
+from .scan import grid_difference, same_grid
 from .stages.read import read_volume
 
 
@@ -59,4 +59,4 @@ def check_same_grid(shape: tuple[int, ...], affine: np.ndarray, truth: LabelFile
     if not same_grid(truth.labels.shape, truth.affine, shape, affine):
         raise GeometryError(
             f"ground truth (shape {truth.labels.shape}) is not on the grid of the scan it belongs to "
-            f"(shape {tuple(shape)})", path)
+            f"(shape {tuple(shape)}; {grid_difference(truth.affine, affine)})", path)

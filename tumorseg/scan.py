@@ -25,6 +25,19 @@ def same_grid(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> b
         np.allclose(affine_a, affine_b, atol=AFFINE_TOLERANCE_MM, rtol=0))
 
 
+def grid_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """What differs between two voxel-to-world affines, in words a user can act on."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    origin = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+    axes = float(np.abs(a[:3, :3] - b[:3, :3]).max())
+    if axes <= AFFINE_TOLERANCE_MM and origin <= AFFINE_TOLERANCE_MM:
+        return "the affines agree, the shapes differ"
+    if axes <= AFFINE_TOLERANCE_MM:
+        return f"the affines differ only in origin, by {origin:.4g} mm"
+    return (f"the affines differ: voxel axes by up to {axes:.4g} mm per entry (another orientation or spacing), "
+            f"origin by {origin:.4g} mm")
+
+
 @dataclass(frozen=True)
 class SourceGeometry:
     """What the writer needs to put a result back on the input's exact grid.

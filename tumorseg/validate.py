@@ -28,7 +28,7 @@ from .datasets import LabelledCase, discover_cases
 from .errors import ConfigError, GeometryError, InputError, TumorsegError
 from .evaluate import LabelFile, read_label_file
 from .labels import REGIONS, LabelScheme, conversion_table, get_scheme
-from .scan import AFFINE_TOLERANCE_MM, same_grid, voxel_spacing, voxel_volume_ml
+from .scan import grid_difference, same_grid, voxel_spacing, voxel_volume_ml
 from .stages import read
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def score_case(case_id: str, pred: LabelFile, pred_scheme: LabelScheme, truth: L
     if not same_grid(pred.labels.shape, pred.affine, truth.labels.shape, truth.affine):
         where = f"prediction {pred_path}" if pred_path is not None else "prediction"
         raise GeometryError(f"{where} (shape {pred.labels.shape}) is not on the grid of its ground truth "
-                            f"(shape {truth.labels.shape}); {_affine_difference(pred.affine, truth.affine)}; "
+                            f"(shape {truth.labels.shape}); {grid_difference(pred.affine, truth.affine)}; "
                             "scores need the same voxels (resample the prediction with nearest neighbour)",
                             truth_path)
     pred_scheme.validate_array(pred.labels, "the prediction", pred_path)
@@ -89,17 +89,6 @@ def score_case(case_id: str, pred: LabelFile, pred_scheme: LabelScheme, truth: L
     voxel_ml = voxel_volume_ml(truth.affine)
     scores = {name: metrics.score_masks(*masks[name], spacing, tolerance_mm, voxel_ml, truth.affine).to_dict() for name in names}
     return ScoredCase(case_id, "ok", None, [round(float(s), 6) for s in spacing], scores)
-
-
-def _affine_difference(a: np.ndarray, b: np.ndarray) -> str:
-    """What differs between two voxel-to-world affines, in words a user can act on."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    origin = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
-    axes = float(np.abs(a[:3, :3] - b[:3, :3]).max())
-    if axes <= AFFINE_TOLERANCE_MM:
-        return f"the affines differ only in origin, by {origin:.4g} mm"
-    return (f"the affines differ: voxel axes by up to {axes:.4g} mm per entry (another orientation or spacing), "
-            f"origin by {origin:.4g} mm")
 
 
 def aggregate(cases: list[ScoredCase], names: list[str]) -> dict[str, dict[str, dict[str, float | int | None]]]:
@@ -145,7 +134,7 @@ def background_image(case: LabelledCase, truth: LabelFile | None = None) -> np.n
         array = volume.array
     if truth is not None and not same_grid(array.shape[:3], volume.affine, truth.labels.shape, truth.affine):
         raise GeometryError(f"the image (shape {array.shape[:3]}) is not on the grid of the ground truth "
-                            f"(shape {truth.labels.shape}); {_affine_difference(volume.affine, truth.affine)}",
+                            f"(shape {truth.labels.shape}); {grid_difference(volume.affine, truth.affine)}",
                             volume.path)
     return array
 
